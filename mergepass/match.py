@@ -1,0 +1,283 @@
+"""Find transformer blocks in a dynamo FX graph by dataflow structure, not by module names.
+
+A block is: attention (SDPA, or q@kᵀ → softmax → @v) → output projection → residual add
+(``x_mid``) → norm → MLP → residual add (``x_out``). Blocks are chained when one's ``x_out`` is the
+next one's residual input. The patch grid and the number of protected (prefix) tokens come from the
+patch-embedding convolution and the concatenation that prepends class/distillation/register tokens.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+SOFTMAX_FN = {F.softmax, torch.softmax, torch.nn.functional.softmax}
+MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm}
+ADD_FN = {operator.add, torch.add, operator.iadd}
+LINEAR_FN = {F.linear, torch._C._nn.linear}
+TRANSPOSE_METHODS = {"transpose", "mT", "permute"}
+
+
+def shape(node) -> Optional[tuple[int, ...]]:
+    v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    if isinstance(v, torch.Tensor):
+        try:
+            return tuple(int(d) for d in v.shape)
+        except TypeError:  # symbolic
+            return None
+    return None
+
+
+def is_call(node: fx.Node, fns=(), methods=()) -> bool:
+    return (node.op == "call_function" and node.target in fns) or (node.op == "call_method" and node.target in methods)
+
+
+def is_add(node: fx.Node) -> bool:
+    return is_call(node, ADD_FN, {"add", "add_", "__add__"}) and len(node.args) >= 2
+
+
+def is_linear(node: fx.Node) -> bool:
+    return is_call(node, LINEAR_FN)
+
+
+@dataclass
+class Block:
+    index: int
+    name: str
+    x_in: fx.Node
+    attn: fx.Node              # SDPA node, or the softmax node
+    attn_kind: str             # "sdpa" | "softmax"
+    keys: fx.Node              # [.., N, D] keys (SDPA) or kᵀ [.., D, N] (softmax)
+    keys_transposed: bool
+    x_mid: fx.Node
+    x_out: fx.Node
+    nodes: set = field(default_factory=set, repr=False)
+    lin_attn: int = 0             # multiply-adds per token in linears before the merge point
+    lin_mlp: int = 0              # ... and after it (the MLP)
+    attn_dim: int = 0             # heads * head_dim (attention cost is 2 * N^2 * attn_dim)
+
+
+@dataclass
+class MatchResult:
+    blocks: list[Block]
+    batch: int = 0
+    tokens: int = 0
+    width: int = 0
+    prefix: int = 0
+    grid: Optional[tuple[int, int]] = None
+    problems: list[str] = field(default_factory=list)  # why something was not matched
+    other_macs: int = 0           # MACs outside the blocks (patch embed, head)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.blocks)
+
+
+def to_nx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for u in n.all_input_nodes:
+            g.add_edge(u, n)
+    return g
+
+
+def module_path(node: fx.Node) -> str:
+    """Best-effort module path of a node (for naming only, never for matching)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    import re
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+def _strip_through(node: fx.Node, ok) -> fx.Node:
+    while ok(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _find_attention(graph: fx.Graph) -> list[tuple[fx.Node, str, fx.Node, bool, fx.Node]]:
+    """(core, kind, keys, keys_transposed, output) for every attention in topological order."""
+    found = []
+    for n in graph.nodes:
+        if is_call(n, SDPA):
+            k = n.args[1] if len(n.args) > 1 else n.kwargs.get("key")
+            if n.kwargs.get("is_causal") or (len(n.args) > 5 and n.args[5]):
+                continue
+            found.append((n, "sdpa", k, False, n))
+        elif is_call(n, SOFTMAX_FN, {"softmax"}):
+            # logits = (q @ kᵀ) possibly scaled/biased; output = probs @ v (after dropout)
+            logits = _strip_through(n.args[0], lambda m: is_call(m, {operator.mul, operator.truediv, torch.mul, operator.add}, {"mul", "div", "add", "float", "to"}))
+            if not is_call(logits, MATMUL_FN, {"matmul", "__matmul__", "bmm"}):
+                continue
+            kt = logits.args[1]
+            users = list(n.users)
+            probs = n
+            while len(users) == 1 and (is_call(users[0], {F.dropout}, {"type_as", "to", "float"})):
+                probs = users[0]
+                users = list(probs.users)
+            outs = [u for u in users if is_call(u, MATMUL_FN, {"matmul", "__matmul__", "bmm"}) and u.args[0] is probs]
+            if len(outs) != 1:
+                continue
+            found.append((n, "softmax", kt, True, outs[0]))
+    return found
+
+
+def _patch_grid(graph: fx.Graph, first_in: fx.Node, g: nx.DiGraph, tokens: int):
+    """(prefix, grid, problem) from the patch-embedding conv feeding the first block."""
+    anc = nx.ancestors(g, first_in)
+    convs = [n for n in anc if is_call(n, {torch.conv2d, F.conv2d}) and shape(n) and len(shape(n)) == 4]
+    if not convs:
+        for p in range(0, 9):
+            s = math.isqrt(tokens - p)
+            if s * s == tokens - p:
+                return p, (s, s), f"no patch-embedding conv found; assuming {p} prefix token(s) and a {s}x{s} grid"
+        return 0, None, "no patch-embedding conv found and the token count is not a square"
+    conv = max(convs, key=lambda c: len(nx.ancestors(g, c)))
+    _, _, h, w = shape(conv)
+    prefix = tokens - h * w
+    if prefix < 0:
+        return 0, None, f"patch grid {h}x{w} has more tokens than the block input ({tokens})"
+    if prefix:
+        # the prefix must be prepended: in the token concat, the patch tokens come last
+        cats = [n for n in anc if is_call(n, {torch.cat, torch.concat}) and shape(n) and len(shape(n)) == 3
+                and conv in nx.ancestors(g, n)]
+        for c in cats:
+            parts = c.args[0]
+            dim = c.kwargs.get("dim", c.args[1] if len(c.args) > 1 else 0)
+            if dim not in (1, -2):
+                continue
+            last = parts[-1]
+            if not (last is conv or conv in nx.ancestors(g, last)):
+                return 0, None, "extra tokens are appended after the patch tokens (unsupported layout)"
+    return prefix, (h, w), None
+
+
+def _cone(g: nx.DiGraph, start: fx.Node, limit: int = 80) -> list[fx.Node]:
+    """Nodes reachable forward from ``start`` in breadth-first order (bounded)."""
+    out, seen, frontier = [], {start}, [start]
+    while frontier and len(out) < limit:
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u not in seen:
+                    seen.add(u)
+                    out.append(u)
+                    nxt.append(u)
+        frontier = nxt
+    return out
+
+
+def find_blocks(gm: fx.GraphModule) -> MatchResult:
+    """Match the chain of transformer blocks in ``gm``; never raises for unmatched graphs."""
+    graph = gm.graph
+    g = to_nx(graph)
+    attns = _find_attention(graph)
+    if not attns:
+        return MatchResult([], problems=["no attention (scaled_dot_product_attention or q@kᵀ→softmax→@v) found"])
+    blocks: list[Block] = []
+    problems: list[str] = []
+    for core, kind, keys, kt, out in attns:
+        where = module_path(core) or core.name
+        anc_core = nx.ancestors(g, core)
+        down = nx.descendants(g, out) | {out}
+        x_mid = x_in = None
+        for n in _cone(g, out):
+            if is_add(n):
+                a, b = n.args[0], n.args[1]
+                if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                    continue
+                if a in down and b not in down and b in anc_core:
+                    x_mid, x_in = n, b
+                elif b in down and a not in down and a in anc_core:
+                    x_mid, x_in = n, a
+                if x_mid is not None:
+                    break
+        if x_mid is None:
+            problems.append(f"{where}: attention has no residual add (post-norm or parallel block?)")
+            continue
+        x_out = None
+        mid_down = nx.descendants(g, x_mid)
+        for n in _cone(g, x_mid):
+            if is_add(n) and x_mid in n.args:
+                other = n.args[1] if n.args[0] is x_mid else n.args[0]
+                if isinstance(other, fx.Node) and other in mid_down:
+                    x_out = n
+                    break
+        if x_out is None:
+            problems.append(f"{where}: no MLP residual add after the attention residual")
+            continue
+        nodes = (nx.descendants(g, x_in) & nx.ancestors(g, x_out)) | {x_out}
+        if any(c is not core and c in nodes for c, *_ in attns):
+            problems.append(f"{where}: MLP path contains another attention")
+            continue
+        mlp = [n for n in nodes if is_linear(n) and n in mid_down]
+        if not mlp:
+            problems.append(f"{where}: no linear layer between the residual adds (not an MLP)")
+            continue
+        s_in, s_mid, s_out = shape(x_in), shape(x_mid), shape(x_out)
+        if s_in is None or len(s_in) != 3 or s_in != s_mid or s_in != s_out:
+            problems.append(f"{where}: residual stream is not a static [batch, tokens, width] tensor ({s_in})")
+            continue
+        name = module_path(x_out) or module_path(core) or f"block{len(blocks)}"
+        name = name.rsplit(".attn", 1)[0].rsplit(".mlp", 1)[0]
+        lin = [0, 0]
+        for n in nodes:
+            if is_linear(n):
+                lin[n in mid_down] += _linear_macs(gm, n)
+        ks = shape(keys)
+        attn_dim = 0
+        if ks:
+            lead = math.prod(ks[:-2]) // max(s_in[0], 1)
+            attn_dim = lead * (ks[-2] if kt else ks[-1])
+        blocks.append(Block(len(blocks), name, x_in, core, kind, keys, kt, x_mid, x_out, nodes, lin[0], lin[1], attn_dim))
+
+    # keep the first chain of blocks (x_out of one is x_in of the next)
+    chain: list[Block] = []
+    for b in blocks:
+        if chain and b.x_in is not chain[-1].x_out:
+            problems.append(f"{b.name}: not chained to {chain[-1].name}; blocks from here on are not merged")
+            break
+        chain.append(b)
+    for i, b in enumerate(chain):
+        b.index = i
+    if not chain:
+        return MatchResult([], problems=problems or ["no transformer block matched"])
+    bsz, tokens, width = shape(chain[0].x_in)
+    prefix, grid, problem = _patch_grid(graph, chain[0].x_in, g, tokens)
+    if problem:
+        problems.append(problem)
+    block_nodes = set().union(*(b.nodes for b in chain))
+    other = 0
+    for n in graph.nodes:
+        if n not in block_nodes and is_linear(n) and shape(n):
+            other += math.prod(shape(n)[:-1]) * _linear_macs(gm, n) // max(bsz, 1)
+    return MatchResult(chain, bsz, tokens, width, prefix, grid, problems, other)
+
+
+def _linear_macs(gm: fx.GraphModule, n: fx.Node) -> int:
+    """in_features * out_features of a linear node (per row of its input)."""
+    w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+    ws = shape(w) if isinstance(w, fx.Node) else None
+    if ws is None and isinstance(w, fx.Node) and w.op == "get_attr":
+        ws = tuple(_get_attr(gm, w.target).shape)
+    return ws[0] * ws[1] if ws and len(ws) == 2 else 0
+
+
+def _get_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

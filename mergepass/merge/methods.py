@@ -1,0 +1,160 @@
+"""The merge methods as pure tensor functions: ``(x, metric, size, source, ...) -> (x, size, source)``.
+
+Each keeps the first ``prefix`` (protected) tokens in place, merges the rest with a size-weighted
+average, and returns a static number of tokens. These functions are what the graph rewrite inserts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .bipartite import Matching, match, merge_sum, slots
+from .tokens import init_state, positions, update_source
+
+
+def _interleave(slot_a: torch.Tensor, slot_b: torch.Tensor, m: int) -> torch.Tensor:
+    """Slots in token order for the alternating split (A = even, B = odd positions)."""
+    if slot_b.shape[1] < slot_a.shape[1]:
+        slot_b = torch.cat([slot_b, slot_b[:, :1]], dim=1)
+    return torch.stack([slot_a, slot_b], dim=-1).flatten(1)[:, :m]
+
+
+def _weighted(x: torch.Tensor, size: torch.Tensor, prefix: int) -> torch.Tensor:
+    """[x*size, size] of the mergeable tokens, merged together in one pass."""
+    s = size[:, prefix:]
+    return torch.cat([x[:, prefix:] * s, s], dim=-1)
+
+
+def _finish(x, size, prefix, merged, source, slot):
+    xs, s = merged[..., :-1], merged[..., -1:]
+    x_out = torch.cat([x[:, :prefix], xs / s], dim=1)
+    size_out = torch.cat([size[:, :prefix], s], dim=1)
+    return x_out, size_out, update_source(source, slot, prefix)
+
+
+def global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+                 source: Optional[torch.Tensor], *, r: int, prefix: int):
+    """ToMe: bipartite soft matching over all mergeable tokens (A = even, B = odd positions)."""
+    size, source = init_state(x, size, source)
+    feats, mt = _weighted(x, size, prefix), metric[:, prefix:]
+    m_tok = feats.shape[1]
+    mm = match(mt[:, ::2], mt[:, 1::2], r)
+    merged = merge_sum(feats[:, ::2], feats[:, 1::2], mm)
+    slot_a, slot_b = slots(mm, (m_tok + 1) // 2, m_tok // 2)
+    return _finish(x, size, prefix, merged, source, _interleave(slot_a, slot_b, m_tok))
+
+
+def window_layout(m_tok: int, windows: int) -> tuple[int, int]:
+    """Tokens per window and padding for ``m_tok`` tokens in ``windows`` equal windows."""
+    per = math.ceil(m_tok / windows)
+    return per, per * windows - m_tok
+
+
+def window_order(pos: torch.Tensor, nh: int, nw: int, per: int) -> torch.Tensor:
+    """Permutation that groups tokens into ``nh x nw`` windows of ``per`` tokens by location.
+
+    Sort by row into ``nh`` bands of equal count, then each band by column into ``nw`` windows:
+    on an untouched grid with ``w`` dividing it this gives exactly the w x w windows, and after
+    merging it re-forms windows from the tracked locations with static shapes.
+    """
+    b, length, _ = pos.shape
+    oy = pos[..., 0].argsort(dim=-1, stable=True)
+    px = pos[..., 1].gather(1, oy).reshape(b, nh, nw * per)
+    ox = px.argsort(dim=-1, stable=True)
+    return oy.reshape(b, nh, nw * per).gather(2, ox).reshape(b, length)
+
+
+def _kept_after_padding(per: int, pad: int, r: int, windows: int) -> list[int]:
+    """Output positions (window-major) that hold real tokens: pads sit last in A and in B."""
+    ta, tb = (per + 1) // 2, per // 2
+    pad_idx = range(per - pad, per)
+    pad_a = sum(1 for j in pad_idx if j % 2 == 0)
+    pad_b = pad - pad_a
+    out_per = per - r
+    last = list(range(ta - r - pad_a)) + list(range(ta - r, ta - r + tb - pad_b))
+    kept = [w * out_per + j for w in range(windows - 1) for j in range(out_per)]
+    return kept + [(windows - 1) * out_per + j for j in last]
+
+
+def window_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+                 source: Optional[torch.Tensor], *, r: int, prefix: int,
+                 grid: tuple[int, int], windows: tuple[int, int]):
+    """LGTM local merging: bipartite matching restricted to windows, ``r`` merges per window.
+
+    Windows are folded into the batch dimension. When the tokens do not fill the windows evenly,
+    size-0 pad tokens fill the last window; they never match and are dropped afterwards.
+    """
+    size, source = init_state(x, size, source)
+    b, n, _ = x.shape
+    nh, nw = windows
+    nwin = nh * nw
+    m_tok = n - prefix
+    per, pad = window_layout(m_tok, nwin)
+    feats, mt = _weighted(x, size, prefix), metric[:, prefix:]
+    pos = positions(source, grid, prefix, n)[:, prefix:]
+    if pad:
+        feats = torch.cat([feats, feats.new_zeros(b, pad, feats.shape[-1])], dim=1)
+        mt = torch.cat([mt, mt.new_zeros(b, pad, mt.shape[-1])], dim=1)
+        pos = torch.cat([pos, pos.new_full((b, pad, 2), float("inf"))], dim=1)
+    perm = window_order(pos, nh, nw, per)
+    f = feats.gather(1, perm[..., None].expand(-1, -1, feats.shape[-1])).reshape(b * nwin, per, -1)
+    mt = mt.gather(1, perm[..., None].expand(-1, -1, mt.shape[-1])).reshape(b * nwin, per, -1)
+    allowed = a_valid = None
+    if pad:
+        valid = (perm < m_tok).reshape(b * nwin, per)
+        a_valid, allowed = valid[:, ::2], valid[:, None, 1::2]
+    mm = match(mt[:, ::2], mt[:, 1::2], r, allowed=allowed, a_valid=a_valid)
+    merged = merge_sum(f[:, ::2], f[:, 1::2], mm).reshape(b, nwin * (per - r), -1)
+    slot_a, slot_b = slots(mm, (per + 1) // 2, per // 2)
+    offsets = torch.arange(nwin, device=x.device).repeat(b)[:, None] * (per - r)
+    slot = (_interleave(slot_a, slot_b, per) + offsets).reshape(b, nwin * per)
+    if pad:
+        kept = _kept_after_padding(per, pad, r, nwin)
+        remap = torch.full((nwin * (per - r),), -1, dtype=torch.long, device=x.device)
+        remap[kept] = torch.arange(len(kept), device=x.device)
+        merged = merged[:, kept]
+        slot = remap[slot]
+    slot = torch.empty_like(perm).scatter(1, perm, slot)[:, :m_tok]
+    return _finish(x, size, prefix, merged, source, slot)
+
+
+def checkerboard(grid: tuple[int, int]) -> tuple[list[int], list[int], torch.Tensor]:
+    """A/B split of a grid into black/white squares and the 4-neighbour adjacency between them."""
+    h, w = grid
+    a_ids = [i for i in range(h * w) if (i // w + i % w) % 2 == 0]
+    b_ids = [i for i in range(h * w) if (i // w + i % w) % 2 == 1]
+    b_pos = {t: j for j, t in enumerate(b_ids)}
+    adj = torch.zeros(len(a_ids), len(b_ids), dtype=torch.bool)
+    for i, t in enumerate(a_ids):
+        y, x = divmod(t, w)
+        for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= yy < h and 0 <= xx < w:
+                adj[i, b_pos[yy * w + xx]] = True
+    return a_ids, b_ids, adj
+
+
+def adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+                   source: Optional[torch.Tensor], *, r: int, prefix: int, grid: tuple[int, int]):
+    """ToMato with a static budget: merge ``r`` tokens, each into a 4-neighbour on the patch grid.
+
+    The grid is split like a checkerboard, so every token's 4 neighbours lie in the other set and
+    each merged group is a 4-connected star (a B token and up to four adjacent A tokens).
+    Expects tokens still on the grid (the first merge of the model).
+    """
+    size, source = init_state(x, size, source)
+    a_ids, b_ids, adj = checkerboard(grid)
+    dev = x.device
+    ia, ib = torch.tensor(a_ids, device=dev), torch.tensor(b_ids, device=dev)
+    feats, mt = _weighted(x, size, prefix), metric[:, prefix:]
+    mm = match(mt[:, ia], mt[:, ib], r, allowed=adj.to(dev))
+    merged = merge_sum(feats[:, ia], feats[:, ib], mm)
+    slot_a, slot_b = slots(mm, len(a_ids), len(b_ids))
+    order = torch.cat([ia, ib]).expand(x.shape[0], -1)
+    slot = torch.empty_like(order).scatter(1, order, torch.cat([slot_a, slot_b], dim=1))
+    return _finish(x, size, prefix, merged, source, slot)
+
+
+__all__ = ["Matching", "global_merge", "window_merge", "adjacent_merge", "window_order",
+           "window_layout", "checkerboard"]

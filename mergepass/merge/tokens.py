@@ -1,0 +1,65 @@
+"""Token state carried through a merged model: sizes, source maps, and what follows from them.
+
+* ``size``   [B, N, 1]  how many original tokens each current token stands for
+* ``source`` [B, N0]    for every original token, the index of the current token that holds it
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def init_state(x: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor]):
+    b, n, _ = x.shape
+    if size is None:
+        size = x.new_ones(b, n, 1)
+    if source is None:
+        source = torch.arange(n, device=x.device).expand(b, n)
+    return size, source
+
+
+def update_source(source: torch.Tensor, slot: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Compose the source map with ``slot`` ([B, M] new position of each mergeable token)."""
+    b = slot.shape[0]
+    head = torch.arange(prefix, device=slot.device).expand(b, prefix)
+    return torch.cat([head, slot + prefix], dim=1).gather(1, source)
+
+
+def attn_bias(size: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Proportional attention: log(size) as an additive bias over keys, shaped to broadcast
+    against attention logits / queries ``like`` ([B, H, N, .] or heads folded into batch [B*H, N, .])."""
+    b, n = size.shape[0], size.shape[1]
+    bias = size.log().to(like.dtype).reshape(b, 1, 1, n)
+    if like.dim() == 3:
+        heads = like.shape[0] // b
+        bias = bias.expand(b, heads, 1, n).reshape(b * heads, 1, n)
+    return bias
+
+
+def key_metric(keys: torch.Tensor, batch: int, transposed: bool = False) -> torch.Tensor:
+    """ToMe's similarity metric: attention keys averaged over heads, [B, N, D]."""
+    if transposed:
+        keys = keys.transpose(-2, -1)
+    n, d = keys.shape[-2:]
+    return keys.reshape(batch, -1, n, d).mean(1)
+
+
+def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Give every original token the value of the token that holds it (restores N0 tokens)."""
+    return x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def positions(source: torch.Tensor, grid: tuple[int, int], prefix: int, n: int) -> torch.Tensor:
+    """Size-weighted mean (row, col) on the patch grid of each of the ``n`` current tokens, [B, n, 2].
+
+    Protected (prefix) tokens get position 0; callers ignore them.
+    """
+    h, w = grid
+    b = source.shape[0]
+    idx = torch.arange(h * w, device=source.device)
+    rc = torch.stack([idx // w, idx % w], dim=-1).to(torch.float32)  # [HW, 2]
+    rc = torch.cat([rc.new_zeros(prefix, 2), rc], dim=0).expand(b, -1, -1)
+    ones = torch.ones_like(rc[..., :1])
+    tot = rc.new_zeros(b, n, 3).scatter_add(1, source[..., None].expand(-1, -1, 3), torch.cat([rc, ones], -1))
+    return tot[..., :2] / tot[..., 2:].clamp_min(1.0)

@@ -1,0 +1,52 @@
+"""Build models by name without downloading anything (timm first; torchvision as ``tv:NAME``)."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def create(name: str, img_size: Optional[int] = None, checkpoint: Optional[str] = None, **kwargs) -> torch.nn.Module:
+    """An eval-mode model with random weights (or ``checkpoint``'s). Unknown name: ValueError with close matches."""
+    if name.startswith("tv:"):
+        model = _torchvision(name[3:], img_size, **kwargs)
+    else:
+        import timm
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise ValueError(f"unknown model {name!r}{hint}")
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    if checkpoint:
+        load_checkpoint(model, checkpoint, name)
+    return model.eval()
+
+
+def _torchvision(name: str, img_size: Optional[int], **kwargs) -> torch.nn.Module:
+    import torchvision.models as tvm
+    if name not in tvm.list_models():
+        close = difflib.get_close_matches(name, tvm.list_models(), n=5, cutoff=0.5)
+        raise ValueError(f"unknown torchvision model {name!r}" + (f"; close matches: {', '.join(close)}" if close else ""))
+    if img_size is not None:
+        kwargs["image_size"] = img_size
+    return tvm.get_model(name, weights=None, **kwargs)
+
+
+def load_checkpoint(model: torch.nn.Module, path: str, name: str = "") -> None:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(p))
+    else:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"checkpoint {p} does not fit model {name or type(model).__name__}: {e}") from e

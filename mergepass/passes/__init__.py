@@ -1,0 +1,6 @@
+"""FX graph passes, one per file: strip_noops → insert_merges → fix_token_literals."""
+from .fix_token_literals import RewriteError, fix_token_literals
+from .insert_merges import insert_merges
+from .strip_noops import strip_noops
+
+__all__ = ["strip_noops", "insert_merges", "fix_token_literals", "RewriteError"]

@@ -1,0 +1,110 @@
+"""Propagate fake tensors through a rewritten graph and make token-count literals follow the merges.
+
+Dynamo bakes the token count into reshapes/views as Python ints (``reshape(B, 197, 3, H, D)``).
+After a merge those literals are wrong. Walking the graph with fake tensors, every shape op whose
+input lost tokens gets the literal that equals the old token count replaced by the new one. Anything
+that cannot be fixed unambiguously raises :class:`RewriteError` naming the node, and the caller
+merges fewer blocks instead.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+SHAPE_METHODS = {"reshape", "view", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
+SHAPE_FUNCTIONS = {torch.reshape}
+
+
+class RewriteError(RuntimeError):
+    def __init__(self, node: fx.Node, reason: str):
+        super().__init__(f"cannot follow the token count through node {node.name!r} ({node.format_node()}): {reason}")
+        self.node = node
+
+
+def _old_shape(node) -> tuple | None:
+    v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _shape_args(n: fx.Node):
+    """(getter, setter) for the literal shape of a shape op."""
+    if len(n.args) == 2 and isinstance(n.args[1], (tuple, list, torch.Size)):
+        return list(n.args[1]), lambda new: setattr(n, "args", (n.args[0], tuple(new)))
+    if "size" in n.kwargs or "shape" in n.kwargs:
+        key = "size" if "size" in n.kwargs else "shape"
+        return list(n.kwargs[key]), lambda new: setattr(n, "kwargs", {**n.kwargs, key: tuple(new)})
+    return list(n.args[1:]), lambda new: setattr(n, "args", (n.args[0], *new))
+
+
+class _Fixer(fx.Interpreter):
+    def __init__(self, gm, allowed_changes: set):
+        super().__init__(gm)
+        self.allowed = allowed_changes
+        self.fixed = 0
+
+    def run_node(self, n: fx.Node):
+        if n.op in ("call_method", "call_function") and (
+                (n.op == "call_method" and n.target in SHAPE_METHODS) or
+                (n.op == "call_function" and n.target in SHAPE_FUNCTIONS)):
+            self._fix(n)
+        try:
+            out = super().run_node(n)
+        except Exception as e:  # noqa: BLE001 - any failure means the rewrite is not safe here
+            raise RewriteError(n, f"{type(e).__name__}: {e}") from e
+        old = _old_shape(n)
+        if old is not None and isinstance(out, torch.Tensor):
+            if tuple(out.shape) != old and n not in self.allowed:
+                raise RewriteError(n, f"shape changed from {old} to {tuple(out.shape)} outside the merged blocks")
+            if tuple(out.shape) == old and n in self.allowed and self._input_changed(n):
+                # a reduction or selection over the merged token axis: its value would silently
+                # ignore token sizes, so this block is not safe to merge
+                raise RewriteError(n, "consumes the token axis (reduction or selection over merged tokens)")
+        return out
+
+    def _input_changed(self, n: fx.Node) -> bool:
+        for a in n.all_input_nodes:
+            old, new = _old_shape(a), self.env.get(a)
+            if old is not None and isinstance(new, torch.Tensor) and tuple(new.shape) != old:
+                return True
+        return False
+
+    def _fix(self, n: fx.Node) -> None:
+        src = n.args[0]
+        old = _old_shape(src)
+        new = self.env.get(src)
+        if old is None or not isinstance(new, torch.Tensor) or tuple(new.shape) == old:
+            return
+        new_shape = tuple(new.shape)
+        if len(new_shape) != len(old):
+            raise RewriteError(n, "rank of the input changed")
+        diff = [i for i, (a, b) in enumerate(zip(old, new_shape)) if a != b]
+        if len(diff) != 1:
+            raise RewriteError(n, f"more than one dimension changed ({old} -> {new_shape})")
+        n_old, n_new = old[diff[0]], new_shape[diff[0]]
+        lits, set_lits = _shape_args(n)
+        hits = [i for i, v in enumerate(lits) if isinstance(v, int) and v == n_old]
+        if len(hits) == 1:
+            lits[hits[0]] = n_new
+            set_lits(lits)
+            self.fixed += 1
+        elif len(hits) > 1:
+            raise RewriteError(n, f"token count {n_old} appears {len(hits)} times in the shape {lits}")
+        elif -1 not in lits and n.target not in ("expand",):
+            raise RewriteError(n, f"token count {n_old} not found in the shape {lits}")
+
+
+def fix_token_literals(gm: fx.GraphModule, example_inputs: Sequence, allowed_changes: set) -> int:
+    """Fix literals in place; raises RewriteError when a change escapes ``allowed_changes``.
+
+    Returns the number of literals changed. Graph outputs must keep their original shapes.
+    """
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        fixer = _Fixer(gm, allowed_changes)
+        fixer.run(*fakes)
+    gm.recompile()
+    return fixer.fixed

@@ -1,0 +1,92 @@
+"""Insert merge nodes after each scheduled block's attention residual, thread token sizes into later
+attention (proportional attention), and restore the original token count where the stream leaves
+the merged blocks (unmerge), so everything downstream (norm, pooling, heads, outputs) is unchanged."""
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+from ..match import Block, MatchResult
+from ..merge import adjacent_merge, attn_bias, global_merge, key_metric, unmerge, window_merge
+from ..schedule import Schedule
+
+
+def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node) -> None:
+    core = block.attn
+    with graph.inserting_before(core):
+        if block.attn_kind == "sdpa":
+            q = core.args[0] if core.args else core.kwargs["query"]
+            bias = graph.call_function(attn_bias, (size, q))
+            mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+            if mask is not None:
+                bias = graph.call_function(operator.add, (mask, bias))
+            if len(core.args) > 3:
+                core.args = core.args[:3] + (bias,) + core.args[4:]
+            else:
+                core.kwargs = {**core.kwargs, "attn_mask": bias}
+        else:
+            logits = core.args[0]
+            biased = graph.call_function(operator.add, (logits, graph.call_function(attn_bias, (size, logits))))
+            core.args = (biased,) + core.args[1:]
+
+
+def _merge_call(graph: fx.Graph, block: Block, plan, sched: Schedule, size, source):
+    metric = graph.call_function(key_metric, (block.keys, sched.batch, block.keys_transposed))
+    kw = dict(r=plan.r, prefix=sched.prefix)
+    if plan.kind == "global":
+        fn = global_merge
+    elif plan.kind == "local":
+        fn, kw = window_merge, dict(kw, grid=sched.grid, windows=plan.windows)
+    elif plan.kind == "adjacent":
+        fn, kw = adjacent_merge, dict(kw, grid=sched.grid)
+    else:
+        raise ValueError(f"unknown merge kind {plan.kind!r}")
+    out = graph.call_function(fn, (block.x_mid, metric, size, source), kw)
+    return metric, out
+
+
+def insert_merges(gm: fx.GraphModule, match: MatchResult, sched: Schedule) -> dict:
+    """Rewrite ``gm`` in place; returns {'region': blocks rewritten, 'merges': merge nodes}."""
+    graph = gm.graph
+    size = source = None
+    region = 0
+    merges = []
+    source_after = []  # the source map valid at each block's output
+    for plan in sched.blocks:
+        if plan.kind == "off":
+            break
+        block = match.blocks[plan.index]
+        region = plan.index + 1
+        if size is not None and sched.recipe.prop_attn:
+            _add_attention_bias(graph, block, size)
+        if plan.merged == 0:
+            source_after.append(source)
+            continue
+        with graph.inserting_before(block.x_mid.next):
+            metric, out = _merge_call(graph, block, plan, sched, size, source)
+        with graph.inserting_before(out.next):
+            x_new = graph.call_function(operator.getitem, (out, 0))
+            size = graph.call_function(operator.getitem, (out, 1))
+            source = graph.call_function(operator.getitem, (out, 2))
+        block.x_mid.replace_all_uses_with(x_new, delete_user_cb=lambda u: u is not out)
+        merges.append(out)
+        source_after.append(source)
+    if source is None:
+        gm.recompile()
+        return {"region": region, "merges": merges}
+    blocks = match.blocks[:region]
+    # where the merged token stream leaves the rewritten blocks, give it back its original length
+    for i, block in enumerate(blocks):
+        if source_after[i] is None:
+            continue
+        inside_next = blocks[i + 1].nodes if i + 1 < len(blocks) else set()
+        outside = [u for u in block.x_out.users if u not in inside_next]
+        if not outside:
+            continue
+        with graph.inserting_after(block.x_out):
+            restored = graph.call_function(unmerge, (block.x_out, source_after[i]))
+        for u in outside:
+            u.replace_input_with(block.x_out, restored)
+    gm.recompile()
+    return {"region": region, "merges": merges}

@@ -1,0 +1,61 @@
+"""``python -m mergepass.plan --model vit_base_patch16_224 [--recipe tome] [--r 16]``: print a schedule."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _override_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--r", type=int, help="tokens merged per merging block")
+    p.add_argument("--skip", type=int, help="DFE: dense blocks at the start")
+    p.add_argument("--window", type=int, help="LGTM: initial window side")
+    p.add_argument("--transition", type=int, help="LGTM: number of local blocks")
+    p.add_argument("--budget", type=float, help="ToMato: tokens removed (>=1) or fraction (<1)")
+    p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    out = {k: getattr(args, k) for k in ("r", "skip", "window", "transition") if getattr(args, k, None) is not None}
+    if getattr(args, "budget", None) is not None:
+        out["budget"] = int(args.budget) if args.budget >= 1 else float(args.budget)
+    if getattr(args, "no_prop_attn", False):
+        out["prop_attn"] = False
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mergepass.plan", description=__doc__)
+    p.add_argument("--model", required=True, help="timm model name (or tv:NAME for torchvision)")
+    p.add_argument("--recipe", default="tome", help="recipe name, path or 'none'")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=8)
+    _override_args(p)
+    args = p.parse_args(argv)
+    from . import models, plan
+    try:
+        model = models.create(args.model, img_size=args.img_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = args.img_size or _default_size(model)
+    x = torch.randn(args.batch, 3, size, size)
+    try:
+        sched = plan(model, x, args.recipe, model_name=args.model, **overrides_from(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(sched.table())
+    return 0
+
+
+def _default_size(model) -> int:
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None):
+        return int(pe.img_size[0])
+    return int(getattr(model, "image_size", 224))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Recipes: what to merge, how much, and whether to quantize. Plain data, loaded from TOML."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
+METHODS = ("none", "tome", "dfe", "dfe_lgtm", "tomato")
+LOWERINGS = ("inductor", "tensorrt", "eager")
+QUANT_MODES = ("static", "dynamic")
+
+AUTO = "auto"
+
+
+def recipes_dir() -> Path:
+    """Where named recipes live: $MERGEPASS_RECIPES, else the repository's `recipes/`."""
+    env = os.environ.get("MERGEPASS_RECIPES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass(frozen=True)
+class Quantize:
+    """int8 post-training quantization settings (see `mergepass.quantize`)."""
+
+    enabled: bool = False
+    mode: str = "static"          # static: calibrated activation scales; dynamic: per-batch scales
+    keep_fp32: tuple[str, ...] = ()  # linears kept in fp32, by module path glob ("blocks.2.mlp.fc2", "*.fc2")
+    sensitivity: float = 0.0      # >0: also keep linears whose input max/p99.9 ratio exceeds this
+    calibration_batches: int = 8  # at most this many calibration batches are used
+
+    def validate(self) -> None:
+        if self.mode not in QUANT_MODES:
+            raise ValueError(f"recipe field 'quantize.mode' must be one of {QUANT_MODES}, got {self.mode!r}")
+        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
+            raise ValueError("recipe field 'quantize.calibration_batches' must be a positive integer, "
+                             f"got {self.calibration_batches!r}")
+        if not isinstance(self.sensitivity, (int, float)) or self.sensitivity < 0:
+            raise ValueError(f"recipe field 'quantize.sensitivity' must be a number >= 0, got {self.sensitivity!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A merge (and quantization) recipe.
+
+    Model-dependent fields accept ``"auto"`` and are resolved against the matched graph by
+    :func:`mergepass.schedule.make_schedule` (the resolved values are printed by ``mergepass.plan``).
+    """
+
+    name: str = "custom"
+    method: str = "tome"
+    r: Union[int, str] = 16            # tokens merged per merging block ("auto": from match_tome_r)
+    skip: Union[int, str] = 0          # DFE: blocks left dense at the start ("auto": depth/6)
+    window: Union[int, str] = AUTO     # LGTM: initial window side, in tokens
+    transition: Union[int, str] = AUTO  # LGTM: number of local blocks ("auto": Algorithm 1's rule)
+    match_tome_r: int = 0              # r="auto": reach at most the MACs of ToMe with this r
+    budget: Union[int, float, str] = 0.2  # ToMato: tokens removed (int), fraction of patch tokens, or "auto"
+    prop_attn: bool = True             # proportional attention: log(size) added to attention logits
+    quantize: Quantize = field(default_factory=Quantize)
+    lower: str = "inductor"
+    description: str = ""
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"recipe field 'method' must be one of {METHODS}, got {self.method!r}")
+        if self.lower not in LOWERINGS:
+            raise ValueError(f"recipe field 'lower' must be one of {LOWERINGS}, got {self.lower!r}")
+        _int_or_auto("r", self.r)
+        _int_or_auto("skip", self.skip)
+        _int_or_auto("window", self.window, minimum=2)
+        _int_or_auto("transition", self.transition)
+        if not isinstance(self.match_tome_r, int) or isinstance(self.match_tome_r, bool) or self.match_tome_r < 0:
+            raise ValueError(f"recipe field 'match_tome_r' must be an integer >= 0, got {self.match_tome_r!r}")
+        if self.r == AUTO and self.match_tome_r <= 0:
+            raise ValueError("recipe field 'r' is 'auto' but 'match_tome_r' is not set (> 0)")
+        b = self.budget
+        if b == AUTO:
+            if self.match_tome_r <= 0:
+                raise ValueError("recipe field 'budget' is 'auto' but 'match_tome_r' is not set (> 0)")
+            b = 0
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"recipe field 'budget' must be an int (tokens), a float in [0, 1) or 'auto', got {b!r}")
+        if isinstance(b, float) and not 0.0 <= b < 1.0:
+            raise ValueError(f"recipe field 'budget' as a fraction must be in [0, 1), got {b!r}")
+        if isinstance(b, int) and b < 0:
+            raise ValueError(f"recipe field 'budget' must be >= 0, got {b!r}")
+        if not isinstance(self.prop_attn, bool):
+            raise ValueError(f"recipe field 'prop_attn' must be true or false, got {self.prop_attn!r}")
+        if not isinstance(self.quantize, Quantize):
+            raise ValueError("recipe field 'quantize' must be a table")
+        self.quantize.validate()
+
+    @property
+    def merges(self) -> bool:
+        return self.method != "none"
+
+    def replace(self, **overrides: Any) -> "Recipe":
+        """A copy with some fields changed (``quantize`` may be a dict of its fields)."""
+        return from_dict({**self.to_dict(), **_nest_overrides(overrides)}, name=self.name)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["quantize"]["keep_fp32"] = list(d["quantize"]["keep_fp32"])
+        return d
+
+
+def _int_or_auto(name: str, value: Any, minimum: int = 0) -> None:
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"recipe field {name!r} must be an integer >= {minimum} or 'auto', got {value!r}")
+
+
+def _nest_overrides(overrides: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for k, v in overrides.items():
+        if k.startswith("quantize_"):
+            out.setdefault("quantize", {})[k[len("quantize_"):]] = v
+        else:
+            out[k] = v
+    return out
+
+
+_RECIPE_FIELDS = {f.name for f in fields(Recipe)}
+_QUANT_FIELDS = {f.name for f in fields(Quantize)}
+
+
+def _check_keys(keys, allowed, where: str) -> None:
+    for k in keys:
+        if k not in allowed:
+            close = difflib.get_close_matches(k, sorted(allowed), n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(f"unknown recipe field {where}{k!r}{hint}; allowed: {sorted(allowed)}")
+
+
+def from_dict(d: Mapping[str, Any], name: str | None = None) -> Recipe:
+    """Build a validated recipe from a plain mapping (as read from TOML)."""
+    d = dict(d)
+    _check_keys(d, _RECIPE_FIELDS, "")
+    q = d.pop("quantize", {}) or {}
+    if isinstance(q, Quantize):
+        q = dataclasses.asdict(q)
+    if not isinstance(q, Mapping):
+        raise ValueError(f"recipe field 'quantize' must be a table, got {q!r}")
+    q = dict(q)
+    _check_keys(q, _QUANT_FIELDS, "quantize.")
+    if "keep_fp32" in q:
+        keep = q["keep_fp32"]
+        if isinstance(keep, str) or not all(isinstance(s, str) for s in keep):
+            raise ValueError(f"recipe field 'quantize.keep_fp32' must be a list of strings, got {keep!r}")
+        q["keep_fp32"] = tuple(keep)
+    if name is not None and "name" not in d:
+        d["name"] = name
+    return Recipe(quantize=Quantize(**q), **d)
+
+
+def available() -> list[str]:
+    """Names of the recipes shipped in ``recipes/``."""
+    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+
+
+def load(spec: Union[str, os.PathLike, Mapping, Recipe], **overrides: Any) -> Recipe:
+    """Load a recipe from a name (``recipes/NAME.toml``), a path, a dict, or a Recipe; apply overrides."""
+    if isinstance(spec, Recipe):
+        recipe = spec
+    elif isinstance(spec, Mapping):
+        recipe = from_dict(spec)
+    elif isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if path.suffix != ".toml" or not path.exists():
+            named = recipes_dir() / f"{spec}.toml"
+            if named.exists():
+                path = named
+            elif path.suffix == ".toml":
+                raise ValueError(f"recipe file not found: {path}")
+            else:
+                names = available()
+                close = difflib.get_close_matches(str(spec), names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"unknown recipe {str(spec)!r}{hint} (shipped: {', '.join(names)})")
+        with open(path, "rb") as f:
+            recipe = from_dict(tomllib.load(f), name=path.stem)
+    else:
+        raise TypeError(f"recipe must be a name, path, dict or Recipe, not {type(spec).__name__}")
+    return recipe.replace(**overrides) if overrides else recipe

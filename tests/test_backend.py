@@ -1,0 +1,220 @@
+"""The backend end to end on tiny timm ViTs: exactness, the ToMe reference, invariants, bad input."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+import mergepass
+from mergepass.merge import adjacent_merge, global_merge, window_merge
+from conftest import compile_with, rel_err, tiny_vit
+from reference import reference_forward
+
+CONFIGS = {
+    "vit_cls": dict(name="vit_tiny_patch16_224"),
+    "deit_distilled": dict(name="deit_tiny_distilled_patch16_224"),
+    "no_cls_avgpool": dict(name="vit_tiny_patch16_224", class_token=False, global_pool="avg"),
+    "cls_avgpool": dict(name="vit_tiny_patch16_224", global_pool="avg"),
+}
+
+
+def test_r0_reproduces_the_model():
+    m = tiny_vit()
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=0)
+    with torch.no_grad():
+        out, ref = compile_with(m, be)(x), m(x)
+    assert rel_err(out, ref) <= 1e-5
+    assert not be.schedule.merging
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_tome_matches_reference(config):
+    m = tiny_vit(**CONFIGS[config])
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=3)
+    with torch.no_grad():
+        out = compile_with(m, be)(x)
+        ref = reference_forward(m, x, be.schedule)
+        unmerged = m(x)
+    assert be.schedule.merging
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(out, unmerged) > 1e-3, "merging must actually change the output"
+
+
+def test_tome_explicit_softmax_attention():
+    m = tiny_vit()
+    for blk in m.blocks:
+        blk.attn.fused_attn = False  # timm's TIMM_FUSED_ATTN=0 path: q@kᵀ → softmax → @v
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=3)
+    with torch.no_grad():
+        out = compile_with(m, be)(x)
+        ref = reference_forward(m, x, be.schedule)
+    assert [b.kind for b in be.schedule.blocks] == ["global"] * 3
+    assert rel_err(out, ref) <= 1e-4
+
+
+def test_no_proportional_attention_recipe_field():
+    m = tiny_vit()
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=3, prop_attn=False)
+    with torch.no_grad():
+        out = compile_with(m, be)(x)
+        ref = reference_forward(m, x, be.schedule, prop_attn=False)
+        ref_prop = reference_forward(m, x, be.schedule, prop_attn=True)
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(out, ref_prop) > 1e-4
+
+
+def _merge_nodes(gm):
+    fns = {global_merge, window_merge, adjacent_merge}
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in fns]
+
+
+def test_schedule_equals_compiled_token_counts_and_clamps():
+    m = tiny_vit(depth=4)
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=5, lower="eager")
+    with torch.no_grad():
+        compile_with(m, be)(x)
+    res = be.results[-1]
+    gm = res.gm
+    ShapeProp(gm).propagate(*_inputs_of(gm, m, x))
+    seen = []
+    for n in _merge_nodes(gm):
+        tokens_in = n.args[0].meta["tensor_meta"].shape[1]
+        tokens_out = next(u for u in n.users if u.args[1] == 0).meta["tensor_meta"].shape[1]
+        seen.append((tokens_in, tokens_out))
+    planned = mergepass.plan(m, x, "tome", r=5)
+    assert seen == planned.token_counts() == be.schedule.token_counts()
+    # 16 patches merge 5, 5, then at most half of what is left: 3 (clamped), 1 (clamped)
+    assert planned.token_counts() == [(17, 12), (12, 7), (7, 4), (4, 3)]
+    assert planned.blocks[1].note == "" and "clamped 5->3" in planned.blocks[2].note
+    assert "clamped" in planned.table()
+
+
+def _inputs_of(gm, model, x):
+    """Real tensors for the dynamo graph's placeholders (image + parameters by name)."""
+    params = dict(model.named_parameters())
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        if n.target == "L_x_":
+            out.append(x)
+            continue
+        key = n.target[len("L_self_"):].rstrip("_").replace("modules_", "").replace("parameters_", "")
+        match = [v for k, v in params.items() if k.replace(".", "_") == key]
+        assert match, n.target
+        out.append(match[0])
+    return out
+
+
+def test_user_model_is_not_mutated():
+    m = tiny_vit()
+    x = torch.randn(2, 3, 64, 64)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        before = m(x)
+        compile_with(m, mergepass.backend("tome", r=3))(x)
+        torch._dynamo.reset()
+        compile_with(m, mergepass.backend("tome", r=5))(x)
+        after = m(x)
+    assert state.keys() == m.state_dict().keys()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+
+
+def test_new_input_shape_recompiles_with_new_schedule():
+    m = tiny_vit(dynamic_img_size=True)
+    be = mergepass.backend("tome", r=3)
+    cm = torch.compile(m, backend=be)
+    with torch.no_grad():
+        cm(torch.randn(2, 3, 64, 64))
+        x2 = torch.randn(1, 3, 96, 96)
+        out2 = cm(x2)
+        ref2 = reference_forward(m, x2, be.schedule)
+    assert be.schedule.tokens == 37 and be.schedule.batch == 1
+    assert rel_err(out2, ref2) <= 1e-4
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def test_non_vit_compiles_unchanged_with_warning():
+    m = SmallCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(mergepass.MergepassWarning, match="no transformer blocks matched"):
+        with torch.no_grad():
+            out = compile_with(m, mergepass.backend("tome"))(x)
+    torch.testing.assert_close(out, m(x).detach())
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        mergepass.plan(m, x)
+
+
+class MeanInMLP(nn.Module):
+    """A block whose MLP branch reads a mean over tokens: unsafe to merge (sizes ignored)."""
+
+    def __init__(self, blk):
+        super().__init__()
+        self.blk = blk
+
+    def forward(self, x):
+        b = self.blk
+        x = x + b.ls1(b.attn(b.norm1(x)))
+        h = b.norm2(x)
+        return x + b.ls2(b.mlp(h + 0.0 * h.mean(1, keepdim=True)))
+
+
+def test_unsafe_block_is_skipped_with_later_blocks():
+    m = tiny_vit(depth=4)
+    m.blocks[2] = MeanInMLP(m.blocks[2])
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=2)
+    with pytest.warns(mergepass.MergepassWarning, match="consumes the token axis"):
+        with torch.no_grad():
+            out = compile_with(m, be)(x)
+    kinds = [b.kind for b in be.schedule.blocks]
+    assert kinds == ["global", "global", "off", "off"]
+    assert "not merged because" in be.schedule.table()
+    ref_model = tiny_vit(depth=4)  # same weights, plain blocks: 0*mean adds nothing
+    with torch.no_grad():
+        ref = reference_forward(ref_model, x, be.schedule)
+    assert rel_err(out, ref) <= 1e-4
+
+
+def test_invalid_recipe_fields_name_the_field():
+    with pytest.raises(ValueError, match="'method'"):
+        mergepass.backend("tome", method="tomee")
+    with pytest.raises(ValueError, match="'r'"):
+        mergepass.backend("tome", r=-1)
+    with pytest.raises(ValueError, match="unknown recipe field 'rr'"):
+        mergepass.load_recipe({"method": "tome", "rr": 3})
+    with pytest.raises(ValueError, match="unknown recipe 'tomee'.*did you mean tome"):
+        mergepass.backend("tomee")
+
+
+def test_training_gradients_match_reference():
+    m = tiny_vit(depth=2).train()
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=3)
+    cm = compile_with(m, be)
+    cm(x).square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    reference_forward(m, x, be.schedule).square().mean().backward()
+    assert be.schedule.merging and len(grads) > 10
+    for k, p in m.named_parameters():
+        assert rel_err(grads[k], p.grad) <= 1e-4, k
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt.step()  # one optimizer step on the merged model's gradients works
