@@ -60,7 +60,7 @@ class Recipe:
     skip: Union[int, str] = 0          # DFE: blocks left dense at the start ("auto": depth/6)
     window: Union[int, str] = AUTO     # LGTM: initial window side, in tokens
     transition: Union[int, str] = AUTO  # LGTM: number of local blocks ("auto": Algorithm 1's rule)
-    match_tome_r: int = 0              # r="auto": reach at most the MACs of ToMe with this r
+    match_tome_r: int = 0              # r/budget="auto": the value whose MACs are closest to ToMe with this r
     budget: Union[int, float, str] = 0.2  # ToMato: tokens removed (int), fraction of patch tokens, or "auto"
     prop_attn: bool = True             # proportional attention: log(size) added to attention logits
     quantize: Quantize = field(default_factory=Quantize)

@@ -211,13 +211,13 @@ def make_schedule(match: MatchResult, recipe: Recipe, limit: Optional[int] = Non
         if budget == AUTO:
             goal = _total(match, _simulate(match, recipe.replace(method="tome"), limit, recipe.match_tome_r, 0, 0, None, 0))
             ma = len(checkerboard(match.grid)[0])
-            budget = next((b for b in range(ma + 1) if _total(match, plans_for(budget=b)) <= goal), ma)
+            budget = min(range(ma + 1), key=lambda b: abs(_total(match, plans_for(budget=b)) - goal))
         elif isinstance(budget, float):
             budget = int(round(budget * patches))
         r = 0
     elif r == AUTO:
         goal = _total(match, _simulate(match, recipe.replace(method="tome"), limit, recipe.match_tome_r, 0, 0, None, 0))
-        r = next((x for x in range(patches + 1) if _total(match, plans_for(r=x)) <= goal), patches)
+        r = min(range(patches // 2 + 1), key=lambda x: abs(_total(match, plans_for(r=x)) - goal))
     plans = plans_for(r=r, budget=budget)
     if transition is None and method == "dfe_lgtm":
         transition = sum(1 for p in plans if p.kind == "local")

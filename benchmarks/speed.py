@@ -1,0 +1,140 @@
+"""Time every contender in one process with interleaved rounds; print ratios over eager FP32.
+
+    python benchmarks/speed.py --model vit_base_patch16_224 --batch 8 \
+        --contenders eager inductor tome tome:r=8 --rounds 10 --json out/speed.json
+
+Contenders: ``eager``, ``inductor`` (plain torch.compile), or a mergepass recipe name with optional
+``:field=value,...`` overrides. Ratios use the median of per-round times; the spread is the
+min-max of the per-round ratios. Machines here are noisy: compare ratios from one run only.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_contender(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            overrides[k] = int(v)
+        except ValueError:
+            try:
+                overrides[k] = float(v)
+            except ValueError:
+                overrides[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return name, overrides
+
+
+def build(spec: str, model, calibration=None):
+    """(callable, backend-or-None) for a contender spec."""
+    import mergepass
+    name, overrides = parse_contender(spec)
+    if name == "eager":
+        return model, None
+    if name == "inductor":
+        return torch.compile(model, dynamic=False), None
+    recipe = mergepass.load_recipe(name, **overrides)
+    be = mergepass.backend(recipe, calibration=calibration)
+    return torch.compile(model, backend=be, dynamic=False), be
+
+
+def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=print):
+    fns, compile_s, schedules = {}, {}, {}
+    with torch.no_grad():
+        for spec in specs:
+            t0 = time.perf_counter()
+            fn, be = build(spec, model, calibration)
+            fn(x)  # compile + first run
+            compile_s[spec] = time.perf_counter() - t0
+            fn(x)
+            fns[spec] = fn
+            if be is not None and be.schedule is not None:
+                schedules[spec] = be.schedule
+            log(f"  ready {spec:<28} compile+first run {compile_s[spec]:7.1f} s")
+        per_round = {s: [] for s in specs}
+        for _ in range(rounds):
+            for spec in specs:
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fns[spec](x)
+                per_round[spec].append((time.perf_counter() - t0) / iters)
+    return per_round, compile_s, schedules
+
+
+def summarize(per_round, compile_s, schedules, base="eager"):
+    rows = []
+    base_t = per_round[base]
+    for spec, ts in per_round.items():
+        ratios = [b / t for b, t in zip(base_t, ts)]
+        s = schedules.get(spec)
+        rows.append(dict(contender=spec, median_ms=1e3 * statistics.median(ts),
+                         speedup=statistics.median(base_t) / statistics.median(ts),
+                         spread=(min(ratios), max(ratios)), compile_s=compile_s[spec],
+                         macs_ratio=s.macs_ratio if s else None,
+                         final_tokens=s.final_tokens if s else None))
+    return rows
+
+
+def format_table(rows, title: str) -> str:
+    out = [title, f"{'contender':<30}{'median ms':>10}{'x eager':>9}{'spread':>15}{'compile s':>10}{'MACs':>7}"]
+    for r in rows:
+        macs = f"{r['macs_ratio']:.2f}" if r["macs_ratio"] is not None else "-"
+        out.append(f"{r['contender']:<30}{r['median_ms']:>10.1f}{r['speedup']:>9.2f}"
+                   f"{r['spread'][0]:>7.2f}-{r['spread'][1]:<7.2f}{r['compile_s']:>10.1f}{macs:>7}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--batch", type=int, nargs="+", default=[8])
+    p.add_argument("--contenders", nargs="+", default=["eager", "inductor", "tome"])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--json", default=None, help="write results here (and the table next to it)")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from mergepass import models
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = models.create(args.model, img_size=args.img_size)
+    size = args.img_size or int(model.patch_embed.img_size[0]) if hasattr(model, "patch_embed") else 224
+    specs = args.contenders if "eager" in args.contenders else ["eager"] + args.contenders
+    results, tables = [], []
+    for bsz in args.batch:
+        torch._dynamo.reset()
+        x = torch.randn(bsz, 3, size, size)
+        calib = [torch.randn(bsz, 3, size, size) for _ in range(2)]
+        print(f"{args.model} batch {bsz}: compiling {len(specs)} contenders", flush=True)
+        per_round, compile_s, schedules = time_contenders(model, x, specs, args.rounds, args.iters, calib)
+        rows = summarize(per_round, compile_s, schedules)
+        table = format_table(rows, f"{args.model}, batch {bsz}, {torch.get_num_threads()} threads, "
+                                   f"{args.rounds} interleaved rounds x {args.iters} iters")
+        print(table, flush=True)
+        tables.append(table)
+        results.append(dict(model=args.model, batch=bsz, rows=rows))
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        out.with_suffix(".txt").write_text("\n\n".join(tables) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Image folders for calibration and evaluation (no downloads): a flat folder with ``labels.csv``
+(``file,class_index,...``) or ImageNet-style class subfolders."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def list_images(folder: str | Path) -> list[tuple[Path, int]]:
+    """(path, label) pairs; label -1 when unknown. Missing folder: FileNotFoundError naming it."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    labels = root / "labels.csv"
+    if labels.exists():
+        with open(labels, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [(root / r["file"], int(r.get("class_index", -1))) for r in rows]
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if subdirs:
+        return [(p, i) for i, d in enumerate(subdirs) for p in sorted(d.iterdir()) if p.suffix.lower() in EXTS]
+    return [(p, -1) for p in sorted(root.iterdir()) if p.suffix.lower() in EXTS]
+
+
+def preprocess(img, size: int = 224, resize: Optional[int] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize the shorter side to ``resize`` (default size*256/224), centre-crop, normalise."""
+    from PIL import Image
+    resize = resize or int(round(size * 256 / 224))
+    img = img.convert("RGB")
+    w, h = img.size
+    s = resize / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
+    t = t.permute(2, 0, 1).float() / 255.0
+    return (t - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def load_images(folder: str | Path, limit: Optional[int] = None, size: int = 224, **kw):
+    """(images [N, 3, size, size], labels [N], skipped count). Unreadable images are skipped."""
+    from PIL import Image, UnidentifiedImageError
+    items = list_images(folder)
+    if limit:
+        items = items[:limit]
+    xs, ys, skipped = [], [], 0
+    for path, label in items:
+        try:
+            with Image.open(path) as im:
+                xs.append(preprocess(im, size, **kw))
+            ys.append(label)
+        except (OSError, UnidentifiedImageError, ValueError):
+            skipped += 1
+    if not xs:
+        raise ValueError(f"no readable images in {folder} ({skipped} skipped)")
+    return torch.stack(xs), torch.tensor(ys), skipped
+
+
+def batches(x: torch.Tensor, batch: int):
+    """Full batches only (static shapes)."""
+    return [x[i:i + batch] for i in range(0, len(x) - batch + 1, batch)]

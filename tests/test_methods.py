@@ -1,0 +1,83 @@
+"""DFE, DFE+LGTM and ToMato end to end (compiled, fullgraph, static shapes) against the eager reference."""
+import pytest
+import torch
+
+import mergepass
+from mergepass.schedule import default_skip, default_window
+from conftest import rel_err, tiny_vit
+from reference import reference_forward
+
+CASES = {
+    "dfe": dict(recipe="dfe", overrides=dict(skip=1, r=4), kinds=["dense", "global", "global"]),
+    "dfe_lgtm": dict(recipe="dfe_lgtm", overrides=dict(skip=1, r=8, window=3),
+                     kinds=["dense", "local", "local"]),
+    "dfe_lgtm_padded": dict(recipe="dfe_lgtm", overrides=dict(skip=0, r=6, window=3, transition=2),
+                            kinds=["local", "global", "global"], img=80),
+    "tomato": dict(recipe="tomato", overrides=dict(budget=10), kinds=["adjacent", "dense", "dense"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_matches_reference_fullgraph(case):
+    c = CASES[case]
+    img = c.get("img", 96)
+    m = tiny_vit(img_size=img)
+    x = torch.randn(2, 3, img, img)
+    be = mergepass.backend(c["recipe"], **c["overrides"])
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
+        ref = reference_forward(m, x, be.schedule)
+        plain = m(x)
+    assert [b.kind for b in be.schedule.blocks] == c["kinds"]
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(out, plain) > 1e-3
+
+
+@pytest.mark.parametrize("recipe", ["dfe", "dfe_lgtm", "tomato"])
+def test_skip_equal_to_depth_merges_nothing(recipe):
+    m = tiny_vit(img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    be = mergepass.backend(recipe, skip=3, r=4, budget=5)
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False)(x)
+        plain = m(x)
+    assert not be.schedule.merging
+    assert rel_err(out, plain) <= 1e-5
+
+
+def test_resolved_defaults_follow_the_paper():
+    assert default_skip(12) == 2 and default_skip(24) == 4
+    assert default_window((14, 14)) == 7 and default_window((16, 16)) == 8
+    assert default_window((37, 37)) == 19  # prime grid: padded windows
+    m = tiny_vit(depth=12, img_size=224)
+    sched = mergepass.plan(m, torch.randn(1, 3, 224, 224), "dfe_lgtm")
+    r = sched.recipe
+    assert (r.skip, r.window) == (2, 7)
+    kinds = [b.kind for b in sched.blocks]
+    assert kinds[:2] == ["dense", "dense"] and kinds[2] == "local"
+    # Algorithm 1: local while the (growing) window is smaller than sqrt(remaining tokens)
+    locals_ = [b for b in sched.blocks if b.kind == "local"]
+    assert r.transition == len(locals_) >= 1
+    assert [b.window_side for b in locals_] == list(range(7, 7 + len(locals_)))
+    for b in locals_:
+        assert b.window_side < round((b.tokens_in - 1) ** 0.5)
+    nxt = sched.blocks[2 + len(locals_)]
+    assert nxt.kind == "global"
+    assert "window=7" in sched.table() and "local 2x2 win" in sched.table()
+
+
+@pytest.mark.parametrize("recipe", ["dfe", "dfe_lgtm", "tomato"])
+def test_auto_strength_matches_tome_macs(recipe):
+    m = tiny_vit(depth=12, img_size=224)
+    x = torch.randn(1, 3, 224, 224)
+    tome = mergepass.plan(m, x, "tome", r=16)
+    other = mergepass.plan(m, x, recipe)
+    assert abs(other.macs / tome.macs - 1) <= 0.05
+
+
+def test_tomato_budget_fraction_and_clamp():
+    m = tiny_vit(img_size=96)
+    x = torch.randn(1, 3, 96, 96)
+    assert mergepass.plan(m, x, "tomato", budget=0.25).blocks[0].merged == 9
+    s = mergepass.plan(m, x, "tomato", budget=30)
+    assert s.blocks[0].merged == 18 and "clamped" in s.blocks[0].note
