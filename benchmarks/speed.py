@@ -23,25 +23,11 @@ from pathlib import Path
 import torch
 
 
-def parse_contender(spec: str) -> tuple[str, dict]:
-    name, _, rest = spec.partition(":")
-    overrides = {}
-    for item in filter(None, rest.split(",")):
-        k, _, v = item.partition("=")
-        try:
-            overrides[k] = int(v)
-        except ValueError:
-            try:
-                overrides[k] = float(v)
-            except ValueError:
-                overrides[k] = {"true": True, "false": False}.get(v.lower(), v)
-    return name, overrides
-
-
 def build(spec: str, model, calibration=None):
     """(callable, backend-or-None) for a contender spec."""
     import mergepass
-    name, overrides = parse_contender(spec)
+    from mergepass.recipe import parse_spec
+    name, overrides = parse_spec(spec)
     if name == "eager":
         return model, None
     if name == "inductor":

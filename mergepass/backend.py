@@ -33,6 +33,7 @@ class Backend:
         self.calibration = calibration
         self.model_name = model_name
         self.results: list[RewriteResult] = []
+        self.quantized: list = []  # QuantizedGraph per int8 graph (mode, linears kept in fp32)
         # Schedules are static: a new input shape must recompile with its own schedule instead of
         # turning the token axis symbolic, and tests/benchmarks compile one model many times.
         torch._dynamo.config.automatic_dynamic_shapes = False
@@ -64,7 +65,7 @@ class Backend:
         self.results.append(result)
         if recipe.quantize.enabled:
             from .quantize import quantize_and_lower
-            return quantize_and_lower(result.gm, example_inputs, recipe, self.calibration)
+            return quantize_and_lower(result.gm, example_inputs, recipe, self.calibration, self.quantized)
         return lower_graph(result.gm, example_inputs, recipe.lower)
 
 

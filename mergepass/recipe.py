@@ -107,7 +107,15 @@ class Recipe:
 
     def replace(self, **overrides: Any) -> "Recipe":
         """A copy with some fields changed (``quantize`` may be a dict of its fields)."""
-        return from_dict({**self.to_dict(), **_nest_overrides(overrides)}, name=self.name)
+        d = self.to_dict()
+        for k, v in _nest_overrides(overrides).items():
+            if k == "quantize" and isinstance(v, Mapping):
+                d["quantize"] = {**d["quantize"], **v}
+            elif k == "quantize" and isinstance(v, Quantize):
+                d["quantize"] = dataclasses.asdict(v)
+            else:
+                d[k] = v
+        return from_dict(d, name=self.name)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -163,6 +171,23 @@ def from_dict(d: Mapping[str, Any], name: str | None = None) -> Recipe:
     if name is not None and "name" not in d:
         d["name"] = name
     return Recipe(quantize=Quantize(**q), **d)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"tome:r=8,prop_attn=false"`` -> ("tome", {"r": 8, "prop_attn": False})."""
+    name, _, rest = spec.partition(":")
+    overrides: dict = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        for cast in (int, float):
+            try:
+                overrides[k] = cast(v)
+                break
+            except ValueError:
+                continue
+        else:
+            overrides[k] = {"true": True, "false": False}.get(v.lower(), v)
+    return name, overrides
 
 
 def available() -> list[str]:

@@ -159,3 +159,30 @@ def _attention_residual(blk, x, size):
     out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(n, c)
     out = attn.proj(attn.norm(out[None]) if hasattr(attn, "norm") else out[None])[0]
     return x + blk.ls1(out[None])[0], k
+
+
+def tomato_flood_fill(metric, grid, threshold):
+    """ToMato's Algorithms 1-2 as written: visit tokens in order, recursively absorb 4-neighbours
+    whose similarity to the visited token passes ``threshold``; each visit forms one group."""
+    gh, gw = grid
+    visited = set()
+    groups = []
+
+    def visit(idx, group):
+        if idx in visited:
+            return
+        visited.add(idx)
+        group.append(idx)
+        y, x = divmod(idx, gw)
+        for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= yy < gh and 0 <= xx < gw:
+                nb = yy * gw + xx
+                if nb not in visited and _cos(metric[idx], metric[nb]) >= threshold:
+                    visit(nb, group)
+
+    for i in range(gh * gw):
+        if i not in visited:
+            group = []
+            visit(i, group)
+            groups.append(sorted(group))
+    return sorted(groups)

@@ -81,3 +81,22 @@ def test_tomato_budget_fraction_and_clamp():
     assert mergepass.plan(m, x, "tomato", budget=0.25).blocks[0].merged == 9
     s = mergepass.plan(m, x, "tomato", budget=30)
     assert s.blocks[0].merged == 18 and "clamped" in s.blocks[0].note
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.3, 1.01])
+def test_tomato_flood_fill_matches_paper_algorithm(threshold):
+    from mergepass.tomato_budget import flood_fill_groups
+    from reference import tomato_flood_fill
+    metric = torch.randn(6 * 7, 4)
+    assert flood_fill_groups(metric, (6, 7), threshold) == tomato_flood_fill(metric, (6, 7), threshold)
+
+
+def test_tomato_budget_from_threshold_drives_the_static_merge():
+    from mergepass.tomato_budget import budget_from_threshold
+    m = tiny_vit(img_size=96)
+    imgs = [torch.randn(2, 3, 96, 96)]
+    budgets = [budget_from_threshold(m, imgs, t) for t in (1.01, 0.5, 0.0, -1.01)]
+    assert budgets[0] == 0 and budgets[-1] == 35  # nothing passes / everything joins one group
+    assert budgets == sorted(budgets)  # a lower threshold merges more
+    sched = mergepass.plan(m, imgs[0], "tomato", budget=budgets[1])
+    assert sched.blocks[0].merged == min(budgets[1], 18)

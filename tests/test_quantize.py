@@ -1,0 +1,73 @@
+"""int8 (torchao pt2e, x86 inductor): real int8 kernels in the generated code, calibration, fallbacks."""
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import mergepass
+from conftest import tiny_vit
+
+DEPTH = 2
+LINEARS = 4 * DEPTH + 1  # qkv, proj, fc1, fc2 per block + head
+
+
+def _run(model, x, be):
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
+    return out, "\n".join(code)
+
+
+def _calib(n=3, b=4, size=64):
+    return [torch.randn(b, 3, size, size) for _ in range(n)]
+
+
+@pytest.mark.parametrize("recipe", ["int8", "tome_int8"])
+def test_int8_kernels_present(recipe):
+    m = tiny_vit(depth=DEPTH)
+    x = torch.randn(4, 3, 64, 64)
+    be = mergepass.backend(recipe, r=3, calibration=_calib())
+    out, code = _run(m, x, be)
+    assert code.count("torch.ops.onednn.qlinear_pointwise") >= LINEARS, "int8 GEMMs missing: fp32 fallback"
+    assert "mkl_linear" not in code and "extern_kernels.addmm" not in code
+    assert be.quantized[-1].mode == "static"
+    with torch.no_grad():
+        fp32 = torch.compile(m, backend=mergepass.backend(recipe.replace("_int8", "") if recipe != "int8" else "none", r=3),
+                             dynamic=False)(x)
+    cos = torch.nn.functional.cosine_similarity(out, fp32).min().item()
+    assert 0.98 < cos < 1.0 - 1e-7, cos  # quantized (not bit-equal) yet close to the same fp32 graph
+
+
+def test_without_calibration_falls_back_to_dynamic_with_warning():
+    m = tiny_vit(depth=DEPTH)
+    x = torch.randn(4, 3, 64, 64)
+    be = mergepass.backend("int8")
+    with pytest.warns(UserWarning, match="needs calibration data.*dynamic"):
+        out, code = _run(m, x, be)
+    assert be.quantized[-1].mode == "dynamic"
+    assert code.count("qlinear_pointwise") >= LINEARS
+
+
+def test_keep_fp32_by_name_and_by_outlier_statistics():
+    m = tiny_vit(depth=DEPTH)
+    with torch.no_grad():  # one token, one hidden unit of blocks.1's MLP: a sparse outlier into blocks.1.mlp.fc2
+        m.pos_embed[0, 3, 5] = 1000.0
+        m.blocks[1].mlp.fc1.weight[7, 5] = 10.0
+    x = torch.randn(4, 3, 64, 64)
+    be = mergepass.backend("int8", calibration=_calib(), quantize_keep_fp32=["blocks.0.mlp.fc2"], quantize_sensitivity=6.0)
+    out, code = _run(m, x, be)
+    kept = be.quantized[-1].kept_fp32
+    assert sorted(kept) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+    assert code.count("torch.ops.onednn.qlinear_pointwise") == LINEARS - len(kept)
+
+
+def test_int8_refuses_training():
+    m = tiny_vit(depth=DEPTH).train()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(Exception, match="inference-only"):
+        torch.compile(m, backend=mergepass.backend("int8"), dynamic=False)(x)
+
+
+def test_quantize_fields_are_validated():
+    with pytest.raises(ValueError, match="quantize.mode"):
+        mergepass.load_recipe("int8", quantize_mode="weird")
+    with pytest.raises(ValueError, match="unknown recipe field quantize.'scale'"):
+        mergepass.load_recipe({"method": "none", "quantize": {"scale": 1}})
