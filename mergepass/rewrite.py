@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from torch import fx
 
 from .match import MatchResult, find_blocks
-from .passes import RewriteError, fix_token_literals, insert_merges, strip_noops
+from .passes import RewriteError, expand_mha, fix_token_literals, insert_merges, strip_noops
 from .recipe import Recipe
 from .schedule import Schedule, make_schedule
 
@@ -53,6 +53,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, model:
     those come back unchanged with a :class:`MergepassWarning`."""
     base = copy_graph_module(gm)
     strip_noops(base)
+    expand_mha(base, example_inputs)
     notes: list[str] = []
     limit: Optional[int] = None
     while True:

@@ -110,11 +110,10 @@ def merge_tokens_adjacent(x, metric, size, groups, prefix, r, grid):
 
 
 def reference_forward(model, images, schedule, prop_attn=True, features=False):
-    """timm VisionTransformer forward with merges applied per ``schedule`` (a mergepass Schedule)."""
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
+    """Eager forward of a timm / torchvision / Hugging Face ViT with merges applied per ``schedule``
+    (a mergepass Schedule): attention written out, merges done with the plain list code above."""
+    fam = _family(model)
+    x = fam.embed(images)
     bsz, n0, _ = x.shape
     prefix = schedule.prefix
     outs = []
@@ -122,8 +121,8 @@ def reference_forward(model, images, schedule, prop_attn=True, features=False):
         xb = x[b]
         size = [1.0] * n0
         groups = [[i] for i in range(n0)]
-        for blk, plan in zip(model.blocks, schedule.blocks):
-            xb, k = _attention_residual(blk, xb, size if prop_attn else None)
+        for blk, plan in zip(fam.blocks, schedule.blocks):
+            xb, k = fam.attention_residual(blk, xb, size if prop_attn else None)
             if plan.merged:
                 metric = k.mean(0)  # mean over heads -> [N, D]
                 if plan.kind == "global":
@@ -135,30 +134,114 @@ def reference_forward(model, images, schedule, prop_attn=True, features=False):
                     xb, size, groups = merge_tokens_adjacent(xb, metric, size, groups, prefix, plan.r, schedule.grid)
                 else:
                     raise AssertionError(plan.kind)
-            xb = xb + blk.ls2(blk.mlp(blk.norm2(xb[None])))[0]
+            xb = fam.mlp_residual(blk, xb)
         full = torch.empty(n0, xb.shape[-1], dtype=xb.dtype)
         for j, g in enumerate(groups):
             for i in g:
                 full[i] = xb[j]
         outs.append(full)
-    x = model.norm(torch.stack(outs))
-    return x if features else model.forward_head(x)
+    return fam.finish(torch.stack(outs), features)
 
 
-def _attention_residual(blk, x, size):
-    """x [N, C] -> (x + attn(norm1(x)), keys [H, N, D]), attention written out explicitly."""
-    attn = blk.attn
-    n, c = x.shape
-    h = attn.num_heads
-    qkv = attn.qkv(blk.norm1(x[None]))[0].reshape(n, 3, h, c // h).permute(1, 2, 0, 3)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
+def _attend(q, k, v, size):
+    """q, k, v [H, N, D] -> [N, H*D], with log(size) added to the logits when given."""
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if size is not None:
-        logits = logits + torch.tensor(size, dtype=x.dtype).log()[None, None, :]
-    out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(n, c)
-    out = attn.proj(attn.norm(out[None]) if hasattr(attn, "norm") else out[None])[0]
-    return x + blk.ls1(out[None])[0], k
+        logits = logits + torch.tensor(size, dtype=q.dtype).log()[None, None, :]
+    out = logits.softmax(-1) @ v
+    return out.transpose(0, 1).reshape(q.shape[1], -1)
+
+
+class _Timm:
+    def __init__(self, m):
+        self.m, self.blocks = m, list(m.blocks)
+
+    def embed(self, images):
+        m = self.m
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+
+    def attention_residual(self, blk, x, size):
+        attn = blk.attn
+        n, c = x.shape
+        h = attn.num_heads
+        qkv = attn.qkv(blk.norm1(x[None]))[0].reshape(n, 3, h, c // h).permute(1, 2, 0, 3)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = _attend(q * attn.scale * q.shape[-1] ** 0.5, k, v, size)
+        out = attn.proj(attn.norm(out[None]) if hasattr(attn, "norm") else out[None])[0]
+        return x + blk.ls1(out[None])[0], k
+
+    def mlp_residual(self, blk, x):
+        return x + blk.ls2(blk.mlp(blk.norm2(x[None])))[0]
+
+    def finish(self, x, features):
+        x = self.m.norm(x)
+        return x if features else self.m.forward_head(x)
+
+
+class _TorchVision:
+    def __init__(self, m):
+        self.m, self.blocks = m, list(m.encoder.layers)
+
+    def embed(self, images):
+        m = self.m
+        x = m._process_input(images)
+        x = torch.cat([m.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + m.encoder.pos_embedding
+
+    def attention_residual(self, blk, x, size):
+        sa = blk.self_attention
+        n, c = x.shape
+        h = sa.num_heads
+        qkv = torch.nn.functional.linear(blk.ln_1(x), sa.in_proj_weight, sa.in_proj_bias)
+        q, k, v = qkv.reshape(n, 3, h, c // h).permute(1, 2, 0, 3)
+        out = sa.out_proj(_attend(q, k, v, size))
+        return x + out, k
+
+    def mlp_residual(self, blk, x):
+        return x + blk.mlp(blk.ln_2(x))
+
+    def finish(self, x, features):
+        x = self.m.encoder.ln(x)
+        return x if features else self.m.heads(x[:, 0])
+
+
+class _HF:
+    """transformers 5.x ViT layout (vit.layers[i].attention.{q,k,v,o}_proj, mlp.fc1/fc2)."""
+
+    def __init__(self, m):
+        self.m = m
+        self.vit = m.vit if hasattr(m, "vit") else m
+        self.blocks = list(self.vit.layers)
+        self.heads = self.vit.config.num_attention_heads
+
+    def embed(self, images):
+        return self.vit.embeddings(images)
+
+    def attention_residual(self, blk, x, size):
+        a = blk.attention
+        n, c = x.shape
+        h = self.heads
+        y = blk.layernorm_before(x)
+        q, k, v = (lin(y).reshape(n, h, c // h).transpose(0, 1) for lin in (a.q_proj, a.k_proj, a.v_proj))
+        return x + a.o_proj(_attend(q, k, v, size)), k
+
+    def mlp_residual(self, blk, x):
+        return x + blk.mlp(blk.layernorm_after(x))
+
+    def finish(self, x, features):
+        x = self.vit.layernorm(x)
+        if features or not hasattr(self.m, "classifier"):
+            return x
+        return self.m.classifier(x[:, 0])
+
+
+def _family(model):
+    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+        return _Timm(model)
+    if hasattr(model, "encoder") and hasattr(model, "conv_proj"):
+        return _TorchVision(model)
+    return _HF(model)
 
 
 def tomato_flood_fill(metric, grid, threshold):

@@ -83,17 +83,37 @@ class _Fixer(fx.Interpreter):
         diff = [i for i, (a, b) in enumerate(zip(old, new_shape)) if a != b]
         if len(diff) != 1:
             raise RewriteError(n, f"more than one dimension changed ({old} -> {new_shape})")
-        n_old, n_new = old[diff[0]], new_shape[diff[0]]
+        d = diff[0]
+        n_old, n_new = old[d], new_shape[d]
         lits, set_lits = _shape_args(n)
-        hits = [i for i, v in enumerate(lits) if isinstance(v, int) and v == n_old]
-        if len(hits) == 1:
-            lits[hits[0]] = n_new
-            set_lits(lits)
-            self.fixed += 1
-        elif len(hits) > 1:
-            raise RewriteError(n, f"token count {n_old} appears {len(hits)} times in the shape {lits}")
-        elif -1 not in lits and n.target not in ("expand",):
-            raise RewriteError(n, f"token count {n_old} not found in the shape {lits}")
+        if n.target in ("reshape", "view", torch.reshape):
+            j = _reshape_dim(old, _old_shape(n), d)
+            if j is None:
+                raise RewriteError(n, f"the token axis {d} of {old} is split by the reshape to {lits}")
+        elif n.target == "expand":
+            j = d + len(lits) - len(old)
+        else:
+            raise RewriteError(n, f"{n.target} builds a tensor from the token count")
+        if lits[j] == -1:
+            return
+        if not isinstance(lits[j], int) or lits[j] % n_old:
+            raise RewriteError(n, f"shape entry {lits[j]!r} does not hold the token count {n_old}")
+        lits[j] = lits[j] // n_old * n_new
+        set_lits(lits)
+        self.fixed += 1
+
+
+def _reshape_dim(old_in: tuple, old_out: tuple | None, d: int):
+    """Index of the output dim of a row-major reshape that contains input dim ``d`` whole."""
+    if old_out is None:
+        return None
+    import math
+    lo, hi = math.prod(old_in[:d]), math.prod(old_in[:d + 1])
+    for j in range(len(old_out)):
+        a, b = math.prod(old_out[:j]), math.prod(old_out[:j + 1])
+        if a <= lo and hi <= b and lo % a == 0 and b % hi == 0:
+            return j
+    return None
 
 
 def fix_token_literals(gm: fx.GraphModule, example_inputs: Sequence, allowed_changes: set) -> int:
