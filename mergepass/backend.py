@@ -1,6 +1,7 @@
 """The torch.compile backend: match → schedule → merge → quantize → lower."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Iterable, Optional, Sequence
 
@@ -59,10 +60,12 @@ class Backend:
                           MergepassWarning, stacklevel=2)
             return lower_graph(gm, example_inputs, recipe.lower)
         if recipe.merges:
-            result = rewrite(gm, example_inputs, recipe, model=self.model_name)
+            result = rewrite(gm, example_inputs, recipe, model=self.model_name, calibration=self.calibration)
         else:
             result = RewriteResult(gm, None, None)
         self.results.append(result)
+        if result.schedule is not None:
+            recipe = dataclasses.replace(result.schedule.recipe, lower=recipe.lower)
         if recipe.quantize.enabled:
             from .quantize import quantize_and_lower
             return quantize_and_lower(result.gm, example_inputs, recipe, self.calibration, self.quantized)

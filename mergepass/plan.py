@@ -31,19 +31,35 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="tome", help="recipe name, path or 'none'")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--checkpoint", default=None, help="weights for quality-aware auto-scheduling")
+    p.add_argument("--target-speedup", type=float, default=0.0, help="auto: predicted speedup to reach")
+    p.add_argument("--max-macs-ratio", type=float, default=0.0, help="auto: merged/unmerged MACs at most")
+    p.add_argument("--min-cosine", type=float, default=0.0, help="auto: quality floor (needs --images)")
+    p.add_argument("--images", default=None, help="calibration images for the quality floor")
+    p.add_argument("--calib-images", type=int, default=16)
     _override_args(p)
     args = p.parse_args(argv)
     from . import models, plan
     try:
-        model = models.create(args.model, img_size=args.img_size)
-    except ValueError as e:
+        model = models.create(args.model, img_size=args.img_size, checkpoint=args.checkpoint)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = args.img_size or _default_size(model)
     x = torch.randn(args.batch, 3, size, size)
+    over = overrides_from(args)
+    auto = {k: getattr(args, k) for k in ("target_speedup", "max_macs_ratio", "min_cosine") if getattr(args, k)}
+    if auto:
+        over.update(auto, method="auto")
+    calibration = None
     try:
-        sched = plan(model, x, args.recipe, model_name=args.model, **overrides_from(args))
-    except ValueError as e:
+        if args.images:
+            from .data import batches, load_images
+            imgs, _, _ = load_images(args.images, limit=args.calib_images, size=size)
+            calibration = batches(imgs, args.batch) or [imgs]
+        sched = plan(model, x if calibration is None else calibration[0], args.recipe, model_name=args.model,
+                     calibration=calibration, **over)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(sched.table())

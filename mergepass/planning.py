@@ -25,7 +25,7 @@ def capture_graphs(model: torch.nn.Module, example_input: torch.Tensor) -> list:
 
 
 def plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
-         model_name: str = "", **overrides: Any) -> Schedule:
+         model_name: str = "", calibration=None, **overrides: Any) -> Schedule:
     """Match the model's blocks and compute the static schedule for this input shape.
 
     Raises ValueError when no transformer block is found (the backend would compile unchanged).
@@ -34,7 +34,7 @@ def plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tom
     graphs = capture_graphs(model, example_input)
     best = None
     for gm, ex in graphs:
-        res = rewrite(gm, ex, r, model=model_name or type(model).__name__, warn=False)
+        res = rewrite(gm, ex, r, model=model_name or type(model).__name__, warn=False, calibration=calibration)
         if res.schedule is not None and (best is None or len(res.schedule.blocks) > len(best.blocks)):
             best = res.schedule
     if best is None:

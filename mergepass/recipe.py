@@ -13,7 +13,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-METHODS = ("none", "tome", "dfe", "dfe_lgtm", "tomato")
+METHODS = ("none", "tome", "dfe", "dfe_lgtm", "tomato", "auto")
 LOWERINGS = ("inductor", "tensorrt", "eager")
 QUANT_MODES = ("static", "dynamic")
 
@@ -64,6 +64,9 @@ class Recipe:
     budget: Union[int, float, str] = 0.2  # ToMato: tokens removed (int), fraction of patch tokens, or "auto"
     prop_attn: bool = True             # proportional attention: log(size) added to attention logits
     quantize: Quantize = field(default_factory=Quantize)
+    target_speedup: float = 0.0        # auto: predicted (MACs-model) speedup to reach
+    max_macs_ratio: float = 0.0        # auto: merged/unmerged MACs at most this
+    min_cosine: float = 0.0            # auto: quality floor (mean output cosine on calibration images)
     lower: str = "inductor"
     description: str = ""
 
@@ -95,6 +98,14 @@ class Recipe:
             raise ValueError(f"recipe field 'budget' as a fraction must be in [0, 1), got {b!r}")
         if isinstance(b, int) and b < 0:
             raise ValueError(f"recipe field 'budget' must be >= 0, got {b!r}")
+        for name in ("target_speedup", "max_macs_ratio", "min_cosine"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"recipe field {name!r} must be a number >= 0, got {v!r}")
+        if self.max_macs_ratio > 1 or self.min_cosine > 1:
+            raise ValueError("recipe fields 'max_macs_ratio' and 'min_cosine' must be <= 1")
+        if self.method == "auto" and not (self.target_speedup or self.max_macs_ratio or self.min_cosine):
+            raise ValueError("recipe method 'auto' needs 'target_speedup', 'max_macs_ratio' or 'min_cosine'")
         if not isinstance(self.prop_attn, bool):
             raise ValueError(f"recipe field 'prop_attn' must be true or false, got {self.prop_attn!r}")
         if not isinstance(self.quantize, Quantize):

@@ -48,9 +48,10 @@ def _blame(match: MatchResult, region: int, err: RewriteError) -> int:
 
 
 def rewrite(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, model: str = "",
-            warn: bool = True) -> RewriteResult:
+            warn: bool = True, calibration=None) -> RewriteResult:
     """Insert the recipe's merges into a copy of ``gm``. Never raises for graphs it cannot handle:
-    those come back unchanged with a :class:`MergepassWarning`."""
+    those come back unchanged with a :class:`MergepassWarning`. Recipe method ``auto`` is resolved
+    here (see :mod:`mergepass.autoschedule`), scored on ``calibration`` batches when given."""
     base = copy_graph_module(gm)
     strip_noops(base)
     expand_mha(base, example_inputs)
@@ -64,6 +65,9 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, model:
             if warn:
                 warnings.warn(msg, MergepassWarning, stacklevel=2)
             return RewriteResult(base, None, match, [msg])
+        if recipe.method == "auto":
+            recipe, auto_note = _resolve_auto(base, example_inputs, match, recipe, calibration)
+            notes.append(auto_note)
         sched = make_schedule(match, recipe, limit=limit, model=model)
         sched.problems.extend(notes)
         if not sched.merging:
@@ -87,3 +91,17 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, model:
                 return RewriteResult(base, sched, match, notes)
             continue
         return RewriteResult(work, sched, match, notes)
+
+
+def _resolve_auto(gm, example_inputs, match, recipe, calibration):
+    from .autoschedule import choose, graph_fidelity
+    scorer = None
+    if calibration is not None:
+        from .quantize import Lifted, _calibration_batches
+        lifted = Lifted(gm, example_inputs)
+        user_ex = tuple(example_inputs[i] for i in lifted.user_idx)
+        batches = _calibration_batches(calibration, user_ex, recipe.quantize.calibration_batches)
+        if batches:
+            scorer = graph_fidelity(gm, example_inputs, batches)
+    chosen, sched, _ = choose(match, recipe, scorer)
+    return chosen, sched.problems[-1]

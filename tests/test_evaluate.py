@@ -1,0 +1,121 @@
+"""Evaluation metrics, image folders, the sweep, and auto-scheduling (tiny models, synthetic data)."""
+import csv
+import json
+
+import pytest
+import torch
+
+import mergepass
+from mergepass import data, evaluate
+from conftest import tiny_vit
+
+
+def _folder(tmp_path, n=6, corrupt=1, size=40):
+    from PIL import Image
+    rows = []
+    for i in range(n):
+        arr = (torch.rand(size, size + 8, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(tmp_path / f"{i:03d}.jpg")
+        rows.append(dict(file=f"{i:03d}.jpg", class_index=i % 3, wnid="x", name="y"))
+    for j in range(corrupt):
+        (tmp_path / f"bad{j}.jpg").write_bytes(b"not a jpeg")
+        rows.append(dict(file=f"bad{j}.jpg", class_index=0, wnid="x", name="y"))
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "class_index", "wnid", "name"])
+        w.writeheader()
+        w.writerows(rows)
+    return tmp_path
+
+
+def test_metrics_identical_and_perturbed():
+    feats = torch.randn(32, 5, 16)
+    same = evaluate.feature_metrics(feats, feats.clone())
+    assert same["cls_cos_mean"] == pytest.approx(1.0, abs=1e-6) and same["nn_agree"] == 1.0
+    noisy = evaluate.feature_metrics(feats + 0.8 * torch.randn_like(feats), feats)
+    assert noisy["cls_cos_mean"] < 0.95 and noisy["cls_cos_p5"] <= noisy["cls_cos_mean"]
+    assert noisy["nn_agree"] < 1.0
+    logits = torch.randn(20, 10)
+    labels = logits.argmax(-1)
+    c = evaluate.classifier_metrics(logits, logits, labels)
+    assert c["top1_agree"] == 1.0 and c["top1_acc"] == 1.0
+    flipped = evaluate.classifier_metrics(-logits, logits, labels)
+    assert flipped["top1_agree"] == 0.0 and flipped["top1_acc"] == 0.0
+
+
+def test_image_folders(tmp_path):
+    folder = _folder(tmp_path)
+    x, y, skipped = data.load_images(folder, size=32)
+    assert x.shape == (6, 3, 32, 32) and skipped == 1 and y.tolist() == [0, 1, 2, 0, 1, 2]
+    sub = tmp_path / "sub"
+    for cls in ("a", "b"):
+        (sub / cls).mkdir(parents=True)
+        for p in list(folder.glob("00[0-1].jpg")):
+            (sub / cls / p.name).write_bytes(p.read_bytes())
+    assert [lbl for _, lbl in data.list_images(sub)] == [0, 0, 1, 1]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.load_images(tmp_path / "nowhere")
+
+
+def test_mismatched_checkpoint_names_the_model(tmp_path):
+    from mergepass import models
+    torch.save(tiny_vit().state_dict(), tmp_path / "w.pt")
+    with pytest.raises(RuntimeError, match="vit_small_patch16_224"):
+        models.create("vit_small_patch16_224", checkpoint=str(tmp_path / "w.pt"))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        models.create("vit_small_patch16_224", checkpoint=str(tmp_path / "missing.pt"))
+
+
+def test_evaluate_recipes_on_a_folder(tmp_path):
+    folder = _folder(tmp_path, n=8, size=64)
+    m = tiny_vit(num_classes=3)
+    rows = evaluate.evaluate_recipes("tiny", None, str(folder), ["none", "tome:r=4"], img_size=64,
+                                     calib_images=0, batch=4, log=lambda s: None, model=m)
+    none, tome = rows
+    assert none["top1_agree"] == 1.0 and none["logit_cos_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert tome["logit_cos_mean"] < 1.0 and tome["macs_ratio"] < 1.0
+    assert none["skipped"] == 1 and "top1_acc" in none
+
+
+def test_pareto_sweep_writes_table_and_plot(tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import pareto
+    (tmp_path / "imgs").mkdir()
+    folder = _folder(tmp_path / "imgs", n=8, size=64)
+    m = tiny_vit(depth=2, img_size=224, num_classes=0)
+    rows, skipped = pareto.sweep(m, str(folder), ["tome:r=8", "tome:r=32"], batch=4, calib_images=0, rounds=1,
+                                 log=lambda s: None)
+    assert [r["contender"] for r in rows] == ["tome:r=8", "tome:r=32"] and skipped == 1
+    assert rows[0]["macs_ratio"] > rows[1]["macs_ratio"]
+    md = pareto.table(rows)
+    assert md.count("\n") == 3 and "tome:r=32" in md
+    pareto.plot(rows, tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("target", [1.5, 2.5])
+def test_auto_schedule_meets_target(target):
+    m = tiny_vit(depth=6, img_size=128)
+    x = torch.randn(2, 3, 128, 128)
+    s = mergepass.plan(m, x, "auto", target_speedup=target)
+    assert s.predicted_speedup >= target and s.recipe.method in ("tome", "dfe", "dfe_lgtm")
+    s2 = mergepass.plan(m, x, "auto", target_speedup=0, max_macs_ratio=1 / target)
+    assert s2.macs_ratio <= 1 / target
+    with pytest.raises(ValueError, match="impossible schedule"):
+        mergepass.plan(m, x, "auto", target_speedup=50)
+
+
+def test_auto_schedule_with_images_and_quality_floor():
+    m = tiny_vit(depth=4, img_size=128)
+    x = torch.randn(4, 3, 128, 128)
+    calib = [torch.randn(4, 3, 128, 128)]
+    s = mergepass.plan(m, x, "auto", target_speedup=1.5, calibration=calib)
+    assert s.predicted_speedup >= 1.5 and "cos" in s.problems[-1]
+    floor = mergepass.plan(m, x, "auto", target_speedup=0, min_cosine=0.999, calibration=calib)
+    loose = mergepass.plan(m, x, "auto", target_speedup=0, min_cosine=0.9, calibration=calib)
+    assert loose.predicted_speedup >= floor.predicted_speedup
+    be = mergepass.backend("auto", target_speedup=1.5, calibration=calib, lower="eager")
+    with torch.no_grad():
+        torch.compile(m, backend=be, dynamic=False)(x)
+    assert be.schedule.predicted_speedup >= 1.5 and be.schedule.recipe.method != "auto"
