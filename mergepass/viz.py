@@ -1,0 +1,133 @@
+"""Merge maps: which patches ended up in the same token.
+
+    python -m mergepass.viz --model vit_small_patch14_dinov2 --checkpoint W.safetensors \
+        --image IMG.jpg --recipe dfe_lgtm --out merged.png [--per-block]
+
+Each final token's patches are painted with their mean colour and outlined, ToMe-style.
+"""
+from __future__ import annotations
+
+import argparse
+import operator
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .merge import adjacent_merge, global_merge, window_merge
+
+MERGE_FNS = (global_merge, window_merge, adjacent_merge)
+
+
+def source_maps(model: torch.nn.Module, image: torch.Tensor, recipe: Any = "tome", **overrides):
+    """(schedule, [source map after each merging block: LongTensor [B, N0]]) for ``image``."""
+    from .planning import capture_graphs
+    from .recipe import load
+    from .rewrite import rewrite
+    r = load(recipe, **overrides)
+    gm, ex = capture_graphs(model, image)[0]
+    res = rewrite(gm, ex, r, warn=False)
+    if not res.merged:
+        return res.schedule, []
+    g = res.gm.graph
+    sources = []
+    for n in g.nodes:
+        if n.op == "call_function" and n.target in MERGE_FNS:
+            sources += [u for u in n.users if u.target is operator.getitem and u.args[1] == 2]
+    out = next(n for n in g.nodes if n.op == "output")
+    out.args = (tuple(sources),)
+    g.eliminate_dead_code()
+    res.gm.recompile()
+    with torch.no_grad():
+        maps = res.gm(*ex)
+    return res.schedule, list(maps)
+
+
+def paint(image_rgb: torch.Tensor, labels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Paint [3, H, W] (0..1) by patch groups: ``labels`` [gh*gw] group id per patch."""
+    gh, gw = grid
+    _, h, w = image_rgb.shape
+    ph, pw = h // gh, w // gw
+    img = image_rgb[:, :gh * ph, :gw * pw]
+    lab = labels.reshape(gh, gw).repeat_interleave(ph, 0).repeat_interleave(pw, 1)  # [H, W]
+    n = int(lab.max()) + 1
+    flat = lab.flatten()
+    sums = torch.zeros(n, 3).index_add_(0, flat, img.reshape(3, -1).T)
+    counts = torch.zeros(n).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float))
+    out = (sums / counts.clamp_min(1)[:, None])[flat].T.reshape(3, *lab.shape)
+    edge = torch.zeros_like(lab, dtype=torch.bool)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[1:, :] |= lab[1:, :] != lab[:-1, :]
+    out[:, edge] = 0.0
+    return out
+
+
+def render(image_path: str, model: torch.nn.Module, recipe: Any, out: str, img_size: int = 224,
+           per_block: bool = False, **overrides) -> Path:
+    """Write a PNG: the image and its merge map (or one map per merging block)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    from .data import IMAGENET_MEAN, IMAGENET_STD, preprocess
+    with Image.open(image_path) as im:
+        x = preprocess(im, img_size)[None]
+    rgb = (x[0] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]).clamp(0, 1)
+    sched, maps = source_maps(model, x, recipe, **overrides)
+    if sched is None or sched.grid is None:
+        raise ValueError("no patch grid / no merges to draw for this model and recipe")
+    p = sched.prefix
+    merging = [b for b in sched.blocks if b.merged]
+    panels = [("input", rgb)]
+    chosen = list(zip(merging, maps)) if per_block else list(zip(merging, maps))[-1:]
+    for b, src in chosen:
+        labels = src[0, p:]
+        labels = torch.unique(labels, return_inverse=True)[1]
+        panels.append((f"{b.name}: {b.tokens_out} tokens ({b.kind})", paint(rgb, labels, sched.grid)))
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, img) in zip(axes.flat, panels):
+        ax.imshow(img.permute(1, 2, 0).numpy())
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(f"{sched.recipe.name} ({sched.recipe.method}): {sched.tokens} -> {sched.final_tokens} tokens", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    from .plan import _override_args, overrides_from
+    p = argparse.ArgumentParser(prog="python -m mergepass.viz", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--image", required=True)
+    p.add_argument("--recipe", default="tome")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--per-block", action="store_true")
+    p.add_argument("--out", default="merged.png")
+    _override_args(p)
+    args = p.parse_args(argv)
+    from . import models
+    kw = {"num_classes": 0} if "dinov2" in args.model else {}
+    try:
+        model = models.create(args.model, img_size=args.img_size, checkpoint=args.checkpoint, **kw)
+        if not Path(args.image).exists():
+            raise FileNotFoundError(f"image not found: {args.image}")
+        out = render(args.image, model, args.recipe, args.out, args.img_size, args.per_block, **overrides_from(args))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
