@@ -204,10 +204,72 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe,
     return m, lifted.user_idx, user_ex, QuantizedGraph(m, kept, mode)
 
 
+def _on_cuda(example_inputs: Sequence) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
+def linear_modules_graph(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[fx.GraphModule, list, dict]:
+    """A copy of ``gm`` whose linears on parameter weights are ``nn.Linear`` submodules (sharing
+    the weights) and whose other parameter inputs are buffers; takes only the user inputs.
+
+    Returns (module, user input indices, {submodule name: original module path})."""
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    env: dict = {}
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    const = {n: v for n, v in zip(phs, example_inputs) if isinstance(v, torch.Tensor) and _is_param(n, v)}
+    user_idx = [i for i, n in enumerate(phs) if n not in const]
+    names: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n in const:
+            name = f"c{len(env)}"
+            root.register_buffer(name, const[n].detach(), persistent=False)
+            env[n] = graph.get_attr(name)
+        elif n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear) \
+                and len(n.args) >= 2 and n.args[1] in const and not n.kwargs:
+            w = const[n.args[1]]
+            b = const.get(n.args[2]) if len(n.args) > 2 and n.args[2] is not None else None
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            lin.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
+            if b is not None:
+                lin.bias = torch.nn.Parameter(b.detach(), requires_grad=False)
+            name = f"lin{len(names)}"
+            root.add_module(name, lin)
+            paths = [p for p in module_names(n) if p]
+            names[name] = paths[-1] if paths else n.name
+            env[n] = graph.call_module(name, (env[n.args[0]],))
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(root, graph), user_idx, names
+
+
+def torchao_quantize(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe):
+    """int8 with torchao ``quantize_`` (dynamic per-token activations, int8 weights): on CUDA it
+    lowers to ``torch._int_mm``; on CPU with freezing to oneDNN qlinear."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    module, user_idx, names = linear_modules_graph(gm, example_inputs)
+    keep = list(recipe.quantize.keep_fp32)
+
+    def wanted(mod, fqn):
+        path = names.get(fqn, fqn)
+        return isinstance(mod, torch.nn.Linear) and not any(
+            fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, "*." + p) for p in keep)
+    quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=wanted)
+    kept = [names[k] for k, mod in module.named_children() if k in names and not wanted(mod, k)]
+    return module, user_idx, QuantizedGraph(module, kept, "dynamic-torchao")
+
+
 def quantize_and_lower(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration=None,
                        info: Optional[list] = None):
     """Quantize the (merged) graph and compile it; returns a callable taking dynamo's inputs."""
-    m, user_idx, user_ex, qinfo = quantize_graph(gm, example_inputs, recipe, calibration)
+    engine = recipe.quantize.engine
+    if engine == "auto":
+        engine = "torchao" if _on_cuda(example_inputs) else "pt2e"
+    if engine == "torchao":
+        m, user_idx, qinfo = torchao_quantize(gm, example_inputs, recipe)
+        user_ex = [example_inputs[i] for i in user_idx]
+    else:
+        m, user_idx, user_ex, qinfo = quantize_graph(gm, example_inputs, recipe, calibration)
     if info is not None:
         info.append(qinfo)
     if recipe.lower == "tensorrt":

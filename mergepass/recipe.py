@@ -16,6 +16,7 @@ except ModuleNotFoundError:  # Python < 3.11
 METHODS = ("none", "tome", "dfe", "dfe_lgtm", "tomato", "auto")
 LOWERINGS = ("inductor", "tensorrt", "eager")
 QUANT_MODES = ("static", "dynamic")
+QUANT_ENGINES = ("auto", "pt2e", "torchao")
 
 AUTO = "auto"
 
@@ -35,10 +36,13 @@ class Quantize:
     keep_fp32: tuple[str, ...] = ()  # linears kept in fp32, by module path glob ("blocks.2.mlp.fc2", "*.fc2")
     sensitivity: float = 0.0      # >0: also keep linears whose input max/p99.9 ratio exceeds this
     calibration_batches: int = 8  # at most this many calibration batches are used
+    engine: str = "auto"          # pt2e (x86 inductor, default on CPU) | torchao quantize_ (default on CUDA)
 
     def validate(self) -> None:
         if self.mode not in QUANT_MODES:
             raise ValueError(f"recipe field 'quantize.mode' must be one of {QUANT_MODES}, got {self.mode!r}")
+        if self.engine not in QUANT_ENGINES:
+            raise ValueError(f"recipe field 'quantize.engine' must be one of {QUANT_ENGINES}, got {self.engine!r}")
         if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
             raise ValueError("recipe field 'quantize.calibration_batches' must be a positive integer, "
                              f"got {self.calibration_batches!r}")

@@ -71,3 +71,45 @@ def test_quantize_fields_are_validated():
         mergepass.load_recipe("int8", quantize_mode="weird")
     with pytest.raises(ValueError, match="unknown recipe field quantize.'scale'"):
         mergepass.load_recipe({"method": "none", "quantize": {"scale": 1}})
+
+
+def test_torchao_engine_gives_int8_matmuls():
+    """The CUDA default (torchao quantize_, dynamic per-token activations), exercised on CPU."""
+    m = tiny_vit(depth=DEPTH)
+    x = torch.randn(4, 3, 64, 64)
+    be = mergepass.backend("tome_int8", r=3, quantize_engine="torchao", quantize_keep_fp32=["head"])
+    out, code = _run(m, x, be)
+    assert be.quantized[-1].mode == "dynamic-torchao" and be.quantized[-1].kept_fp32 == ["head"]
+    assert code.count("qlinear_pointwise") + code.count("_int_mm") >= LINEARS - 1
+    with torch.no_grad():
+        fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
+    assert torch.nn.functional.cosine_similarity(out, fp32).min().item() > 0.98
+    assert all(p.dtype == torch.float32 for p in m.parameters()), "the user's weights stay untouched"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_int8_uses_int_mm():
+    m = tiny_vit(depth=DEPTH).cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    out, code = _run(m, x, mergepass.backend("tome_int8", r=3))
+    assert "_int_mm" in code
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and torch-tensorrt")
+def test_tensorrt_lowering():
+    pytest.importorskip("torch_tensorrt")
+    m = tiny_vit(depth=DEPTH).cuda()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        out = torch.compile(m, backend=mergepass.backend("tome", r=3, lower="tensorrt"), dynamic=False)(x)
+        ref = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_tensorrt_missing_gives_a_clear_error():
+    import importlib.util
+    if importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("torch-tensorrt and CUDA are present")
+    m = tiny_vit(depth=DEPTH)
+    with pytest.raises(Exception, match="torch-tensorrt|CUDA GPU"):
+        torch.compile(m, backend=mergepass.backend("tome", r=3, lower="tensorrt"), dynamic=False)(torch.randn(2, 3, 64, 64))
