@@ -33,7 +33,13 @@ DEFAULT = ([f"tome:r={r}" for r in (4, 8, 12, 16, 20)]
            + [f"{m}_int8:match_tome_r={r}" for m in ("dfe", "dfe_lgtm", "tomato") for r in (8, 16)])
 
 
-def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, rounds=5, log=print):
+def _eager(spec: str) -> str:
+    return spec + ("," if ":" in spec else ":") + "lower=eager"
+
+
+def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, rounds=5, log=print,
+          eager_fp32=False):
+    """Quality (and, unless ``eager_fp32`` runs FP32 recipes uncompiled, in-process speed) per contender."""
     x, _, skipped = data_mod.load_images(images, size=224)
     calib = data_mod.batches(x[:calib_images], batch)
     x = x[calib_images:][:limit] if limit else x[calib_images:]
@@ -44,18 +50,20 @@ def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, round
     for spec in contenders:
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        fn, be = compile_spec(target, spec, calib)
+        untimed = eager_fp32 and "int8" not in spec
+        fn, be = compile_spec(target, _eager(spec) if untimed else spec, calib)
         with torch.no_grad():
             fn(evals[0])
         compile_s = time.perf_counter() - t0
         out = run_batches(fn, evals)
         ratios = []
         with torch.no_grad():
-            for _ in range(rounds):
+            for _ in range(0 if untimed else rounds):
                 t1 = time.perf_counter(); target(evals[0]); te = time.perf_counter() - t1
                 t1 = time.perf_counter(); fn(evals[0]); tc = time.perf_counter() - t1
                 ratios.append(te / tc)
-        row = dict(contender=spec, speedup=statistics.median(ratios), spread=[min(ratios), max(ratios)],
+        row = dict(contender=spec, speedup=statistics.median(ratios) if ratios else float("nan"),
+                   spread=[min(ratios), max(ratios)] if ratios else [float("nan")] * 2,
                    compile_s=compile_s, images=len(out), **feature_metrics(out, ref))
         if be is not None and be.schedule is not None:
             row.update(macs_ratio=be.schedule.macs_ratio, final_tokens=be.schedule.final_tokens)
@@ -109,11 +117,27 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="docs/pareto", help="writes OUT.md, OUT.json, OUT.png")
+    p.add_argument("--from-json", default=None, help="reuse the quality rows of an earlier sweep")
+    p.add_argument("--eager-fp32", action="store_true",
+                   help="run FP32 recipes uncompiled (same math, no compile time); time them with speed.py")
+    p.add_argument("--speed-json", default=None,
+                   help="take speedups from a quiet benchmarks/speed.py run (batch 8) instead of in-sweep timing")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
-    model = load_model(args.model, args.checkpoint)
     t0 = time.time()
-    rows, skipped = sweep(model, args.images, args.contenders, limit=args.limit, rounds=args.rounds)
+    if args.from_json:
+        rows, skipped = json.loads(Path(args.from_json).read_text()), 0
+    else:
+        model = load_model(args.model, args.checkpoint)
+        rows, skipped = sweep(model, args.images, args.contenders, limit=args.limit, rounds=args.rounds,
+                              eager_fp32=args.eager_fp32)
+    if args.speed_json:
+        speed = {r["contender"]: r for res in json.loads(Path(args.speed_json).read_text())
+                 if res["batch"] == 8 for r in res["rows"]}
+        for r in rows:
+            if r["contender"] in speed:
+                r["speedup"], r["spread"] = speed[r["contender"]]["speedup"], speed[r["contender"]]["spread"]
+                r["timed_by"] = "speed.py"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/pareto.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -92,20 +92,27 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--checkpoint", default=None, help="real weights (int8 fp32-exclusions depend on them)")
+    p.add_argument("--images", default=None, help="calibration images (default: random tensors)")
     p.add_argument("--json", default=None, help="write results here (and the table next to it)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mergepass import models
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = models.create(args.model, img_size=args.img_size)
+    kw = {"num_classes": 0} if (args.checkpoint and "dinov2" in args.model) else {}
+    model = models.create(args.model, img_size=args.img_size, checkpoint=args.checkpoint, **kw)
     size = args.img_size or int(model.patch_embed.img_size[0]) if hasattr(model, "patch_embed") else 224
     specs = args.contenders if "eager" in args.contenders else ["eager"] + args.contenders
     results, tables = [], []
     for bsz in args.batch:
         torch._dynamo.reset()
         x = torch.randn(bsz, 3, size, size)
-        calib = [torch.randn(bsz, 3, size, size) for _ in range(2)]
+        if args.images:
+            from mergepass.data import batches, load_images
+            calib = batches(load_images(args.images, limit=64, size=size)[0], bsz)
+        else:
+            calib = [torch.randn(bsz, 3, size, size) for _ in range(2)]
         print(f"{args.model} batch {bsz}: compiling {len(specs)} contenders", flush=True)
         per_round, compile_s, schedules = time_contenders(model, x, specs, args.rounds, args.iters, calib)
         rows = summarize(per_round, compile_s, schedules)

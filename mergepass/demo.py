@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--eval-images", type=int, default=64, help="images for the fidelity numbers")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--depth", type=int, default=None, help="build a shallower model (smoke tests)")
     args = p.parse_args(argv)
 
     import mergepass
@@ -55,16 +57,18 @@ def main(argv=None) -> int:
     if args.model is None and args.checkpoint is None and DINO.exists():
         args.model, args.checkpoint = "vit_small_patch14_dinov2", str(DINO)
     args.model = args.model or "vit_small_patch16_224"
-    kw = {"img_size": 224} if "dinov2" in args.model else {}
+    kw = {"img_size": args.img_size}
     if "dinov2" in args.model:
         kw["num_classes"] = 0
+    if args.depth:
+        kw["depth"] = args.depth
     model = models.create(args.model, checkpoint=args.checkpoint, **kw)
     images = args.images or (str(IMAGES) if IMAGES.exists() else None)
     if images:
-        x_all, _, skipped = data.load_images(images, limit=max(args.eval_images, 2 * args.batch))
+        x_all, _, skipped = data.load_images(images, limit=max(args.eval_images, 2 * args.batch), size=args.img_size)
         src = f"{len(x_all)} images from {images}" + (f" ({skipped} unreadable skipped)" if skipped else "")
     else:
-        x_all = torch.randn(max(args.eval_images, 2 * args.batch), 3, 224, 224)
+        x_all = torch.randn(max(args.eval_images, 2 * args.batch), 3, args.img_size, args.img_size)
         src = "random inputs"
     weights = args.checkpoint or "random init"
     print(f"model {args.model} ({weights}), recipe {recipe}, batch {args.batch}, {src}", flush=True)

@@ -12,22 +12,8 @@ from typing import Any
 
 import torch
 
-from .backend import Backend
+from .planning import capture_graphs
 from .recipe import load
-
-
-def _capture(model, example_input, be: Backend):
-    """Run dynamo once to get the graph and the backend's rewrite of it."""
-    captured = []
-
-    def grab(gm, example_inputs):
-        captured.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    with torch.no_grad():
-        torch.compile(model, backend=grab, dynamic=False, fullgraph=True)(example_input)
-    return captured[0]
 
 
 def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
@@ -36,7 +22,10 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
     from .quantize import Lifted, quantize_graph
     from .rewrite import rewrite
     r = load(recipe, **overrides)
-    gm, example_inputs = _capture(model, example_input, Backend(r))
+    graphs = capture_graphs(model, example_input)
+    if len(graphs) != 1:
+        raise ValueError(f"export needs one graph without breaks; dynamo produced {len(graphs)}")
+    gm, example_inputs = graphs[0]
     res = rewrite(gm, example_inputs, r, model=type(model).__name__, calibration=calibration) if r.merges else None
     graph = res.gm if res is not None else gm
     if res is not None and res.schedule is not None:

@@ -1,0 +1,44 @@
+"""The command-line entry points: plan, demo (smoke), errors."""
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_plan_prints_schedule_and_totals():
+    res = _run("mergepass.plan", "--model", "vit_base_patch16_224", "--recipe", "dfe_lgtm", "--batch", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
+    assert "window=7" in out and "local 2x2 win" in out and "predicted speedup" in out
+    assert out.count("blocks.") >= 12
+
+
+def test_plan_unknown_model_suggests_names():
+    res = _run("mergepass.plan", "--model", "vit_bse_patch16_224")
+    assert res.returncode == 2 and "close matches: vit_base_patch16_224" in res.stderr
+
+
+def test_plan_impossible_target():
+    res = _run("mergepass.plan", "--model", "vit_tiny_patch16_224", "--target-speedup", "40", "--batch", "1")
+    assert res.returncode == 2 and "impossible schedule" in res.stderr
+
+
+def test_demo_smoke(tmp_path):
+    res = _run("mergepass.demo", "--model", "vit_tiny_patch16_224", "--depth", "2", "--img-size", "64",
+               "--recipe", "tome_int8", "--batch", "4", "--eval-images", "8", "--rounds", "1", "--images",
+               str(_images(tmp_path)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "speedup over eager FP32" in res.stdout and "CLS cosine mean" in res.stdout
+    assert "blocks.1" in res.stdout
+
+
+def _images(tmp_path):
+    import torch
+    from PIL import Image
+    for i in range(8):
+        Image.fromarray((torch.rand(70, 80, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / f"{i}.png")
+    return tmp_path
