@@ -93,12 +93,16 @@ def plot(rows, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     groups: dict = {}
     for r in rows:
+        if r["speedup"] != r["speedup"]:  # not timed
+            continue
         name = r["contender"].split(":")[0]
+        if "quantize_sensitivity=0" in r["contender"]:
+            name += " (naive, no fp32 outlier layers)"
         groups.setdefault(name, []).append(r)
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["speedup"])
-        ax.plot([r["speedup"] for r in rs], [r["cls_cos_mean"] for r in rs], "o-" if len(rs) > 1 else "s",
-                label=name)
+        style = ("--" if "int8" in name else "-") + ("o" if len(rs) > 1 else "s")
+        ax.plot([r["speedup"] for r in rs], [r["cls_cos_mean"] for r in rs], style, label=name)
     ax.set_xlabel("speedup over eager FP32 (measured, this CPU)")
     ax.set_ylabel("mean CLS cosine vs uncompressed FP32")
     ax.set_title(title)

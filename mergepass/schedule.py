@@ -78,12 +78,13 @@ class Schedule:
                     + f"  prop_attn={r.prop_attn}  quantize={'int8-' + r.quantize.mode if r.quantize.enabled else 'off'}")
         g = f"{self.grid[0]}x{self.grid[1]}" if self.grid else "unknown"
         head.append(f"input: batch {self.batch}, {self.tokens} tokens ({self.prefix} protected, grid {g}), width {self.width}")
-        rows = [f"{'block':<14}{'method':<18}{'tokens in':>10}{'merged':>8}{'tokens out':>11}{'GMACs':>9}  note"]
+        w = max([14] + [len(b.name) + 1 for b in self.blocks])
+        rows = [f"{'block':<{w}}{'method':<18}{'tokens in':>10}{'merged':>8}{'tokens out':>11}{'GMACs':>9}  note"]
         for b in self.blocks:
             kind = b.kind
             if b.kind == "local":
                 kind = f"local {b.windows[0]}x{b.windows[1]} win"
-            rows.append(f"{b.name[:13]:<14}{kind:<18}{b.tokens_in:>10}{b.merged:>8}{b.tokens_out:>11}"
+            rows.append(f"{b.name:<{w}}{kind:<18}{b.tokens_in:>10}{b.merged:>8}{b.tokens_out:>11}"
                         f"{b.macs * self.batch / 1e9:>9.3f}  {b.note}")
         tail = [f"total GMACs (batch {self.batch}): {self.macs * self.batch / 1e9:.3f} merged vs "
                 f"{self.base_macs * self.batch / 1e9:.3f} unmerged; MACs ratio {self.macs_ratio:.3f}; "
