@@ -38,9 +38,9 @@ def _eager(spec: str) -> str:
 
 
 def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, rounds=5, log=print,
-          eager_fp32=False):
+          eager_fp32=False, crop_pct=0.875):
     """Quality (and, unless ``eager_fp32`` runs FP32 recipes uncompiled, in-process speed) per contender."""
-    x, _, skipped = data_mod.load_images(images, size=224)
+    x, _, skipped = data_mod.load_images(images, **data_mod.data_config(model, 224, crop_pct=crop_pct))
     calib = data_mod.batches(x[:calib_images], batch)
     x = x[calib_images:][:limit] if limit else x[calib_images:]
     evals = data_mod.batches(x, batch)

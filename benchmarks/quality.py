@@ -39,12 +39,16 @@ def main(argv=None) -> int:
     p.add_argument("--calib-images", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json", default=None)
+    p.add_argument("--crop-pct", type=float, default=None, help="override timm's crop_pct (0.875 = 256->224)")
+    p.add_argument("--mean", type=float, nargs=3, default=None)
+    p.add_argument("--std", type=float, nargs=3, default=None)
     args = p.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
     t0 = time.time()
     rows = evaluate_recipes(args.model, args.checkpoint, args.images, args.recipes, img_size=args.img_size,
                             limit=args.limit, calib_images=args.calib_images, batch=args.batch,
-                            log=lambda s: print(s, flush=True))
+                            log=lambda s: print(s, flush=True),
+                            preprocess=dict(crop_pct=args.crop_pct, mean=args.mean, std=args.std))
     print(format_rows(rows))
     print(f"({time.time() - t0:.0f} s)")
     if args.json:

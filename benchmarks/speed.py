@@ -109,8 +109,8 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         x = torch.randn(bsz, 3, size, size)
         if args.images:
-            from mergepass.data import batches, load_images
-            calib = batches(load_images(args.images, limit=64, size=size)[0], bsz)
+            from mergepass.data import batches, data_config, load_images
+            calib = batches(load_images(args.images, limit=64, **data_config(model, size))[0], bsz)
         else:
             calib = [torch.randn(bsz, 3, size, size) for _ in range(2)]
         print(f"{args.model} batch {bsz}: compiling {len(specs)} contenders", flush=True)

@@ -13,6 +13,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
+def data_config(model, img_size: int = 224, mean=None, std=None, crop_pct=None) -> dict:
+    """Preprocessing for ``model``: timm's data config (mean, std, crop_pct) unless overridden."""
+    cfg = {}
+    try:
+        import timm
+        cfg = timm.data.resolve_data_config({}, model=model)
+    except Exception:  # noqa: BLE001 - not a timm model: ImageNet defaults
+        pass
+    crop = crop_pct or cfg.get("crop_pct") or 0.875
+    return dict(size=img_size, resize=int(round(img_size / crop)),
+                mean=tuple(mean or cfg.get("mean") or IMAGENET_MEAN), std=tuple(std or cfg.get("std") or IMAGENET_STD))
+
+
 def list_images(folder: str | Path) -> list[tuple[Path, int]]:
     """(path, label) pairs; label -1 when unknown. Missing folder: FileNotFoundError naming it."""
     root = Path(folder)

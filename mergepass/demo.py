@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     model = models.create(args.model, checkpoint=args.checkpoint, **kw)
     images = args.images or (str(IMAGES) if IMAGES.exists() else None)
     if images:
-        x_all, _, skipped = data.load_images(images, limit=max(args.eval_images, 2 * args.batch), size=args.img_size)
+        cfg = data.data_config(model, args.img_size, crop_pct=0.875 if "dinov2" in args.model else None)
+        x_all, _, skipped = data.load_images(images, limit=max(args.eval_images, 2 * args.batch), **cfg)
         src = f"{len(x_all)} images from {images}" + (f" ({skipped} unreadable skipped)" if skipped else "")
     else:
         x_all = torch.randn(max(args.eval_images, 2 * args.batch), 3, args.img_size, args.img_size)

@@ -81,12 +81,16 @@ def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
 
 def evaluate_recipes(model_name: str, checkpoint: Optional[str], images: str, recipes: Sequence[str],
                      img_size: int = 224, limit: Optional[int] = None, calib_images: int = 64, batch: int = 8,
-                     log: Callable = print, model: Optional[torch.nn.Module] = None) -> list[dict]:
-    """Compile each recipe, run it over the images, compare with eager FP32. One row per recipe."""
+                     log: Callable = print, model: Optional[torch.nn.Module] = None,
+                     preprocess: Optional[dict] = None) -> list[dict]:
+    """Compile each recipe, run it over the images, compare with eager FP32. One row per recipe.
+
+    ``preprocess``: overrides for :func:`mergepass.data.data_config` (mean, std, crop_pct)."""
     model = model if model is not None else load_model(model_name, checkpoint, img_size)
     backbone = getattr(model, "num_classes", 1) == 0 and hasattr(model, "forward_features")
     target = Features(model).eval() if backbone else model
-    x, labels, skipped = data_mod.load_images(images, size=img_size)
+    cfg = data_mod.data_config(model, img_size, **(preprocess or {}))
+    x, labels, skipped = data_mod.load_images(images, **cfg)
     if len(x) <= calib_images + batch:
         calib_images = 0  # tiny folders: calibrate on the evaluation images
     calib = data_mod.batches(x[:calib_images], batch) if calib_images else data_mod.batches(x, batch)

@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     calibration = None
     try:
         if args.images:
-            from .data import batches, load_images
-            imgs, _, _ = load_images(args.images, limit=args.calib_images, size=size)
+            from .data import batches, data_config, load_images
+            imgs, _, _ = load_images(args.images, limit=args.calib_images, **data_config(model, size))
             calibration = batches(imgs, args.batch) or [imgs]
         sched = plan(model, x if calibration is None else calibration[0], args.recipe, model_name=args.model,
                      calibration=calibration, **over)
