@@ -34,16 +34,36 @@ def _finish(x, size, prefix, merged, source, slot):
     return x_out, size_out, update_source(source, slot, prefix)
 
 
+def _gather_merge(x, size, source, mm: Matching, a_pos, b_pos, prefix, slot):
+    """Merge by index: one gather of the kept tokens ([prefix, unmerged A, B]) plus a scatter-add of
+    the merged A tokens into their B slots; x·size and size travel together, divided at the end.
+    ``a_pos``/``b_pos`` are the token-axis positions of the A and B sets ([Ma], [Mb] or batched)."""
+    bsz, _, c = x.shape
+    ma = a_pos.shape[-1]
+    keep_n = ma - mm.src_idx.shape[1]
+    a_pos, b_pos = a_pos.expand(bsz, -1), b_pos.expand(bsz, -1)
+    head = torch.arange(prefix, device=x.device).expand(bsz, -1)
+    keep = torch.cat([head, a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
+    src = a_pos.gather(1, mm.src_idx)
+    dst = prefix + keep_n + mm.dst_idx
+    xs = x * size
+    out = xs.gather(1, keep[..., None].expand(-1, -1, c))
+    out = out.scatter_add(1, dst[..., None].expand(-1, -1, c), xs.gather(1, src[..., None].expand(-1, -1, c)))
+    s_out = size.gather(1, keep[..., None]).scatter_add(1, dst[..., None], size.gather(1, src[..., None]))
+    return out / s_out, s_out, update_source(source, slot, prefix)
+
+
 def global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                  source: Optional[torch.Tensor], *, r: int, prefix: int):
     """ToMe: bipartite soft matching over all mergeable tokens (A = even, B = odd positions)."""
     size, source = init_state(x, size, source)
-    feats, mt = _weighted(x, size, prefix), metric[:, prefix:]
-    m_tok = feats.shape[1]
+    mt = metric[:, prefix:]
+    m_tok = mt.shape[1]
+    ma, mb = (m_tok + 1) // 2, m_tok // 2
     mm = match(mt[:, ::2], mt[:, 1::2], r)
-    merged = merge_sum(feats[:, ::2], feats[:, 1::2], mm)
-    slot_a, slot_b = slots(mm, (m_tok + 1) // 2, m_tok // 2)
-    return _finish(x, size, prefix, merged, source, _interleave(slot_a, slot_b, m_tok))
+    slot_a, slot_b = slots(mm, ma, mb)
+    pos = torch.arange(prefix, prefix + m_tok, device=x.device)
+    return _gather_merge(x, size, source, mm, pos[::2], pos[1::2], prefix, _interleave(slot_a, slot_b, m_tok))
 
 
 def window_layout(m_tok: int, windows: int) -> tuple[int, int]:
@@ -147,13 +167,12 @@ def adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.T
     a_ids, b_ids, adj = checkerboard(grid)
     dev = x.device
     ia, ib = torch.tensor(a_ids, device=dev), torch.tensor(b_ids, device=dev)
-    feats, mt = _weighted(x, size, prefix), metric[:, prefix:]
+    mt = metric[:, prefix:]
     mm = match(mt[:, ia], mt[:, ib], r, allowed=adj.to(dev))
-    merged = merge_sum(feats[:, ia], feats[:, ib], mm)
     slot_a, slot_b = slots(mm, len(a_ids), len(b_ids))
     order = torch.cat([ia, ib]).expand(x.shape[0], -1)
     slot = torch.empty_like(order).scatter(1, order, torch.cat([slot_a, slot_b], dim=1))
-    return _finish(x, size, prefix, merged, source, slot)
+    return _gather_merge(x, size, source, mm, prefix + ia, prefix + ib, prefix, slot)
 
 
 __all__ = ["Matching", "global_merge", "window_merge", "adjacent_merge", "window_order",
