@@ -79,10 +79,14 @@ def table(rows) -> str:
     out = ["| contender | speedup vs eager FP32 | CLS cos mean | CLS cos p5 | CLS cos min | patch cos | NN agree | MACs ratio | fp32 linears |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['contender']} | {r['speedup']:.2f}x ({r['spread'][0]:.2f}-{r['spread'][1]:.2f}) | "
+        mark = "" if r.get("timed_by") == "speed.py" or r["speedup"] != r["speedup"] else " †"
+        out.append(f"| {r['contender']} | {r['speedup']:.2f}x ({r['spread'][0]:.2f}-{r['spread'][1]:.2f}){mark} | "
                    f"{r['cls_cos_mean']:.4f} | {r['cls_cos_p5']:.4f} | {r['cls_cos_min']:.4f} | "
                    f"{r.get('patch_cos_mean', float('nan')):.4f} | {r['nn_agree']:.3f} | "
                    f"{r.get('macs_ratio', 1.0):.2f} | {', '.join(r.get('fp32_linears', [])) or '-'} |")
+    if any(r.get("timed_by") == "speed.py" for r in rows):
+        out.append("\nSpeedups from the quiet `benchmarks/speed.py` run; † timed inside the sweep (eager and "
+                   "compiled alternating per round, noisier); nan: not timed (FP32 recipes evaluated uncompiled).")
     return "\n".join(out)
 
 
