@@ -11,7 +11,6 @@ from typing import Iterable
 
 import networkx as nx
 import torch
-from torch import fx
 
 from .merge.bipartite import normalize
 

@@ -1,5 +1,4 @@
 """The backend end to end on tiny timm ViTs: exactness, the ToMe reference, invariants, bad input."""
-import warnings
 
 import pytest
 import torch

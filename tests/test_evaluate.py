@@ -1,6 +1,5 @@
 """Evaluation metrics, image folders, the sweep, and auto-scheduling (tiny models, synthetic data)."""
 import csv
-import json
 
 import pytest
 import torch

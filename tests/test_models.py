@@ -1,6 +1,4 @@
 """'Any traced ViT': timm variants, torchvision, Hugging Face, real weights, and declines."""
-import os
-import warnings
 
 import pytest
 import torch
