@@ -19,7 +19,7 @@ def _symbolic(example_inputs: Sequence) -> bool:
                for t in example_inputs)
 
 
-def _training(gm: fx.GraphModule, example_inputs: Sequence) -> bool:
+def _training(example_inputs: Sequence) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
@@ -50,7 +50,7 @@ class Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
         recipe = self.recipe
-        if recipe.quantize.enabled and _training(gm, example_inputs):
+        if recipe.quantize.enabled and _training(example_inputs):
             raise RuntimeError(f"recipe {recipe.name!r} quantizes to int8 and is inference-only: "
                                "call the compiled model under torch.no_grad() (or torch.inference_mode()) "
                                "in eval mode, or use a recipe without quantization for training")

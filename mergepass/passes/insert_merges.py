@@ -43,7 +43,7 @@ def _merge_call(graph: fx.Graph, block: Block, plan, sched: Schedule, size, sour
     else:
         raise ValueError(f"unknown merge kind {plan.kind!r}")
     out = graph.call_function(fn, (block.x_mid, metric, size, source), kw)
-    return metric, out
+    return out
 
 
 def insert_merges(gm: fx.GraphModule, match: MatchResult, sched: Schedule) -> dict:
@@ -64,7 +64,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched: Schedule) -> di
             source_after.append(source)
             continue
         with graph.inserting_before(block.x_mid.next):
-            metric, out = _merge_call(graph, block, plan, sched, size, source)
+            out = _merge_call(graph, block, plan, sched, size, source)
         with graph.inserting_before(out.next):
             x_new = graph.call_function(operator.getitem, (out, 0))
             size = graph.call_function(operator.getitem, (out, 1))
