@@ -22,19 +22,7 @@ from pathlib import Path
 
 import torch
 
-
-def build(spec: str, model, calibration=None):
-    """(callable, backend-or-None) for a contender spec."""
-    import mergepass
-    from mergepass.recipe import parse_spec
-    name, overrides = parse_spec(spec)
-    if name == "eager":
-        return model, None
-    if name == "inductor":
-        return torch.compile(model, dynamic=False), None
-    recipe = mergepass.load_recipe(name, **overrides)
-    be = mergepass.backend(recipe, calibration=calibration)
-    return torch.compile(model, backend=be, dynamic=False), be
+from mergepass.evaluate import compile_spec
 
 
 def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=print):
@@ -42,7 +30,7 @@ def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=p
     with torch.no_grad():
         for spec in specs:
             t0 = time.perf_counter()
-            fn, be = build(spec, model, calibration)
+            fn, be = compile_spec(model, spec, calibration)
             fn(x)  # compile + first run
             compile_s[spec] = time.perf_counter() - t0
             fn(x)
@@ -102,7 +90,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     kw = {"num_classes": 0} if (args.checkpoint and "dinov2" in args.model) else {}
     model = models.create(args.model, img_size=args.img_size, checkpoint=args.checkpoint, **kw)
-    size = args.img_size or int(model.patch_embed.img_size[0]) if hasattr(model, "patch_embed") else 224
+    size = args.img_size or models.input_size(model)
     specs = args.contenders if "eager" in args.contenders else ["eager"] + args.contenders
     results, tables = [], []
     for bsz in args.batch:

@@ -7,6 +7,7 @@ import torch
 
 from . import data as data_mod
 from . import models
+from .fidelity import cosine_stats
 
 
 def _cos(a, b):
@@ -16,8 +17,7 @@ def _cos(a, b):
 def feature_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict:
     """Backbone metrics from token features [N, T, C] (or pooled [N, C])."""
     cls_o, cls_r = (out[:, 0], ref[:, 0]) if out.dim() == 3 else (out, ref)
-    c = _cos(cls_o, cls_r)
-    res = dict(cls_cos_mean=c.mean().item(), cls_cos_p5=torch.quantile(c, 0.05).item(), cls_cos_min=c.min().item())
+    res = {f"cls_cos_{k}": v for k, v in cosine_stats(_cos(cls_o, cls_r)).items()}
     if out.dim() == 3:
         res["patch_cos_mean"] = _cos(out[:, 1:].mean(1), ref[:, 1:].mean(1)).mean().item()
     res["nn_agree"] = nn_agreement(cls_o, cls_r)

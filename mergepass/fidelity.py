@@ -18,12 +18,17 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(_rows(a), _rows(b), dim=1)
 
 
+def cosine_stats(c: torch.Tensor) -> dict:
+    """mean, 5th percentile and min of per-sample cosines."""
+    return dict(mean=c.mean().item(), p5=torch.quantile(c.float(), 0.05).item(), min=c.min().item())
+
+
 def summary(out: torch.Tensor, ref: torch.Tensor, logits: bool = False) -> dict:
     """mean / 5th percentile / min cosine, max abs and relative error; top-1 agreement for ``logits``."""
     c = cosine(out, ref)
     a, b = _rows(out), _rows(ref)
-    res = dict(cos_mean=c.mean().item(), cos_p5=torch.quantile(c, 0.05).item(), cos_min=c.min().item(),
-               max_abs=(a - b).abs().max().item(), max_rel=((a - b).abs().max() / b.abs().max()).item())
+    res = {f"cos_{k}": v for k, v in cosine_stats(c).items()}
+    res.update(max_abs=(a - b).abs().max().item(), max_rel=((a - b).abs().max() / b.abs().max()).item())
     if logits:
         res["top1_agree"] = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     return res

@@ -50,3 +50,11 @@ def load_checkpoint(model: torch.nn.Module, path: str, name: str = "") -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise RuntimeError(f"checkpoint {p} does not fit model {name or type(model).__name__}: {e}") from e
+
+
+def input_size(model: torch.nn.Module) -> int:
+    """The square input resolution a model was built for (timm, torchvision; 224 otherwise)."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None):
+        return int(pe.img_size[0])
+    return int(getattr(model, "image_size", 224))

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size = args.img_size or _default_size(model)
+    size = args.img_size or models.input_size(model)
     x = torch.randn(args.batch, 3, size, size)
     over = overrides_from(args)
     auto = {k: getattr(args, k) for k in ("target_speedup", "max_macs_ratio", "min_cosine") if getattr(args, k)}
@@ -64,13 +64,6 @@ def main(argv=None) -> int:
         return 2
     print(sched.table())
     return 0
-
-
-def _default_size(model) -> int:
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None):
-        return int(pe.img_size[0])
-    return int(getattr(model, "image_size", 224))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ except ModuleNotFoundError:  # Python < 3.11
 METHODS = ("none", "tome", "dfe", "dfe_lgtm", "tomato", "auto")
 LOWERINGS = ("inductor", "tensorrt", "eager")
 QUANT_MODES = ("static", "dynamic")
-QUANT_ENGINES = ("auto", "pt2e", "torchao")
+QUANT_ENGINES = ("auto", "pt2e", "torchao", "modelopt")
 
 AUTO = "auto"
 
@@ -36,7 +36,7 @@ class Quantize:
     keep_fp32: tuple[str, ...] = ()  # linears kept in fp32, by module path glob ("blocks.2.mlp.fc2", "*.fc2")
     sensitivity: float = 0.0      # >0: also keep linears whose input max/p99.9 ratio exceeds this
     calibration_batches: int = 8  # at most this many calibration batches are used
-    engine: str = "auto"          # pt2e (x86 inductor, default on CPU) | torchao quantize_ (default on CUDA)
+    engine: str = "auto"          # pt2e (x86, CPU default) | torchao (CUDA default) | modelopt (TensorRT default)
 
     def validate(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -115,6 +115,9 @@ class Recipe:
         if not isinstance(self.quantize, Quantize):
             raise ValueError("recipe field 'quantize' must be a table")
         self.quantize.validate()
+        if self.quantize.engine == "modelopt" and self.lower == "inductor":
+            raise ValueError("recipe field 'quantize.engine' = 'modelopt' makes Q/DQ nodes for TensorRT: "
+                             "use lower='tensorrt' (or lower='eager' to run them in PyTorch)")
 
     @property
     def merges(self) -> bool:

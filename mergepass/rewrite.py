@@ -97,10 +97,10 @@ def _resolve_auto(gm, example_inputs, match, recipe, calibration):
     from .autoschedule import choose, graph_fidelity
     scorer = None
     if calibration is not None:
-        from .quantize import Lifted, _calibration_batches
+        from .quantize import Lifted, calibration_batches
         lifted = Lifted(gm, example_inputs)
         user_ex = tuple(example_inputs[i] for i in lifted.user_idx)
-        batches = _calibration_batches(calibration, user_ex, recipe.quantize.calibration_batches)
+        batches = calibration_batches(calibration, user_ex, recipe.quantize.calibration_batches)
         if batches:
             scorer = graph_fidelity(gm, example_inputs, batches)
     chosen, sched, _ = choose(match, recipe, scorer)

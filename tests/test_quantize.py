@@ -113,3 +113,82 @@ def test_tensorrt_missing_gives_a_clear_error():
     m = tiny_vit(depth=DEPTH)
     with pytest.raises(Exception, match="torch-tensorrt|CUDA GPU"):
         torch.compile(m, backend=mergepass.backend("tome", r=3, lower="tensorrt"), dynamic=False)(torch.randn(2, 3, 64, 64))
+
+
+def _linear_inputs(module, batches):
+    """Max |input| of every nn.Linear child over ``batches``, recorded with plain hooks."""
+    seen, hooks = {}, []
+    for k, mod in module.named_children():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda _, a, k=k: seen.__setitem__(k, max(seen.get(k, 0.0), a[0].abs().max().item()))))
+    with torch.no_grad():
+        for b in batches:
+            module(b)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_modelopt_engine_makes_calibrated_qdq_for_tensorrt():
+    """The TensorRT int8 path (explicit Q/DQ from ModelOpt), run in PyTorch on CPU: every linear gets
+    a per-tensor input and a per-channel weight quantizer whose ranges come from the calibration
+    batches on the merged graph; excluded linears get none."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    m = tiny_vit(depth=DEPTH)
+    x, cal = torch.randn(4, 3, 64, 64), _calib()
+    be = mergepass.backend("tome_int8", r=3, quantize_engine="modelopt", lower="eager", calibration=cal,
+                           quantize_keep_fp32=["blocks.1.mlp.fc2"])
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False)(x)
+        fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
+    qg = be.quantized[-1]
+    assert qg.mode == "static-modelopt" and qg.kept_fp32 == ["blocks.1.mlp.fc2"]
+    lins = {k: mod for k, mod in qg.module.named_children() if isinstance(mod, torch.nn.Linear)}
+    assert len(lins) == LINEARS
+    enabled = [k for k, mod in lins.items() if mod.input_quantizer.is_enabled]
+    assert len(enabled) == LINEARS - 1
+    for k in enabled:
+        w = lins[k].weight_quantizer
+        assert w.is_enabled and w.amax.shape == (lins[k].out_features, 1)
+        torch.testing.assert_close(w.amax.flatten(), lins[k].weight.abs().amax(dim=1))
+    calibrated = {k: lins[k].input_quantizer.amax.item() for k in enabled}
+    mtq.disable_quantizer(qg.module, "*")
+    seen = _linear_inputs(qg.module, cal)
+    assert calibrated == pytest.approx({k: seen[k] for k in enabled}, rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(out, fp32).min().item()
+    assert 0.98 < cos < 1.0 - 1e-7, cos
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+
+
+def test_modelopt_engine_is_for_tensorrt():
+    with pytest.raises(ValueError, match="quantize.engine.*TensorRT"):
+        mergepass.load_recipe("tome_int8", quantize_engine="modelopt")
+
+
+def test_tensorrt_int8_checks_for_tensorrt_before_calibrating():
+    import importlib.util
+    if importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available():
+        pytest.skip("torch-tensorrt and CUDA are present")
+    m = tiny_vit(depth=DEPTH)
+
+    def never():
+        raise AssertionError("calibration data was read before the TensorRT check")
+        yield
+    with torch.no_grad(), pytest.raises(Exception, match="torch-tensorrt|CUDA GPU"):
+        torch.compile(m, backend=mergepass.backend("tome_int8", r=3, lower="tensorrt", calibration=never()),
+                      dynamic=False)(torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA, torch-tensorrt and nvidia-modelopt")
+def test_tensorrt_int8_lowering():
+    pytest.importorskip("torch_tensorrt")
+    pytest.importorskip("modelopt.torch.quantization")
+    m = tiny_vit(depth=DEPTH).cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    cal = [c.cuda() for c in _calib()]
+    with torch.no_grad():
+        out = torch.compile(m, backend=mergepass.backend("tome_int8", r=3, lower="tensorrt", calibration=cal),
+                            dynamic=False)(x)
+        fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
+    assert torch.nn.functional.cosine_similarity(out.float(), fp32).min().item() > 0.98

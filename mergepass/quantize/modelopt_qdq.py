@@ -1,0 +1,86 @@
+"""int8 for TensorRT as explicit Q/DQ: NVIDIA ModelOpt's quantizers on the merged graph's linears.
+
+Weights int8 per output channel, activations int8 per tensor with static scales ("max"
+calibration on the *merged* graph). Traced under ModelOpt's ``export_torch_mode`` the quantizers
+become ``torch.ops.tensorrt.quantize_op`` nodes, which Torch-TensorRT converts into TensorRT
+``IQuantizeLayer``/``IDequantizeLayer`` pairs and fuses into int8 GEMMs. torchao's q/dq ops are not
+used here: Torch-TensorRT has no converter for them, so they would run as fp32 arithmetic.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import warnings
+from typing import Sequence
+
+import torch
+from torch import fx
+
+from ..recipe import Recipe
+from .calibration import calibration_batches, missing_calibration, tail_ratio_tracker
+from .graphs import linear_modules_graph, path_matches
+from .result import QuantizedGraph
+
+
+def _modelopt():
+    try:
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.quantization.utils import export_torch_mode
+    except ImportError as e:
+        raise RuntimeError("int8 through TensorRT (quantize.engine='modelopt') needs NVIDIA ModelOpt "
+                           "for its explicit Q/DQ nodes: pip install nvidia-modelopt") from e
+    return mtq, export_torch_mode
+
+
+def qdq_export_mode():
+    """Context in which ModelOpt quantizers trace to ``tensorrt.quantize_op`` (a no-op without it)."""
+    try:
+        return _modelopt()[1]()
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
+def _outlier_modules(module: fx.GraphModule, linears: list[str], batches, ratio: float) -> list[str]:
+    record, flagged = tail_ratio_tracker()
+    hooks = [getattr(module, k).register_forward_pre_hook(lambda mod, args, k=k: record(k, args[0]))
+             for k in linears]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                module(*b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return flagged(ratio)
+
+
+def modelopt_quantize(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration=None):
+    """(module with ModelOpt quantizers taking the user inputs, user input indices, QuantizedGraph)."""
+    mtq, _ = _modelopt()
+    q = recipe.quantize
+    if q.mode != "static":
+        raise ValueError("quantize.engine='modelopt' (TensorRT explicit Q/DQ) needs static activation "
+                         f"scales: set quantize.mode='static', got {q.mode!r}")
+    module, user_idx, names = linear_modules_graph(gm, example_inputs)
+    user_ex = tuple(example_inputs[i] for i in user_idx)
+    batches = calibration_batches(calibration, user_ex, q.calibration_batches)
+    if batches is None:
+        warnings.warn(f"mergepass: TensorRT int8 needs calibration data, but "
+                      f"{missing_calibration(calibration, user_ex)}; calibrating on the batch the "
+                      "model was compiled with. Pass calibration=... to mergepass.backend.",
+                      UserWarning, stacklevel=3)
+        batches = [user_ex]
+    linears = [k for k, mod in module.named_children() if isinstance(mod, torch.nn.Linear)]
+    kept = [k for k in linears if path_matches(names.get(k, k), q.keep_fp32)]
+    if q.sensitivity > 0:
+        kept += [k for k in _outlier_modules(module, linears, batches, q.sensitivity) if k not in kept]
+
+    def forward_loop(mod):
+        for b in batches:
+            mod(*b)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints a summary
+        mtq.quantize(module, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop=forward_loop)
+    for k in kept:
+        mtq.disable_quantizer(module, lambda name, k=k: name.split(".")[0] == k)
+    return module, user_idx, QuantizedGraph(module, [names.get(k, k) for k in kept], "static-modelopt")

@@ -1,0 +1,79 @@
+"""x86 CPU int8 with torchao's pt2e flow: ``X86InductorQuantizer`` (weights int8 per output channel;
+activations uint8 with static per-tensor scales from calibration, or dynamic scales without
+calibration data) → ``convert_pt2e``; inductor with ``freezing=True`` then fuses the q/dq patterns
+into oneDNN ``qlinear`` kernels.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import fx
+
+from ..recipe import Recipe
+from .calibration import calibration_batches, missing_calibration, outlier_linears
+from .graphs import Lifted, module_names, path_matches
+from .result import QuantizedGraph
+
+
+def _torchao_pt2e():
+    try:
+        # importing the quantizer module registers inductor's int8 fusion patterns
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ImportError as e:  # pragma: no cover - torchao is a dependency
+        raise RuntimeError("int8 recipes need torchao (pip install torchao)") from e
+    return prepare_pt2e, convert_pt2e, xiq
+
+
+def _excluder(patterns: Iterable[str]) -> Callable[[fx.Node], bool]:
+    pats = list(patterns)
+
+    def exclude(n: fx.Node) -> bool:
+        return any(path_matches(name, pats) for name in module_names(n))
+    return exclude
+
+
+def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None):
+    """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32."""
+    _, _, xiq = _torchao_pt2e()
+
+    class Quantizer(xiq.X86InductorQuantizer):
+        def annotate(self, model):
+            if exclude is not None:
+                for n in model.graph.nodes:
+                    if n.op == "call_function" and xiq.QUANT_ANNOTATION_KEY not in n.meta and exclude(n):
+                        xiq._annotate_nodes_not_quantize(n)  # the mark set_module_name_qconfig(None) uses
+            return super().annotate(model)
+
+    q = Quantizer()
+    q.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic))
+    return q
+
+
+def quantize_graph(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration=None):
+    """(converted aten graph taking the user inputs, user input indices, QuantizedGraph info)."""
+    prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
+    q = recipe.quantize
+    lifted = Lifted(gm, example_inputs).eval()
+    user_ex = tuple(example_inputs[i] for i in lifted.user_idx)
+    with torch.no_grad():
+        exported = torch.export.export(lifted, user_ex, strict=False).module()
+    batches = calibration_batches(calibration, user_ex, q.calibration_batches) if q.mode == "static" else None
+    mode = q.mode
+    if mode == "static" and batches is None:
+        warnings.warn(f"mergepass: static int8 needs calibration data, but "
+                      f"{missing_calibration(calibration, user_ex)}; using dynamic "
+                      "(per-batch) activation scales instead. Pass calibration=... to mergepass.backend.",
+                      UserWarning, stacklevel=3)
+        mode = "dynamic"
+    kept = list(q.keep_fp32)
+    if q.sensitivity > 0:
+        kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
+    m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None))
+    with torch.no_grad():
+        for b in (batches if mode == "static" else [user_ex]):
+            m(*b)
+        m = convert_pt2e(m)
+    return m, lifted.user_idx, user_ex, QuantizedGraph(m, kept, mode)
