@@ -118,3 +118,23 @@ def test_auto_schedule_with_images_and_quality_floor():
     with torch.no_grad():
         torch.compile(m, backend=be, dynamic=False)(x)
     assert be.schedule.predicted_speedup >= 1.5 and be.schedule.recipe.method != "auto"
+
+
+def test_breakdown_attributes_kernels_to_groups():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import breakdown
+    from torch._inductor import config as inductor_config
+    m = tiny_vit(depth=2)
+    x = torch.randn(2, 3, 64, 64)
+    rows = {}
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        for spec in ("int8", "tome_int8:r=3"):
+            fn, _ = evaluate.compile_spec(m, spec, calibration=[torch.randn(2, 3, 64, 64)])
+            rows[spec] = breakdown.profile_one(fn, x, iters=2)
+    plain, merged = rows["int8"], rows["tome_int8:r=3"]
+    assert plain["int8 GEMM"] > 0 and plain["attention"] > 0 and plain["merge"] == 0
+    assert merged["merge"] > 0 and merged["int8 GEMM"] > 0
+    assert plain["kernel sum"] == pytest.approx(sum(plain[g] for g in breakdown.GROUPS))
+    assert "ratio tome_int8:r=3" in breakdown.format_table(rows, "t")

@@ -1,0 +1,127 @@
+"""Where the time goes: per-forward time by kind of kernel for each contender, and the ratios.
+
+    python benchmarks/breakdown.py --model vit_base_patch16_224 --batch 8 \
+        --contenders int8 tome_int8 dfe_lgtm_int8 --rounds 6 --json out/breakdown.json
+
+Kernels are grouped as int8 GEMM (oneDNN qlinear/qconv), attention (SDPA), merge (inductor kernels
+and aten ops that gather, scatter or sort), other kernels (norms, quantize, adds, ...) and the
+Python wrapper between them. ``wall`` is the un-profiled median time per forward; the difference
+to the kernel sum is overhead the profiler does not attribute (thread wake-ups, allocation).
+Ratios are the first contender's time over each contender's, per group.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+
+from mergepass import models
+from mergepass.evaluate import compile_spec
+
+GROUPS = ("int8 GEMM", "attention", "merge", "other kernels", "wrapper")
+
+
+def group(key: str) -> str | None:
+    if key.startswith("onednn::q"):
+        return "int8 GEMM"
+    if key == "aten::_scaled_dot_product_flash_attention_for_cpu" or "scaled_dot_product" in key and key.startswith("aten::"):
+        return "attention"
+    if key.startswith("## Call CompiledFxGraph"):
+        return "wrapper"
+    if key.startswith("graph_") or key in ("aten::sort", "aten::scatter_reduce_", "aten::scatter_add_", "aten::bmm", "aten::topk"):
+        merge_words = ("gather", "scatter", "sort", "argsort")
+        return "merge" if any(w in key for w in merge_words) or key == "aten::bmm" else "other kernels"
+    return None  # profiler bookkeeping, views, allocations
+
+
+def profile_one(fn, x, iters: int) -> dict:
+    """ms per forward by group, from ``iters`` profiled forwards after ``iters`` timed ones."""
+    from torch.profiler import profile
+    with torch.no_grad():
+        fn(x)
+        walls = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn(x)
+            walls.append(time.perf_counter() - t0)
+        with profile() as prof:
+            for _ in range(iters):
+                fn(x)
+    ms = defaultdict(float)
+    for e in prof.key_averages():
+        g = group(e.key)
+        if g is not None:
+            ms[g] += e.self_cpu_time_total / 1e3 / iters
+    out = {g: ms.get(g, 0.0) for g in GROUPS}
+    out["kernel sum"] = sum(out.values())
+    out["wall"] = 1e3 * statistics.median(walls)
+    return out
+
+
+def profile_interleaved(fns: dict, x, rounds: int, iters: int) -> dict:
+    """Median over ``rounds`` of :func:`profile_one`, the contenders taking turns in each round
+    (so drift on a noisy machine hits all of them alike)."""
+    per = {spec: [] for spec in fns}
+    for _ in range(rounds):
+        for spec, fn in fns.items():
+            per[spec].append(profile_one(fn, x, iters))
+    return {spec: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for spec, rs in per.items()}
+
+
+def format_table(rows: dict, title: str) -> str:
+    names = list(rows)
+    base = rows[names[0]]
+    cols = list(GROUPS) + ["kernel sum", "wall"]
+    head = f"{'ms per forward':<16}" + "".join(f"{n:>16}" for n in names) + "".join(f"{'ratio ' + n:>22}" for n in names[1:])
+    lines = [title, head]
+    for c in cols:
+        line = f"{c:<16}" + "".join(f"{rows[n][c]:>16.1f}" for n in names)
+        line += "".join(f"{(base[c] / rows[n][c] if rows[n][c] else float('nan')):>22.2f}" for n in names[1:])
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--contenders", nargs="+", default=["int8", "tome_int8"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    inductor_config.cpp.enable_kernel_profile = True  # names each generated C++ kernel in the profile
+    torch.manual_seed(0)
+    model = models.create(args.model).eval()
+    size = models.input_size(model)
+    x = torch.randn(args.batch, 3, size, size)
+    calibration = [torch.randn(args.batch, 3, size, size) for _ in range(2)]
+    fns = {}
+    for spec in args.contenders:
+        fns[spec], _ = compile_spec(model, spec, calibration)
+        with torch.no_grad():
+            fns[spec](x)
+        print(f"  compiled {spec}")
+    rows = profile_interleaved(fns, x, args.rounds, args.iters)
+    table = format_table(rows, f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, "
+                               f"median of {args.rounds} interleaved rounds x {args.iters} profiled forwards")
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(model=args.model, batch=args.batch, rows=rows), indent=1))
+        Path(args.json).with_suffix(".txt").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
