@@ -138,3 +138,20 @@ def test_breakdown_attributes_kernels_to_groups():
     assert merged["merge"] > 0 and merged["int8 GEMM"] > 0
     assert plain["kernel sum"] == pytest.approx(sum(plain[g] for g in breakdown.GROUPS))
     assert "ratio tome_int8:r=3" in breakdown.format_table(rows, "t")
+
+
+def test_zero_cost_bound_sees_tomes_token_counts():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import zero_cost_bound
+    m = tiny_vit(depth=3)
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    hooks = [blk.mlp.register_forward_pre_hook(lambda mod, a: seen.append(a[0].shape[1])) for blk in m.blocks]
+    with torch.no_grad():
+        out = zero_cost_bound.SlicedViT(m, r=3)(x)
+    for h in hooks:
+        h.remove()
+    plan = mergepass.plan(m, x, "tome", r=3)
+    assert seen == [b.tokens_out for b in plan.blocks] and out.shape == m(x).shape
