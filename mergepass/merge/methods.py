@@ -35,22 +35,25 @@ def _finish(x, size, prefix, merged, source, slot):
 
 
 def _gather_merge(x, size, source, mm: Matching, a_pos, b_pos, prefix, slot):
-    """Merge by index: one gather of the kept tokens ([prefix, unmerged A, B]) plus a scatter-add of
-    the merged A tokens into their B slots; x·size and size travel together, divided at the end.
-    ``a_pos``/``b_pos`` are the token-axis positions of the A and B sets ([Ma], [Mb] or batched)."""
+    """Merge by index: gather the kept tokens ([prefix, unmerged A, B]) and move each merged B token
+    to its size-weighted mean by adding ``s_a (x_a - x_b) / s_new`` for each of its A partners.
+
+    Only the r merged rows are touched after the gather, so the full token tensor is written once
+    and no division pass over it remains. ``a_pos``/``b_pos`` are the token-axis positions of the
+    A and B sets ([Ma], [Mb] or batched)."""
     bsz, _, c = x.shape
-    ma = a_pos.shape[-1]
-    keep_n = ma - mm.src_idx.shape[1]
+    keep_n = a_pos.shape[-1] - mm.src_idx.shape[1]
     a_pos, b_pos = a_pos.expand(bsz, -1), b_pos.expand(bsz, -1)
     head = torch.arange(prefix, device=x.device).expand(bsz, -1)
     keep = torch.cat([head, a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
-    src = a_pos.gather(1, mm.src_idx)
-    dst = prefix + keep_n + mm.dst_idx
-    xs = x * size
-    out = xs.gather(1, keep[..., None].expand(-1, -1, c))
-    out = out.scatter_add(1, dst[..., None].expand(-1, -1, c), xs.gather(1, src[..., None].expand(-1, -1, c)))
-    s_out = size.gather(1, keep[..., None]).scatter_add(1, dst[..., None], size.gather(1, src[..., None]))
-    return out / s_out, s_out, update_source(source, slot, prefix)
+    src = a_pos.gather(1, mm.src_idx)[..., None]
+    dst = (prefix + keep_n + mm.dst_idx)[..., None]
+    s_src = size.gather(1, src)
+    s_out = size.gather(1, keep[..., None]).scatter_add(1, dst, s_src)
+    x_out = x.gather(1, keep[..., None].expand(-1, -1, c))
+    rows = dst.expand(-1, -1, c)
+    delta = (x.gather(1, src.expand(-1, -1, c)) - x_out.gather(1, rows)) * (s_src / s_out.gather(1, dst))
+    return x_out.scatter_add(1, rows, delta), s_out, update_source(source, slot, prefix)
 
 
 def global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
