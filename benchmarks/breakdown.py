@@ -34,13 +34,12 @@ GROUPS = ("int8 GEMM", "attention", "merge", "other kernels", "wrapper")
 def group(key: str) -> str | None:
     if key.startswith("onednn::q"):
         return "int8 GEMM"
-    if key == "aten::_scaled_dot_product_flash_attention_for_cpu" or "scaled_dot_product" in key and key.startswith("aten::"):
+    if key.startswith("aten::") and "scaled_dot_product" in key:
         return "attention"
     if key.startswith("## Call CompiledFxGraph"):
         return "wrapper"
     if key.startswith("graph_") or key in ("aten::sort", "aten::scatter_reduce_", "aten::scatter_add_", "aten::bmm", "aten::topk"):
-        merge_words = ("gather", "scatter", "sort", "argsort")
-        return "merge" if any(w in key for w in merge_words) or key == "aten::bmm" else "other kernels"
+        return "merge" if key == "aten::bmm" or any(w in key for w in ("gather", "scatter", "sort")) else "other kernels"
     return None  # profiler bookkeeping, views, allocations
 
 

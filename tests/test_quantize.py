@@ -1,4 +1,6 @@
 """int8 (torchao pt2e, x86 inductor): real int8 kernels in the generated code, calibration, fallbacks."""
+import importlib.util
+
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -106,10 +108,12 @@ def test_tensorrt_lowering():
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
 
 
+without_tensorrt = pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt") is not None
+                                      and torch.cuda.is_available(), reason="torch-tensorrt and CUDA are present")
+
+
+@without_tensorrt
 def test_tensorrt_missing_gives_a_clear_error():
-    import importlib.util
-    if importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available():
-        pytest.skip("torch-tensorrt and CUDA are present")
     m = tiny_vit(depth=DEPTH)
     with pytest.raises(Exception, match="torch-tensorrt|CUDA GPU"):
         torch.compile(m, backend=mergepass.backend("tome", r=3, lower="tensorrt"), dynamic=False)(torch.randn(2, 3, 64, 64))
@@ -166,10 +170,8 @@ def test_modelopt_engine_is_for_tensorrt():
         mergepass.load_recipe("tome_int8", quantize_engine="modelopt")
 
 
+@without_tensorrt
 def test_tensorrt_int8_checks_for_tensorrt_before_calibrating():
-    import importlib.util
-    if importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available():
-        pytest.skip("torch-tensorrt and CUDA are present")
     m = tiny_vit(depth=DEPTH)
 
     def never():

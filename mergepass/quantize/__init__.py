@@ -53,13 +53,13 @@ def quantize_and_lower(gm: fx.GraphModule, example_inputs: Sequence, recipe: Rec
     if engine == "torchao":
         from .torchao_dynamic import torchao_quantize
         m, user_idx, qinfo = torchao_quantize(gm, example_inputs, recipe)
-        user_ex = [example_inputs[i] for i in user_idx]
     elif engine == "modelopt":
         from .modelopt_qdq import modelopt_quantize
         m, user_idx, qinfo = modelopt_quantize(gm, example_inputs, recipe, calibration)
-        user_ex, qdq = [example_inputs[i] for i in user_idx], True
+        qdq = True
     else:
-        m, user_idx, user_ex, qinfo = quantize_graph(gm, example_inputs, recipe, calibration)
+        m, user_idx, _, qinfo = quantize_graph(gm, example_inputs, recipe, calibration)
+    user_ex = [example_inputs[i] for i in user_idx]
     if info is not None:
         info.append(qinfo)
     if recipe.lower == "tensorrt":

@@ -34,11 +34,8 @@ def _modelopt():
 
 
 def qdq_export_mode():
-    """Context in which ModelOpt quantizers trace to ``tensorrt.quantize_op`` (a no-op without it)."""
-    try:
-        return _modelopt()[1]()
-    except RuntimeError:
-        return contextlib.nullcontext()
+    """Context in which ModelOpt quantizers trace to ``tensorrt.quantize_op``."""
+    return _modelopt()[1]()
 
 
 def _outlier_modules(module: fx.GraphModule, linears: list[str], batches, ratio: float) -> list[str]:
@@ -81,6 +78,6 @@ def modelopt_quantize(gm: fx.GraphModule, example_inputs: Sequence, recipe: Reci
             mod(*b)
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints a summary
         mtq.quantize(module, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop=forward_loop)
-    for k in kept:
-        mtq.disable_quantizer(module, lambda name, k=k: name.split(".")[0] == k)
+    if kept:
+        mtq.disable_quantizer(module, lambda name: name.split(".")[0] in kept)
     return module, user_idx, QuantizedGraph(module, [names.get(k, k) for k in kept], "static-modelopt")
