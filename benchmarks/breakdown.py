@@ -3,9 +3,9 @@
     python benchmarks/breakdown.py --model vit_base_patch16_224 --batch 8 \
         --contenders int8 tome_int8 dfe_lgtm_int8 --rounds 6 --json out/breakdown.json
 
-Kernels are grouped as int8 GEMM (oneDNN qlinear/qconv), attention (SDPA), merge (inductor kernels
-and aten ops that gather, scatter or sort), other kernels (norms, quantize, adds, ...) and the
-Python wrapper between them. ``wall`` is the un-profiled median time per forward; the difference
+Kernels are grouped as int8 GEMM (oneDNN qlinear/qconv), attention (SDPA), merge (the fused merge
+kernel, inductor kernels and aten ops that gather, scatter or sort), other kernels (norms,
+quantize, adds, ...) and the Python wrapper between them. ``wall`` is the un-profiled median time per forward; the difference
 to the kernel sum is overhead the profiler does not attribute (thread wake-ups, allocation).
 Ratios are the first contender's time over each contender's, per group.
 """
@@ -38,6 +38,8 @@ def group(key: str) -> str | None:
         return "attention"
     if key.startswith("## Call CompiledFxGraph"):
         return "wrapper"
+    if key.startswith("mergepass::"):  # the fused merge kernel
+        return "merge"
     if key.startswith("graph_") or key in ("aten::sort", "aten::scatter_reduce_", "aten::scatter_add_", "aten::bmm", "aten::topk"):
         return "merge" if key == "aten::bmm" or any(w in key for w in ("gather", "scatter", "sort")) else "other kernels"
     return None  # profiler bookkeeping, views, allocations
@@ -81,11 +83,14 @@ def format_table(rows: dict, title: str) -> str:
     names = list(rows)
     base = rows[names[0]]
     cols = list(GROUPS) + ["kernel sum", "wall"]
-    head = f"{'ms per forward':<16}" + "".join(f"{n:>16}" for n in names) + "".join(f"{'ratio ' + n:>22}" for n in names[1:])
+    w = {n: max(16, len(n) + 2) for n in names}
+    rw = {n: max(22, len(n) + 8) for n in names}
+    head = f"{'ms per forward':<16}" + "".join(f"{n:>{w[n]}}" for n in names)
+    head += "".join(f"{'ratio ' + n:>{rw[n]}}" for n in names[1:])
     lines = [title, head]
     for c in cols:
-        line = f"{c:<16}" + "".join(f"{rows[n][c]:>16.1f}" for n in names)
-        line += "".join(f"{(base[c] / rows[n][c] if rows[n][c] else float('nan')):>22.2f}" for n in names[1:])
+        line = f"{c:<16}" + "".join(f"{rows[n][c]:>{w[n]}.1f}" for n in names)
+        line += "".join(f"{(base[c] / rows[n][c] if rows[n][c] else float('nan')):>{rw[n]}.2f}" for n in names[1:])
         lines.append(line)
     return "\n".join(lines)
 

@@ -23,6 +23,29 @@ def _training(example_inputs: Sequence) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
+def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
+    """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph."""
+    if recipe.merge_kernel == "reference" or recipe.lower == "tensorrt":  # TensorRT has no converter for it
+        return False
+    why = None
+    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
+        why = "the inputs are not on the CPU"
+    elif _training(example_inputs):
+        why = "the graph needs gradients and the kernel has no backward"
+    else:
+        from .merge import fused
+        err = fused.kernel_error()
+        if err is not None:
+            why = f"its build failed ({err})"
+            if recipe.merge_kernel == "auto":
+                warnings.warn(f"mergepass: fused merge kernel unavailable, {why}; using the reference merge "
+                              "ops (same results, slower)", MergepassWarning, stacklevel=3)
+    if why is not None and recipe.merge_kernel == "fused":
+        raise RuntimeError(f"recipe field 'merge_kernel' is 'fused' but the fused merge kernel is unavailable: "
+                           f"{why}; use merge_kernel='auto' or 'reference'")
+    return why is None
+
+
 class Backend:
     """A torch.compile backend applying a recipe. Keeps what it did in ``results`` (one per graph)."""
 
@@ -60,7 +83,8 @@ class Backend:
                           MergepassWarning, stacklevel=2)
             return lower_graph(gm, example_inputs, recipe.lower)
         if recipe.merges:
-            result = rewrite(gm, example_inputs, recipe, model=self.model_name, calibration=self.calibration)
+            result = rewrite(gm, example_inputs, recipe, model=self.model_name, calibration=self.calibration,
+                             fused=_fused_merges(recipe, example_inputs))
         else:
             result = RewriteResult(gm, None, None)
         self.results.append(result)

@@ -17,6 +17,7 @@ METHODS = ("none", "tome", "dfe", "dfe_lgtm", "tomato", "auto")
 LOWERINGS = ("inductor", "tensorrt", "eager")
 QUANT_MODES = ("static", "dynamic")
 QUANT_ENGINES = ("auto", "pt2e", "torchao", "modelopt")
+MERGE_KERNELS = ("auto", "fused", "reference")
 
 AUTO = "auto"
 
@@ -72,6 +73,7 @@ class Recipe:
     max_macs_ratio: float = 0.0        # auto: merged/unmerged MACs at most this
     min_cosine: float = 0.0            # auto: quality floor (mean output cosine on calibration images)
     lower: str = "inductor"
+    merge_kernel: str = "auto"         # fused: one C++ op per merge (CPU); reference: pure tensor ops
     description: str = ""
 
     def __post_init__(self):
@@ -83,6 +85,8 @@ class Recipe:
             raise ValueError(f"recipe field 'method' must be one of {METHODS}, got {self.method!r}")
         if self.lower not in LOWERINGS:
             raise ValueError(f"recipe field 'lower' must be one of {LOWERINGS}, got {self.lower!r}")
+        if self.merge_kernel not in MERGE_KERNELS:
+            raise ValueError(f"recipe field 'merge_kernel' must be one of {MERGE_KERNELS}, got {self.merge_kernel!r}")
         _int_or_auto("r", self.r)
         _int_or_auto("skip", self.skip)
         _int_or_auto("window", self.window, minimum=2)
@@ -115,6 +119,9 @@ class Recipe:
         if not isinstance(self.quantize, Quantize):
             raise ValueError("recipe field 'quantize' must be a table")
         self.quantize.validate()
+        if self.merge_kernel == "fused" and self.lower == "tensorrt":
+            raise ValueError("recipe field 'merge_kernel' = 'fused' is a CPU kernel TensorRT cannot convert: "
+                             "use merge_kernel='auto' (reference ops under TensorRT) or lower='inductor'")
         if self.quantize.engine == "modelopt" and self.lower == "inductor":
             raise ValueError("recipe field 'quantize.engine' = 'modelopt' makes Q/DQ nodes for TensorRT: "
                              "use lower='tensorrt' (or lower='eager' to run them in PyTorch)")

@@ -48,10 +48,11 @@ def _blame(match: MatchResult, region: int, err: RewriteError) -> int:
 
 
 def rewrite(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, model: str = "",
-            warn: bool = True, calibration=None) -> RewriteResult:
+            warn: bool = True, calibration=None, fused: bool = False) -> RewriteResult:
     """Insert the recipe's merges into a copy of ``gm``. Never raises for graphs it cannot handle:
     those come back unchanged with a :class:`MergepassWarning`. Recipe method ``auto`` is resolved
-    here (see :mod:`mergepass.autoschedule`), scored on ``calibration`` batches when given."""
+    here (see :mod:`mergepass.autoschedule`), scored on ``calibration`` batches when given.
+    ``fused``: merges call the fused CPU kernel (:mod:`mergepass.merge.fused`)."""
     base = copy_graph_module(gm)
     strip_noops(base)
     expand_mha(base, example_inputs)
@@ -72,7 +73,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, model:
         sched.problems.extend(notes)
         if not sched.merging:
             return RewriteResult(base, sched, match, notes)
-        info = insert_merges(work, match, sched)
+        info = insert_merges(work, match, sched, fused=fused)
         region = info["region"]
         allowed = set().union(*(b.nodes for b in match.blocks[:region]))
         try:

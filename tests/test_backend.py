@@ -6,7 +6,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import mergepass
-from mergepass.merge import adjacent_merge, global_merge, window_merge
+from mergepass.merge import adjacent_merge, fused, global_merge, window_merge
 from conftest import compile_with, rel_err, tiny_vit
 from reference import reference_forward
 
@@ -68,7 +68,7 @@ def test_no_proportional_attention_recipe_field():
 
 
 def _merge_nodes(gm):
-    fns = {global_merge, window_merge, adjacent_merge}
+    fns = {global_merge, window_merge, adjacent_merge, fused.fused_global_merge, fused.fused_adjacent_merge}
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in fns]
 
 
@@ -201,6 +201,50 @@ def test_invalid_recipe_fields_name_the_field():
         mergepass.load_recipe({"method": "tome", "rr": 3})
     with pytest.raises(ValueError, match="unknown recipe 'tomee'.*did you mean tome"):
         mergepass.backend("tomee")
+    with pytest.raises(ValueError, match="'merge_kernel' must be one of"):
+        mergepass.backend("tome", merge_kernel="fast")
+    with pytest.raises(ValueError, match="'merge_kernel' = 'fused'.*TensorRT"):
+        mergepass.backend("tome", merge_kernel="fused", lower="tensorrt")
+
+
+def _targets(be):
+    return {n.target for r in be.results for n in r.gm.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("recipe,fn,overrides", [
+    ("tome", "fused_global_merge", dict(r=4)),
+    ("tomato", "fused_adjacent_merge", dict(budget=10)),
+    ("dfe_lgtm", "fused_window_merge", dict(skip=0, r=6, window=3, transition=2)),
+])
+def test_fused_merge_kernel_is_used_on_cpu_and_matches_the_reference_ops(recipe, fn, overrides):
+    if fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    m = tiny_vit(img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    outs = {}
+    for kernel in ("auto", "reference"):
+        torch._dynamo.reset()
+        be = mergepass.backend(recipe, merge_kernel=kernel, **overrides)
+        with torch.no_grad():
+            outs[kernel] = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
+        assert (getattr(fused, fn) in _targets(be)) == (kernel == "auto")
+    assert rel_err(outs["auto"], outs["reference"]) <= 1e-5
+    with torch.no_grad():
+        assert rel_err(outs["auto"], reference_forward(m, x, be.schedule)) <= 1e-4
+
+
+def test_fused_kernel_build_failure_warns_and_uses_reference_ops(monkeypatch):
+    monkeypatch.setattr(fused, "kernel_error", lambda: "CalledProcessError: no compiler")
+    m, x = tiny_vit(depth=2), torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=3)
+    with torch.no_grad(), pytest.warns(mergepass.MergepassWarning, match="fused merge kernel unavailable.*no compiler"):
+        out = compile_with(m, be)(x)
+    assert global_merge in _targets(be) and fused.fused_global_merge not in _targets(be)
+    with torch.no_grad():
+        assert rel_err(out, reference_forward(m, x, be.schedule)) <= 1e-4
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match="merge_kernel' is 'fused'.*no compiler"):
+        compile_with(m, mergepass.backend("tome", r=3, merge_kernel="fused"))(x)
 
 
 def test_training_gradients_match_reference():
@@ -217,3 +261,7 @@ def test_training_gradients_match_reference():
         assert rel_err(grads[k], p.grad) <= 1e-4, k
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     opt.step()  # one optimizer step on the merged model's gradients works
+    assert fused.fused_global_merge not in _targets(be), "training uses the differentiable reference ops"
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="merge_kernel' is 'fused'.*gradients"):
+        compile_with(m, mergepass.backend("tome", r=3, merge_kernel="fused"))(x)

@@ -1,9 +1,26 @@
-"""Merge math (pure tensor functions) against the plain reference and on invariants."""
+"""Merge math (pure tensor functions and the fused CPU kernel) against the plain reference and on
+invariants."""
 import pytest
 import torch
 
 from mergepass.merge import adjacent_merge, checkerboard, global_merge, unmerge, window_merge
+from mergepass.merge import fused
 from reference import merge_tokens_adjacent, merge_tokens_global, merge_tokens_windows
+
+
+def _fused(fn):
+    def call(*args, **kw):
+        if fused.kernel_error() is not None:
+            pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+        return fn(*args, **kw)
+    call.__name__ = fn.__name__
+    return call
+
+
+GLOBAL = [pytest.param(global_merge, id="reference"), pytest.param(_fused(fused.fused_global_merge), id="fused")]
+WINDOW = [pytest.param(window_merge, id="reference"), pytest.param(_fused(fused.fused_window_merge), id="fused")]
+ADJACENT = [pytest.param(adjacent_merge, id="reference"),
+            pytest.param(_fused(fused.fused_adjacent_merge), id="fused")]
 
 
 def _groups_from_source(source_b, n_out):
@@ -33,57 +50,63 @@ def _invariants(x, y, s, src, prefix):
             torch.testing.assert_close(y[b, j], x[b, g].mean(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("merge", GLOBAL)
 @pytest.mark.parametrize("prefix", [0, 1, 2, 5])
 @pytest.mark.parametrize("n_patch,r", [(16, 3), (15, 7), (36, 18), (9, 0)])
-def test_global_merge_matches_reference(prefix, n_patch, r):
+def test_global_merge_matches_reference(merge, prefix, n_patch, r):
     x, k = torch.randn(3, prefix + n_patch, 8), torch.randn(3, prefix + n_patch, 6)
-    y, s, src = global_merge(x, k, None, None, r=r, prefix=prefix)
+    y, s, src = merge(x, k, None, None, r=r, prefix=prefix)
     assert y.shape[1] == prefix + n_patch - r
     _invariants(x, y, s, src, prefix)
     _check_against_reference(x, k, y, s, src, merge_tokens_global, prefix, r=r)
 
 
-def test_global_merge_r0_is_identity():
+@pytest.mark.parametrize("merge", GLOBAL)
+def test_global_merge_r0_is_identity(merge):
     x, k = torch.randn(2, 17, 8), torch.randn(2, 17, 8)
-    y, s, src = global_merge(x, k, None, None, r=0, prefix=1)
+    y, s, src = merge(x, k, None, None, r=0, prefix=1)
     assert y.shape == x.shape and torch.all(s == 1)
     torch.testing.assert_close(unmerge(y, src), x)
 
 
-def test_merge_with_sizes_is_weighted_average():
+@pytest.mark.parametrize("merge", GLOBAL)
+def test_merge_with_sizes_is_weighted_average(merge):
     x, k = torch.randn(2, 11, 4), torch.randn(2, 11, 4)
-    y1, s1, src1 = global_merge(x, k, None, None, r=3, prefix=1)
-    y2, s2, src2 = global_merge(y1, torch.randn(2, 8, 4), s1, src1, r=2, prefix=1)
+    y1, s1, src1 = merge(x, k, None, None, r=3, prefix=1)
+    y2, s2, src2 = merge(y1, torch.randn(2, 8, 4), s1, src1, r=2, prefix=1)
     _invariants(x, y2, s2, src2, 1)
     torch.testing.assert_close(unmerge(y2, src2)[:, 0], x[:, 0])
 
 
 @pytest.mark.parametrize("grid,windows,r,prefix", [((6, 6), (2, 2), 3, 1), ((5, 7), (2, 2), 3, 1),
                                                    ((4, 4), (2, 1), 2, 0), ((7, 7), (2, 2), 4, 2)])
-def test_window_merge_matches_reference(grid, windows, r, prefix):
+@pytest.mark.parametrize("merge", WINDOW)
+def test_window_merge_matches_reference(merge, grid, windows, r, prefix):
     n = prefix + grid[0] * grid[1]
     x, k = torch.randn(2, n, 8), torch.randn(2, n, 6)
-    y, s, src = window_merge(x, k, None, None, r=r, prefix=prefix, grid=grid, windows=windows)
+    y, s, src = merge(x, k, None, None, r=r, prefix=prefix, grid=grid, windows=windows)
     _invariants(x, y, s, src, prefix)
     _check_against_reference(x, k, y, s, src, merge_tokens_windows, prefix, r=r, grid=grid, windows=windows)
 
 
-def test_window_merge_never_crosses_windows():
+@pytest.mark.parametrize("merge", WINDOW)
+def test_window_merge_never_crosses_windows(merge):
     grid, prefix = (8, 8), 1
     x, k = torch.randn(4, 65, 8), torch.randn(4, 65, 8)
-    y, s, src = window_merge(x, k, None, None, r=6, prefix=prefix, grid=grid, windows=(2, 2))
+    y, s, src = merge(x, k, None, None, r=6, prefix=prefix, grid=grid, windows=(2, 2))
     for b in range(4):
         for g in _groups_from_source(src[b], y.shape[1])[prefix:]:
             quads = {((i - prefix) // 8 // 4, (i - prefix) % 8 // 4) for i in g}
             assert len(quads) == 1, f"group {g} spans windows {quads}"
 
 
-def test_window_merge_after_global_merge_uses_tracked_locations():
+@pytest.mark.parametrize("merge", WINDOW)
+def test_window_merge_after_global_merge_uses_tracked_locations(merge):
     grid = (6, 6)
     x, k = torch.randn(2, 37, 8), torch.randn(2, 37, 8)
     y1, s1, src1 = global_merge(x, k, None, None, r=5, prefix=1)
     k2 = torch.randn(2, 32, 8)
-    y2, s2, src2 = window_merge(y1, k2, s1, src1, r=2, prefix=1, grid=grid, windows=(2, 2))
+    y2, s2, src2 = merge(y1, k2, s1, src1, r=2, prefix=1, grid=grid, windows=(2, 2))
     _invariants(x, y2, s2, src2, 1)
     # reference applied on the merged state
     for b in range(2):
@@ -93,11 +116,12 @@ def test_window_merge_after_global_merge_uses_tracked_locations():
         assert _groups_from_source(src2[b], y2.shape[1]) == rg
 
 
+@pytest.mark.parametrize("merge", ADJACENT)
 @pytest.mark.parametrize("grid,r,prefix", [((6, 6), 10, 1), ((4, 5), 10, 0), ((7, 7), 24, 2)])
-def test_adjacent_merge_matches_reference_and_is_connected(grid, r, prefix):
+def test_adjacent_merge_matches_reference_and_is_connected(merge, grid, r, prefix):
     n = prefix + grid[0] * grid[1]
     x, k = torch.randn(2, n, 8), torch.randn(2, n, 6)
-    y, s, src = adjacent_merge(x, k, None, None, r=r, prefix=prefix, grid=grid)
+    y, s, src = merge(x, k, None, None, r=r, prefix=prefix, grid=grid)
     assert y.shape[1] == n - r
     _invariants(x, y, s, src, prefix)
     _check_against_reference(x, k, y, s, src, merge_tokens_adjacent, prefix, r=r, grid=grid)
@@ -121,3 +145,38 @@ def test_checkerboard_adjacency():
     assert a == [0, 2, 4, 6, 8] and b == [1, 3, 5, 7]
     assert adj[a.index(4)].all()  # the centre touches all four edge midpoints
     assert adj.sum().item() == 12  # edges of a 3x3 grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_kernel_equals_reference_functions_chained(dtype):
+    """LGTM's schedule shape on ViT-like widths (two window merges with padding, then global ones):
+    the fused kernel gives the reference path's tokens, sizes and source maps (same matching)."""
+    if fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    x = torch.randn(4, 1 + 14 * 14, 96, dtype=dtype)
+    ref = fus = (x, None, None)
+    steps = [(window_merge, fused.fused_window_merge, dict(r=6, windows=(2, 2), grid=(14, 14)))] * 2
+    steps += [(global_merge, fused.fused_global_merge, dict(r=r)) for r in (16, 40)]
+    for ref_fn, fused_fn, kw in steps:
+        k = torch.randn(4, ref[0].shape[1], 32, dtype=dtype)
+        ref = ref_fn(ref[0], k, ref[1], ref[2], prefix=1, **kw)
+        fus = fused_fn(fus[0], k, fus[1], fus[2], prefix=1, **kw)
+        assert fus[0].dtype == dtype and fus[1].dtype == dtype
+        torch.testing.assert_close(fus[0], ref[0])
+        torch.testing.assert_close(fus[1], ref[1])
+        assert torch.equal(fus[2], ref[2])
+    _invariants(x, fus[0], fus[1], fus[2], 1)
+
+
+def test_fused_kernel_rejects_inconsistent_sets():
+    if fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    x, k = torch.randn(1, 9, 4), torch.randn(1, 9, 4)
+    size, src = torch.ones(1, 9, 1), torch.arange(9)[None]
+    op = torch.ops.mergepass.bipartite_merge
+    with pytest.raises(RuntimeError, match="must equal the token count"):
+        op(x, k, size, src, torch.tensor([[[1, 3]]]), torch.tensor([[[2, 4]]]), None, 1, 1)
+    with pytest.raises(RuntimeError, match="distinct tokens after the prefix"):
+        op(x, k, size, src, torch.tensor([[[0, 1, 3, 5]]]), torch.tensor([[[2, 4, 6, 8]]]), None, 1, 1)
+    with pytest.raises(RuntimeError, match="exceeds a group's 4 A tokens"):
+        op(x, k, size, src, torch.arange(1, 9, 2)[None, None], torch.arange(2, 9, 2)[None, None], None, 5, 1)

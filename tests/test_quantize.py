@@ -38,6 +38,16 @@ def test_int8_kernels_present(recipe):
     assert 0.98 < cos < 1.0 - 1e-7, cos  # quantized (not bit-equal) yet close to the same fp32 graph
 
 
+@pytest.mark.parametrize("vnni,quant_max", [(True, 255), (False, 127)])
+def test_activation_range_follows_the_cpus_int8_instructions(monkeypatch, vnni, quant_max):
+    """Pre-VNNI x86 (AVX2) saturates u8*s8 pair sums at 16 bits: activations must use 7 bits there."""
+    from mergepass.quantize import pt2e
+    monkeypatch.setattr(pt2e, "cpu_has_vnni", lambda: vnni)
+    for dynamic in (False, True):
+        act = pt2e.make_quantizer(dynamic).global_config.input_activation
+        assert (act.quant_min, act.quant_max) == (0, quant_max)
+
+
 def test_without_calibration_falls_back_to_dynamic_with_warning():
     m = tiny_vit(depth=DEPTH)
     x = torch.randn(4, 3, 64, 64)

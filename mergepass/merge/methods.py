@@ -89,6 +89,19 @@ def window_order(pos: torch.Tensor, nh: int, nw: int, per: int) -> torch.Tensor:
     return oy.reshape(b, nh, nw * per).gather(2, ox).reshape(b, length)
 
 
+def window_perm(source: torch.Tensor, n: int, prefix: int, grid: tuple[int, int],
+                windows: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    """The mergeable tokens listed window by window ([B, windows * per]; values >= n - prefix are
+    padding), with ``per`` (tokens per window) and ``pad`` (pad slots, all in the last window)."""
+    b = source.shape[0]
+    nh, nw = windows
+    per, pad = window_layout(n - prefix, nh * nw)
+    pos = positions(source, grid, prefix, n)[:, prefix:]
+    if pad:
+        pos = torch.cat([pos, pos.new_full((b, pad, 2), float("inf"))], dim=1)
+    return window_order(pos, nh, nw, per), per, pad
+
+
 def _kept_after_padding(per: int, pad: int, r: int, windows: int) -> list[int]:
     """Output positions (window-major) that hold real tokens: pads sit last in A and in B."""
     ta, tb = (per + 1) // 2, per // 2
@@ -114,14 +127,11 @@ def window_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Ten
     nh, nw = windows
     nwin = nh * nw
     m_tok = n - prefix
-    per, pad = window_layout(m_tok, nwin)
+    perm, per, pad = window_perm(source, n, prefix, grid, windows)
     feats, mt = _weighted(x, size, prefix), metric[:, prefix:]
-    pos = positions(source, grid, prefix, n)[:, prefix:]
     if pad:
         feats = torch.cat([feats, feats.new_zeros(b, pad, feats.shape[-1])], dim=1)
         mt = torch.cat([mt, mt.new_zeros(b, pad, mt.shape[-1])], dim=1)
-        pos = torch.cat([pos, pos.new_full((b, pad, 2), float("inf"))], dim=1)
-    perm = window_order(pos, nh, nw, per)
     f = feats.gather(1, perm[..., None].expand(-1, -1, feats.shape[-1])).reshape(b * nwin, per, -1)
     mt = mt.gather(1, perm[..., None].expand(-1, -1, mt.shape[-1])).reshape(b * nwin, per, -1)
     allowed = a_valid = None
@@ -178,5 +188,5 @@ def adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.T
     return _gather_merge(x, size, source, mm, prefix + ia, prefix + ib, prefix, slot)
 
 
-__all__ = ["Matching", "global_merge", "window_merge", "adjacent_merge", "window_order",
+__all__ = ["Matching", "global_merge", "window_merge", "adjacent_merge", "window_order", "window_perm",
            "window_layout", "checkerboard"]

@@ -31,23 +31,30 @@ def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node) -> None:
             core.args = (biased,) + core.args[1:]
 
 
-def _merge_call(graph: fx.Graph, block: Block, plan, sched: Schedule, size, source):
+def _merge_fn(kind: str, fused: bool):
+    if fused:
+        from ..merge import fused as f
+        fns = {"global": f.fused_global_merge, "local": f.fused_window_merge, "adjacent": f.fused_adjacent_merge}
+    else:
+        fns = {"global": global_merge, "local": window_merge, "adjacent": adjacent_merge}
+    if kind not in fns:
+        raise ValueError(f"unknown merge kind {kind!r}")
+    return fns[kind]
+
+
+def _merge_call(graph: fx.Graph, block: Block, plan, sched: Schedule, size, source, fused: bool):
     metric = graph.call_function(key_metric, (block.keys, sched.batch, block.keys_transposed))
     kw = dict(r=plan.r, prefix=sched.prefix)
-    if plan.kind == "global":
-        fn = global_merge
-    elif plan.kind == "local":
-        fn, kw = window_merge, dict(kw, grid=sched.grid, windows=plan.windows)
-    elif plan.kind == "adjacent":
-        fn, kw = adjacent_merge, dict(kw, grid=sched.grid)
-    else:
-        raise ValueError(f"unknown merge kind {plan.kind!r}")
-    out = graph.call_function(fn, (block.x_mid, metric, size, source), kw)
-    return out
+    if plan.kind in ("local", "adjacent"):
+        kw["grid"] = sched.grid
+    if plan.kind == "local":
+        kw["windows"] = plan.windows
+    return graph.call_function(_merge_fn(plan.kind, fused), (block.x_mid, metric, size, source), kw)
 
 
-def insert_merges(gm: fx.GraphModule, match: MatchResult, sched: Schedule) -> dict:
-    """Rewrite ``gm`` in place; returns {'region': blocks rewritten, 'merges': merge nodes}."""
+def insert_merges(gm: fx.GraphModule, match: MatchResult, sched: Schedule, fused: bool = False) -> dict:
+    """Rewrite ``gm`` in place; returns {'region': blocks rewritten, 'merges': merge nodes}.
+    ``fused``: merges call the fused CPU kernel instead of the reference ops."""
     graph = gm.graph
     size = source = None
     region = 0
@@ -64,7 +71,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched: Schedule) -> di
             source_after.append(source)
             continue
         with graph.inserting_before(block.x_mid.next):
-            out = _merge_call(graph, block, plan, sched, size, source)
+            out = _merge_call(graph, block, plan, sched, size, source, fused)
         with graph.inserting_before(out.next):
             x_new = graph.call_function(operator.getitem, (out, 0))
             size = graph.call_function(operator.getitem, (out, 1))

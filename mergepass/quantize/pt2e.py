@@ -5,7 +5,9 @@ into oneDNN ``qlinear`` kernels.
 """
 from __future__ import annotations
 
+import functools
 import warnings
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -35,8 +37,23 @@ def _excluder(patterns: Iterable[str]) -> Callable[[fx.Node], bool]:
     return exclude
 
 
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: judge by the kernels PyTorch picked
+        return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
+    flags = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None):
-    """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32."""
+    """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32.
+
+    Without VNNI, oneDNN multiplies u8 activations by s8 weights with 16-bit saturating pair sums
+    (``vpmaddubsw``), which overflow for activations above 127: there activations use 7 bits
+    (``reduce_range``, torchao's advice for such CPUs)."""
     _, _, xiq = _torchao_pt2e()
 
     class Quantizer(xiq.X86InductorQuantizer):
@@ -48,7 +65,7 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
             return super().annotate(model)
 
     q = Quantizer()
-    q.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic))
+    q.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic, reduce_range=not cpu_has_vnni()))
     return q
 
 

@@ -1,0 +1,216 @@
+// Fused bipartite soft matching + size-weighted merge for CPU: one call per merging block.
+//
+// Computes what mergepass.merge.methods' reference functions compute (global_merge, window_merge,
+// adjacent_merge) in one pass per batch element instead of ~15-25 small kernels. On CPU those
+// kernels, not the arithmetic, are most of a merge's cost in a compiled int8 ViT.
+//
+// Tokens are split into G groups (1 for ToMe/ToMato, one per window for LGTM), each with an A set
+// and a B set given by token positions (-1: padding, never matched). In every group the r A tokens
+// with the most similar B partner (cosine of the metric rows) merge into that partner.
+// Output token order: the prefix, then per group its unmerged A tokens in A order and its B tokens.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+struct Shape {
+  int64_t n, c, d, n0, groups, ma, mb, r, prefix, n_out;
+};
+
+// Unit-normalised metric rows (zeros for padding); the similarity matmul runs on them.
+void normalize_rows(const float* metric, const int64_t* pos, int64_t count, int64_t d, float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    float* dst = out + i * d;
+    if (pos[i] < 0) {
+      std::fill(dst, dst + d, 0.f);
+      continue;
+    }
+    const float* row = metric + pos[i] * d;
+    float acc = 0.f;
+    for (int64_t k = 0; k < d; ++k) acc += row[k] * row[k];
+    const float inv = 1.f / std::max(std::sqrt(acc), 1e-12f);
+    for (int64_t k = 0; k < d; ++k) dst[k] = row[k] * inv;
+  }
+}
+
+template <typename T>
+struct Batch {  // one batch element's inputs and outputs
+  const T* x;
+  const T* size;
+  const int64_t* source;
+  T* xo;
+  T* so;
+  int64_t* srco;
+};
+
+// Match and merge one group; returns the next free output position.
+template <typename T>
+int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_pos, const int64_t* b_pos,
+                    const bool* allowed, const Shape& s, int64_t out, std::vector<int64_t>& slot) {
+  std::vector<float> best(s.ma, -INFINITY);
+  std::vector<int64_t> arg(s.ma, 0), order;
+  order.reserve(s.ma);
+  for (int64_t i = 0; i < s.ma; ++i) {
+    if (a_pos[i] < 0) continue;
+    const float* row = scores + i * s.mb;
+    for (int64_t j = 0; j < s.mb; ++j) {  // first maximum wins, as torch.max
+      const bool ok = b_pos[j] >= 0 && (allowed == nullptr || allowed[i * s.mb + j]);
+      if (ok && row[j] > best[i]) {
+        best[i] = row[j];
+        arg[i] = j;
+      }
+    }
+    order.push_back(i);
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return best[p] > best[q]; });
+  std::vector<char> merged(s.ma, 0);
+  for (int64_t k = 0; k < s.r; ++k) merged[order[k]] = 1;
+  const int64_t keep = static_cast<int64_t>(order.size()) - s.r;
+  std::vector<int64_t> b_out(s.mb, -1);
+  for (int64_t j = 0, v = 0; j < s.mb; ++j)
+    if (b_pos[j] >= 0) b_out[j] = out + keep + v++;
+
+  auto copy_row = [&](int64_t from, int64_t to) {
+    std::copy(io.x + from * s.c, io.x + (from + 1) * s.c, io.xo + to * s.c);
+    io.so[to] = io.size[from];
+    slot[from] = to;
+  };
+  for (int64_t i = 0, u = 0; i < s.ma; ++i) {
+    if (a_pos[i] < 0) continue;
+    if (merged[i]) slot[a_pos[i]] = b_out[arg[i]];
+    else copy_row(a_pos[i], out + u++);
+  }
+  for (int64_t j = 0; j < s.mb; ++j)
+    if (b_pos[j] >= 0) copy_row(b_pos[j], b_out[j]);
+
+  // each merged B row becomes the size-weighted mean of itself and its A partners
+  std::vector<char> hit(s.mb, 0);
+  for (int64_t k = 0; k < s.r; ++k) {
+    const int64_t j = arg[order[k]];
+    if (!hit[j]) {
+      T* __restrict__ row = io.xo + b_out[j] * s.c;
+      const T sb = io.so[b_out[j]];
+      for (int64_t c = 0; c < s.c; ++c) row[c] *= sb;
+      hit[j] = 1;
+    }
+  }
+  for (int64_t k = 0; k < s.r; ++k) {
+    const int64_t i = order[k], to = b_out[arg[i]];
+    T* __restrict__ row = io.xo + to * s.c;
+    const T* __restrict__ xa = io.x + a_pos[i] * s.c;
+    const T sa = io.size[a_pos[i]];
+    for (int64_t c = 0; c < s.c; ++c) row[c] += xa[c] * sa;
+    io.so[to] += sa;
+  }
+  for (int64_t j = 0; j < s.mb; ++j) {
+    if (!hit[j]) continue;
+    T* __restrict__ row = io.xo + b_out[j] * s.c;
+    const T inv = T(1) / io.so[b_out[j]];
+    for (int64_t c = 0; c < s.c; ++c) row[c] *= inv;
+  }
+  return out + keep + std::count_if(b_pos, b_pos + s.mb, [](int64_t p) { return p >= 0; });
+}
+
+template <typename T>
+void merge_batch(const Batch<T>& io, const float* scores, const int64_t* a_pos, const int64_t* b_pos,
+                 const bool* allowed, const Shape& s) {
+  std::vector<int64_t> slot(s.n, -1);
+  for (int64_t t = 0; t < s.prefix; ++t) {
+    std::copy(io.x + t * s.c, io.x + (t + 1) * s.c, io.xo + t * s.c);
+    io.so[t] = io.size[t];
+    slot[t] = t;
+  }
+  int64_t out = s.prefix;
+  for (int64_t g = 0; g < s.groups; ++g)
+    out = merge_group(io, scores + g * s.ma * s.mb, a_pos + g * s.ma, b_pos + g * s.mb, allowed, s, out, slot);
+  for (int64_t t = 0; t < s.n0; ++t) io.srco[t] = slot[io.source[t]];
+}
+
+// a_pos [Bp, G, Ma], b_pos [Bp, G, Mb] with Bp in {1, B}; allowed [Ma, Mb] or undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
+    const at::Tensor& x_, const at::Tensor& metric_, const at::Tensor& size_, const at::Tensor& source_,
+    const at::Tensor& a_pos_, const at::Tensor& b_pos_, const c10::optional<at::Tensor>& allowed_, int64_t r,
+    int64_t prefix) {
+  TORCH_CHECK(x_.dim() == 3 && metric_.dim() == 3 && size_.dim() == 3 && source_.dim() == 2,
+              "bipartite_merge: expected x [B,N,C], metric [B,N,D], size [B,N,1], source [B,N0]");
+  TORCH_CHECK(a_pos_.dim() == 3 && b_pos_.dim() == 3 && a_pos_.size(1) == b_pos_.size(1),
+              "bipartite_merge: expected a_pos [B|1, G, Ma] and b_pos [B|1, G, Mb]");
+  const auto x = x_.contiguous();
+  const auto metric = metric_.to(at::kFloat).contiguous();
+  const auto size = size_.to(x.scalar_type()).contiguous();
+  const auto source = source_.to(at::kLong).contiguous();
+  const int64_t bsz = x.size(0);
+  const auto a_pos = a_pos_.to(at::kLong).expand({bsz, -1, -1}).contiguous();
+  const auto b_pos = b_pos_.to(at::kLong).expand({bsz, -1, -1}).contiguous();
+  at::Tensor allowed;
+  if (allowed_.has_value()) allowed = allowed_->to(at::kBool).contiguous();
+  Shape s{x.size(1), x.size(2), metric.size(2), source.size(1), a_pos.size(1), a_pos.size(2), b_pos.size(2),
+          r, prefix, 0};
+  TORCH_CHECK(s.mb > 0 && r >= 0, "bipartite_merge: need a non-empty B set and r >= 0");
+  TORCH_CHECK(!allowed.defined() || (allowed.size(0) == s.ma && allowed.size(1) == s.mb),
+              "bipartite_merge: allowed must be [Ma, Mb]");
+  // every mergeable token must sit in exactly one set, and every group must have r A tokens to merge
+  for (int64_t bg = 0; bg < bsz * s.groups; ++bg) {
+    const int64_t* ap = a_pos.data_ptr<int64_t>() + bg * s.ma;
+    const int64_t* bp = b_pos.data_ptr<int64_t>() + bg * s.mb;
+    const int64_t va = std::count_if(ap, ap + s.ma, [](int64_t p) { return p >= 0; });
+    TORCH_CHECK(va >= r, "bipartite_merge: r = ", r, " exceeds a group's ", va, " A tokens");
+  }
+  for (int64_t b = 0; b < bsz; ++b) {
+    std::vector<char> seen(s.n, 0);
+    for (const auto* t : {&a_pos, &b_pos}) {
+      const int64_t len = s.groups * t->size(2);
+      const int64_t* p = t->data_ptr<int64_t>() + b * len;
+      for (int64_t i = 0; i < len; ++i) {
+        if (p[i] < 0) continue;
+        TORCH_CHECK(p[i] >= prefix && p[i] < s.n && !seen[p[i]],
+                    "bipartite_merge: A/B positions must be distinct tokens after the prefix");
+        seen[p[i]] = 1;
+      }
+    }
+    TORCH_CHECK(std::count(seen.begin(), seen.end(), 1) == s.n - prefix,
+                "bipartite_merge: prefix + |A| + |B| must equal the token count");
+  }
+  s.n_out = s.n - r * s.groups;
+  const bool* allowed_p = allowed.defined() ? allowed.data_ptr<bool>() : nullptr;
+
+  auto na = at::empty({bsz * s.groups, s.ma, s.d}, metric.options());
+  auto nb = at::empty({bsz * s.groups, s.mb, s.d}, metric.options());
+  at::parallel_for(0, bsz, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* mp = metric.data_ptr<float>() + b * s.n * s.d;
+      normalize_rows(mp, a_pos.data_ptr<int64_t>() + b * s.groups * s.ma, s.groups * s.ma, s.d,
+                     na.data_ptr<float>() + b * s.groups * s.ma * s.d);
+      normalize_rows(mp, b_pos.data_ptr<int64_t>() + b * s.groups * s.mb, s.groups * s.mb, s.d,
+                     nb.data_ptr<float>() + b * s.groups * s.mb * s.d);
+    }
+  });
+  const auto scores = at::bmm(na, nb.transpose(1, 2)).contiguous();
+
+  auto xo = at::empty({bsz, s.n_out, s.c}, x.options());
+  auto so = at::empty({bsz, s.n_out, 1}, x.options());
+  auto srco = at::empty({bsz, s.n0}, source.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bipartite_merge", [&] {
+    at::parallel_for(0, bsz, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        Batch<scalar_t> io{x.data_ptr<scalar_t>() + b * s.n * s.c, size.data_ptr<scalar_t>() + b * s.n,
+                           source.data_ptr<int64_t>() + b * s.n0, xo.data_ptr<scalar_t>() + b * s.n_out * s.c,
+                           so.data_ptr<scalar_t>() + b * s.n_out, srco.data_ptr<int64_t>() + b * s.n0};
+        merge_batch(io, scores.data_ptr<float>() + b * s.groups * s.ma * s.mb,
+                    a_pos.data_ptr<int64_t>() + b * s.groups * s.ma, b_pos.data_ptr<int64_t>() + b * s.groups * s.mb,
+                    allowed_p, s);
+      }
+    });
+  });
+  return {xo, so, srco};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mergepass, CPU, m) { m.impl("bipartite_merge", &bipartite_merge); }

@@ -1,0 +1,101 @@
+"""The fused CPU merge kernel: bipartite matching and the size-weighted merge as one custom op.
+
+``torch.ops.mergepass.bipartite_merge`` computes what :func:`~mergepass.merge.global_merge`,
+:func:`~mergepass.merge.window_merge` and :func:`~mergepass.merge.adjacent_merge` compute, in one call
+per block instead of ~15-25 small kernels (similarity matmul, max, sorts, index arithmetic,
+scatter-adds). Inductor keeps it as one
+extern call, so the compiled graph stays free of graph breaks and its shapes stay static.
+
+The C++ source (``csrc/bipartite_merge.cpp``) is built on first use with
+``torch.utils.cpp_extension`` and cached; inductor's CPU backend needs the same C++ compiler.
+When it cannot be built, :func:`kernel_error` says why and callers use the reference functions.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .methods import checkerboard, window_perm
+from .tokens import init_state
+
+_SRC = Path(__file__).with_name("csrc") / "bipartite_merge.cpp"
+
+_LIB = torch.library.Library("mergepass", "DEF")
+_LIB.define("bipartite_merge(Tensor x, Tensor metric, Tensor size, Tensor source, Tensor a_pos, Tensor b_pos, "
+            "Tensor? allowed, int r, int prefix) -> (Tensor, Tensor, Tensor)")
+
+
+@torch.library.register_fake("mergepass::bipartite_merge")
+def _shapes(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):
+    b, n, c = x.shape
+    n_out = n - r * a_pos.shape[-2]
+    return x.new_empty(b, n_out, c), x.new_empty(b, n_out, 1), source.new_empty(source.shape, dtype=torch.long)
+
+
+def _cpu_tag() -> str:
+    """Builds use -march=native, so the cache must not be shared between different CPUs."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+@functools.cache
+def kernel_error() -> Optional[str]:
+    """Build and load the kernel once; ``None`` when it is ready, else why it is not."""
+    import logging
+    import warnings
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" noise
+    try:
+        from torch.utils.cpp_extension import load
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load(name=f"mergepass_kernels_{_cpu_tag()}", sources=[str(_SRC)], is_python_module=False,
+                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                 verbose=False)
+    except Exception as e:  # no compiler, no headers, a build error: all mean "use the reference path"
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return None
+
+
+def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):
+    size, source = init_state(x, size, source)
+    return torch.ops.mergepass.bipartite_merge(x, metric, size, source, a_pos, b_pos, allowed, r, prefix)
+
+
+def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+                       source: Optional[torch.Tensor], *, r: int, prefix: int):
+    """:func:`~mergepass.merge.global_merge` (ToMe, A = even, B = odd positions) as one kernel."""
+    pos = torch.arange(prefix, x.shape[1], device=x.device)
+    return _call(x, metric, size, source, pos[None, None, ::2], pos[None, None, 1::2], None, r, prefix)
+
+
+def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+                         source: Optional[torch.Tensor], *, r: int, prefix: int, grid: tuple[int, int]):
+    """:func:`~mergepass.merge.adjacent_merge` (ToMato, checkerboard sets, 4-neighbours) as one kernel."""
+    a_ids, b_ids, adj = checkerboard(grid)
+    dev = x.device
+    a_pos = torch.tensor(a_ids, device=dev)[None, None] + prefix
+    b_pos = torch.tensor(b_ids, device=dev)[None, None] + prefix
+    return _call(x, metric, size, source, a_pos, b_pos, adj.to(dev), r, prefix)
+
+
+def fused_window_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+                       source: Optional[torch.Tensor], *, r: int, prefix: int,
+                       grid: tuple[int, int], windows: tuple[int, int]):
+    """:func:`~mergepass.merge.window_merge` (LGTM, ``r`` merges in each window) as one kernel; the
+    windows are formed from the tracked token locations exactly as there, padding marked -1."""
+    size, source = init_state(x, size, source)
+    b, n, _ = x.shape
+    perm, per, _ = window_perm(source, n, prefix, grid, windows)
+    tok = torch.where(perm < n - prefix, perm + prefix, -1).reshape(b, windows[0] * windows[1], per)
+    return _call(x, metric, size, source, tok[..., ::2], tok[..., 1::2], None, r, prefix)
+
+
+__all__ = ["kernel_error", "fused_global_merge", "fused_adjacent_merge", "fused_window_merge"]
