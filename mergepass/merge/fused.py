@@ -1,10 +1,10 @@
 """The fused CPU merge kernel: bipartite matching and the size-weighted merge as one custom op.
 
 ``torch.ops.mergepass.bipartite_merge`` computes what :func:`~mergepass.merge.global_merge`,
-:func:`~mergepass.merge.window_merge` and :func:`~mergepass.merge.adjacent_merge` compute, in one call
-per block instead of ~15-25 small kernels (similarity matmul, max, sorts, index arithmetic,
-scatter-adds). Inductor keeps it as one
-extern call, so the compiled graph stays free of graph breaks and its shapes stay static.
+:func:`~mergepass.merge.window_merge` and :func:`~mergepass.merge.adjacent_merge` compute, in one
+call per block instead of ~15-25 small kernels (similarity matmul, max, sorts, index arithmetic,
+scatter-adds). Inductor keeps it as one extern call, so the compiled graph stays free of graph
+breaks and its shapes stay static.
 
 The C++ source (``csrc/bipartite_merge.cpp``) is built on first use with
 ``torch.utils.cpp_extension`` and cached; inductor's CPU backend needs the same C++ compiler.
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import platform
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..cpu import cpu_id
 from .methods import checkerboard, window_perm
 from .tokens import init_state
 
@@ -37,15 +37,6 @@ def _shapes(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):
     return x.new_empty(b, n_out, c), x.new_empty(b, n_out, 1), source.new_empty(source.shape, dtype=torch.long)
 
 
-def _cpu_tag() -> str:
-    """Builds use -march=native, so the cache must not be shared between different CPUs."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
-
-
 @functools.cache
 def kernel_error() -> Optional[str]:
     """Build and load the kernel once; ``None`` when it is ready, else why it is not."""
@@ -56,7 +47,9 @@ def kernel_error() -> Optional[str]:
         from torch.utils.cpp_extension import load
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            load(name=f"mergepass_kernels_{_cpu_tag()}", sources=[str(_SRC)], is_python_module=False,
+            # -march=native: a cached build must never be loaded on a different CPU, so the name says which
+            cpu = hashlib.sha1(cpu_id().encode()).hexdigest()[:10]
+            load(name=f"mergepass_kernels_{cpu}", sources=[str(_SRC)], is_python_module=False,
                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                  verbose=False)
     except Exception as e:  # no compiler, no headers, a build error: all mean "use the reference path"

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import functools
 import warnings
-from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import fx
 
+from ..cpu import cpu_flags
 from ..recipe import Recipe
 from .calibration import calibration_batches, missing_calibration, outlier_linears
 from .graphs import Lifted, module_names, path_matches
@@ -40,11 +40,9 @@ def _excluder(patterns: Iterable[str]) -> Callable[[fx.Node], bool]:
 @functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: judge by the kernels PyTorch picked
+    flags = cpu_flags()
+    if not flags:  # no /proc/cpuinfo: judge by the kernels PyTorch picked
         return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
-    flags = set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
