@@ -68,7 +68,8 @@ def test_no_proportional_attention_recipe_field():
 
 
 def _merge_nodes(gm):
-    fns = {global_merge, window_merge, adjacent_merge, fused.fused_global_merge, fused.fused_adjacent_merge}
+    fns = {global_merge, window_merge, adjacent_merge,
+           fused.fused_global_merge, fused.fused_window_merge, fused.fused_adjacent_merge}
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in fns]
 
 
