@@ -178,5 +178,7 @@ def test_fused_kernel_rejects_inconsistent_sets():
         op(x, k, size, src, torch.tensor([[[1, 3]]]), torch.tensor([[[2, 4]]]), None, 1, 1)
     with pytest.raises(RuntimeError, match="distinct tokens after the prefix"):
         op(x, k, size, src, torch.tensor([[[0, 1, 3, 5]]]), torch.tensor([[[2, 4, 6, 8]]]), None, 1, 1)
+    with pytest.raises(RuntimeError, match="no B token to merge into"):
+        op(x, k, size, src, torch.tensor([[[1, 2, 3, 4], [5, 6, 7, 8]]]), torch.tensor([[[-1], [-1]]]), None, 1, 1)
     with pytest.raises(RuntimeError, match="exceeds a group's 4 A tokens"):
         op(x, k, size, src, torch.arange(1, 9, 2)[None, None], torch.arange(2, 9, 2)[None, None], None, 5, 1)

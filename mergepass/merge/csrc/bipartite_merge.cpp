@@ -160,7 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
     const int64_t* ap = a_pos.data_ptr<int64_t>() + bg * s.ma;
     const int64_t* bp = b_pos.data_ptr<int64_t>() + bg * s.mb;
     const int64_t va = std::count_if(ap, ap + s.ma, [](int64_t p) { return p >= 0; });
+    const int64_t vb = std::count_if(bp, bp + s.mb, [](int64_t p) { return p >= 0; });
     TORCH_CHECK(va >= r, "bipartite_merge: r = ", r, " exceeds a group's ", va, " A tokens");
+    TORCH_CHECK(r == 0 || vb > 0, "bipartite_merge: a group with merges has no B token to merge into");
   }
   for (int64_t b = 0; b < bsz; ++b) {
     std::vector<char> seen(s.n, 0);
