@@ -5,8 +5,9 @@
 
 Kernels are grouped as int8 GEMM (oneDNN qlinear/qconv), attention (SDPA), merge (the fused merge
 kernel, inductor kernels and aten ops that gather, scatter or sort), other kernels (norms,
-quantize, adds, ...) and the Python wrapper between them. ``wall`` is the un-profiled median time per forward; the difference
-to the kernel sum is overhead the profiler does not attribute (thread wake-ups, allocation).
+quantize, adds, ...) and the Python wrapper between them. ``wall`` is the un-profiled median time
+per forward; the difference to the kernel sum is overhead the profiler does not attribute (thread
+wake-ups, allocation).
 Ratios are the first contender's time over each contender's, per group.
 """
 from __future__ import annotations

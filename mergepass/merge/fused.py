@@ -53,7 +53,8 @@ def kernel_error() -> Optional[str]:
                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                  verbose=False)
     except Exception as e:  # no compiler, no headers, a build error: all mean "use the reference path"
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        msg = str(e).strip()
+        return f"{type(e).__name__}: {msg.splitlines()[-1] if msg else ''}"
     return None
 
 

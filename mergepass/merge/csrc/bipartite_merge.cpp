@@ -73,8 +73,9 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_po
   for (int64_t k = 0; k < s.r; ++k) merged[order[k]] = 1;
   const int64_t keep = static_cast<int64_t>(order.size()) - s.r;
   std::vector<int64_t> b_out(s.mb, -1);
-  for (int64_t j = 0, v = 0; j < s.mb; ++j)
-    if (b_pos[j] >= 0) b_out[j] = out + keep + v++;
+  int64_t kept_b = 0;
+  for (int64_t j = 0; j < s.mb; ++j)
+    if (b_pos[j] >= 0) b_out[j] = out + keep + kept_b++;
 
   auto copy_row = [&](int64_t from, int64_t to) {
     std::copy(io.x + from * s.c, io.x + (from + 1) * s.c, io.xo + to * s.c);
@@ -114,7 +115,7 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_po
     const T inv = T(1) / io.so[b_out[j]];
     for (int64_t c = 0; c < s.c; ++c) row[c] *= inv;
   }
-  return out + keep + std::count_if(b_pos, b_pos + s.mb, [](int64_t p) { return p >= 0; });
+  return out + keep + kept_b;
 }
 
 template <typename T>
