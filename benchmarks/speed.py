@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mergepass import models
+    from mergepass.cpu import int8_isa
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = {"num_classes": 0} if (args.checkpoint and "dinov2" in args.model) else {}
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
         per_round, compile_s, schedules = time_contenders(model, x, specs, args.rounds, args.iters, calib)
         rows = summarize(per_round, compile_s, schedules)
         table = format_table(rows, f"{args.model}, batch {bsz}, {torch.get_num_threads()} threads, "
-                                   f"{args.rounds} interleaved rounds x {args.iters} iters")
+                                   f"{args.rounds} interleaved rounds x {args.iters} iters, "
+                                   f"int8 ISA: {int8_isa()}")
         print(table, flush=True)
         tables.append(table)
         results.append(dict(model=args.model, batch=bsz, rows=rows))

@@ -20,3 +20,15 @@ def cpu_flags() -> frozenset[str]:
 def cpu_id() -> str:
     """Architecture, model and flags: equal only for CPUs that can run each other's -march=native builds."""
     return " ".join([platform.machine(), platform.processor(), *sorted(cpu_flags())])
+
+
+def int8_isa() -> str:
+    """The CPU's fastest int8 dot-product instructions: 'AMX', 'AVX-512 VNNI', 'AVX-VNNI', or 'none'
+    (int8 GEMMs then gain only ~2x over FP32, see benchmarks/gemm_peak.py); '?' without /proc/cpuinfo."""
+    flags = cpu_flags()
+    if not flags:
+        return "?"
+    for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI")):
+        if flag in flags:
+            return name
+    return "none"

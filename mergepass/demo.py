@@ -52,6 +52,7 @@ def main(argv=None) -> int:
 
     import mergepass
     from mergepass import data, fidelity, models
+    from mergepass.cpu import int8_isa
 
     recipe = args.recipe or ("dfe_lgtm_int8" if "dfe_lgtm_int8" in mergepass.available_recipes() else "tome")
     if args.model is None and args.checkpoint is None and DINO.exists():
@@ -94,6 +95,9 @@ def main(argv=None) -> int:
           f"({1e3 * t['eager']:.0f} ms -> {1e3 * t['mergepass']:.0f} ms per batch of {args.batch}, "
           f"median of {args.rounds})")
     print(f"fidelity vs uncompressed FP32 on {len(out)} inputs: {fidelity.format_summary(fid)}")
+    if be.recipe.quantize.enabled and int8_isa() == "none":
+        print("note: this CPU has no int8 dot-product instructions (VNNI/AMX), so int8 GEMMs gain only "
+              "~2x over FP32 here (benchmarks/gemm_peak.py); expect larger speedups on CPUs with them")
     return 0
 
 

@@ -155,3 +155,21 @@ def test_zero_cost_bound_sees_tomes_token_counts():
         h.remove()
     plan = mergepass.plan(m, x, "tome", r=3)
     assert seen == [b.tokens_out for b in plan.blocks] and out.shape == m(x).shape
+
+
+def test_gemm_peak_times_onednns_int8_linear():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gemm_peak
+    x = torch.randint(0, 128, (24, 64), dtype=torch.uint8)
+    w = torch.randint(-127, 128, (40, 64), dtype=torch.int8)
+    out = gemm_peak._int8(24, 64, 40, x, w)()
+    expect = (0.02 * x.float()) @ (0.01 * w.float()).T  # the scales the timed call uses
+    assert out.dtype == torch.float32 and torch.allclose(out, expect, rtol=1e-4, atol=1e-3)
+    rows = gemm_peak.time_shapes(2, tokens=5, rounds=2, iters=1, linears={"a": (64, 32), "b": (32, 48)})
+    assert [(r["m"], r["k"], r["n"]) for r in rows] == [(10, 64, 32), (10, 32, 48)]
+    assert all(r["fp32_ms"] > 0 and r["int8_ms"] > 0 for r in rows)
+    table = gemm_peak.format_table(rows, "t")
+    ratio = sum(r["fp32_ms"] for r in rows) / sum(r["int8_ms"] for r in rows)
+    assert f"int8 GEMMs {ratio:.2f}x faster" in table

@@ -48,6 +48,17 @@ def test_activation_range_follows_the_cpus_int8_instructions(monkeypatch, vnni, 
         assert (act.quant_min, act.quant_max) == (0, quant_max)
 
 
+@pytest.mark.parametrize("flags,isa,vnni", [({"avx2", "avx512_vnni", "amx_int8"}, "AMX", True),
+                                             ({"avx2", "avx512f", "avx512_vnni"}, "AVX-512 VNNI", True),
+                                             ({"avx2", "avx_vnni"}, "AVX-VNNI", True),
+                                             ({"avx2", "fma"}, "none", False)])
+def test_int8_isa_reads_the_cpu_flags(monkeypatch, flags, isa, vnni):
+    from mergepass import cpu
+    from mergepass.quantize import pt2e
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    assert cpu.int8_isa() == isa and pt2e.cpu_has_vnni.__wrapped__() is vnni
+
+
 def test_without_calibration_falls_back_to_dynamic_with_warning():
     m = tiny_vit(depth=DEPTH)
     x = torch.randn(4, 3, 64, 64)

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import fx
 
-from ..cpu import cpu_flags
+from ..cpu import int8_isa
 from ..recipe import Recipe
 from .calibration import calibration_batches, missing_calibration, outlier_linears
 from .graphs import Lifted, module_names, path_matches
@@ -40,10 +40,10 @@ def _excluder(patterns: Iterable[str]) -> Callable[[fx.Node], bool]:
 @functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this x86 CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
-    flags = cpu_flags()
-    if not flags:  # no /proc/cpuinfo: judge by the kernels PyTorch picked
+    isa = int8_isa()
+    if isa == "?":  # no /proc/cpuinfo: judge by the kernels PyTorch picked
         return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2")
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return isa != "none"
 
 
 def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None):
