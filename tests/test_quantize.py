@@ -215,3 +215,17 @@ def test_tensorrt_int8_lowering():
                             dynamic=False)(x)
         fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
     assert torch.nn.functional.cosine_similarity(out.float(), fp32).min().item() > 0.98
+
+
+def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges():
+    """docs/benchmarks.md suggests inductor's C++ wrapper for small batches: it must give the same model."""
+    from torch._inductor import config as inductor_config
+    m = tiny_vit(depth=DEPTH)
+    x = torch.randn(4, 3, 64, 64)
+    calib = _calib()
+    out_py, _ = _run(m, x, mergepass.backend("tome_int8", r=3, calibration=calib))
+    torch._dynamo.reset()
+    with inductor_config.patch(cpp_wrapper=True):
+        out_cpp, code = _run(m, x, mergepass.backend("tome_int8", r=3, calibration=calib))
+    assert "qlinear_pointwise" in code and "bipartite_merge" in code and "inductor_entry_impl" in code
+    torch.testing.assert_close(out_cpp, out_py, rtol=1e-4, atol=1e-4)
