@@ -173,3 +173,24 @@ def test_gemm_peak_times_onednns_int8_linear():
     table = gemm_peak.format_table(rows, "t")
     ratio = sum(r["fp32_ms"] for r in rows) / sum(r["int8_ms"] for r in rows)
     assert f"int8 GEMMs {ratio:.2f}x faster" in table
+
+
+def test_targets_check_best_contender_per_floor_and_missing_runs():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import targets
+    results = [dict(batch=8, rows=[dict(contender="eager", median_ms=800.0), dict(contender="int8", median_ms=200.0),
+                                   dict(contender="tome_int8", median_ms=120.0),
+                                   dict(contender="dfe_lgtm_int8", median_ms=100.0)]),
+               dict(batch=1, rows=[dict(contender="eager", median_ms=100.0)])]
+    rows = {r["floor"]: r for r in targets.check(targets.medians(results))}
+    int8, merged, over_int8, b1 = (rows[f.describe()] for f in targets.FLOORS)
+    assert (int8["ratio"], int8["status"]) == (4.0, "met")
+    assert (merged["best"], merged["ratio"], merged["status"]) == ("dfe_lgtm_int8", 8.0, "met")
+    assert (over_int8["ratio"], over_int8["status"]) == (2.0, "met")
+    assert b1["status"] == "not measured" and b1["ratio"] is None
+    results[0]["rows"][3]["median_ms"] = 150.0  # now tome_int8 is best: 200/120 = 1.67 < 1.8
+    over_int8 = targets.check(targets.medians(results))[2]
+    assert over_int8["best"] == "tome_int8" and over_int8["status"] == "NOT MET"
+    assert "NOT MET" in targets.format_check(targets.check(targets.medians(results)))

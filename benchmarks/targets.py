@@ -1,0 +1,90 @@
+"""Check the int8 issue's speed floors (ViT-B/16, ratios over eager FP32 and over int8) and say which hold.
+
+    python benchmarks/targets.py                        # time them: speed.py at batch 8 and 1
+    python benchmarks/targets.py --from-json docs/results/speed_vit_b16_zen3_session4.json
+
+Timing runs ``benchmarks/speed.py`` with the contenders the floors name, all in one process, and
+reads its JSON; ``--from-json`` reads earlier speed.py outputs instead (each file checked on its own:
+ratios never mix runs). A floor that names two contenders holds when either does; a floor whose
+contenders a run did not time is "not measured". The floors assume a CPU with int8 dot products (VNNI or AMX): see ``gemm_peak.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MERGED = ("dfe_lgtm_int8", "tome_int8")
+
+
+@dataclass(frozen=True)
+class Floor:
+    batch: int
+    contenders: tuple[str, ...]  # the floor holds if any of them reaches it
+    over: str
+    ratio: float
+
+    def describe(self) -> str:
+        return f"batch {self.batch}: {' or '.join(self.contenders)} >= {self.ratio}x over {self.over}"
+
+
+FLOORS = (Floor(8, ("int8",), "eager", 3.5),
+          Floor(8, MERGED, "eager", 7.0),
+          Floor(8, MERGED, "int8", 1.8),
+          Floor(1, MERGED, "eager", 5.0))
+
+
+def medians(results: list[dict]) -> dict[tuple[int, str], float]:
+    """(batch, contender) -> median ms, from speed.py's JSON (a list of {batch, rows})."""
+    return {(r["batch"], row["contender"]): row["median_ms"] for r in results for row in r["rows"]}
+
+
+def check(ms: dict[tuple[int, str], float], floors=FLOORS) -> list[dict]:
+    """One row per floor: the best measured ratio among its contenders (None if not measured)."""
+    out = []
+    for f in floors:
+        base = ms.get((f.batch, f.over))
+        ratios = {c: base / ms[(f.batch, c)] for c in f.contenders if base and (f.batch, c) in ms}
+        best = max(ratios, key=ratios.get) if ratios else None
+        value = ratios[best] if best else None
+        status = "not measured" if value is None else ("met" if value >= f.ratio else "NOT MET")
+        out.append(dict(floor=f.describe(), best=best, ratio=value, status=status))
+    return out
+
+
+def format_check(rows: list[dict]) -> str:
+    lines = [f"{'floor':<58}{'measured':>24}  status"]
+    for r in rows:
+        got = f"{r['ratio']:.2f}x ({r['best']})" if r["ratio"] is not None else "-"
+        lines.append(f"{r['floor']:<58}{got:>24}  {r['status']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from-json", nargs="+", default=None, help="speed.py JSON outputs to check")
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--json", default=None, help="keep the timing run's speed.py JSON here")
+    a = p.parse_args(argv)
+    files = a.from_json
+    if files is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import speed
+        out = a.json or str(Path(tempfile.mkdtemp()) / "speed.json")
+        batches = sorted({f.batch for f in FLOORS}, reverse=True)
+        contenders = sorted({c for f in FLOORS for c in (*f.contenders, f.over)} - {"eager"})
+        speed.main(["--model", a.model, "--batch", *map(str, batches), "--contenders", "eager", *contenders,
+                    "--rounds", str(a.rounds), "--iters", str(a.iters), "--json", out])
+        files = [out]
+    for f in files:
+        print(f"{f}\n{format_check(check(medians(json.loads(Path(f).read_text()))))}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
