@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ def check(ms: dict[tuple[int, str], float], floors=FLOORS) -> list[dict]:
 def format_check(rows: list[dict]) -> str:
     lines = [f"{'floor':<58}{'measured':>24}  status"]
     for r in rows:
-        got = f"{r['ratio']:.2f}x ({r['best']})" if r["ratio"] is not None else "-"
+        # rounded down, so that a ratio just under its floor never prints as the floor itself
+        got = f"{math.floor(r['ratio'] * 100) / 100:.2f}x ({r['best']})" if r["ratio"] is not None else "-"
         lines.append(f"{r['floor']:<58}{got:>24}  {r['status']}")
     return "\n".join(lines)
 
