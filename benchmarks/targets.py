@@ -6,7 +6,8 @@
 Timing runs ``benchmarks/speed.py`` with the contenders the floors name, all in one process, and
 reads its JSON; ``--from-json`` reads earlier speed.py outputs instead (each file checked on its own:
 ratios never mix runs). A floor that names two contenders holds when either does; a floor whose
-contenders a run did not time is "not measured". The floors assume a CPU with int8 dot products (VNNI or AMX): see ``gemm_peak.py``.
+contenders a run did not time is "not measured". The floors assume a CPU with int8 dot products
+(VNNI or AMX): see ``gemm_peak.py``.
 """
 from __future__ import annotations
 
