@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from typing import Optional
 
 import torch
+from speed import interleaved  # this folder: run as a script, or put on sys.path
 
 from mergepass.cpu import int8_isa
 
@@ -26,7 +27,7 @@ def _fp32(m: int, k: int, n: int):
     return lambda: torch.nn.functional.linear(x, w)
 
 
-def _int8(m: int, k: int, n: int, x: torch.Tensor = None, w: torch.Tensor = None):
+def _int8(m: int, k: int, n: int, x: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None):
     """oneDNN's u8 x s8 linear (x_scale 0.02, w_scale 0.01, zero points 0) with FP32 output."""
     x = torch.randint(0, 128, (m, k), dtype=torch.uint8) if x is None else x  # 7 bits: no saturation
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8) if w is None else w
@@ -42,16 +43,9 @@ def time_shapes(batch: int, tokens: int = 197, rounds: int = 7, iters: int = 5,
     rows = []
     for name, (k, n) in linears.items():
         fns = {"fp32": _fp32(m, k, n), "int8": _int8(m, k, n)}
-        times = {kind: [] for kind in fns}
         for f in fns.values():
             f()
-        for _ in range(rounds):
-            for kind, f in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    f()
-                times[kind].append((time.perf_counter() - t0) / iters)
-        med = {kind: statistics.median(ts) for kind, ts in times.items()}
+        med = {kind: statistics.median(ts) for kind, ts in interleaved(fns, rounds, iters).items()}
         ops = 2 * m * k * n
         rows.append(dict(name=name, m=m, k=k, n=n, fp32_ms=1e3 * med["fp32"], int8_ms=1e3 * med["int8"],
                          fp32_gflops=ops / med["fp32"] / 1e9, int8_gops=ops / med["int8"] / 1e9))

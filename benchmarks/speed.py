@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -23,6 +24,19 @@ from pathlib import Path
 import torch
 
 from mergepass.evaluate import compile_spec
+
+
+def interleaved(fns: dict, rounds: int, iters: int) -> dict:
+    """Seconds per call of each zero-argument function, one value per round. Every round calls all
+    of them in turn, so machine noise hits each alike."""
+    per_round = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            per_round[name].append((time.perf_counter() - t0) / iters)
+    return per_round
 
 
 def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=print):
@@ -38,13 +52,7 @@ def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=p
             if be is not None and be.schedule is not None:
                 schedules[spec] = be.schedule
             log(f"  ready {spec:<28} compile+first run {compile_s[spec]:7.1f} s")
-        per_round = {s: [] for s in specs}
-        for _ in range(rounds):
-            for spec in specs:
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fns[spec](x)
-                per_round[spec].append((time.perf_counter() - t0) / iters)
+        per_round = interleaved({spec: functools.partial(fns[spec], x) for spec in specs}, rounds, iters)
     return per_round, compile_s, schedules
 
 

@@ -15,10 +15,11 @@ import os
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
+from speed import interleaved  # this folder: run as a script, or put on sys.path
 
 import mergepass
 from mergepass import models
@@ -63,13 +64,7 @@ def main(argv=None) -> int:
             fns[name] = torch.compile(model, backend=mergepass.backend(recipe, calibration=cal), dynamic=False)
             fns[name](x)
             print(f"  compiled {name}", flush=True)
-        times = {k: [] for k in fns}
-        for _ in range(args.rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    fn(x)
-                times[name].append((time.perf_counter() - t0) / args.iters)
+        times = interleaved({name: functools.partial(fn, x) for name, fn in fns.items()}, args.rounds, args.iters)
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"{args.rounds} interleaved rounds x {args.iters} iters")
