@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
-from mergepass import models
-from mergepass.evaluate import compile_spec
+from mergepass.eval import models
+from mergepass.eval.evaluate import compile_spec
 
 GROUPS = ("int8 GEMM", "attention", "merge", "other kernels", "wrapper")
 

@@ -15,9 +15,9 @@ import statistics
 from typing import Optional
 
 import torch
-from speed import interleaved  # this folder: run as a script, or put on sys.path
 
 from mergepass.cpu import int8_isa
+from mergepass.eval.timing import interleaved
 
 VIT_B_LINEARS = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
 

@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mergepass import data as data_mod  # noqa: E402
-from mergepass.evaluate import Features, compile_spec, feature_metrics, load_model, run_batches  # noqa: E402
+from mergepass.eval import timing  # noqa: E402
+from mergepass.eval.evaluate import eval_set, evaluate_spec, load_model  # noqa: E402
+from mergepass.eval.timing import interleaved  # noqa: E402
 
 DEFAULT = ([f"tome:r={r}" for r in (4, 8, 12, 16, 20)]
            + [f"{m}:match_tome_r={r}" for m in ("dfe", "dfe_lgtm", "tomato") for r in (8, 12, 16, 20)]
@@ -40,39 +41,24 @@ def _eager(spec: str) -> str:
 def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, rounds=5, log=print,
           eager_fp32=False, crop_pct=0.875):
     """Quality (and, unless ``eager_fp32`` runs FP32 recipes uncompiled, in-process speed) per contender."""
-    x, _, skipped = data_mod.load_images(images, **data_mod.data_config(model, 224, crop_pct=crop_pct))
-    calib = data_mod.batches(x[:calib_images], batch)
-    x = x[calib_images:][:limit] if limit else x[calib_images:]
-    evals = data_mod.batches(x, batch)
-    target = Features(model).eval()
-    ref = run_batches(target, evals)
+    es = eval_set(model, images, calib_images, batch, limit, preprocess=dict(crop_pct=crop_pct))
     rows = []
     for spec in contenders:
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
         untimed = eager_fp32 and "int8" not in spec
-        fn, be = compile_spec(target, _eager(spec) if untimed else spec, calib)
-        with torch.no_grad():
-            fn(evals[0])
-        compile_s = time.perf_counter() - t0
-        out = run_batches(fn, evals)
+        row, fn, _ = evaluate_spec(es, spec, compiled_as=_eager(spec) if untimed else None)
+        row["contender"] = row.pop("recipe")
         ratios = []
-        with torch.no_grad():
-            for _ in range(0 if untimed else rounds):
-                t1 = time.perf_counter(); target(evals[0]); te = time.perf_counter() - t1
-                t1 = time.perf_counter(); fn(evals[0]); tc = time.perf_counter() - t1
-                ratios.append(te / tc)
-        row = dict(contender=spec, speedup=statistics.median(ratios) if ratios else float("nan"),
-                   spread=[min(ratios), max(ratios)] if ratios else [float("nan")] * 2,
-                   compile_s=compile_s, images=len(out), **feature_metrics(out, ref))
-        if be is not None and be.schedule is not None:
-            row.update(macs_ratio=be.schedule.macs_ratio, final_tokens=be.schedule.final_tokens)
-        if be is not None and be.quantized:
-            row["fp32_linears"] = sorted({k for q in be.quantized for k in q.kept_fp32})
+        if not untimed:
+            x = es.evals[0]
+            with torch.no_grad():
+                per = interleaved({"eager": lambda: es.target(x), "compiled": lambda: fn(x)}, rounds)
+            ratios = timing.ratios(per, "eager")["compiled"]
+        row.update(speedup=statistics.median(ratios) if ratios else float("nan"),
+                   spread=[min(ratios), max(ratios)] if ratios else [float("nan")] * 2)
         rows.append(row)
         log(f"  {spec:<30} speedup {row['speedup']:5.2f}x  CLS cos {row['cls_cos_mean']:.4f} "
-            f"(p5 {row['cls_cos_p5']:.4f})  MACs {row.get('macs_ratio', 1.0):.2f}  compile {compile_s:.0f}s")
-    return rows, skipped
+            f"(p5 {row['cls_cos_p5']:.4f})  MACs {row.get('macs_ratio', 1.0):.2f}  compile {row['compile_s']:.0f}s")
+    return rows, es.skipped
 
 
 def table(rows) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mergepass.evaluate import evaluate_recipes, format_rows  # noqa: E402
+from mergepass.eval.evaluate import evaluate_recipes, format_rows  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -23,20 +23,8 @@ from pathlib import Path
 
 import torch
 
-from mergepass.evaluate import compile_spec
-
-
-def interleaved(fns: dict, rounds: int, iters: int) -> dict:
-    """Seconds per call of each zero-argument function, one value per round. Every round calls all
-    of them in turn, so machine noise hits each alike."""
-    per_round = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            per_round[name].append((time.perf_counter() - t0) / iters)
-    return per_round
+from mergepass.eval.evaluate import compile_spec
+from mergepass.eval.timing import interleaved
 
 
 def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=print):
@@ -93,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write results here (and the table next to it)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mergepass import models
+    from mergepass.eval import models
     from mergepass.cpu import int8_isa
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +94,7 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         x = torch.randn(bsz, 3, size, size)
         if args.images:
-            from mergepass.data import batches, data_config, load_images
+            from mergepass.eval.data import batches, data_config, load_images
             calib = batches(load_images(args.images, limit=64, **data_config(model, size))[0], bsz)
         else:
             calib = [torch.randn(bsz, 3, size, size) for _ in range(2)]

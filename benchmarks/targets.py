@@ -1,7 +1,7 @@
-"""Check the int8 issue's speed floors (ViT-B/16, ratios over eager FP32 and over int8) and say which hold.
+"""Check mergepass's speed floors (ViT-B/16, ratios over eager FP32 and over int8) and say which hold.
 
     python benchmarks/targets.py                        # time them: speed.py at batch 8 and 1
-    python benchmarks/targets.py --from-json docs/results/speed_vit_b16_zen3_session4.json
+    python benchmarks/targets.py --from-json docs/results/speed_vit_b16_zen3_2026-11-23.json
 
 Timing runs ``benchmarks/speed.py`` with the contenders the floors name, all in one process, and
 reads its JSON; ``--from-json`` reads earlier speed.py outputs instead (each file checked on its own:

@@ -19,10 +19,10 @@ import functools
 import statistics
 
 import torch
-from speed import interleaved  # this folder: run as a script, or put on sys.path
 
 import mergepass
-from mergepass import models
+from mergepass.eval import models
+from mergepass.eval.timing import interleaved
 
 
 class SlicedViT(torch.nn.Module):

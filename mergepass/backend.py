@@ -1,22 +1,26 @@
 """The torch.compile backend: match → schedule → merge → quantize → lower."""
 from __future__ import annotations
 
-import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import fx
 
-from .lower import lower as lower_graph
+from .errors import MergepassWarning
+from .graph.match import symbolic_dims
+from .graph.rewrite import RewriteResult
+from .lower import compile_graph
+from .pipeline import merge_stage
+from .quantize import Quantized, quantize, read_calibration
 from .recipe import Recipe, load
-from .rewrite import MergepassWarning, RewriteResult, rewrite
 from .schedule import Schedule
 
 
-def _symbolic(example_inputs: Sequence) -> bool:
-    return any(isinstance(t, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in t.shape)
-               for t in example_inputs)
+def _varying_size(gm: fx.GraphModule) -> bool:
+    """Whether an input has a symbolic size other than its batch (e.g. a varying image size)."""
+    return any(set(symbolic_dims(n)) - {0} for n in gm.graph.nodes if n.op == "placeholder")
 
 
 def _training(example_inputs: Sequence) -> bool:
@@ -46,6 +50,23 @@ def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
     return why is None
 
 
+@dataclass
+class GraphResult:
+    """What the backend did to one graph dynamo handed it."""
+
+    rewrite: RewriteResult
+    quantized: Optional[Quantized] = None
+
+    @property
+    def schedule(self) -> Optional[Schedule]:
+        return self.rewrite.schedule
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        """The graph after merging (before quantization)."""
+        return self.rewrite.gm
+
+
 class Backend:
     """A torch.compile backend applying a recipe. Keeps what it did in ``results`` (one per graph)."""
 
@@ -54,22 +75,28 @@ class Backend:
         if lower is not None:
             overrides["lower"] = lower
         self.recipe: Recipe = load(recipe, **overrides)
-        self.calibration = calibration
+        self._calibration_source = calibration
+        self._calibration: Optional[list[tuple]] = None
         self.model_name = model_name
-        self.results: list[RewriteResult] = []
-        self.quantized: list = []  # QuantizedGraph per int8 graph (mode, linears kept in fp32)
-        # Schedules are static: a new input shape must recompile with its own schedule instead of
-        # turning the token axis symbolic, and tests/benchmarks compile one model many times.
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.results: list[GraphResult] = []
+
+    @property
+    def calibration(self) -> Optional[list[tuple]]:
+        """The calibration batches, read from the user's iterable once, when first needed."""
+        if self._calibration is None and self._calibration_source is not None:
+            self._calibration = read_calibration(self._calibration_source, self.recipe.quantize.calibration_batches)
+            self._calibration_source = None
+        return self._calibration
 
     @property
     def schedule(self) -> Optional[Schedule]:
         """The schedule of the most recently compiled graph that matched blocks."""
-        for r in reversed(self.results):
-            if r.schedule is not None:
-                return r.schedule
-        return None
+        return next((r.schedule for r in reversed(self.results) if r.schedule is not None), None)
+
+    @property
+    def quantized(self) -> list[Quantized]:
+        """What quantization produced, per int8 graph."""
+        return [r.quantized for r in self.results if r.quantized is not None]
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
         recipe = self.recipe
@@ -77,30 +104,41 @@ class Backend:
             raise RuntimeError(f"recipe {recipe.name!r} quantizes to int8 and is inference-only: "
                                "call the compiled model under torch.no_grad() (or torch.inference_mode()) "
                                "in eval mode, or use a recipe without quantization for training")
-        if _symbolic(example_inputs):
-            warnings.warn("mergepass: the graph has dynamic shapes; token schedules need static shapes, so "
-                          "this graph is compiled without merging. Pass dynamic=False to torch.compile.",
+        if _varying_size(gm) and (recipe.merges or recipe.quantize.enabled):
+            what = " and ".join(w for w, on in (("merging", recipe.merges), ("int8", recipe.quantize.enabled)) if on)
+            warnings.warn(f"mergepass: this graph's input size is symbolic beyond the batch (a varying image size, so "
+                          f"a varying token count); {what} need{'s' if ' and ' not in what else ''} a fixed size, so "
+                          "it compiles without them. A dynamic batch alone is fine; otherwise pass dynamic=False.",
                           MergepassWarning, stacklevel=2)
-            return lower_graph(gm, example_inputs, recipe.lower)
+            self.results.append(GraphResult(RewriteResult(gm, None, None, ["symbolic input size: compiled unchanged"])))
+            return compile_graph(gm, example_inputs, recipe.lower)
+        if recipe.lower == "tensorrt":
+            from .lower import require_tensorrt
+            require_tensorrt()  # before reading calibration data and calibrating, which take a while
         if recipe.merges:
-            result = rewrite(gm, example_inputs, recipe, model=self.model_name, calibration=self.calibration,
-                             fused=_fused_merges(recipe, example_inputs))
+            result = merge_stage(gm, example_inputs, recipe, calibration=self.calibration, model=self.model_name,
+                                 fused=_fused_merges(recipe, example_inputs))
         else:
             result = RewriteResult(gm, None, None)
-        self.results.append(result)
+        done = GraphResult(result)
+        self.results.append(done)
         if result.schedule is not None:
-            recipe = dataclasses.replace(result.schedule.recipe, lower=recipe.lower)
-        if recipe.quantize.enabled:
-            from .quantize import quantize_and_lower
-            return quantize_and_lower(result.gm, example_inputs, recipe, self.calibration, self.quantized)
-        return lower_graph(result.gm, example_inputs, recipe.lower)
+            recipe = result.schedule.recipe.replace(lower=recipe.lower)
+        if not recipe.quantize.enabled:
+            return compile_graph(result.gm, example_inputs, recipe.lower)
+        done.quantized = q = quantize(result.gm, example_inputs, recipe, self.calibration)
+        compiled = compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context)
+
+        def run(*args):
+            return compiled(*q.select(args))
+        return run
 
 
 def backend(recipe: Any = "tome", **kwargs: Any) -> Backend:
     """``torch.compile(model, backend=mergepass.backend(recipe="tome", r=8))``.
 
-    ``recipe``: a name in ``recipes/``, a path to a TOML file, a dict, or a :class:`Recipe`; keyword
+    ``recipe``: a recipe name, a path to a TOML file, a dict, or a :class:`Recipe`; keyword
     overrides replace recipe fields (``r=8``, ``skip=2``, ``quantize_mode="dynamic"``).
-    ``calibration``: an iterable of input batches for int8 recipes. ``lower``: inductor | tensorrt.
+    ``calibration``: an iterable of input batches for int8 recipes, read once. ``lower``: inductor | tensorrt | eager.
     """
     return Backend(recipe, **kwargs)

@@ -12,35 +12,34 @@ from typing import Any
 
 import torch
 
-from .planning import capture_graphs
+from .graph.capture import capture_graphs
+from .graph.lift import Lifted
+from .lower import compile_package
+from .pipeline import merge_stage
+from .quantize import quantize, read_calibration
 from .recipe import load
 
 
 def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
            path: str | os.PathLike = "model.pt2", calibration=None, **overrides: Any) -> Path:
     """Write an AOTInductor package of the merged (and, for int8 recipes, quantized) model."""
-    from .quantize import Lifted, quantize_graph
-    from .rewrite import rewrite
     r = load(recipe, **overrides)
+    batches = read_calibration(calibration, r.quantize.calibration_batches)
     graphs = capture_graphs(model, example_input)
     if len(graphs) != 1:
         raise ValueError(f"export needs one graph without breaks; dynamo produced {len(graphs)}")
     gm, example_inputs = graphs[0]
-    res = rewrite(gm, example_inputs, r, model=type(model).__name__, calibration=calibration) if r.merges else None
-    graph = res.gm if res is not None else gm
-    if res is not None and res.schedule is not None:
-        r = res.schedule.recipe
-    lifted = Lifted(graph, example_inputs).eval()
-    user_ex = tuple(example_inputs[i] for i in lifted.user_idx)
+    if r.merges:
+        res = merge_stage(gm, example_inputs, r, calibration=batches, model=type(model).__name__)
+        gm = res.gm
+        if res.schedule is not None:
+            r = res.schedule.recipe
+    if r.quantize.enabled:
+        q = quantize(gm, example_inputs, r, batches)
+        module, user_ex = q.module, q.inputs
+    else:
+        lifted = Lifted(gm, example_inputs).eval()
+        module, user_ex = lifted, lifted.user_inputs(example_inputs)
     with torch.no_grad():
-        if r.quantize.enabled:
-            module, _, user_ex, _ = quantize_graph(graph, example_inputs, r, calibration)
-            ep = torch.export.export(module, user_ex, strict=False)
-        else:
-            ep = torch.export.export(lifted, user_ex, strict=False)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from torch._inductor import config as inductor_config
-        with inductor_config.patch(freezing=r.quantize.enabled):
-            out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
-    return Path(out)
+        exported = torch.export.export(module, tuple(user_ex), strict=False)
+    return compile_package(exported, path, freezing=r.quantize.enabled)

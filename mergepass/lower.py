@@ -1,25 +1,51 @@
-"""Lowering: hand the rewritten graph to TorchInductor (default) or Torch-TensorRT (lazy, optional)."""
+"""Lowering: the one place graphs are compiled, with TorchInductor (default, optionally with
+freezing, or ahead of time with AOTInductor) or Torch-TensorRT (lazy, optional)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import os
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
-from torch import fx
 
 LOWERINGS = ("inductor", "tensorrt", "eager")
 
 
-def lower(gm: fx.GraphModule, example_inputs: Sequence, how: str = "inductor", qdq: bool = False) -> Callable:
-    """Compile ``gm`` for its example inputs with the chosen backend. ``qdq``: ``gm`` holds ModelOpt
-    quantizers, traced as explicit Q/DQ nodes for TensorRT."""
-    if how == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, list(example_inputs))
+def compile_graph(gm: torch.nn.Module, example_inputs: Sequence, how: str = "inductor", *, freezing: bool = False,
+                  trace_context: Optional[Callable[[], AbstractContextManager]] = None) -> Callable:
+    """Compile ``gm`` for its example inputs. ``freezing``: inductor folds parameters into constants
+    (needed to turn int8 q/dq patterns into int8 kernels). ``trace_context``: entered while the
+    backend traces (ModelOpt's Q/DQ export mode for TensorRT)."""
     if how == "eager":
-        return gm.forward
+        return gm
+    if how == "inductor":
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+        ctx = contextlib.ExitStack()
+        if freezing:
+            ctx.enter_context(torch.no_grad())
+            ctx.enter_context(inductor_config.patch(freezing=True))
+        with ctx:
+            return compile_fx(gm, list(example_inputs))
     if how == "tensorrt":
-        return _tensorrt(gm, example_inputs, qdq)
+        require_tensorrt()
+        from torch_tensorrt.dynamo.backend import torch_tensorrt_backend
+        if trace_context is None:
+            return torch_tensorrt_backend(gm, list(example_inputs))
+        with torch.no_grad(), trace_context():  # tracing happens inside this call
+            return torch_tensorrt_backend(gm, list(example_inputs), options={"min_block_size": 1})
     raise ValueError(f"lower must be one of {LOWERINGS}, got {how!r}")
+
+
+def compile_package(exported: "torch.export.ExportedProgram", path: str | os.PathLike, *, freezing: bool = False) -> Path:
+    """AOTInductor: compile an exported program into a ``.pt2`` package that loads without mergepass."""
+    from torch._inductor import config as inductor_config
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), inductor_config.patch(freezing=freezing):
+        return Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
 
 
 def require_tensorrt() -> None:
@@ -31,14 +57,3 @@ def require_tensorrt() -> None:
                            "(pip install 'mergepass[tensorrt]') and a CUDA GPU") from e
     if not torch.cuda.is_available():
         raise RuntimeError("lower='tensorrt' needs a CUDA GPU; none is available")
-
-
-def _tensorrt(gm: fx.GraphModule, example_inputs: Sequence, qdq: bool = False) -> Callable:
-    require_tensorrt()
-    from torch_tensorrt.dynamo.backend import torch_tensorrt_backend
-    if not qdq:
-        return torch_tensorrt_backend(gm, list(example_inputs))
-    from .quantize.modelopt_qdq import qdq_export_mode
-    # tracing happens inside this call, so the quantizers become tensorrt.quantize_op here
-    with torch.no_grad(), qdq_export_mode():
-        return torch_tensorrt_backend(gm, list(example_inputs), options={"min_block_size": 1})

@@ -3,29 +3,29 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
+
+from .methods import AUTO, RESERVED, method_names
+from .lower import LOWERINGS
+from .quantize.engines import engine_names, get_engine
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-METHODS = ("none", "tome", "dfe", "dfe_lgtm", "tomato", "auto")
-LOWERINGS = ("inductor", "tensorrt", "eager")
 QUANT_MODES = ("static", "dynamic")
-QUANT_ENGINES = ("auto", "pt2e", "torchao", "modelopt")
 MERGE_KERNELS = ("auto", "fused", "reference")
-
-AUTO = "auto"
 
 
 def recipes_dir() -> Path:
-    """Where named recipes live: $MERGEPASS_RECIPES, else the repository's `recipes/`."""
+    """Where named recipes live: $MERGEPASS_RECIPES, else the ``recipes`` folder shipped in the package."""
     env = os.environ.get("MERGEPASS_RECIPES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "recipes"
+    return Path(env) if env else Path(str(importlib.resources.files("mergepass") / "recipes"))
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,9 @@ class Quantize:
     def validate(self) -> None:
         if self.mode not in QUANT_MODES:
             raise ValueError(f"recipe field 'quantize.mode' must be one of {QUANT_MODES}, got {self.mode!r}")
-        if self.engine not in QUANT_ENGINES:
-            raise ValueError(f"recipe field 'quantize.engine' must be one of {QUANT_ENGINES}, got {self.engine!r}")
+        engines = ("auto",) + engine_names()
+        if self.engine not in engines:
+            raise ValueError(f"recipe field 'quantize.engine' must be one of {engines}, got {self.engine!r}")
         if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
             raise ValueError("recipe field 'quantize.calibration_batches' must be a positive integer, "
                              f"got {self.calibration_batches!r}")
@@ -81,8 +82,11 @@ class Recipe:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"recipe field 'method' must be one of {METHODS}, got {self.method!r}")
+        methods = RESERVED + method_names()
+        if self.method not in methods:
+            close = difflib.get_close_matches(str(self.method), methods, n=3)
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(f"recipe field 'method' must be one of {methods}, got {self.method!r}{hint}")
         if self.lower not in LOWERINGS:
             raise ValueError(f"recipe field 'lower' must be one of {LOWERINGS}, got {self.lower!r}")
         if self.merge_kernel not in MERGE_KERNELS:
@@ -122,9 +126,8 @@ class Recipe:
         if self.merge_kernel == "fused" and self.lower == "tensorrt":
             raise ValueError("recipe field 'merge_kernel' = 'fused' is a CPU kernel TensorRT cannot convert: "
                              "use merge_kernel='auto' (reference ops under TensorRT) or lower='inductor'")
-        if self.quantize.engine == "modelopt" and self.lower == "inductor":
-            raise ValueError("recipe field 'quantize.engine' = 'modelopt' makes Q/DQ nodes for TensorRT: "
-                             "use lower='tensorrt' (or lower='eager' to run them in PyTorch)")
+        if self.quantize.engine != "auto":
+            get_engine(self.quantize.engine).check(self)
 
     @property
     def merges(self) -> bool:
@@ -240,7 +243,15 @@ def load(spec: Union[str, os.PathLike, Mapping, Recipe], **overrides: Any) -> Re
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ValueError(f"unknown recipe {str(spec)!r}{hint} (shipped: {', '.join(names)})")
         with open(path, "rb") as f:
-            recipe = from_dict(tomllib.load(f), name=path.stem)
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                where = "" if "line" in str(e) else f" (line {len(path.read_text().splitlines())}, end of file)"
+                raise ValueError(f"recipe file {path} is not valid TOML: {e}{where}") from None
+        try:
+            recipe = from_dict(data, name=path.stem)
+        except ValueError as e:
+            raise ValueError(f"recipe file {path}: {e}") from None
     else:
         raise TypeError(f"recipe must be a name, path, dict or Recipe, not {type(spec).__name__}")
     return recipe.replace(**overrides) if overrides else recipe

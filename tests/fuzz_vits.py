@@ -10,7 +10,9 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -20,66 +22,92 @@ import mergepass  # noqa: E402
 from reference import reference_forward  # noqa: E402
 
 
+@dataclass
+class Arch:
+    """A small timm ViT: every construct the matcher must handle or decline."""
+
+    heads: int
+    head_dim: int
+    patch: int
+    grid: int
+    depth: int
+    mlp_ratio: float
+    num_classes: int
+    distilled: bool
+    cls: bool
+    reg: int
+    token_pool: bool
+    init_values: Optional[float]
+    qk_norm: bool
+    fused: bool
+    batch: int
+
+    def build(self):
+        from timm.models.deit import VisionTransformerDistilled
+        from timm.models.vision_transformer import VisionTransformer
+        img = self.patch * self.grid
+        kw = dict(img_size=img, patch_size=self.patch, embed_dim=self.heads * self.head_dim, depth=self.depth,
+                  num_heads=self.heads, mlp_ratio=self.mlp_ratio, num_classes=self.num_classes,
+                  init_values=self.init_values, qk_norm=self.qk_norm)
+        if self.distilled:
+            model = VisionTransformerDistilled(global_pool="token", **kw)
+        else:
+            pool = "token" if (self.cls and self.token_pool) else "avg"
+            model = VisionTransformer(class_token=self.cls, reg_tokens=self.reg, global_pool=pool, **kw)
+        for blk in model.blocks:
+            blk.attn.fused_attn = self.fused
+        return model.eval(), torch.randn(self.batch, 3, img, img)
+
+
 def random_case(seed: int):
-    """(model, images, recipe name, overrides, description) for one seed."""
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import VisionTransformer
+    """(arch, recipe method, overrides) for one seed."""
     rng = random.Random(seed)
-    heads = rng.choice([1, 2, 4])
-    dim = heads * rng.choice([8, 16, 24])
-    patch = rng.choice([8, 14, 16])
-    grid = rng.randint(2, 7)
-    img = patch * grid
     distilled = rng.random() < 0.15
-    cls = True if distilled else rng.random() < 0.75
-    kw = dict(img_size=img, patch_size=patch, embed_dim=dim, depth=rng.randint(1, 4), num_heads=heads,
-              mlp_ratio=rng.choice([2.0, 4.0]), num_classes=rng.choice([0, 10]),
-              class_token=cls, reg_tokens=0 if distilled else rng.choice([0, 0, 1, 4]),
-              global_pool="token" if (cls and rng.random() < 0.6) else "avg",
-              init_values=rng.choice([None, None, 0.1]), qk_norm=rng.random() < 0.25)
-    if distilled:
-        kw.pop("reg_tokens"), kw.pop("class_token")
-        kw["global_pool"] = "token"
-    torch.manual_seed(seed)
-    model = (VisionTransformerDistilled if distilled else VisionTransformer)(**kw).eval()
-    fused = rng.random() < 0.7
-    for blk in model.blocks:
-        blk.attn.fused_attn = fused
+    arch = Arch(heads=rng.choice([1, 2, 4]), head_dim=rng.choice([8, 16, 24]), patch=rng.choice([8, 14, 16]),
+                grid=rng.randint(2, 7), depth=rng.randint(1, 4), mlp_ratio=rng.choice([2.0, 4.0]),
+                num_classes=rng.choice([0, 10]), distilled=distilled, cls=True if distilled else rng.random() < 0.75,
+                reg=0 if distilled else rng.choice([0, 0, 1, 4]), token_pool=rng.random() < 0.6,
+                init_values=rng.choice([None, None, 0.1]), qk_norm=rng.random() < 0.25, fused=rng.random() < 0.7,
+                batch=rng.choice([1, 2]))
     method = rng.choice(["tome", "tome", "dfe", "dfe_lgtm", "tomato"])
     over = dict(r=rng.randint(0, 6), prop_attn=rng.random() < 0.8)
     if method in ("dfe", "dfe_lgtm"):
-        over["skip"] = rng.randint(0, kw["depth"])
+        over["skip"] = rng.randint(0, arch.depth)
     if method == "dfe_lgtm":
         over["window"] = rng.randint(2, 4)
         over["transition"] = rng.choice(["auto", 1, 2])
     if method == "tomato":
-        over = dict(budget=rng.randint(0, grid * grid // 2 + 2), prop_attn=over["prop_attn"])
-    x = torch.randn(rng.choice([1, 2]), 3, img, img)
-    desc = (f"seed={seed} {'distilled ' if distilled else ''}dim={dim} heads={heads} depth={kw['depth']} "
-            f"patch={patch} grid={grid} cls={cls} reg={kw.get('reg_tokens', 0)} pool={kw['global_pool']} "
-            f"ls={kw['init_values']} qknorm={kw['qk_norm']} fused={fused} | {method} {over}")
-    return model, x, method, over, desc
+        over = dict(budget=rng.randint(0, arch.grid * arch.grid // 2 + 2), prop_attn=over["prop_attn"])
+    return arch, method, over
 
 
-def run_case(seed: int) -> str:
-    """'merged', 'unmerged' (schedule merges nothing) or 'declined'; AssertionError on a wrong output."""
-    model, x, method, over, desc = random_case(seed)
+def check(arch: Arch, method: str, over: dict, seed: int = 0) -> str:
+    """'merged', 'unmerged' (the schedule merges nothing) or 'declined' (a MergepassWarning and no
+    merging); AssertionError on an output that differs from the eager reference or the plain model."""
+    torch.manual_seed(seed)
+    model, x = arch.build()
+    desc = f"{arch} | {method} {over}"
     torch._dynamo.reset()
     be = mergepass.backend(method, lower="eager", **over)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         out = torch.compile(model, backend=be, dynamic=False, fullgraph=True)(x)
         plain = model(x)
-    declined = [w for w in caught if issubclass(w.category, mergepass.MergepassWarning)]
+    warned = any(issubclass(w.category, mergepass.MergepassWarning) for w in caught)
     sched = be.schedule
     if sched is None or not sched.merging:
         assert torch.allclose(out, plain, rtol=1e-5, atol=1e-5), f"unmerged output differs: {desc}"
-        return "declined" if declined else "unmerged"
+        return "declined" if warned else "unmerged"
     with torch.no_grad():
         ref = reference_forward(model, x, sched, prop_attn=sched.recipe.prop_attn)
     err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
     assert err <= 1e-4, f"merged output differs from the reference (rel {err:.2e}): {desc}"
-    return "declined" if declined else "merged"
+    return "merged"
+
+
+def run_case(seed: int) -> str:
+    arch, method, over = random_case(seed)
+    return check(arch, method, over, seed)
 
 
 def main(argv=None) -> int:

@@ -109,9 +109,10 @@ def merge_tokens_adjacent(x, metric, size, groups, prefix, r, grid):
     return _assemble(x, size, groups, prefix, new_groups)
 
 
-def reference_forward(model, images, schedule, prop_attn=True, features=False):
+def reference_forward(model, images, schedule, prop_attn=True, features=False, extra=None):
     """Eager forward of a timm / torchvision / Hugging Face ViT with merges applied per ``schedule``
-    (a mergepass Schedule): attention written out, merges done with the plain list code above."""
+    (a mergepass Schedule): attention written out, merges done with the plain list code above.
+    ``extra``: {kind: fn(x, metric, size, groups, prefix, plan) -> (x, size, groups)} for other merge kinds."""
     fam = _family(model)
     x = fam.embed(images)
     bsz, n0, _ = x.shape
@@ -129,9 +130,11 @@ def reference_forward(model, images, schedule, prop_attn=True, features=False):
                     xb, size, groups = merge_tokens_global(xb, metric, size, groups, prefix, plan.r)
                 elif plan.kind == "local":
                     xb, size, groups = merge_tokens_windows(xb, metric, size, groups, prefix, plan.r,
-                                                            schedule.grid, plan.windows)
+                                                            schedule.grid, plan.args["windows"])
                 elif plan.kind == "adjacent":
                     xb, size, groups = merge_tokens_adjacent(xb, metric, size, groups, prefix, plan.r, schedule.grid)
+                elif extra and plan.kind in extra:
+                    xb, size, groups = extra[plan.kind](xb, metric, size, groups, prefix, plan)
                 else:
                     raise AssertionError(plan.kind)
             xb = fam.mlp_residual(blk, xb)

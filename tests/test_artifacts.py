@@ -5,7 +5,7 @@ import sys
 import torch
 
 import mergepass
-from mergepass import viz
+from mergepass.eval import merge_maps as viz
 from conftest import tiny_vit
 
 

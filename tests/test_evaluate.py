@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mergepass
-from mergepass import data, evaluate
+from mergepass.eval import data, evaluate
 from conftest import tiny_vit
 
 
@@ -56,7 +56,7 @@ def test_image_folders(tmp_path):
 
 
 def test_mismatched_checkpoint_names_the_model(tmp_path):
-    from mergepass import models
+    from mergepass.eval import models
     torch.save(tiny_vit().state_dict(), tmp_path / "w.pt")
     with pytest.raises(RuntimeError, match="vit_small_patch16_224"):
         models.create("vit_small_patch16_224", checkpoint=str(tmp_path / "w.pt"))
@@ -110,7 +110,7 @@ def test_auto_schedule_with_images_and_quality_floor():
     x = torch.randn(4, 3, 128, 128)
     calib = [torch.randn(4, 3, 128, 128)]
     s = mergepass.plan(m, x, "auto", target_speedup=1.5, calibration=calib)
-    assert s.predicted_speedup >= 1.5 and "cos" in s.problems[-1]
+    assert s.predicted_speedup >= 1.5 and "cos" in s.notes[-1]
     floor = mergepass.plan(m, x, "auto", target_speedup=0, min_cosine=0.999, calibration=calib)
     loose = mergepass.plan(m, x, "auto", target_speedup=0, min_cosine=0.9, calibration=calib)
     assert loose.predicted_speedup >= floor.predicted_speedup

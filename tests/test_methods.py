@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import mergepass
-from mergepass.schedule import default_skip, default_window
+from mergepass.methods.dfe import default_skip
+from mergepass.methods.dfe_lgtm import default_window
 from conftest import rel_err, tiny_vit
 from reference import reference_forward
 
@@ -58,9 +59,9 @@ def test_resolved_defaults_follow_the_paper():
     # Algorithm 1: local while the (growing) window is smaller than sqrt(remaining tokens)
     locals_ = [b for b in sched.blocks if b.kind == "local"]
     assert r.transition == len(locals_) >= 1
-    assert [b.window_side for b in locals_] == list(range(7, 7 + len(locals_)))
+    assert [b.detail["window_side"] for b in locals_] == list(range(7, 7 + len(locals_)))
     for b in locals_:
-        assert b.window_side < round((b.tokens_in - 1) ** 0.5)
+        assert b.detail["window_side"] < round((b.tokens_in - 1) ** 0.5)
     nxt = sched.blocks[2 + len(locals_)]
     assert nxt.kind == "global"
     assert "window=7" in sched.table() and "local 2x2 win" in sched.table()
@@ -85,14 +86,14 @@ def test_tomato_budget_fraction_and_clamp():
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.3, 1.01])
 def test_tomato_flood_fill_matches_paper_algorithm(threshold):
-    from mergepass.tomato_budget import flood_fill_groups
+    from mergepass.search.tomato_budget import flood_fill_groups
     from reference import tomato_flood_fill
     metric = torch.randn(6 * 7, 4)
     assert flood_fill_groups(metric, (6, 7), threshold) == tomato_flood_fill(metric, (6, 7), threshold)
 
 
 def test_tomato_budget_from_threshold_drives_the_static_merge():
-    from mergepass.tomato_budget import budget_from_threshold
+    from mergepass.search.tomato_budget import budget_from_threshold
     m = tiny_vit(img_size=96)
     imgs = [torch.randn(2, 3, 96, 96)]
     budgets = [budget_from_threshold(m, imgs, t) for t in (1.01, 0.5, 0.0, -1.01)]

@@ -77,7 +77,7 @@ def test_swin_is_declined_and_compiles_unchanged():
 
 @pytest.mark.skipif(not (DINO_CKPT.exists() and IMAGES.exists()), reason="shared weights/images not present")
 def test_real_dinov2_weights_track_the_uncompressed_model():
-    from mergepass import data, models
+    from mergepass.eval import data, models
     m = models.create("vit_small_patch14_dinov2", img_size=224, num_classes=0, checkpoint=str(DINO_CKPT))
     x, _, _ = data.load_images(IMAGES, limit=8)
     be = mergepass.backend("tome", r=8, lower="eager")

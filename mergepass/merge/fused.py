@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..cpu import cpu_id
-from .methods import checkerboard, window_perm
+from .ops import checkerboard, window_perm
 from .tokens import init_state
 
 _SRC = Path(__file__).with_name("csrc") / "bipartite_merge.cpp"
@@ -42,7 +42,9 @@ def kernel_error() -> Optional[str]:
     """Build and load the kernel once; ``None`` when it is ready, else why it is not."""
     import logging
     import warnings
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" noise
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)  # "no CUDA runtime" noise, for this build only
     try:
         from torch.utils.cpp_extension import load
         with warnings.catch_warnings():
@@ -55,6 +57,8 @@ def kernel_error() -> Optional[str]:
     except Exception as e:  # no compiler, no headers, a build error: all mean "use the reference path"
         msg = str(e).strip()
         return f"{type(e).__name__}: {msg.splitlines()[-1] if msg else ''}"
+    finally:
+        log.setLevel(level)
     return None
 
 

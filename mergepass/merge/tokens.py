@@ -37,12 +37,13 @@ def attn_bias(size: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return bias
 
 
-def key_metric(keys: torch.Tensor, batch: int, transposed: bool = False) -> torch.Tensor:
-    """ToMe's similarity metric: attention keys averaged over heads, [B, N, D]."""
+def key_metric(keys: torch.Tensor, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """ToMe's similarity metric: attention keys averaged over heads, [B, N, D]. ``x`` is the block's
+    token stream [B, N, C]; its batch size separates the batch from heads folded into it."""
     if transposed:
         keys = keys.transpose(-2, -1)
     n, d = keys.shape[-2:]
-    return keys.reshape(batch, -1, n, d).mean(1)
+    return keys.reshape(x.shape[0], -1, n, d).mean(1)
 
 
 def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import fx
 
-from .graphs import module_names
+from ..graph.lift import module_names
 
 
 def _linear_nodes(gm: fx.GraphModule):
@@ -53,37 +53,52 @@ def outlier_linears(m: fx.GraphModule, batches: Sequence[tuple], ratio: float) -
     return out
 
 
-def calibration_batches(calibration, user_ex: tuple, limit: int) -> Optional[list[tuple]]:
-    """Calibration data as argument tuples with exactly the graph's input shapes, or None."""
+def read_calibration(calibration, limit: int) -> Optional[list[tuple]]:
+    """Read a calibration iterable once (a generator is used up by reading): at most ``limit``
+    batches, each as a tuple of inputs. Raises ValueError for an empty iterable and for uint8 images."""
     if calibration is None:
         return None
+    if isinstance(calibration, torch.Tensor):
+        raise ValueError("calibration must be an iterable of batches (a list of tensors, a DataLoader), "
+                         f"not one tensor of shape {tuple(calibration.shape)}; wrap it in a list")
     batches = []
     for b in calibration:
         b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
-        if len(b) > len(user_ex):  # DataLoader (images, labels)
-            b = b[:len(user_ex)]
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in b):
+            raise ValueError(f"calibration batch {len(batches)} holds uint8 tensors (raw images?): pass the "
+                             "model's input as it is called, normalised to floating point")
         batches.append(b)
-        if len(batches) >= limit * 4:
+        if len(batches) >= limit:
             break
     if not batches:
+        raise ValueError("calibration is empty: pass at least one batch of inputs")
+    return batches
+
+
+def fit_batches(batches: Optional[list[tuple]], user_ex: tuple) -> Optional[list[tuple]]:
+    """Calibration batches with exactly the graph's input shapes, dtype and device (None without data).
+
+    A single image input is re-batched to the graph's batch size; a DataLoader's trailing labels are
+    dropped. Raises ValueError naming the expected shape when the data cannot fit."""
+    if batches is None:
         return None
-    if len(user_ex) == 1 and all(isinstance(b[0], torch.Tensor) for b in batches):
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in user_ex]
+    batches = [b[:len(user_ex)] for b in batches]
+    if len(user_ex) == 1 and isinstance(user_ex[0], torch.Tensor) and all(isinstance(b[0], torch.Tensor) for b in batches):
         ex = user_ex[0]
-        if any(b[0].shape[1:] != ex.shape[1:] for b in batches):
-            return None
-        flat = torch.cat([b[0].to(ex.dtype) for b in batches])
+        bad = next((b[0] for b in batches if b[0].shape[1:] != ex.shape[1:]), None)
+        if bad is not None:
+            raise ValueError(f"calibration batch of shape {tuple(bad.shape)} does not fit the compiled input "
+                             f"{tuple(ex.shape)}: each sample must have shape {tuple(ex.shape[1:])}")
+        flat = torch.cat([b[0] for b in batches]).to(device=ex.device, dtype=ex.dtype)
         if len(flat) < ex.shape[0]:
             flat = flat.repeat(-(-ex.shape[0] // len(flat)), *[1] * (flat.dim() - 1))
-        n = min(limit, len(flat) // ex.shape[0])
-        return [(flat[i * ex.shape[0]:(i + 1) * ex.shape[0]],) for i in range(n)]
-    ok = all(len(b) == len(user_ex) and all(
-        not isinstance(e, torch.Tensor) or (isinstance(t, torch.Tensor) and t.shape == e.shape)
-        for t, e in zip(b, user_ex)) for b in batches)
-    return batches[:limit] if ok else None
-
-
-def missing_calibration(calibration, user_ex: tuple) -> str:
-    """Why :func:`calibration_batches` gave nothing, for the warning."""
-    if calibration is None:
-        return "no calibration data was given"
-    return f"the calibration batches do not fit the graph inputs {[tuple(t.shape) for t in user_ex]}"
+        return [(flat[i * ex.shape[0]:(i + 1) * ex.shape[0]],) for i in range(len(flat) // ex.shape[0])]
+    out = []
+    for b in batches:
+        if len(b) != len(user_ex) or any(isinstance(e, torch.Tensor) and (
+                not isinstance(t, torch.Tensor) or t.shape != e.shape) for t, e in zip(b, user_ex)):
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in b]
+            raise ValueError(f"calibration batch with inputs {got} does not fit the compiled inputs {shapes}")
+        out.append(tuple(t.to(e.device, e.dtype) if isinstance(e, torch.Tensor) else t for t, e in zip(b, user_ex)))
+    return out

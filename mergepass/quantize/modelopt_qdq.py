@@ -12,15 +12,18 @@ import contextlib
 import copy
 import io
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import fx
 
-from ..recipe import Recipe
-from .calibration import calibration_batches, missing_calibration, tail_ratio_tracker
-from .graphs import linear_modules_graph, path_matches
-from .result import QuantizedGraph
+from ..errors import MergepassWarning
+from ..graph.lift import linear_modules_graph, path_matches
+from .base import QuantEngine, Quantized, register_engine
+from .calibration import fit_batches, tail_ratio_tracker
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
 def _modelopt():
@@ -52,32 +55,49 @@ def _outlier_modules(module: fx.GraphModule, linears: list[str], batches, ratio:
     return flagged(ratio)
 
 
-def modelopt_quantize(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration=None):
-    """(module with ModelOpt quantizers taking the user inputs, user input indices, QuantizedGraph)."""
-    mtq, _ = _modelopt()
-    q = recipe.quantize
-    if q.mode != "static":
-        raise ValueError("quantize.engine='modelopt' (TensorRT explicit Q/DQ) needs static activation "
-                         f"scales: set quantize.mode='static', got {q.mode!r}")
-    module, user_idx, names = linear_modules_graph(gm, example_inputs)
-    user_ex = tuple(example_inputs[i] for i in user_idx)
-    batches = calibration_batches(calibration, user_ex, q.calibration_batches)
-    if batches is None:
-        warnings.warn(f"mergepass: TensorRT int8 needs calibration data, but "
-                      f"{missing_calibration(calibration, user_ex)}; calibrating on the batch the "
-                      "model was compiled with. Pass calibration=... to mergepass.backend.",
-                      UserWarning, stacklevel=3)
-        batches = [user_ex]
-    linears = [k for k, mod in module.named_children() if isinstance(mod, torch.nn.Linear)]
-    kept = [k for k in linears if path_matches(names.get(k, k), q.keep_fp32)]
-    if q.sensitivity > 0:
-        kept += [k for k in _outlier_modules(module, linears, batches, q.sensitivity) if k not in kept]
+class ModelOptQDQ(QuantEngine):
+    """TensorRT's default: explicit Q/DQ with static scales, calibrated on the merged graph."""
 
-    def forward_loop(mod):
-        for b in batches:
-            mod(*b)
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints a summary
-        mtq.quantize(module, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop=forward_loop)
-    if kept:
-        mtq.disable_quantizer(module, lambda name: name.split(".")[0] in kept)
-    return module, user_idx, QuantizedGraph(module, [names.get(k, k) for k in kept], "static-modelopt")
+    name = "modelopt"
+
+    def is_default(self, lower: str, on_cuda: bool) -> bool:
+        return lower == "tensorrt"
+
+    def check(self, recipe: "Recipe") -> None:
+        if recipe.lower == "inductor":
+            raise ValueError("recipe field 'quantize.engine' = 'modelopt' makes Q/DQ nodes for TensorRT: "
+                             "use lower='tensorrt' (or lower='eager' to run them in PyTorch)")
+
+    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+                 batches: Optional[list[tuple]]) -> Quantized:
+        mtq, _ = _modelopt()
+        q = recipe.quantize
+        if q.mode != "static":
+            raise ValueError("quantize.engine='modelopt' (TensorRT explicit Q/DQ) needs static activation "
+                             f"scales: set quantize.mode='static', got {q.mode!r}")
+        module, user_idx, names = linear_modules_graph(gm, example_inputs)
+        user_ex = tuple(example_inputs[i] for i in user_idx)
+        batches = fit_batches(batches, user_ex)
+        if not batches:
+            warnings.warn("mergepass: TensorRT int8 needs calibration data, but none fits the graph; "
+                          "calibrating on the batch the model was compiled with (scales fit that batch only, "
+                          "less accurate on others). Pass calibration=... to mergepass.backend.",
+                          MergepassWarning, stacklevel=3)
+            batches = [user_ex]
+        linears = [k for k, mod in module.named_children() if isinstance(mod, torch.nn.Linear)]
+        kept = [k for k in linears if path_matches(names.get(k, k), q.keep_fp32)]
+        if q.sensitivity > 0:
+            kept += [k for k in _outlier_modules(module, linears, batches, q.sensitivity) if k not in kept]
+
+        def forward_loop(mod):
+            for b in batches:
+                mod(*b)
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints a summary
+            mtq.quantize(module, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop=forward_loop)
+        if kept:
+            mtq.disable_quantizer(module, lambda name: name.split(".")[0] in kept)
+        return Quantized(module, user_idx, user_ex, self.name, "static-modelopt", [names.get(k, k) for k in kept],
+                         freezing=False, trace_context=qdq_export_mode)
+
+
+register_engine(ModelOptQDQ())

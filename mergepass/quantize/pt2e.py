@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import fx
 
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
 from ..cpu import int8_isa
-from ..recipe import Recipe
-from .calibration import calibration_batches, missing_calibration, outlier_linears
-from .graphs import Lifted, module_names, path_matches
-from .result import QuantizedGraph
+from ..errors import MergepassWarning
+from ..graph.lift import Lifted, module_names, path_matches
+from .base import QuantEngine, Quantized, register_engine
+from .calibration import fit_batches, outlier_linears
 
 
 def _torchao_pt2e():
@@ -67,28 +70,40 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
     return q
 
 
-def quantize_graph(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration=None):
-    """(converted aten graph taking the user inputs, user input indices, QuantizedGraph info)."""
-    prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
-    q = recipe.quantize
-    lifted = Lifted(gm, example_inputs).eval()
-    user_ex = tuple(example_inputs[i] for i in lifted.user_idx)
-    with torch.no_grad():
-        exported = torch.export.export(lifted, user_ex, strict=False).module()
-    batches = calibration_batches(calibration, user_ex, q.calibration_batches) if q.mode == "static" else None
-    mode = q.mode
-    if mode == "static" and batches is None:
-        warnings.warn(f"mergepass: static int8 needs calibration data, but "
-                      f"{missing_calibration(calibration, user_ex)}; using dynamic "
-                      "(per-batch) activation scales instead. Pass calibration=... to mergepass.backend.",
-                      UserWarning, stacklevel=3)
-        mode = "dynamic"
-    kept = list(q.keep_fp32)
-    if q.sensitivity > 0:
-        kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
-    m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None))
-    with torch.no_grad():
-        for b in (batches if mode == "static" else [user_ex]):
-            m(*b)
-        m = convert_pt2e(m)
-    return m, lifted.user_idx, user_ex, QuantizedGraph(m, kept, mode)
+class PT2E(QuantEngine):
+    """The x86 CPU default: static (calibrated) or dynamic activation scales, oneDNN ``qlinear``."""
+
+    name = "pt2e"
+
+    def is_default(self, lower: str, on_cuda: bool) -> bool:
+        return lower != "tensorrt" and not on_cuda
+
+    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+                 batches: Optional[list[tuple]]) -> Quantized:
+        prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
+        q = recipe.quantize
+        lifted = Lifted(gm, example_inputs).eval()
+        user_ex = lifted.user_inputs(example_inputs)
+        with torch.no_grad():
+            exported = torch.export.export(lifted, user_ex, dynamic_shapes=lifted.dynamic_shapes(),
+                                           strict=False).module(check_guards=False)  # dynamo guards the inputs
+        batches = fit_batches(batches, user_ex) if q.mode == "static" else None
+        mode = q.mode
+        if mode == "static" and not batches:
+            why = "no calibration data was given" if batches is None else "the calibration data is smaller than one batch"
+            warnings.warn(f"mergepass: static int8 needs calibration data, but {why}; using dynamic "
+                          "(per-batch) activation scales instead, which are slower (activations quantized per "
+                          "batch). Pass calibration=... to mergepass.backend.", MergepassWarning, stacklevel=3)
+            mode = "dynamic"
+        kept = list(q.keep_fp32)
+        if q.sensitivity > 0:
+            kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
+        m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None))
+        with torch.no_grad():
+            for b in (batches if mode == "static" else [user_ex]):
+                m(*b)
+            m = convert_pt2e(m)
+        return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept)
+
+
+register_engine(PT2E())

@@ -1,26 +1,38 @@
 """int8 with torchao ``quantize_`` on ``nn.Linear`` modules rebuilt from the graph (the CUDA default)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import fx
 
-from ..recipe import Recipe
-from .graphs import linear_modules_graph, path_matches
-from .result import QuantizedGraph
+from ..graph.lift import linear_modules_graph, path_matches
+from .base import QuantEngine, Quantized, register_engine
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 
-def torchao_quantize(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe):
-    """int8 with torchao ``quantize_`` (dynamic per-token activations, int8 weights): on CUDA it
-    lowers to ``torch._int_mm``; on CPU with freezing to oneDNN qlinear."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-    module, user_idx, names = linear_modules_graph(gm, example_inputs)
-    keep = list(recipe.quantize.keep_fp32)
+class TorchaoDynamic(QuantEngine):
+    """Dynamic per-token activations, int8 weights: ``torch._int_mm`` on CUDA, oneDNN qlinear on CPU."""
 
-    def wanted(mod, fqn):
-        path = names.get(fqn, fqn)
-        return isinstance(mod, torch.nn.Linear) and not path_matches(path, keep)
-    quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=wanted)
-    kept = [names[k] for k, mod in module.named_children() if k in names and not wanted(mod, k)]
-    return module, user_idx, QuantizedGraph(module, kept, "dynamic-torchao")
+    name = "torchao"
+
+    def is_default(self, lower: str, on_cuda: bool) -> bool:
+        return lower != "tensorrt" and on_cuda
+
+    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+                 batches: Optional[list[tuple]]) -> Quantized:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+        module, user_idx, names = linear_modules_graph(gm, example_inputs)
+        keep = list(recipe.quantize.keep_fp32)
+
+        def wanted(mod, fqn):
+            return isinstance(mod, torch.nn.Linear) and not path_matches(names.get(fqn, fqn), keep)
+        quantize_(module, Int8DynamicActivationInt8WeightConfig(), filter_fn=wanted)
+        kept = [names[k] for k, mod in module.named_children() if k in names and not wanted(mod, k)]
+        user_ex = tuple(example_inputs[i] for i in user_idx)
+        return Quantized(module, user_idx, user_ex, self.name, "dynamic-torchao", kept)
+
+
+register_engine(TorchaoDynamic())

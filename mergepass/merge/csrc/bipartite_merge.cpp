@@ -9,6 +9,7 @@
 // with the most similar B partner (cosine of the metric rows) merge into that partner.
 // Output token order: the prefix, then per group its unmerged A tokens in A order and its B tokens.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -90,30 +91,36 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_po
   for (int64_t j = 0; j < s.mb; ++j)
     if (b_pos[j] >= 0) copy_row(b_pos[j], b_out[j]);
 
-  // each merged B row becomes the size-weighted mean of itself and its A partners
-  std::vector<char> hit(s.mb, 0);
+  // each merged B row becomes the size-weighted mean of itself and its A partners, accumulated in
+  // float for reduced-precision inputs (bf16, fp16) and written back once
+  using acc_t = at::opmath_type<T>;
+  std::vector<int64_t> acc_of(s.mb, -1);
+  std::vector<acc_t> acc, acc_size;
   for (int64_t k = 0; k < s.r; ++k) {
     const int64_t j = arg[order[k]];
-    if (!hit[j]) {
-      T* __restrict__ row = io.xo + b_out[j] * s.c;
-      const T sb = io.so[b_out[j]];
-      for (int64_t c = 0; c < s.c; ++c) row[c] *= sb;
-      hit[j] = 1;
-    }
+    if (acc_of[j] >= 0) continue;
+    acc_of[j] = static_cast<int64_t>(acc_size.size());
+    const T* xb = io.x + b_pos[j] * s.c;
+    const acc_t sb = static_cast<acc_t>(io.size[b_pos[j]]);
+    for (int64_t c = 0; c < s.c; ++c) acc.push_back(static_cast<acc_t>(xb[c]) * sb);
+    acc_size.push_back(sb);
   }
   for (int64_t k = 0; k < s.r; ++k) {
-    const int64_t i = order[k], to = b_out[arg[i]];
-    T* __restrict__ row = io.xo + to * s.c;
+    const int64_t i = order[k], h = acc_of[arg[i]];
+    acc_t* __restrict__ row = acc.data() + h * s.c;
     const T* __restrict__ xa = io.x + a_pos[i] * s.c;
-    const T sa = io.size[a_pos[i]];
-    for (int64_t c = 0; c < s.c; ++c) row[c] += xa[c] * sa;
-    io.so[to] += sa;
+    const acc_t sa = static_cast<acc_t>(io.size[a_pos[i]]);
+    for (int64_t c = 0; c < s.c; ++c) row[c] += static_cast<acc_t>(xa[c]) * sa;
+    acc_size[h] += sa;
   }
   for (int64_t j = 0; j < s.mb; ++j) {
-    if (!hit[j]) continue;
-    T* __restrict__ row = io.xo + b_out[j] * s.c;
-    const T inv = T(1) / io.so[b_out[j]];
-    for (int64_t c = 0; c < s.c; ++c) row[c] *= inv;
+    const int64_t h = acc_of[j];
+    if (h < 0) continue;
+    T* __restrict__ out_row = io.xo + b_out[j] * s.c;
+    const acc_t* __restrict__ row = acc.data() + h * s.c;
+    const acc_t inv = acc_t(1) / acc_size[h];
+    for (int64_t c = 0; c < s.c; ++c) out_row[c] = static_cast<T>(row[c] * inv);
+    io.so[b_out[j]] = static_cast<T>(acc_size[h]);
   }
   return out + keep + kept_b;
 }
@@ -142,6 +149,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
               "bipartite_merge: expected x [B,N,C], metric [B,N,D], size [B,N,1], source [B,N0]");
   TORCH_CHECK(a_pos_.dim() == 3 && b_pos_.dim() == 3 && a_pos_.size(1) == b_pos_.size(1),
               "bipartite_merge: expected a_pos [B|1, G, Ma] and b_pos [B|1, G, Mb]");
+  for (const auto* t : {&x_, &metric_, &size_, &source_, &a_pos_, &b_pos_})
+    TORCH_CHECK(t->device().is_cpu(), "bipartite_merge: every input must be on the CPU");
+  TORCH_CHECK(at::isFloatingType(x_.scalar_type()) && at::isFloatingType(metric_.scalar_type()) &&
+                  at::isFloatingType(size_.scalar_type()),
+              "bipartite_merge: x, metric and size must be floating point, got ", x_.scalar_type(), ", ",
+              metric_.scalar_type(), ", ", size_.scalar_type());
+  TORCH_CHECK(!at::isFloatingType(source_.scalar_type()) && !at::isFloatingType(a_pos_.scalar_type()) &&
+                  !at::isFloatingType(b_pos_.scalar_type()),
+              "bipartite_merge: source, a_pos and b_pos must be integer tensors");
+  {
+    const int64_t b = x_.size(0), n = x_.size(1);
+    TORCH_CHECK(metric_.size(0) == b && metric_.size(1) == n, "bipartite_merge: metric must be [", b, ", ", n,
+                ", D], got ", metric_.sizes());
+    TORCH_CHECK(size_.size(0) == b && size_.size(1) == n && size_.size(2) == 1, "bipartite_merge: size must be [",
+                b, ", ", n, ", 1], got ", size_.sizes());
+    TORCH_CHECK(source_.size(0) == b, "bipartite_merge: source must have the batch size ", b, ", got ",
+                source_.sizes());
+    TORCH_CHECK((a_pos_.size(0) == 1 || a_pos_.size(0) == b) && (b_pos_.size(0) == 1 || b_pos_.size(0) == b),
+                "bipartite_merge: a_pos and b_pos must have batch size 1 or ", b);
+    TORCH_CHECK(prefix >= 0 && prefix <= n, "bipartite_merge: prefix ", prefix, " outside [0, ", n, "]");
+    if (source_.numel()) {
+      const auto lo = source_.min().item<int64_t>(), hi = source_.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < n, "bipartite_merge: source values must index the ", n, " tokens, got [", lo,
+                  ", ", hi, "]");
+    }
+    if (size_.numel())
+      TORCH_CHECK(size_.min().item<double>() > 0, "bipartite_merge: every token size must be > 0");
+  }
   const auto x = x_.contiguous();
   const auto metric = metric_.to(at::kFloat).contiguous();
   const auto size = size_.to(x.scalar_type()).contiguous();
@@ -199,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
   auto xo = at::empty({bsz, s.n_out, s.c}, x.options());
   auto so = at::empty({bsz, s.n_out, 1}, x.options());
   auto srco = at::empty({bsz, s.n0}, source.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bipartite_merge", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "bipartite_merge", [&] {
     at::parallel_for(0, bsz, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         Batch<scalar_t> io{x.data_ptr<scalar_t>() + b * s.n * s.c, size.data_ptr<scalar_t>() + b * s.n,

@@ -7,9 +7,9 @@ import operator
 
 from torch import fx
 
+from ...merge import attn_bias, key_metric, unmerge
+from ...methods import get_op
 from ..match import Block, MatchResult
-from ..merge import adjacent_merge, attn_bias, global_merge, key_metric, unmerge, window_merge
-from ..schedule import Schedule
 
 
 def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node) -> None:
@@ -31,28 +31,13 @@ def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node) -> None:
             core.args = (biased,) + core.args[1:]
 
 
-def _merge_fn(kind: str, fused: bool):
-    if fused:
-        from ..merge import fused as f
-        fns = {"global": f.fused_global_merge, "local": f.fused_window_merge, "adjacent": f.fused_adjacent_merge}
-    else:
-        fns = {"global": global_merge, "local": window_merge, "adjacent": adjacent_merge}
-    if kind not in fns:
-        raise ValueError(f"unknown merge kind {kind!r}")
-    return fns[kind]
+def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused: bool):
+    metric = graph.call_function(key_metric, (block.keys, block.x_mid, block.keys_transposed))
+    fn = get_op(plan.kind).function(fused)
+    return graph.call_function(fn, (block.x_mid, metric, size, source), dict(r=plan.r, prefix=sched.prefix, **plan.args))
 
 
-def _merge_call(graph: fx.Graph, block: Block, plan, sched: Schedule, size, source, fused: bool):
-    metric = graph.call_function(key_metric, (block.keys, sched.batch, block.keys_transposed))
-    kw = dict(r=plan.r, prefix=sched.prefix)
-    if plan.kind in ("local", "adjacent"):
-        kw["grid"] = sched.grid
-    if plan.kind == "local":
-        kw["windows"] = plan.windows
-    return graph.call_function(_merge_fn(plan.kind, fused), (block.x_mid, metric, size, source), kw)
-
-
-def insert_merges(gm: fx.GraphModule, match: MatchResult, sched: Schedule, fused: bool = False) -> dict:
+def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = False) -> dict:
     """Rewrite ``gm`` in place; returns {'region': blocks rewritten, 'merges': merge nodes}.
     ``fused``: merges call the fused CPU kernel instead of the reference ops."""
     graph = gm.graph
@@ -76,7 +61,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched: Schedule, fused
             x_new = graph.call_function(operator.getitem, (out, 0))
             size = graph.call_function(operator.getitem, (out, 1))
             source = graph.call_function(operator.getitem, (out, 2))
-        block.x_mid.replace_all_uses_with(x_new, delete_user_cb=lambda u: u is not out)
+        block.x_mid.replace_all_uses_with(x_new, delete_user_cb=lambda u: u is not out and u is not out.args[1])
         merges.append(out)
         source_after.append(source)
     if source is None:

@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int
 
 SHAPE_METHODS = {"reshape", "view", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
 SHAPE_FUNCTIONS = {torch.reshape}
@@ -24,9 +25,18 @@ class RewriteError(RuntimeError):
         self.node = node
 
 
+def _concrete(v):
+    """A SymInt's example value (dynamo traces with a hint for every symbolic size)."""
+    return hint_int(v) if isinstance(v, torch.SymInt) else v  # constant SymInts have a hint too
+
+
 def _old_shape(node) -> tuple | None:
     v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+    return tuple(_concrete(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _is_mergepass_op(n: fx.Node) -> bool:
+    return n.op == "call_function" and getattr(n.target, "__module__", "").startswith("mergepass.")
 
 
 def _shape_args(n: fx.Node):
@@ -51,8 +61,15 @@ class _Fixer(fx.Interpreter):
                 (n.op == "call_function" and n.target in SHAPE_FUNCTIONS)):
             self._fix(n)
         try:
-            out = super().run_node(n)
-        except Exception as e:  # noqa: BLE001 - any failure means the rewrite is not safe here
+            out = self._scalar(n)
+            if out is None:
+                out = super().run_node(n)
+        except RuntimeError as e:
+            # a model op refusing the new token count (a shape check, a size mismatch) declines the
+            # block; a failure inside mergepass's own ops is a bug and must not pass for a decline
+            if _is_mergepass_op(n):
+                raise RuntimeError(f"mergepass op {n.name!r} ({n.format_node()}) failed during shape "
+                                   f"propagation: {e}") from e
             raise RewriteError(n, f"{type(e).__name__}: {e}") from e
         old = _old_shape(n)
         if old is not None and isinstance(out, torch.Tensor):
@@ -63,6 +80,15 @@ class _Fixer(fx.Interpreter):
                 # ignore token sizes, so this block is not safe to merge
                 raise RewriteError(n, "consumes the token axis (reduction or selection over merged tokens)")
         return out
+
+    def _scalar(self, n: fx.Node):
+        """``.item()`` of a real 0-dim input (fake tensors have no values to read)."""
+        if n.op == "call_method" and n.target == "item":
+            v = self.env.get(n.args[0])
+            if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
+                with unset_fake_temporarily():
+                    return v.item()
+        return None
 
     def _input_changed(self, n: fx.Node) -> bool:
         for a in n.all_input_nodes:
@@ -123,7 +149,10 @@ def fix_token_literals(gm: fx.GraphModule, example_inputs: Sequence, allowed_cha
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        # symbolic sizes (a dynamic batch) run at their example values; 0-dim tensors stay real, so
+        # graphs that read a scalar with .item() (dynamo's unspecialised floats) still run
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) and t.dim() else _concrete(t)
+                 for t in example_inputs]
         fixer = _Fixer(gm, allowed_changes)
         fixer.run(*fakes)
     gm.recompile()

@@ -6,23 +6,10 @@ import sys
 
 import torch
 
-
-def _override_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--r", type=int, help="tokens merged per merging block")
-    p.add_argument("--skip", type=int, help="DFE: dense blocks at the start")
-    p.add_argument("--window", type=int, help="LGTM: initial window side")
-    p.add_argument("--transition", type=int, help="LGTM: number of local blocks")
-    p.add_argument("--budget", type=float, help="ToMato: tokens removed (>=1) or fraction (<1)")
-    p.add_argument("--no-prop-attn", action="store_true", help="disable proportional attention")
-
-
-def overrides_from(args: argparse.Namespace) -> dict:
-    out = {k: getattr(args, k) for k in ("r", "skip", "window", "transition") if getattr(args, k, None) is not None}
-    if getattr(args, "budget", None) is not None:
-        out["budget"] = int(args.budget) if args.budget >= 1 else float(args.budget)
-    if getattr(args, "no_prop_attn", False):
-        out["prop_attn"] = False
-    return out
+from ..eval import models
+from ..eval.data import batches, data_config, load_images
+from ..pipeline import plan
+from .args import add_override_args, overrides_from
 
 
 def main(argv=None) -> int:
@@ -37,9 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-cosine", type=float, default=0.0, help="auto: quality floor (needs --images)")
     p.add_argument("--images", default=None, help="calibration images for the quality floor")
     p.add_argument("--calib-images", type=int, default=16)
-    _override_args(p)
+    add_override_args(p)
     args = p.parse_args(argv)
-    from . import models, plan
     try:
         model = models.create(args.model, img_size=args.img_size, checkpoint=args.checkpoint)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -54,7 +40,6 @@ def main(argv=None) -> int:
     calibration = None
     try:
         if args.images:
-            from .data import batches, data_config, load_images
             imgs, _, _ = load_images(args.images, limit=args.calib_images, **data_config(model, size))
             calibration = batches(imgs, args.batch) or [imgs]
         sched = plan(model, x if calibration is None else calibration[0], args.recipe, model_name=args.model,

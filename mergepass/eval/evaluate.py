@@ -1,25 +1,25 @@
 """Quality evaluation: a compressed model's outputs against the uncompressed FP32 model's."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..backend import backend
+from ..fidelity import cosine, cosine_stats
+from ..recipe import load, parse_spec
 from . import data as data_mod
 from . import models
-from .fidelity import cosine_stats
-
-
-def _cos(a, b):
-    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
 def feature_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict:
     """Backbone metrics from token features [N, T, C] (or pooled [N, C])."""
     cls_o, cls_r = (out[:, 0], ref[:, 0]) if out.dim() == 3 else (out, ref)
-    res = {f"cls_cos_{k}": v for k, v in cosine_stats(_cos(cls_o, cls_r)).items()}
+    res = {f"cls_cos_{k}": v for k, v in cosine_stats(cosine(cls_o, cls_r)).items()}
     if out.dim() == 3:
-        res["patch_cos_mean"] = _cos(out[:, 1:].mean(1), ref[:, 1:].mean(1)).mean().item()
+        res["patch_cos_mean"] = cosine(out[:, 1:].mean(1), ref[:, 1:].mean(1)).mean().item()
     res["nn_agree"] = nn_agreement(cls_o, cls_r)
     return res
 
@@ -36,7 +36,7 @@ def nn_agreement(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def classifier_metrics(out: torch.Tensor, ref: torch.Tensor, labels: Optional[torch.Tensor]) -> dict:
     res = dict(top1_agree=(out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
-               logit_cos_mean=_cos(out, ref).mean().item())
+               logit_cos_mean=cosine(out, ref).mean().item())
     if labels is not None and (labels >= 0).all():
         res["top1_acc"] = (out.argmax(-1) == labels).float().mean().item()
         res["top1_acc_ref"] = (ref.argmax(-1) == labels).float().mean().item()
@@ -68,29 +68,40 @@ class Features(torch.nn.Module):
 
 def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
     """(callable, backend or None) for 'eager', 'inductor' or a recipe spec like 'tome:r=8'."""
-    import mergepass
-    from .recipe import parse_spec
     name, overrides = parse_spec(spec)
     if name == "eager":
         return model, None
     if name == "inductor":
         return torch.compile(model, dynamic=False), None
-    be = mergepass.backend(mergepass.load_recipe(name, **overrides), calibration=calibration)
+    be = backend(load(name, **overrides), calibration=calibration)
     return torch.compile(model, backend=be, dynamic=False), be
 
 
-def evaluate_recipes(model_name: str, checkpoint: Optional[str], images: str, recipes: Sequence[str],
-                     img_size: int = 224, limit: Optional[int] = None, calib_images: int = 64, batch: int = 8,
-                     log: Callable = print, model: Optional[torch.nn.Module] = None,
-                     preprocess: Optional[dict] = None) -> list[dict]:
-    """Compile each recipe, run it over the images, compare with eager FP32. One row per recipe.
+@dataclass
+class EvalSet:
+    """Images split for calibration and evaluation, and the uncompressed model's outputs on them."""
 
-    ``preprocess``: overrides for :func:`mergepass.data.data_config` (mean, std, crop_pct)."""
-    model = model if model is not None else load_model(model_name, checkpoint, img_size)
+    target: torch.nn.Module        # what is compiled: the model, or its features for backbones
+    backbone: bool
+    calib: list[torch.Tensor]
+    evals: list[torch.Tensor]
+    labels: torch.Tensor
+    ref: torch.Tensor
+    skipped: int
+
+    @property
+    def images(self) -> int:
+        return len(self.evals) * (len(self.evals[0]) if self.evals else 0)
+
+
+def eval_set(model: torch.nn.Module, images: str, calib_images: int = 64, batch: int = 8, limit: Optional[int] = None,
+             img_size: int = 224, preprocess: Optional[dict] = None) -> EvalSet:
+    """Load ``images``; the first ``calib_images`` calibrate (and tune), the rest are evaluated.
+
+    ``preprocess``: overrides for :func:`mergepass.eval.data.data_config` (mean, std, crop_pct)."""
     backbone = getattr(model, "num_classes", 1) == 0 and hasattr(model, "forward_features")
     target = Features(model).eval() if backbone else model
-    cfg = data_mod.data_config(model, img_size, **(preprocess or {}))
-    x, labels, skipped = data_mod.load_images(images, **cfg)
+    x, labels, skipped = data_mod.load_images(images, **data_mod.data_config(model, img_size, **(preprocess or {})))
     if len(x) <= calib_images + batch:
         calib_images = 0  # tiny folders: calibrate on the evaluation images
     calib = data_mod.batches(x[:calib_images], batch) if calib_images else data_mod.batches(x, batch)
@@ -98,25 +109,40 @@ def evaluate_recipes(model_name: str, checkpoint: Optional[str], images: str, re
     if limit:
         x, labels = x[:limit], labels[:limit]
     evals = data_mod.batches(x, batch)
-    n = len(evals) * batch
-    labels = labels[:n]
-    log(f"{model_name}: {n} images evaluated ({skipped} unreadable skipped), "
-        f"{len(calib) * batch} for calibration, {'backbone' if backbone else 'classifier'} metrics")
-    ref = run_batches(target, evals)
+    return EvalSet(target, backbone, calib, evals, labels[:len(evals) * batch], run_batches(target, evals), skipped)
+
+
+def evaluate_spec(es: EvalSet, spec: str, compiled_as: Optional[str] = None):
+    """Compile ``spec`` (as ``compiled_as`` when given) and compare it with the reference outputs:
+    (row of metrics, compiled callable, backend or None)."""
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    fn, be = compile_spec(es.target, compiled_as or spec, es.calib)
+    with torch.no_grad():
+        fn(es.evals[0])
+    row = dict(recipe=spec, images=es.images, skipped=es.skipped, compile_s=time.perf_counter() - t0)
+    out = run_batches(fn, es.evals)
+    row.update(feature_metrics(out, es.ref) if es.backbone else classifier_metrics(out, es.ref, es.labels))
+    if be is not None and be.schedule is not None:
+        row.update(macs_ratio=be.schedule.macs_ratio, final_tokens=be.schedule.final_tokens)
+    if be is not None and be.quantized:
+        row["fp32_linears"] = sorted({k for q in be.quantized for k in q.kept_fp32})
+    return row, fn, be
+
+
+def evaluate_recipes(model_name: str, checkpoint: Optional[str], images: str, recipes: Sequence[str],
+                     img_size: int = 224, limit: Optional[int] = None, calib_images: int = 64, batch: int = 8,
+                     log: Callable = print, model: Optional[torch.nn.Module] = None,
+                     preprocess: Optional[dict] = None) -> list[dict]:
+    """Compile each recipe, run it over the held-out images, compare with eager FP32. One row per recipe."""
+    model = model if model is not None else load_model(model_name, checkpoint, img_size)
+    es = eval_set(model, images, calib_images, batch, limit, img_size, preprocess)
+    log(f"{model_name}: {es.images} images evaluated ({es.skipped} unreadable skipped), "
+        f"{len(es.calib) * batch} for calibration, {'backbone' if es.backbone else 'classifier'} metrics")
     rows = []
     for spec in recipes:
-        torch._dynamo.reset()
-        fn, be = compile_spec(target, spec, calib)
-        out = run_batches(fn, evals)
-        row = dict(recipe=spec, images=n, skipped=skipped)
-        row.update(feature_metrics(out, ref) if backbone else classifier_metrics(out, ref, labels))
-        if be is not None and be.schedule is not None:
-            row["macs_ratio"] = be.schedule.macs_ratio
-            row["final_tokens"] = be.schedule.final_tokens
-        if be is not None and be.quantized:
-            row["fp32_linears"] = sorted({k for q in be.quantized for k in q.kept_fp32})
-        rows.append(row)
-        log("  " + format_rows([row], header=False))
+        rows.append(evaluate_spec(es, spec)[0])
+        log("  " + format_rows(rows[-1:], header=False))
     return rows
 
 

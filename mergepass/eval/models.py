@@ -40,12 +40,17 @@ def load_checkpoint(model: torch.nn.Module, path: str, name: str = "") -> None:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(p))
-    else:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(p))
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    except Exception as e:  # noqa: BLE001 - every reader failure means "not a readable checkpoint"
+        raise ValueError(f"checkpoint {p} could not be read ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {p} holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

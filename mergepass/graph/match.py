@@ -16,6 +16,7 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int, is_concrete_int
 
 SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 SOFTMAX_FN = {F.softmax, torch.softmax, torch.nn.functional.softmax}
@@ -26,13 +27,17 @@ TRANSPOSE_METHODS = {"transpose", "mT", "permute"}
 
 
 def shape(node) -> Optional[tuple[int, ...]]:
+    """A node's shape, symbolic sizes (a dynamic batch) at their example values."""
     v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     if isinstance(v, torch.Tensor):
-        try:
-            return tuple(int(d) for d in v.shape)
-        except TypeError:  # symbolic
-            return None
+        return tuple(hint_int(d) if isinstance(d, torch.SymInt) else int(d) for d in v.shape)
     return None
+
+
+def symbolic_dims(node) -> list[int]:
+    """Which dimensions of a node's value are symbolic (dynamic shapes)."""
+    v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return [i for i, d in enumerate(v.shape) if not is_concrete_int(d)] if isinstance(v, torch.Tensor) else []
 
 
 def is_call(node: fx.Node, fns=(), methods=()) -> bool:
@@ -62,6 +67,10 @@ class Block:
     lin_attn: int = 0             # multiply-adds per token in linears before the merge point
     lin_mlp: int = 0              # ... and after it (the MLP)
     attn_dim: int = 0             # heads * head_dim (attention cost is 2 * N^2 * attn_dim)
+
+    def macs(self, n_in: int, n_out: int) -> int:
+        """Multiply-adds per image when ``n_in`` tokens enter and ``n_out`` leave (merged after attention)."""
+        return n_in * self.lin_attn + 2 * n_in * n_in * self.attn_dim + n_out * self.lin_mlp
 
 
 @dataclass
@@ -229,7 +238,11 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
             continue
         s_in, s_mid, s_out = shape(x_in), shape(x_mid), shape(x_out)
         if s_in is None or len(s_in) != 3 or s_in != s_mid or s_in != s_out:
-            problems.append(f"{where}: residual stream is not a static [batch, tokens, width] tensor ({s_in})")
+            problems.append(f"{where}: residual stream is not a [batch, tokens, width] tensor ({s_in})")
+            continue
+        if set(symbolic_dims(x_in)) - {0}:
+            problems.append(f"{where}: the token count is symbolic (dynamic image size); a static schedule "
+                            "needs a fixed token count")
             continue
         name = module_path(x_out) or module_path(core) or f"block{len(blocks)}"
         name = name.rsplit(".attn", 1)[0].rsplit(".mlp", 1)[0]

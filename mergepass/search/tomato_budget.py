@@ -12,7 +12,10 @@ from typing import Iterable
 import networkx as nx
 import torch
 
-from .merge.bipartite import normalize
+from ..graph.capture import capture_graphs, prepare
+from ..graph.match import find_blocks
+from ..merge import key_metric
+from ..merge.bipartite import normalize
 
 
 def flood_fill_groups(metric: torch.Tensor, grid: tuple[int, int], threshold: float) -> list[list[int]]:
@@ -31,21 +34,15 @@ def flood_fill_groups(metric: torch.Tensor, grid: tuple[int, int], threshold: fl
 
 def block_keys(model: torch.nn.Module, images: torch.Tensor, block: int = 0):
     """(metric [B, N, D], prefix, grid) of a block's attention keys, found structurally."""
-    from .match import find_blocks
-    from .merge import key_metric
-    from .planning import capture_graphs
-    from .rewrite import copy_graph_module
-    from .passes import strip_noops
     for gm, ex in capture_graphs(model, images):
-        gm = copy_graph_module(gm)
-        strip_noops(gm)
+        gm = prepare(gm, ex)
         match = find_blocks(gm)
         if not match.ok:
             continue
         b = match.blocks[block]
         out = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_before(out):
-            metric = gm.graph.call_function(key_metric, (b.keys, match.batch, b.keys_transposed))
+            metric = gm.graph.call_function(key_metric, (b.keys, b.x_in, b.keys_transposed))
         out.args = (metric,)
         gm.graph.eliminate_dead_code()
         gm.recompile()

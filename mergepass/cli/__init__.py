@@ -1,0 +1,1 @@
+"""Command lines: ``python -m mergepass.plan``, ``python -m mergepass.demo``, ``python -m mergepass.viz``."""

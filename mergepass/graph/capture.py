@@ -1,0 +1,42 @@
+"""Getting dynamo's graphs, and the copy every rewrite starts from."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import fx
+
+from .passes import expand_mha, strip_noops
+
+
+def capture_graphs(model: torch.nn.Module, example_input: torch.Tensor) -> list:
+    """The FX graphs dynamo hands a backend for ``model(example_input)`` (static shapes), as
+    ``(graph module, example inputs)`` pairs."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+        torch.compile(model, backend=capture, dynamic=False)(example_input)
+    return graphs
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule with a copied graph (shared parameters, shallow-copied node meta)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def prepare(gm: fx.GraphModule, example_inputs: Sequence) -> fx.GraphModule:
+    """A copy of dynamo's graph in the form matching expects: no inference no-ops, and
+    ``nn.MultiheadAttention`` written out. The user's graph module is never modified."""
+    base = copy_graph_module(gm)
+    strip_noops(base)
+    expand_mha(base, example_inputs)
+    return base

@@ -1,0 +1,152 @@
+"""dynamo's graph as a module of the user's inputs alone: its parameter inputs held as constants."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Optional, Sequence
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+_ROOT = re.compile(r"^[LG]\[[^\]]+\]\.?")
+
+
+def module_names(node: fx.Node) -> list[str]:
+    """Module paths in a node's nn_module_stack, dynamo's root stripped ('blocks.0.mlp.fc2')."""
+    out = []
+    for v in (node.meta.get("nn_module_stack") or {}).values():
+        path = v[0] if isinstance(v, tuple) else str(v)
+        path = _ROOT.sub("", path)
+        path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+        out.append(re.sub(r"\[(\d+)\]", r".\1", path).strip("."))
+    return out
+
+
+def path_matches(path: str, patterns) -> bool:
+    """Glob match on '.' boundaries: the root differs when a wrapper module is compiled."""
+    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, "*." + p) for p in patterns)
+
+
+def _is_state(node: fx.Node, value) -> bool:
+    """Module state rather than a user input: parameters, buffers, and module attributes dynamo
+    lifted as inputs (unspecialised floats such as a dropout p under ``dynamic=True``)."""
+    return isinstance(value, torch.nn.Parameter) or (isinstance(value, torch.Tensor) and str(node.target).startswith(
+        ("L_self_", "G_")))
+
+
+def _symbol_source(node: fx.Node, users: list[fx.Node]):
+    """(position among ``users``, dim) of a user tensor whose size is the SymInt placeholder ``node``."""
+    sym = node.meta.get("example_value")
+    for pos, u in enumerate(users):
+        v = u.meta.get("example_value")
+        for d, size in enumerate(getattr(v, "shape", ())):
+            if not is_concrete_int(size) and isinstance(sym, torch.SymInt) and size.node.expr == sym.node.expr:
+                return pos, d
+    return None
+
+
+class Inputs:
+    """dynamo's graph inputs sorted into module state (constants), sizes derived from user tensors
+    (dynamic shapes), and the user's own inputs."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence):
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.count = len(phs)
+        self.const = {i: v for i, (n, v) in enumerate(zip(phs, example_inputs)) if _is_state(n, v)}
+        sizes = {i for i, v in enumerate(example_inputs) if isinstance(v, torch.SymInt)}
+        self.user_idx = [i for i in range(self.count) if i not in self.const and i not in sizes]
+        users = [phs[i] for i in self.user_idx]
+        self.derived = {}
+        for i in sizes:
+            where = _symbol_source(phs[i], users)
+            if where is None:
+                raise ValueError(f"graph input {phs[i].name} is a size mergepass cannot derive from a tensor input")
+            self.derived[i] = where
+
+    def user_inputs(self, example_inputs: Sequence) -> tuple:
+        """The entries of dynamo's ``example_inputs`` that are the user's (not state, not sizes)."""
+        return tuple(example_inputs[i] for i in self.user_idx)
+
+    def assemble(self, user_args: Sequence, const_of) -> list:
+        """dynamo's full argument list from the user's arguments; ``const_of(i)`` gives constant ``i``."""
+        args = [None] * self.count
+        for i in self.const:
+            args[i] = const_of(i)
+        for i, a in zip(self.user_idx, user_args):
+            args[i] = a
+        for i, (pos, d) in self.derived.items():
+            args[i] = user_args[pos].shape[d]
+        return args
+
+
+class Lifted(torch.nn.Module):
+    """dynamo's graph with its module state held as constants: ``forward(*user_inputs)``.
+
+    Runs the graph through an Interpreter with node meta preserved, so the exported graph keeps
+    dynamo's ``nn_module_stack`` (names for exclusion) and ``source_fn_stack`` (for the quantizer).
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence):
+        super().__init__()
+        self.gm = gm
+        self.inputs = Inputs(gm, example_inputs)
+        self.user_idx = self.inputs.user_idx
+        for i, v in self.inputs.const.items():
+            self.register_buffer(f"c{i}", v.detach(), persistent=False)
+
+    def user_inputs(self, example_inputs: Sequence) -> tuple:
+        return self.inputs.user_inputs(example_inputs)
+
+    def dynamic_shapes(self) -> Optional[tuple]:
+        """``torch.export`` dynamic_shapes for the user inputs: their symbolic dims, or None if all static."""
+        phs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        specs = []
+        for i in self.user_idx:
+            v = phs[i].meta.get("example_value")
+            dims = {d: torch.export.Dim.AUTO for d, s in enumerate(getattr(v, "shape", ())) if not is_concrete_int(s)}
+            specs.append(dims or None)
+        return tuple(specs) if any(specs) else None
+
+    def forward(self, *user_args):
+        args = self.inputs.assemble(user_args, lambda i: getattr(self, f"c{i}"))
+        with fx.traceback.preserve_node_meta():
+            return fx.Interpreter(self.gm).run(*args)
+
+
+def linear_modules_graph(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[fx.GraphModule, list, dict]:
+    """A copy of ``gm`` whose linears on parameter weights are ``nn.Linear`` submodules (sharing
+    the weights) and whose other parameter inputs are buffers; takes only the user inputs.
+
+    Returns (module, user input indices, {submodule name: original module path})."""
+    root = torch.nn.Module()
+    graph = fx.Graph()
+    env: dict = {}
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = Inputs(gm, example_inputs)
+    if inputs.derived:
+        raise ValueError("this int8 engine needs static shapes; compile with dynamic=False")
+    const = {phs[i]: v for i, v in inputs.const.items()}
+    user_idx = inputs.user_idx
+    names: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n in const:
+            name = f"c{len(env)}"
+            root.register_buffer(name, const[n].detach(), persistent=False)
+            env[n] = graph.get_attr(name)
+        elif n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear) \
+                and len(n.args) >= 2 and n.args[1] in const and not n.kwargs:
+            w = const[n.args[1]]
+            b = const.get(n.args[2]) if len(n.args) > 2 and n.args[2] is not None else None
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+            lin.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
+            if b is not None:
+                lin.bias = torch.nn.Parameter(b.detach(), requires_grad=False)
+            name = f"lin{len(names)}"
+            root.add_module(name, lin)
+            paths = [p for p in module_names(n) if p]
+            names[name] = paths[-1] if paths else n.name
+            env[n] = graph.call_module(name, (env[n.args[0]],))
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(root, graph), user_idx, names

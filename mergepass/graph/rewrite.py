@@ -1,0 +1,81 @@
+"""The merge rewrite: match → schedule → insert merges → fix literals, with fallback. A block that
+cannot be rewritten safely is left unmerged together with every block after it."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from torch import fx
+
+from ..errors import MergepassWarning
+from ..schedule import Schedule, make_schedule
+from .capture import copy_graph_module
+from .match import MatchResult, find_blocks
+from .passes import RewriteError, fix_token_literals, insert_merges
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+@dataclass
+class RewriteResult:
+    gm: fx.GraphModule
+    schedule: Optional[Schedule]
+    match: Optional[MatchResult]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def merged(self) -> bool:
+        return self.schedule is not None and self.schedule.merging
+
+
+def _blame(match: MatchResult, region: int, err: RewriteError) -> int:
+    for b in match.blocks[:region]:
+        if err.node in b.nodes:
+            return b.index
+    return region - 1
+
+
+def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe", *, schedule: Optional[Schedule] = None,
+            notes: Sequence[str] = (), model: str = "", warn: bool = True, fused: bool = False) -> RewriteResult:
+    """Insert the recipe's merges into a copy of ``base`` (a :func:`~.capture.prepare`-d graph).
+
+    Never raises for graphs it cannot handle: those come back unchanged with a
+    :class:`MergepassWarning`. ``schedule``: the full schedule when the caller already computed it.
+    ``fused``: merges call the fused CPU kernel (:mod:`mergepass.merge.fused`)."""
+    notes = list(notes)
+    limit: Optional[int] = None
+    while True:
+        work = copy_graph_module(base)
+        match = find_blocks(work)
+        if not match.ok:
+            msg = "mergepass: no transformer blocks matched (" + "; ".join(match.problems) + "); compiling unchanged"
+            if warn:
+                warnings.warn(msg, MergepassWarning, stacklevel=2)
+            return RewriteResult(base, None, match, notes + [msg])
+        sched = schedule if (schedule is not None and limit is None) else make_schedule(match, recipe, limit, model)
+        sched.notes.extend(n for n in notes if n not in sched.notes)
+        if warn and limit is None:
+            for note in sched.adjusted:
+                warnings.warn(f"mergepass: {note}", MergepassWarning, stacklevel=2)
+        if not sched.merging:
+            return RewriteResult(base, sched, match, notes)
+        region = insert_merges(work, match, sched, fused=fused)["region"]
+        allowed = set().union(*(b.nodes for b in match.blocks[:region]))
+        try:
+            fix_token_literals(work, example_inputs, allowed)
+        except RewriteError as e:
+            k = _blame(match, region, e)
+            limit = min(k, region - 1) if limit is None else min(k, limit - 1, region - 1)
+            name = match.blocks[k].name if k < len(match.blocks) else f"block {k}"
+            note = f"{name}: not merged because {e}"
+            notes.append(note)
+            if warn:
+                warnings.warn(f"mergepass: {note}; merging only the blocks before it", MergepassWarning, stacklevel=2)
+            if limit <= 0:
+                sched = make_schedule(match, recipe, limit=0, model=model)
+                sched.notes.extend(notes)
+                return RewriteResult(base, sched, match, notes)
+            continue
+        return RewriteResult(work, sched, match, notes)

@@ -1,0 +1,8 @@
+"""Merge methods, one per file, in a registry (see :mod:`.base`). Importing this package registers
+the built-in ones: ToMe, DFE, DFE+LGTM and ToMato."""
+from .base import (AUTO, RESERVED, BlockSchedule, Merge, MergeMethod, MergeOp, all_ops, get_method, get_op,
+                   method_names, register_method, register_op)
+from . import tome, dfe, dfe_lgtm, tomato  # noqa: E402,F401,I001  (register themselves, in this order)
+
+__all__ = ["AUTO", "RESERVED", "BlockSchedule", "Merge", "MergeMethod", "MergeOp", "register_method",
+           "register_op", "get_method", "get_op", "method_names", "all_ops"]

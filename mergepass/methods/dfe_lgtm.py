@@ -1,0 +1,82 @@
+"""DFE + Local-Global Token Merging (Algorithm 1 of the DFE+LGTM paper): after the dense blocks,
+merge inside windows whose side grows by one per block while the tokens still fill at least 2x2
+windows (or for ``transition`` blocks), then merge globally as ToMe does."""
+from __future__ import annotations
+
+import math
+
+from ..merge import window_layout, window_merge
+from ..merge.fused import fused_window_merge
+from .base import AUTO, Merge, MergeOp, register_method, register_op
+from .dfe import DFE
+from .tome import global_step
+
+register_op(MergeOp("local", window_merge, fused_window_merge))
+
+
+def default_window(grid: tuple[int, int]) -> int:
+    """The largest window side that divides the grid into at least 2x2 windows (7 for 14x14)."""
+    h = min(grid)
+    divisors = [d for d in range(2, h // 2 + 1) if h % d == 0]
+    return max(divisors) if divisors else max(2, math.ceil(h / 2))
+
+
+def window_grid(tokens: int, grid: tuple[int, int], side: int) -> tuple[int, int]:
+    """Windows per axis for ``tokens`` tokens spread over the grid's aspect ratio."""
+    gh, gw = grid
+    scale = math.sqrt(tokens / (gh * gw))
+    return max(1, math.ceil(round(gh * scale) / side)), max(1, math.ceil(round(gw * scale) / side))
+
+
+class DFELGTM(DFE):
+    name = "dfe_lgtm"
+    needs_grid = True
+    fields = ("r", "skip", "window", "transition")
+    auto_rank = 0
+
+    def resolve(self, recipe, match, limit):
+        if recipe.window == AUTO:
+            recipe = recipe.replace(window=default_window(match.grid))
+        recipe = super().resolve(recipe, match, limit)
+        if recipe.transition == AUTO:
+            local = sum(1 for p in self.plan_blocks(recipe, match, limit) if p.kind == "local")
+            recipe = recipe.replace(transition=local)
+        return recipe
+
+    def decide(self, recipe, block, tokens, match, state):
+        if block.index < recipe.skip or recipe.r <= 0:
+            return None
+        done = state.setdefault("local_done", 0)
+        side = recipe.window + done
+        nh, nw = window_grid(tokens - match.prefix, match.grid, side)
+        auto = recipe.transition == AUTO
+        local = nh * nw >= 2 and not state.get("global") and (auto or done < recipe.transition)
+        if not local:
+            state["global"] = auto  # Algorithm 1: once global, global for good
+            return global_step(block, tokens, match.prefix, recipe.r, recipe.skip)
+        nwin = nh * nw
+        per, pad = window_layout(tokens - match.prefix, nwin)
+        rw = math.ceil(recipe.r / nwin)
+        take = min(rw, max(0, (per - pad) // 2))
+        state["local_done"] = done + 1
+        note = f"w={side}, {per} tok/win, {take}/win" + (f" (clamped {rw}->{take})" if take < rw else "")
+        detail = {"window_side": side, **({"clamped": (rw, take), "field": "r per window"} if take < rw else {})}
+        return Merge("local", take, take * nwin, args={"grid": match.grid, "windows": (nh, nw)}, note=note,
+                     label=f"local {nh}x{nw} win", detail=detail)
+
+    def notes(self, asked, recipe, match, plans):
+        out = super().notes(asked, recipe, match, plans)
+        first = next((p for p in plans if p.index >= recipe.skip and p.kind != "off"), None)
+        if first is not None and asked.r and asked.transition != 0:
+            nh, nw = window_grid(first.tokens_in - match.prefix, match.grid, recipe.window)
+            if nh * nw < 2:
+                g = f"{match.grid[0]}x{match.grid[1]}"
+                out.append(f"window={recipe.window} gives {nh}x{nw} window on the {g} grid (LGTM needs at least "
+                           "2x1): the blocks merge globally (ToMe) instead")
+        return out
+
+    def candidate(self, recipe, r):
+        return super().candidate(recipe, r).replace(window="auto", transition="auto")
+
+
+register_method(DFELGTM())

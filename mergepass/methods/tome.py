@@ -1,0 +1,60 @@
+"""ToMe (Bolya et al., 2022): bipartite soft matching over all mergeable tokens, ``r`` per block."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..merge import global_merge
+from ..merge.fused import fused_global_merge
+from .base import AUTO, Merge, MergeMethod, MergeOp, chain, closest, register_method, register_op, total_macs
+
+register_op(MergeOp("global", global_merge, fused_global_merge))
+
+
+def global_step(block, tokens: int, prefix: int, r: int, skip: int) -> Optional[Merge]:
+    """Merge ``r`` tokens (at most half the mergeable ones) in every block from ``skip`` on."""
+    if block.index < skip or r <= 0:
+        return None
+    take = min(r, (tokens - prefix) // 2)
+    if take < r:
+        return Merge("global", take, take, note=f"r clamped {r}->{take}", detail={"clamped": (r, take)})
+    return Merge("global", take, take)
+
+
+def tome_macs(match, r: int, limit: int) -> int:
+    """Total MACs of ToMe with ``r`` on ``match``: what ``r = "auto"`` strengths are matched to."""
+    return total_macs(match, chain(match, limit, lambda b, n: global_step(b, n, match.prefix, r, 0)))
+
+
+class ToMe(MergeMethod):
+    name = "tome"
+    fields = ("r", "skip")
+    auto_rank = 2
+
+    def default_skip(self, depth: int) -> int:
+        return 0
+
+    def resolve(self, recipe, match, limit):
+        depth = len(match.blocks)
+        skip = self.default_skip(depth) if recipe.skip == AUTO else recipe.skip
+        recipe = recipe.replace(skip=min(skip, depth))  # past the last block: nothing merges (noted)
+        if recipe.r == AUTO:
+            goal = tome_macs(match, recipe.match_tome_r, limit)
+            r = closest(range((match.tokens - match.prefix) // 2 + 1),
+                        lambda x: total_macs(match, self.plan_blocks(recipe.replace(r=x), match, limit)), goal)
+            recipe = recipe.replace(r=r)
+        return recipe
+
+    def decide(self, recipe, block, tokens, match, state):
+        return global_step(block, tokens, match.prefix, recipe.r, recipe.skip)
+
+    def notes(self, asked, recipe, match, plans):
+        out = super().notes(asked, recipe, match, plans)
+        if asked.r and recipe.skip >= len(match.blocks):
+            out.append(f"skip={asked.skip} leaves all {len(match.blocks)} blocks dense: nothing merges")
+        return out
+
+    def candidate(self, recipe, r):
+        return super().candidate(recipe, r).replace(skip=0)
+
+
+register_method(ToMe())

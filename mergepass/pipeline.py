@@ -1,0 +1,57 @@
+"""The merge stage as one call (prepare → match → resolve ``auto`` → rewrite), and
+``mergepass.plan``: the schedule the backend would use, without compiling."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx
+
+from .graph.capture import capture_graphs, copy_graph_module, prepare
+from .graph.lift import Lifted
+from .graph.match import find_blocks
+from .graph.rewrite import RewriteResult, rewrite
+from .quantize import fit_batches, read_calibration
+from .recipe import Recipe, load
+from .schedule import Schedule
+from .search.auto import choose
+from .search.score import graph_fidelity
+
+
+def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
+                calibration: Optional[list[tuple]] = None, model: str = "", warn: bool = True,
+                fused: bool = False) -> RewriteResult:
+    """Insert the recipe's merges into a copy of dynamo's graph. Recipe method ``auto`` is resolved
+    first (:mod:`mergepass.search.auto`), scored on ``calibration`` (from :func:`read_calibration`)."""
+    base = prepare(gm, example_inputs)
+    if recipe.method != "auto":
+        return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused)
+    match = find_blocks(copy_graph_module(base))
+    if not match.ok:
+        return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused)
+    scorer = None
+    if calibration is not None:
+        batches = fit_batches(calibration, Lifted(base, example_inputs).user_inputs(example_inputs))
+        scorer = graph_fidelity(base, example_inputs, batches) if batches else None
+    choice = choose(match, recipe, scorer)
+    choice.schedule.model = model
+    return rewrite(base, example_inputs, choice.recipe, schedule=choice.schedule, notes=[choice.note],
+                   model=model, warn=warn, fused=fused)
+
+
+def plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
+         model_name: str = "", calibration=None, **overrides: Any) -> Schedule:
+    """Match the model's blocks and compute the static schedule for this input shape.
+
+    Raises ValueError when no transformer block is found (the backend would compile it unchanged).
+    """
+    r = load(recipe, **overrides)
+    batches = read_calibration(calibration, r.quantize.calibration_batches)
+    best = None
+    for gm, ex in capture_graphs(model, example_input):
+        res = merge_stage(gm, ex, r, calibration=batches, model=model_name or type(model).__name__, warn=False)
+        if res.schedule is not None and (best is None or len(res.schedule.blocks) > len(best.blocks)):
+            best = res.schedule
+    if best is None:
+        raise ValueError(f"no transformer blocks matched in {type(model).__name__}; the backend would compile it unchanged")
+    return best

@@ -1,0 +1,81 @@
+"""The quantization-engine registry and what every engine returns."""
+from __future__ import annotations
+
+import difflib
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence
+
+import torch
+from torch import fx
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+@dataclass
+class Quantized:
+    """What an engine produced: a module taking the user's inputs, and how to compile it."""
+
+    module: torch.nn.Module
+    user_idx: list[int]                  # which of dynamo's example inputs are the user's
+    inputs: tuple                        # example user inputs
+    engine: str
+    mode: str                            # static | dynamic | dynamic-torchao | static-modelopt
+    kept_fp32: list[str] = field(default_factory=list)   # linears left in floating point, by module path
+    freezing: bool = True                # inductor must fold the q/dq patterns into int8 kernels
+    trace_context: Optional[Callable[[], AbstractContextManager]] = None  # needed while lowering traces
+
+    def select(self, example_inputs: Sequence) -> list:
+        """The user's entries among dynamo's (example or call) inputs."""
+        return [example_inputs[i] for i in self.user_idx]
+
+
+class QuantEngine:
+    """An int8 engine: subclasses set ``name`` and implement :meth:`quantize`."""
+
+    name: ClassVar[str]
+
+    def is_default(self, lower: str, on_cuda: bool) -> bool:
+        """Whether ``quantize.engine = "auto"`` picks this engine for the lowering and device."""
+        return False
+
+    def check(self, recipe: "Recipe") -> None:
+        """Raise ValueError for recipes this engine cannot serve (called at recipe validation)."""
+
+    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+                 batches: Optional[list[tuple]]) -> Quantized:
+        raise NotImplementedError
+
+
+_ENGINES: dict[str, QuantEngine] = {}
+
+
+def register_engine(engine: QuantEngine) -> QuantEngine:
+    if engine.name == "auto":
+        raise ValueError("'auto' is reserved for choosing an engine")
+    _ENGINES[engine.name] = engine
+    return engine
+
+
+def engine_names() -> tuple[str, ...]:
+    return tuple(_ENGINES)
+
+
+def get_engine(name: str) -> QuantEngine:
+    if name not in _ENGINES:
+        close = difflib.get_close_matches(name, list(_ENGINES), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown quantization engine {name!r}{hint} (registered: {', '.join(_ENGINES)})")
+    return _ENGINES[name]
+
+
+def resolve_engine(recipe: "Recipe", example_inputs: Sequence) -> QuantEngine:
+    """``quantize.engine``, or for ``auto`` the first registered engine that is the default here."""
+    if recipe.quantize.engine != "auto":
+        return get_engine(recipe.quantize.engine)
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    for engine in _ENGINES.values():
+        if engine.is_default(recipe.lower, on_cuda):
+            return engine
+    raise ValueError(f"no quantization engine serves lower={recipe.lower!r} on {'CUDA' if on_cuda else 'CPU'}")

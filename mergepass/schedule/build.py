@@ -1,0 +1,32 @@
+"""From a recipe and a matched graph to a static :class:`Schedule`, through the recipe's merge method."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from ..methods import get_method
+from ..methods.base import chain, total_macs
+from .schedule import Schedule
+
+if TYPE_CHECKING:
+    from ..graph.match import MatchResult
+    from ..recipe import Recipe
+
+
+def make_schedule(match: "MatchResult", recipe: "Recipe", limit: Optional[int] = None, model: str = "") -> Schedule:
+    """Resolve the recipe's model-dependent fields and plan every block.
+
+    ``limit``: blocks from this index on are not merged (used when a block cannot be rewritten).
+    """
+    if not match.ok:
+        raise ValueError("cannot schedule: no transformer blocks matched")
+    limit = len(match.blocks) if limit is None else limit
+    method = get_method(recipe.method)
+    if method.needs_grid and match.grid is None:
+        raise ValueError(f"recipe method {recipe.method!r} needs the patch grid, which was not found in the graph")
+    resolved = method.resolve(recipe, match, limit)
+    plans = method.plan_blocks(resolved, match, limit)
+    base = total_macs(match, chain(match, 0, lambda b, n: None))
+    adjusted = method.notes(recipe, resolved, match, plans)
+    return Schedule(resolved, plans, match.batch, match.tokens, match.prefix, match.grid, match.width,
+                    base, total_macs(match, plans), list(match.problems) + adjusted, model,
+                    {k: getattr(resolved, k) for k in method.fields}, adjusted)
