@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
+from mergepass.cpu import machine
 from mergepass.eval import models
 from mergepass.eval.evaluate import compile_spec
 
@@ -119,7 +120,8 @@ def main(argv=None) -> int:
         print(f"  compiled {spec}")
     rows = profile_interleaved(fns, x, args.rounds, args.iters)
     table = format_table(rows, f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, "
-                               f"median of {args.rounds} interleaved rounds x {args.iters} profiled forwards")
+                               f"median of {args.rounds} interleaved rounds x {args.iters} profiled forwards, "
+                               f"{machine()}")
     print(table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

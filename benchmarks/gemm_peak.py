@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from mergepass.cpu import int8_isa
+from mergepass.cpu import machine
 from mergepass.eval.timing import interleaved
 
 VIT_B_LINEARS = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     rows = time_shapes(a.batch, rounds=a.rounds)
     print(format_table(rows, f"ViT-B/16 linears, batch {a.batch}, {torch.get_num_threads()} threads, "
-                             f"int8 ISA: {int8_isa()}"))
+                             f"{machine()}"))
     return 0
 
 

@@ -14,16 +14,19 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mergepass.cpu import machine  # noqa: E402
 from mergepass.eval import timing  # noqa: E402
 from mergepass.eval.evaluate import eval_set, evaluate_spec, load_model  # noqa: E402
 from mergepass.eval.timing import interleaved  # noqa: E402
@@ -76,28 +79,45 @@ def table(rows) -> str:
     return "\n".join(out)
 
 
-def plot(rows, path: Path, title: str) -> None:
+def group_name(contender: str) -> str:
+    """The curve a contender belongs to: its recipe (searched schedules by their file's family)."""
+    spec, _, over = contender.partition(":")
+    name = re.sub(r"_match_r\d+$", "", Path(spec).stem) if spec.endswith(".toml") else spec
+    if spec.endswith(".toml") and "quantize_enabled=true" in over:
+        name += "_int8"
+    if "quantize_sensitivity=0" in over:
+        name += " (naive, no fp32 outlier layers)"
+    if "partition=sequence" in over:
+        name += " (official ToMe split)"
+    return name
+
+
+def plot(rows, path: Path, title: str, old: Optional[list] = None) -> None:
+    """Two panels: MACs ratio and measured speedup against mean CLS cosine; ``old`` rows (an earlier
+    sweep) are drawn grey for comparison."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    groups: dict = {}
-    for r in rows:
-        if r["speedup"] != r["speedup"]:  # not timed
-            continue
-        name = r["contender"].split(":")[0]
-        if "quantize_sensitivity=0" in r["contender"]:
-            name += " (naive, no fp32 outlier layers)"
-        groups.setdefault(name, []).append(r)
-    for name, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["speedup"])
-        style = ("--" if "int8" in name else "-") + ("o" if len(rs) > 1 else "s")
-        ax.plot([r["speedup"] for r in rs], [r["cls_cos_mean"] for r in rs], style, label=name)
-    ax.set_xlabel("speedup over eager FP32 (measured, this CPU)")
-    ax.set_ylabel("mean CLS cosine vs uncompressed FP32")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    for ax, key, label in ((axes[0], "macs_ratio", "MACs ratio (merged / unmerged)"),
+                           (axes[1], "speedup", "speedup over eager FP32 (measured, this CPU)")):
+        for series, faint in ((old or [], True), (rows, False)):
+            groups: dict = {}
+            for r in series:
+                x = r.get(key, 1.0)
+                if x != x:  # not timed
+                    continue
+                groups.setdefault(group_name(r["contender"]), []).append((x, r["cls_cos_mean"]))
+            for name, pts in groups.items():
+                pts.sort()
+                style = ("--" if "int8" in name else "-") + ("o" if len(pts) > 1 else "s")
+                ax.plot(*zip(*pts), style, color="0.75" if faint else None, zorder=1 if faint else 2,
+                        label=(f"{name} (earlier sweep)" if faint else name) if not (faint and key == "speedup") else None)
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean CLS cosine vs uncompressed FP32")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -112,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="docs/pareto", help="writes OUT.md, OUT.json, OUT.png")
     p.add_argument("--from-json", default=None, help="reuse the quality rows of an earlier sweep")
+    p.add_argument("--old-json", default=None, help="an earlier sweep's rows, drawn grey beside the new curves")
     p.add_argument("--eager-fp32", action="store_true",
                    help="run FP32 recipes uncompiled (same math, no compile time); time them with speed.py")
     p.add_argument("--speed-json", default=None,
@@ -136,11 +157,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/pareto.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = (f"# Pareto sweep: {args.model} (real weights), {rows[0]['images']} images, batch 8, "
-          f"{torch.get_num_threads()} CPU threads\n\nCommand: `{cmd}` ({time.time() - t0:.0f} s; "
+          f"{torch.get_num_threads()} CPU threads\n\n{machine()}, {time.strftime('%Y-%m-%d')}\n\nCommand: `{cmd}` ({time.time() - t0:.0f} s; "
           f"{skipped} unreadable images skipped)\n\n" + table(rows) + "\n")
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    plot(rows, out.with_suffix(".png"), f"{args.model}: speed vs fidelity")
+    old = json.loads(Path(args.old_json).read_text()) if args.old_json else None
+    plot(rows, out.with_suffix(".png"), f"{args.model}: MACs and speed vs fidelity", old)
     print(md)
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mergepass.eval import peers
 from mergepass.eval.evaluate import compile_spec
 from mergepass.eval.timing import interleaved
 
@@ -31,6 +32,10 @@ def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=p
     fns, compile_s, schedules = {}, {}, {}
     with torch.no_grad():
         for spec in specs:
+            why = peers.available(spec) if spec in peers.PEERS else None
+            if why:
+                log(f"  skip  {spec:<28} {why}")
+                continue
             t0 = time.perf_counter()
             fn, be = compile_spec(model, spec, calibration)
             fn(x)  # compile + first run
@@ -40,30 +45,36 @@ def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=p
             if be is not None and be.schedule is not None:
                 schedules[spec] = be.schedule
             log(f"  ready {spec:<28} compile+first run {compile_s[spec]:7.1f} s")
-        per_round = interleaved({spec: functools.partial(fns[spec], x) for spec in specs}, rounds, iters)
+        per_round = interleaved({spec: functools.partial(fn, x) for spec, fn in fns.items()}, rounds, iters)
     return per_round, compile_s, schedules
 
 
-def summarize(per_round, compile_s, schedules, base="eager"):
+def summarize(per_round, compile_s, schedules, base="eager", others=("int8", "ort_int8")):
+    """One row per contender: median time, speedup over ``base`` (median ratio and the per-round spread)
+    and, for each of ``others`` that ran, the speedup over it."""
     rows = []
-    base_t = per_round[base]
+    med = {k: statistics.median(v) for k, v in per_round.items()}
     for spec, ts in per_round.items():
-        ratios = [b / t for b, t in zip(base_t, ts)]
+        ratios = [b / t for b, t in zip(per_round[base], ts)]
         s = schedules.get(spec)
-        rows.append(dict(contender=spec, median_ms=1e3 * statistics.median(ts),
-                         speedup=statistics.median(base_t) / statistics.median(ts),
+        rows.append(dict(contender=spec, median_ms=1e3 * med[spec], speedup=med[base] / med[spec],
                          spread=(min(ratios), max(ratios)), compile_s=compile_s[spec],
+                         over={o: med[o] / med[spec] for o in others if o in med},
                          macs_ratio=s.macs_ratio if s else None,
                          final_tokens=s.final_tokens if s else None))
     return rows
 
 
 def format_table(rows, title: str) -> str:
-    out = [title, f"{'contender':<30}{'median ms':>10}{'x eager':>9}{'spread':>15}{'compile s':>10}{'MACs':>7}"]
+    others = list(rows[0].get("over", {})) if rows else []
+    out = [title, f"{'contender':<30}{'median ms':>10}{'x eager':>9}{'spread':>15}"
+                  + "".join(f"{'x ' + o:>11}" for o in others) + f"{'compile s':>10}{'MACs':>7}"]
     for r in rows:
         macs = f"{r['macs_ratio']:.2f}" if r["macs_ratio"] is not None else "-"
         out.append(f"{r['contender']:<30}{r['median_ms']:>10.1f}{r['speedup']:>9.2f}"
-                   f"{r['spread'][0]:>7.2f}-{r['spread'][1]:<7.2f}{r['compile_s']:>10.1f}{macs:>7}")
+                   f"{r['spread'][0]:>7.2f}-{r['spread'][1]:<7.2f}"
+                   + "".join(f"{r['over'][o]:>11.2f}" for o in others)
+                   + f"{r['compile_s']:>10.1f}{macs:>7}")
     return "\n".join(out)
 
 
@@ -82,7 +93,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mergepass.eval import models
-    from mergepass.cpu import int8_isa
+    from mergepass.cpu import machine
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = {"num_classes": 0} if (args.checkpoint and "dinov2" in args.model) else {}
@@ -102,8 +113,7 @@ def main(argv=None) -> int:
         per_round, compile_s, schedules = time_contenders(model, x, specs, args.rounds, args.iters, calib)
         rows = summarize(per_round, compile_s, schedules)
         table = format_table(rows, f"{args.model}, batch {bsz}, {torch.get_num_threads()} threads, "
-                                   f"{args.rounds} interleaved rounds x {args.iters} iters, "
-                                   f"int8 ISA: {int8_isa()}")
+                                   f"{args.rounds} interleaved rounds x {args.iters} iters, {machine()}")
         print(table, flush=True)
         tables.append(table)
         results.append(dict(model=args.model, batch=bsz, rows=rows))

@@ -1,13 +1,15 @@
-"""Check mergepass's speed floors (ViT-B/16, ratios over eager FP32 and over int8) and say which hold.
+"""Check mergepass's speed floors (ratios over eager FP32, over int8, over the int8 of before bf16
+around the GEMMs, and over ONNX Runtime's int8) and say which hold.
 
-    python benchmarks/targets.py                        # time them: speed.py at batch 8 and 1
+    python benchmarks/targets.py                        # ViT-B/16: speed.py at batch 8 and 1
+    python benchmarks/targets.py --model vit_small_patch14_dinov2
     python benchmarks/targets.py --from-json docs/results/speed_vit_b16_zen3_2026-11-23.json
 
 Timing runs ``benchmarks/speed.py`` with the contenders the floors name, all in one process, and
 reads its JSON; ``--from-json`` reads earlier speed.py outputs instead (each file checked on its own:
 ratios never mix runs). A floor that names two contenders holds when either does; a floor whose
 contenders a run did not time is "not measured". The floors assume a CPU with int8 dot products
-(VNNI or AMX): see ``gemm_peak.py``.
+(VNNI or AMX), and those over the FP32-rest int8 one with AVX512-BF16 or AMX: see ``gemm_peak.py``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MERGED = ("dfe_lgtm_int8", "tome_int8")
+BASELINE_INT8 = "int8:quantize_rest=fp32"  # int8 as it was before bf16 around the GEMMs: old and new in one run
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,23 @@ class Floor:
         return f"batch {self.batch}: {' or '.join(self.contenders)} >= {self.ratio}x over {self.over}"
 
 
-FLOORS = (Floor(8, ("int8",), "eager", 3.5),
-          Floor(8, MERGED, "eager", 7.0),
-          Floor(8, MERGED, "int8", 1.8),
-          Floor(1, MERGED, "eager", 5.0))
+FLOORS_BY_MODEL = {
+    "vit_base_patch16_224": (
+        Floor(8, ("int8",), "eager", 3.5),
+        Floor(8, MERGED, "eager", 7.0),
+        Floor(8, MERGED, "int8", 2.0),
+        Floor(1, MERGED, "eager", 5.0),
+        Floor(1, MERGED, "int8", 2.0),
+        Floor(8, ("int8",), BASELINE_INT8, 1.35),   # needs AVX512-BF16 or AMX
+        Floor(8, ("int8",), "ort_int8", 1.0),       # at least as fast as ONNX Runtime's int8
+    ),
+    "vit_small_patch14_dinov2": (
+        Floor(8, ("int8",), BASELINE_INT8, 1.7),    # needs AVX512-BF16 or AMX
+        Floor(8, MERGED, "int8", 1.6),
+        Floor(8, ("int8",), "ort_int8", 1.0),
+    ),
+}
+FLOORS = FLOORS_BY_MODEL["vit_base_patch16_224"]
 
 
 def medians(results: list[dict]) -> dict[tuple[int, str], float]:
@@ -69,7 +85,7 @@ def format_check(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-json", nargs="+", default=None, help="speed.py JSON outputs to check")
-    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--model", default="vit_base_patch16_224", choices=sorted(FLOORS_BY_MODEL))
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--json", default=None, help="keep the timing run's speed.py JSON here")
@@ -79,13 +95,17 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import speed
         out = a.json or str(Path(tempfile.mkdtemp()) / "speed.json")
-        batches = sorted({f.batch for f in FLOORS}, reverse=True)
-        contenders = sorted({c for f in FLOORS for c in (*f.contenders, f.over)} - {"eager"})
-        speed.main(["--model", a.model, "--batch", *map(str, batches), "--contenders", "eager", *contenders,
+        floors = FLOORS_BY_MODEL[a.model]
+        batches = sorted({f.batch for f in floors}, reverse=True)
+        contenders = sorted({c for f in floors for c in (*f.contenders, f.over)} - {"eager"})
+        size = ["--img-size", "224"] if "dinov2" in a.model else []
+        speed.main(["--model", a.model, *size, "--batch", *map(str, batches), "--contenders", "eager", *contenders,
                     "--rounds", str(a.rounds), "--iters", str(a.iters), "--json", out])
         files = [out]
     for f in files:
-        print(f"{f}\n{format_check(check(medians(json.loads(Path(f).read_text()))))}\n")
+        results = json.loads(Path(f).read_text())
+        floors = FLOORS_BY_MODEL.get(results[0].get("model", a.model), FLOORS)
+        print(f"{f}\n{format_check(check(medians(results), floors))}\n")
     return 0
 
 

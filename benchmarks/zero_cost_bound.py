@@ -21,6 +21,7 @@ import statistics
 import torch
 
 import mergepass
+from mergepass.cpu import machine
 from mergepass.eval import models
 from mergepass.eval.timing import interleaved
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         times = interleaved({name: functools.partial(fn, x) for name, fn in fns.items()}, args.rounds, args.iters)
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     print(f"{args.model}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds x {args.iters} iters")
+          f"{args.rounds} interleaved rounds x {args.iters} iters, {machine()}")
     print(f"{'contender':<22}{'median ms':>10}{'int8 / this':>13}")
     for k, v in med.items():
         print(f"{k:<22}{v:>10.1f}{med['int8'] / v:>13.2f}")

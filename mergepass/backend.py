@@ -13,7 +13,8 @@ from .graph.match import symbolic_dims
 from .graph.rewrite import RewriteResult
 from .lower import compile_graph
 from .pipeline import merge_stage
-from .quantize import Quantized, quantize, read_calibration
+from .graph.lift import Inputs
+from .quantize import Quantized, fit_batches, quantize, read_calibration
 from .recipe import Recipe, load
 from .schedule import Schedule
 
@@ -21,6 +22,12 @@ from .schedule import Schedule
 def _varying_size(gm: fx.GraphModule) -> bool:
     """Whether an input has a symbolic size other than its batch (e.g. a varying image size)."""
     return any(set(symbolic_dims(n)) - {0} for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def _output_dtypes(gm: fx.GraphModule) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [getattr(o.meta.get("example_value"), "dtype", None) if isinstance(o, fx.Node) else None for o in outs]
 
 
 def _training(example_inputs: Sequence) -> bool:
@@ -79,6 +86,13 @@ class Backend:
         self._calibration: Optional[list[tuple]] = None
         self.model_name = model_name
         self.results: list[GraphResult] = []
+        self._warned: set[str] = set()
+
+    def _warn_once(self, message: str) -> None:
+        """dynamo may hand the same frame to a backend more than once: say each thing once."""
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, MergepassWarning, stacklevel=3)
 
     @property
     def calibration(self) -> Optional[list[tuple]]:
@@ -98,6 +112,20 @@ class Backend:
         """What quantization produced, per int8 graph."""
         return [r.quantized for r in self.results if r.quantized is not None]
 
+    def _calibration_for(self, gm: fx.GraphModule, example_inputs: Sequence) -> Optional[list[tuple]]:
+        """The calibration batches for a graph. The first int8 graph must fit them (a clear error
+        otherwise); a later recompile for another input shape falls back to dynamic scales."""
+        batches = self.calibration
+        if batches is None or not self.quantized:
+            return batches
+        try:
+            fit_batches(batches, Inputs(gm, example_inputs).user_inputs(example_inputs))
+        except ValueError as e:
+            self._warn_once(f"mergepass: the calibration batches do not fit this recompiled graph ({e}); its "
+                            "activations are quantized per batch instead (dynamic scales: slower)")
+            return None
+        return batches
+
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
         recipe = self.recipe
         if recipe.quantize.enabled and _training(example_inputs):
@@ -106,10 +134,10 @@ class Backend:
                                "in eval mode, or use a recipe without quantization for training")
         if _varying_size(gm) and (recipe.merges or recipe.quantize.enabled):
             what = " and ".join(w for w, on in (("merging", recipe.merges), ("int8", recipe.quantize.enabled)) if on)
-            warnings.warn(f"mergepass: this graph's input size is symbolic beyond the batch (a varying image size, so "
-                          f"a varying token count); {what} need{'s' if ' and ' not in what else ''} a fixed size, so "
-                          "it compiles without them. A dynamic batch alone is fine; otherwise pass dynamic=False.",
-                          MergepassWarning, stacklevel=2)
+            self._warn_once(f"mergepass: this graph's input size is symbolic beyond the batch (a varying image "
+                            f"size, so a varying token count); {what} need{'s' if ' and ' not in what else ''} a "
+                            "fixed size, so it compiles without them. A dynamic batch alone is fine; otherwise "
+                            "pass dynamic=False.")
             self.results.append(GraphResult(RewriteResult(gm, None, None, ["symbolic input size: compiled unchanged"])))
             return compile_graph(gm, example_inputs, recipe.lower)
         if recipe.lower == "tensorrt":
@@ -126,12 +154,23 @@ class Backend:
             recipe = result.schedule.recipe.replace(lower=recipe.lower)
         if not recipe.quantize.enabled:
             return compile_graph(result.gm, example_inputs, recipe.lower)
-        done.quantized = q = quantize(result.gm, example_inputs, recipe, self.calibration)
-        compiled = compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context)
+        done.quantized = q = quantize(result.gm, example_inputs, recipe, self._calibration_for(gm, example_inputs))
+        compiled = compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context,
+                                 autocast=q.autocast, inductor_config_overrides=q.inductor_config)
 
-        def run(*args):
-            return compiled(*q.select(args))
-        return run
+        if q.autocast is None:
+            def run(*args):
+                return compiled(*q.select(args))
+            return run
+        dtypes = _output_dtypes(gm)
+
+        def run_cast(*args):  # reduced-precision outputs back to the dtypes the model returns
+            outs = compiled(*q.select(args))
+            seq = outs if isinstance(outs, (tuple, list)) else [outs]
+            cast = [o.to(d) if isinstance(o, torch.Tensor) and d is not None and o.dtype != d else o
+                    for o, d in zip(seq, dtypes)]
+            return type(outs)(cast) if isinstance(outs, (tuple, list)) else cast[0]
+        return run_cast
 
 
 def backend(recipe: Any = "tome", **kwargs: Any) -> Backend:

@@ -1,4 +1,5 @@
-"""What the host CPU offers: the fused kernel's build and the int8 activation range depend on it."""
+"""What the host CPU offers: the fused kernel's build, the int8 activation range and every reported
+figure depend on it."""
 from __future__ import annotations
 
 import functools
@@ -32,3 +33,31 @@ def int8_isa() -> str:
         if flag in flags:
             return name
     return "none"
+
+
+def bf16_isa() -> str:
+    """The CPU's bf16 arithmetic: 'AMX-BF16', 'AVX512-BF16', or 'none' (bf16 is then emulated and slow);
+    '?' without /proc/cpuinfo."""
+    flags = cpu_flags()
+    if not flags:
+        return "?"
+    for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
+        if flag in flags:
+            return name
+    return "none"
+
+
+def model_name() -> str:
+    """The CPU model as /proc/cpuinfo names it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    line = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
+    return line.partition(":")[2].strip() or platform.machine()
+
+
+def machine() -> str:
+    """One line for every figure: CPU model, int8 and bf16 instructions, torch version."""
+    import torch
+    return f"CPU: {model_name()}, int8 ISA: {int8_isa()}, bf16: {bf16_isa()}, torch {torch.__version__}"

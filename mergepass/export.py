@@ -34,12 +34,13 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
         gm = res.gm
         if res.schedule is not None:
             r = res.schedule.recipe
+    overrides: dict = {}
     if r.quantize.enabled:
         q = quantize(gm, example_inputs, r, batches)
-        module, user_ex = q.module, q.inputs
+        module, user_ex, overrides = q.module, q.inputs, q.inductor_config
     else:
         lifted = Lifted(gm, example_inputs).eval()
         module, user_ex = lifted, lifted.user_inputs(example_inputs)
     with torch.no_grad():
         exported = torch.export.export(module, tuple(user_ex), strict=False)
-    return compile_package(exported, path, freezing=r.quantize.enabled)
+    return compile_package(exported, path, freezing=r.quantize.enabled, inductor_config_overrides=overrides)

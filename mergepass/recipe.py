@@ -20,6 +20,8 @@ except ModuleNotFoundError:  # Python < 3.11
 
 QUANT_MODES = ("static", "dynamic")
 MERGE_KERNELS = ("auto", "fused", "reference")
+PARTITIONS = ("patches", "sequence")
+REST_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def recipes_dir() -> Path:
@@ -38,6 +40,8 @@ class Quantize:
     sensitivity: float = 0.0      # >0: also keep linears whose input max/p99.9 ratio exceeds this
     calibration_batches: int = 8  # at most this many calibration batches are used
     engine: str = "auto"          # pt2e (x86, CPU default) | torchao (CUDA default) | modelopt (TensorRT default)
+    rest: str = "auto"            # what runs outside the int8 GEMMs: bf16 | fp32 | auto (bf16 where the CPU
+                                  # has AVX512-BF16 or AMX)
 
     def validate(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -50,6 +54,8 @@ class Quantize:
                              f"got {self.calibration_batches!r}")
         if not isinstance(self.sensitivity, (int, float)) or self.sensitivity < 0:
             raise ValueError(f"recipe field 'quantize.sensitivity' must be a number >= 0, got {self.sensitivity!r}")
+        if self.rest not in REST_PRECISIONS:
+            raise ValueError(f"recipe field 'quantize.rest' must be one of {REST_PRECISIONS}, got {self.rest!r}")
 
 
 @dataclass(frozen=True)
@@ -62,17 +68,21 @@ class Recipe:
 
     name: str = "custom"
     method: str = "tome"
-    r: Union[int, str] = 16            # tokens merged per merging block ("auto": from match_tome_r)
+    r: Union[int, str, tuple[int, ...]] = 16  # tokens merged per merging block, or one value per block
+                                       # ("auto": from match_tome_r)
     skip: Union[int, str] = 0          # DFE: blocks left dense at the start ("auto": depth/6)
     window: Union[int, str] = AUTO     # LGTM: initial window side, in tokens
     transition: Union[int, str] = AUTO  # LGTM: number of local blocks ("auto": Algorithm 1's rule)
     match_tome_r: int = 0              # r/budget="auto": the value whose MACs are closest to ToMe with this r
     budget: Union[int, float, str] = 0.2  # ToMato: tokens removed (int), fraction of patch tokens, or "auto"
     prop_attn: bool = True             # proportional attention: log(size) added to attention logits
+    partition: str = "patches"         # ToMe's A/B split: alternate over patch positions, or over
+                                       # sequence positions as official ToMe (differs for an odd prefix)
     quantize: Quantize = field(default_factory=Quantize)
     target_speedup: float = 0.0        # auto: predicted (MACs-model) speedup to reach
     max_macs_ratio: float = 0.0        # auto: merged/unmerged MACs at most this
     min_cosine: float = 0.0            # auto: quality floor (mean output cosine on calibration images)
+    search_iterations: int = 6         # auto with calibration images: steps of the per-block r search
     lower: str = "inductor"
     merge_kernel: str = "auto"         # fused: one C++ op per merge (CPU); reference: pure tensor ops
     description: str = ""
@@ -91,10 +101,19 @@ class Recipe:
             raise ValueError(f"recipe field 'lower' must be one of {LOWERINGS}, got {self.lower!r}")
         if self.merge_kernel not in MERGE_KERNELS:
             raise ValueError(f"recipe field 'merge_kernel' must be one of {MERGE_KERNELS}, got {self.merge_kernel!r}")
-        _int_or_auto("r", self.r)
+        if isinstance(self.r, (tuple, list)):
+            if not self.r or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.r):
+                raise ValueError(f"recipe field 'r' as a list must hold one integer >= 0 per block, got {list(self.r)!r}")
+        else:
+            _int_or_auto("r", self.r)
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"recipe field 'partition' must be one of {PARTITIONS}, got {self.partition!r}")
         _int_or_auto("skip", self.skip)
         _int_or_auto("window", self.window, minimum=2)
         _int_or_auto("transition", self.transition)
+        if not isinstance(self.search_iterations, int) or isinstance(self.search_iterations, bool) \
+                or self.search_iterations < 0:
+            raise ValueError(f"recipe field 'search_iterations' must be an integer >= 0, got {self.search_iterations!r}")
         if not isinstance(self.match_tome_r, int) or isinstance(self.match_tome_r, bool) or self.match_tome_r < 0:
             raise ValueError(f"recipe field 'match_tome_r' must be an integer >= 0, got {self.match_tome_r!r}")
         if self.r == AUTO and self.match_tome_r <= 0:
@@ -148,7 +167,27 @@ class Recipe:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["quantize"]["keep_fp32"] = list(d["quantize"]["keep_fp32"])
+        if isinstance(d["r"], tuple):
+            d["r"] = list(d["r"])
         return d
+
+    def to_toml(self) -> str:
+        """The recipe as TOML that :func:`load` reads back into an equal recipe."""
+        d = self.to_dict()
+        q = d.pop("quantize")
+        lines = [f"{k} = {_toml_value(v)}" for k, v in d.items()]
+        lines += ["", "[quantize]"] + [f"{k} = {_toml_value(v)}" for k, v in q.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _int_or_auto(name: str, value: Any, minimum: int = 0) -> None:
@@ -198,6 +237,8 @@ def from_dict(d: Mapping[str, Any], name: str | None = None) -> Recipe:
         q["keep_fp32"] = tuple(keep)
     if name is not None and "name" not in d:
         d["name"] = name
+    if isinstance(d.get("r"), list):
+        d["r"] = tuple(d["r"])
     return Recipe(quantize=Quantize(**q), **d)
 
 

@@ -16,13 +16,13 @@ def _cos(u, v):
     return float((u @ v) / (u.norm().clamp_min(1e-12) * v.norm().clamp_min(1e-12)))
 
 
-def bipartite_lists(metric_rows, r, allowed=None):
-    """Plain ToMe matching on a list of token metrics (alternating A/B).
+def bipartite_lists(metric_rows, r, allowed=None, offset=0):
+    """Plain ToMe matching on a list of token metrics (alternating A/B, A starting at ``offset``).
 
     Returns (unmerged A local ids ascending, {B local id: [A local ids merged into it]}).
     ``allowed(i, j)`` may forbid pairs (A position i, B position j)."""
-    a = list(range(0, len(metric_rows), 2))
-    b = list(range(1, len(metric_rows), 2))
+    a = list(range(offset, len(metric_rows), 2))
+    b = list(range(1 - offset, len(metric_rows), 2))
     best = {}
     for i in a:
         cands = [(j, _cos(metric_rows[i], metric_rows[j])) for j in b if allowed is None or allowed(i, j)]
@@ -44,10 +44,10 @@ def _combine(x, size, groups, ids):
     return v, w, sorted(g for i in ids for g in groups[i])
 
 
-def merge_tokens_global(x, metric, size, groups, prefix, r):
+def merge_tokens_global(x, metric, size, groups, prefix, r, offset=0):
     """x [N, C], metric [N, D], size list[float], groups list[list[int]] -> merged lists."""
     toks = list(range(prefix, x.shape[0]))
-    unm, into = bipartite_lists([metric[t] for t in toks], r)
+    unm, into = bipartite_lists([metric[t] for t in toks], r, offset=offset)
     return _assemble(x, size, groups, prefix, [[toks[i]] for i in unm] +
                      [[toks[j]] + [toks[i] for i in into[j]] for j in sorted(into)])
 
@@ -127,7 +127,8 @@ def reference_forward(model, images, schedule, prop_attn=True, features=False, e
             if plan.merged:
                 metric = k.mean(0)  # mean over heads -> [N, D]
                 if plan.kind == "global":
-                    xb, size, groups = merge_tokens_global(xb, metric, size, groups, prefix, plan.r)
+                    xb, size, groups = merge_tokens_global(xb, metric, size, groups, prefix, plan.r,
+                                                           plan.args.get("offset", 0))
                 elif plan.kind == "local":
                     xb, size, groups = merge_tokens_windows(xb, metric, size, groups, prefix, plan.r,
                                                             schedule.grid, plan.args["windows"])
@@ -272,3 +273,35 @@ def tomato_flood_fill(metric, grid, threshold):
             visit(i, group)
             groups.append(sorted(group))
     return sorted(groups)
+
+
+def tome_official_merge(x, metric, size, r, class_token=True, distill_token=False):
+    """A plain transcription of facebookresearch/ToMe's ``bipartite_soft_matching`` + ``merge_wavg``
+    (tome/merge.py): A/B alternate over *sequence* positions, the class token sits in A and is
+    protected by a -inf score row. x [B, N, C], metric [B, N, D], size [B, N, 1]."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    if class_token:
+        scores[..., 0, :] = -math.inf
+    if distill_token:
+        scores[..., :, 0] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx = edge_idx[..., r:, :]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if class_token:
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(t, mode):
+        src, dst = t[..., ::2, :], t[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        return torch.cat([unm, dst], dim=1)
+
+    x = merge(x * size, "sum")
+    size = merge(size, "sum")
+    return x / size, size

@@ -63,7 +63,8 @@ def test_imports_form_floors_without_cycles():
         me = _module_name(path)
         for dep in _imports(path):
             g.add_edge(me, dep)
-    upward = [(a, b) for a, b in g.edges if a != "mergepass" and _floor(b) > _floor(a)]
+    # `python -m` entry points (__main__) run as scripts and are imported by nothing
+    upward = [(a, b) for a, b in g.edges if a != "mergepass" and not a.endswith("__main__") and _floor(b) > _floor(a)]
     assert not upward, f"imports that climb to a higher floor: {upward}"
     cycles = list(nx.simple_cycles(g.subgraph(n for n in g if n != "mergepass")))
     assert not cycles, f"import cycles: {cycles}"

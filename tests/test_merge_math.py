@@ -182,3 +182,33 @@ def test_fused_kernel_rejects_inconsistent_sets():
         op(x, k, size, src, torch.tensor([[[1, 2, 3, 4], [5, 6, 7, 8]]]), torch.tensor([[[-1], [-1]]]), None, 1, 1)
     with pytest.raises(RuntimeError, match="exceeds a group's 4 A tokens"):
         op(x, k, size, src, torch.arange(1, 9, 2)[None, None], torch.arange(2, 9, 2)[None, None], None, 5, 1)
+
+
+@pytest.mark.parametrize("prefix", [1, 2])
+@pytest.mark.parametrize("use_fused", [False, True])
+def test_sequence_partition_reproduces_official_tome(prefix, use_fused):
+    """``partition = "sequence"`` is facebookresearch/ToMe's own split; ``"patches"`` equals it only
+    for an even prefix (class + distillation token)."""
+    from mergepass.merge import global_merge
+    from reference import tome_official_merge
+    if use_fused and fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    fn = fused.fused_global_merge if use_fused else global_merge
+    torch.manual_seed(prefix)
+    x, metric = torch.randn(2, 48 + prefix, 16), torch.randn(2, 48 + prefix, 8)
+    size = torch.rand(2, 48 + prefix, 1) + 0.5
+    ref_x, ref_s = tome_official_merge(x, metric, size, r=10, class_token=True, distill_token=prefix == 2)
+    ours = {part: fn(x, metric, size, None, r=10, prefix=prefix, offset=prefix % 2 if part == "sequence" else 0)
+            for part in ("sequence", "patches")}
+    # the protected tokens keep their own rows; official ToMe keeps them too, ordered within A and B
+    if prefix == 1:
+        assert torch.allclose(ours["sequence"][0], ref_x, atol=1e-5) and torch.allclose(ours["sequence"][1], ref_s)
+        assert not torch.allclose(ours["patches"][0], ref_x, atol=1e-3)
+    else:  # even prefix: both splits are ToMe's; its distillation token sits first in B, ours stays at 1
+        for part in ("sequence", "patches"):
+            got = ours[part][0]
+            assert torch.allclose(got[:, :1], ref_x[:, :1], atol=1e-5)
+            keep = 48 // 2 + 1 - 10
+            assert torch.allclose(got[:, 2:keep + 1], ref_x[:, 1:keep], atol=1e-5)
+            assert torch.allclose(got[:, 1], ref_x[:, keep], atol=1e-5)
+            assert torch.allclose(got[:, keep + 1:], ref_x[:, keep + 1:], atol=1e-5)

@@ -229,3 +229,41 @@ def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges():
         out_cpp, code = _run(m, x, mergepass.backend("tome_int8", r=3, calibration=calib))
     assert "qlinear_pointwise" in code and "bipartite_merge" in code and "inductor_entry_impl" in code
     torch.testing.assert_close(out_cpp, out_py, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_rest_runs_around_int8_kernels_and_auto_follows_the_cpu(monkeypatch):
+    """quantize.rest = "bf16": qlinear emits bf16 and the ops between run in bf16 (fast with
+    AVX512-BF16/AMX only, so "auto" picks it only there); outputs keep the model's dtype."""
+    from mergepass.quantize import pt2e
+    m = tiny_vit(depth=DEPTH)
+    x = torch.randn(4, 3, 64, 64)
+    be = mergepass.backend("tome_int8", r=3, calibration=_calib(), quantize_rest="bf16")
+    out, code = _run(m, x, be)
+    assert code.count("qlinear_pointwise") >= LINEARS and "torch.bfloat16" in code
+    assert out.dtype == torch.float32
+    with torch.no_grad():
+        fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
+    assert torch.nn.functional.cosine_similarity(out, fp32).min().item() > 0.97
+    for isa, want in (("none", None), ("AVX512-BF16", torch.bfloat16), ("AMX-BF16", torch.bfloat16)):
+        monkeypatch.setattr(pt2e, "bf16_isa", lambda isa=isa: isa)
+        assert pt2e.rest_dtype("auto") is want
+        assert pt2e.rest_dtype("fp32") is None and pt2e.rest_dtype("bf16") is torch.bfloat16
+    monkeypatch.setattr(pt2e, "bf16_isa", lambda: "none")
+    torch._dynamo.reset()
+    _, code = _run(m, x, mergepass.backend("tome_int8", r=3, calibration=_calib()))
+    assert "torch.bfloat16" not in code, "auto must keep FP32 on a CPU without bf16 instructions"
+
+
+def test_bf16_rest_runs_attention_in_bf16():
+    """With quantize.rest = "bf16" attention itself runs in bf16, not FP32 (read off the post-grad graph)."""
+    from torch._inductor import config as inductor_config
+    seen = []
+
+    def record(graph):
+        seen.extend(n.args[0].meta["val"].dtype for n in graph.nodes
+                    if n.op == "call_function" and "scaled_dot_product" in str(n.target))
+    m = tiny_vit(depth=DEPTH)
+    be = mergepass.backend("tome_int8", r=3, calibration=_calib(), quantize_rest="bf16")
+    with inductor_config.patch(post_grad_custom_post_pass=record), torch.no_grad():
+        torch.compile(m, backend=be, dynamic=False)(torch.randn(4, 3, 64, 64))
+    assert seen and set(seen) == {torch.bfloat16}, seen

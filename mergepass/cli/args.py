@@ -1,7 +1,16 @@
-"""Command-line options shared by the commands: recipe field overrides."""
+"""Command-line options shared by the commands: the model to load, recipe field overrides."""
 from __future__ import annotations
 
 import argparse
+
+
+def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A command's parser with the options that name a model: --model, --checkpoint, --img-size."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="timm model name (or tv:NAME for torchvision)")
+    p.add_argument("--checkpoint", default=None, help="weights (.safetensors or .pth)")
+    p.add_argument("--img-size", type=int, default=224)
+    return p
 
 
 def _budget(text: str):

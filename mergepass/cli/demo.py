@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import backend, fidelity
-from ..cpu import int8_isa
+from ..cpu import int8_isa, machine
 from ..eval import data, models
 from ..eval.timing import interleaved, medians
 from ..recipe import available
@@ -94,6 +94,7 @@ def _run(args) -> int:
           f"({1e3 * t['eager']:.0f} ms -> {1e3 * t['mergepass']:.0f} ms per batch of {args.batch}, "
           f"median of {args.rounds})")
     print(f"fidelity vs uncompressed FP32 on {len(out)} inputs: {fidelity.format_summary(fid)}")
+    print(machine())
     if be.recipe.quantize.enabled and int8_isa() == "none":
         print("note: this CPU has no int8 dot-product instructions (VNNI/AMX), so int8 GEMMs gain only "
               "~2x over FP32 here (benchmarks/gemm_peak.py); expect larger speedups on CPUs with them")

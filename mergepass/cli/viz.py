@@ -5,23 +5,18 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from ..eval import models
 from ..eval.merge_maps import render
-from .args import add_override_args, overrides_from
+from .args import add_override_args, model_parser, overrides_from
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mergepass.viz", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--checkpoint", default=None)
+    p = model_parser("python -m mergepass.viz", __doc__)
     p.add_argument("--image", required=True)
     p.add_argument("--recipe", default="tome")
-    p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--per-block", action="store_true")
     p.add_argument("--out", default="merged.png")
     add_override_args(p)

@@ -11,7 +11,7 @@ from ..backend import backend
 from ..fidelity import cosine, cosine_stats
 from ..recipe import load, parse_spec
 from . import data as data_mod
-from . import models
+from . import models, peers
 
 
 def feature_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -67,12 +67,19 @@ class Features(torch.nn.Module):
 
 
 def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
-    """(callable, backend or None) for 'eager', 'inductor' or a recipe spec like 'tome:r=8'."""
+    """(callable, backend or None) for 'eager', 'inductor', a peer engine (:mod:`.peers`, exported for
+    the shape of the first calibration batch) or a recipe spec like 'tome:r=8'."""
     name, overrides = parse_spec(spec)
     if name == "eager":
         return model, None
     if name == "inductor":
         return torch.compile(model, dynamic=False), None
+    if name in peers.PEERS:
+        first = next(iter(calibration or []), None)
+        if first is None:
+            raise ValueError(f"{name} needs calibration batches (their shape is the one it is exported for)")
+        return peers.ort(model, first[0] if isinstance(first, (tuple, list)) else first, calibration,
+                         int8=name == "ort_int8"), None
     be = backend(load(name, **overrides), calibration=calibration)
     return torch.compile(model, backend=be, dynamic=False), be
 

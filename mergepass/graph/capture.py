@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import fx
 
-from .passes import expand_mha, strip_noops
+from .passes import expand_mha, fold_scalars, strip_noops
 
 
 def capture_graphs(model: torch.nn.Module, example_input: torch.Tensor) -> list:
@@ -34,9 +34,11 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def prepare(gm: fx.GraphModule, example_inputs: Sequence) -> fx.GraphModule:
-    """A copy of dynamo's graph in the form matching expects: no inference no-ops, and
-    ``nn.MultiheadAttention`` written out. The user's graph module is never modified."""
+    """A copy of dynamo's graph in the form matching expects: no inference no-ops, scalar module
+    state as constants, and ``nn.MultiheadAttention`` written out. The user's graph module is never
+    modified."""
     base = copy_graph_module(gm)
     strip_noops(base)
+    fold_scalars(base, example_inputs)
     expand_mha(base, example_inputs)
     return base

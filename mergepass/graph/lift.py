@@ -28,7 +28,7 @@ def path_matches(path: str, patterns) -> bool:
     return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, "*." + p) for p in patterns)
 
 
-def _is_state(node: fx.Node, value) -> bool:
+def is_state(node: fx.Node, value) -> bool:
     """Module state rather than a user input: parameters, buffers, and module attributes dynamo
     lifted as inputs (unspecialised floats such as a dropout p under ``dynamic=True``)."""
     return isinstance(value, torch.nn.Parameter) or (isinstance(value, torch.Tensor) and str(node.target).startswith(
@@ -53,7 +53,7 @@ class Inputs:
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence):
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.count = len(phs)
-        self.const = {i: v for i, (n, v) in enumerate(zip(phs, example_inputs)) if _is_state(n, v)}
+        self.const = {i: v for i, (n, v) in enumerate(zip(phs, example_inputs)) if is_state(n, v)}
         sizes = {i for i, v in enumerate(example_inputs) if isinstance(v, torch.SymInt)}
         self.user_idx = [i for i in range(self.count) if i not in self.const and i not in sizes]
         users = [phs[i] for i in self.user_idx]
@@ -106,7 +106,7 @@ class Lifted(torch.nn.Module):
             v = phs[i].meta.get("example_value")
             dims = {d: torch.export.Dim.AUTO for d, s in enumerate(getattr(v, "shape", ())) if not is_concrete_int(s)}
             specs.append(dims or None)
-        return tuple(specs) if any(specs) else None
+        return (tuple(specs),) if any(specs) else None  # forward(*user_args): one tuple argument
 
     def forward(self, *user_args):
         args = self.inputs.assemble(user_args, lambda i: getattr(self, f"c{i}"))

@@ -68,10 +68,10 @@ def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):
 
 
 def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                       source: Optional[torch.Tensor], *, r: int, prefix: int):
-    """:func:`~mergepass.merge.global_merge` (ToMe, A = even, B = odd positions) as one kernel."""
+                       source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0):
+    """:func:`~mergepass.merge.global_merge` (ToMe) as one kernel."""
     pos = torch.arange(prefix, x.shape[1], device=x.device)
-    return _call(x, metric, size, source, pos[None, None, ::2], pos[None, None, 1::2], None, r, prefix)
+    return _call(x, metric, size, source, pos[None, None, offset::2], pos[None, None, 1 - offset::2], None, r, prefix)
 
 
 def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],

@@ -14,11 +14,11 @@ from .bipartite import Matching, match, merge_sum, slots
 from .tokens import init_state, positions, update_source
 
 
-def _interleave(slot_a: torch.Tensor, slot_b: torch.Tensor, m: int) -> torch.Tensor:
-    """Slots in token order for the alternating split (A = even, B = odd positions)."""
-    if slot_b.shape[1] < slot_a.shape[1]:
-        slot_b = torch.cat([slot_b, slot_b[:, :1]], dim=1)
-    return torch.stack([slot_a, slot_b], dim=-1).flatten(1)[:, :m]
+def _interleave(slot_even: torch.Tensor, slot_odd: torch.Tensor, m: int) -> torch.Tensor:
+    """Slots in token order for an alternating split (one set at even, the other at odd positions)."""
+    if slot_odd.shape[1] < slot_even.shape[1]:
+        slot_odd = torch.cat([slot_odd, slot_odd[:, :1]], dim=1)
+    return torch.stack([slot_even, slot_odd], dim=-1).flatten(1)[:, :m]
 
 
 def _weighted(x: torch.Tensor, size: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -57,16 +57,19 @@ def _gather_merge(x, size, source, mm: Matching, a_pos, b_pos, prefix, slot):
 
 
 def global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                 source: Optional[torch.Tensor], *, r: int, prefix: int):
-    """ToMe: bipartite soft matching over all mergeable tokens (A = even, B = odd positions)."""
+                 source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0):
+    """ToMe: bipartite soft matching over all mergeable tokens. A holds the mergeable tokens at
+    positions ``offset``, ``offset + 2``, ... after the prefix and B the others: ``offset = 0`` splits
+    over patch positions, ``offset = prefix % 2`` over sequence positions as official ToMe does."""
     size, source = init_state(x, size, source)
     mt = metric[:, prefix:]
     m_tok = mt.shape[1]
-    ma, mb = (m_tok + 1) // 2, m_tok // 2
-    mm = match(mt[:, ::2], mt[:, 1::2], r)
-    slot_a, slot_b = slots(mm, ma, mb)
+    a, b = slice(offset, None, 2), slice(1 - offset, None, 2)
+    mm = match(mt[:, a], mt[:, b], r)
     pos = torch.arange(prefix, prefix + m_tok, device=x.device)
-    return _gather_merge(x, size, source, mm, pos[::2], pos[1::2], prefix, _interleave(slot_a, slot_b, m_tok))
+    slot_a, slot_b = slots(mm, len(pos[a]), len(pos[b]))
+    slot = _interleave(slot_a, slot_b, m_tok) if offset == 0 else _interleave(slot_b, slot_a, m_tok)
+    return _gather_merge(x, size, source, mm, pos[a], pos[b], prefix, slot)
 
 
 def window_layout(m_tok: int, windows: int) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from ..merge import window_layout, window_merge
 from ..merge.fused import fused_window_merge
 from .base import AUTO, Merge, MergeOp, register_method, register_op
 from .dfe import DFE
-from .tome import global_step
+from .tome import block_r, global_step, partition_offset
 
 register_op(MergeOp("local", window_merge, fused_window_merge))
 
@@ -44,7 +44,7 @@ class DFELGTM(DFE):
         return recipe
 
     def decide(self, recipe, block, tokens, match, state):
-        if block.index < recipe.skip or recipe.r <= 0:
+        if block.index < recipe.skip or block_r(recipe.r, block.index) <= 0:
             return None
         done = state.setdefault("local_done", 0)
         side = recipe.window + done
@@ -53,10 +53,10 @@ class DFELGTM(DFE):
         local = nh * nw >= 2 and not state.get("global") and (auto or done < recipe.transition)
         if not local:
             state["global"] = auto  # Algorithm 1: once global, global for good
-            return global_step(block, tokens, match.prefix, recipe.r, recipe.skip)
+            return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match))
         nwin = nh * nw
         per, pad = window_layout(tokens - match.prefix, nwin)
-        rw = math.ceil(recipe.r / nwin)
+        rw = math.ceil(block_r(recipe.r, block.index) / nwin)
         take = min(rw, max(0, (per - pad) // 2))
         state["local_done"] = done + 1
         note = f"w={side}, {per} tok/win, {take}/win" + (f" (clamped {rw}->{take})" if take < rw else "")
@@ -67,7 +67,7 @@ class DFELGTM(DFE):
     def notes(self, asked, recipe, match, plans):
         out = super().notes(asked, recipe, match, plans)
         first = next((p for p in plans if p.index >= recipe.skip and p.kind != "off"), None)
-        if first is not None and asked.r and asked.transition != 0:
+        if first is not None and asked.r not in (0, AUTO) and asked.transition != 0:
             nh, nw = window_grid(first.tokens_in - match.prefix, match.grid, recipe.window)
             if nh * nw < 2:
                 g = f"{match.grid[0]}x{match.grid[1]}"

@@ -10,14 +10,26 @@ from .base import AUTO, Merge, MergeMethod, MergeOp, chain, closest, register_me
 register_op(MergeOp("global", global_merge, fused_global_merge))
 
 
-def global_step(block, tokens: int, prefix: int, r: int, skip: int) -> Optional[Merge]:
+def block_r(r, index: int) -> int:
+    """A block's r from a recipe's r: one value for every block, or one per block."""
+    return r[index] if isinstance(r, tuple) else r
+
+
+def global_step(block, tokens: int, prefix: int, r, skip: int, offset: int = 0) -> Optional[Merge]:
     """Merge ``r`` tokens (at most half the mergeable ones) in every block from ``skip`` on."""
+    r = block_r(r, block.index)
     if block.index < skip or r <= 0:
         return None
     take = min(r, (tokens - prefix) // 2)
+    args = {"offset": offset} if offset else {}
     if take < r:
-        return Merge("global", take, take, note=f"r clamped {r}->{take}", detail={"clamped": (r, take)})
-    return Merge("global", take, take)
+        return Merge("global", take, take, args=args, note=f"r clamped {r}->{take}", detail={"clamped": (r, take)})
+    return Merge("global", take, take, args=args)
+
+
+def partition_offset(recipe, match) -> int:
+    """Where ToMe's A set starts among the mergeable tokens (see ``global_merge``)."""
+    return match.prefix % 2 if recipe.partition == "sequence" else 0
 
 
 def tome_macs(match, r: int, limit: int) -> int:
@@ -27,7 +39,7 @@ def tome_macs(match, r: int, limit: int) -> int:
 
 class ToMe(MergeMethod):
     name = "tome"
-    fields = ("r", "skip")
+    fields = ("r", "skip", "partition")
     auto_rank = 2
 
     def default_skip(self, depth: int) -> int:
@@ -37,6 +49,8 @@ class ToMe(MergeMethod):
         depth = len(match.blocks)
         skip = self.default_skip(depth) if recipe.skip == AUTO else recipe.skip
         recipe = recipe.replace(skip=min(skip, depth))  # past the last block: nothing merges (noted)
+        if isinstance(recipe.r, tuple) and len(recipe.r) != depth:
+            raise ValueError(f"recipe field 'r' lists {len(recipe.r)} values but the model has {depth} blocks")
         if recipe.r == AUTO:
             goal = tome_macs(match, recipe.match_tome_r, limit)
             r = closest(range((match.tokens - match.prefix) // 2 + 1),
@@ -45,11 +59,11 @@ class ToMe(MergeMethod):
         return recipe
 
     def decide(self, recipe, block, tokens, match, state):
-        return global_step(block, tokens, match.prefix, recipe.r, recipe.skip)
+        return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match))
 
     def notes(self, asked, recipe, match, plans):
         out = super().notes(asked, recipe, match, plans)
-        if asked.r and recipe.skip >= len(match.blocks):
+        if asked.r not in (0, AUTO) and recipe.skip >= len(match.blocks):
             out.append(f"skip={asked.skip} leaves all {len(match.blocks)} blocks dense: nothing merges")
         return out
 

@@ -25,6 +25,8 @@ class Quantized:
     kept_fp32: list[str] = field(default_factory=list)   # linears left in floating point, by module path
     freezing: bool = True                # inductor must fold the q/dq patterns into int8 kernels
     trace_context: Optional[Callable[[], AbstractContextManager]] = None  # needed while lowering traces
+    autocast: Optional[torch.dtype] = None  # compile under CPU autocast: int8 kernels emit it, the rest runs in it
+    inductor_config: dict = field(default_factory=dict)  # inductor settings for this compile only
 
     def select(self, example_inputs: Sequence) -> list:
         """The user's entries among dynamo's (example or call) inputs."""

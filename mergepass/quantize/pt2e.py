@@ -15,7 +15,7 @@ from torch import fx
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-from ..cpu import int8_isa
+from ..cpu import bf16_isa, int8_isa
 from ..errors import MergepassWarning
 from ..graph.lift import Lifted, module_names, path_matches
 from .base import QuantEngine, Quantized, register_engine
@@ -23,13 +23,22 @@ from .calibration import fit_batches, outlier_linears
 
 
 def _torchao_pt2e():
+    from torch._inductor import config as inductor_config
     try:
-        # importing the quantizer module registers inductor's int8 fusion patterns
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+        # importing the quantizer module registers inductor's int8 fusion patterns, and also sets
+        # inductor's global pre-grad pass: that is restored here and set per compile instead
+        with inductor_config.patch(pre_grad_custom_pass=inductor_config.pre_grad_custom_pass):
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     except ImportError as e:  # pragma: no cover - torchao is a dependency
         raise RuntimeError("int8 recipes need torchao (pip install torchao)") from e
     return prepare_pt2e, convert_pt2e, xiq
+
+
+def _inductor_passes() -> dict:
+    """The inductor passes torchao's x86 int8 lowering expects (its own module-level setting)."""
+    from torchao.quantization.pt2e.inductor_passes.x86 import quant_lift_up
+    return {"pre_grad_custom_pass": quant_lift_up}
 
 
 def _excluder(patterns: Iterable[str]) -> Callable[[fx.Node], bool]:
@@ -38,6 +47,14 @@ def _excluder(patterns: Iterable[str]) -> Callable[[fx.Node], bool]:
     def exclude(n: fx.Node) -> bool:
         return any(path_matches(name, pats) for name in module_names(n))
     return exclude
+
+
+def rest_dtype(rest: str) -> Optional[torch.dtype]:
+    """The dtype the non-GEMM ops run in around oneDNN's int8 kernels (None: FP32). bf16 is fast only
+    with AVX512-BF16 or AMX; elsewhere oneDNN emulates it, so ``auto`` keeps FP32 there."""
+    if rest == "bf16" or (rest == "auto" and bf16_isa() not in ("none", "?")):
+        return torch.bfloat16
+    return None
 
 
 @functools.cache
@@ -84,13 +101,14 @@ class PT2E(QuantEngine):
         q = recipe.quantize
         lifted = Lifted(gm, example_inputs).eval()
         user_ex = lifted.user_inputs(example_inputs)
-        with torch.no_grad():
+        # export traces on its own: guards it derives must not join those of dynamo's frame
+        with torch.no_grad(), torch._guards.tracing(None):
             exported = torch.export.export(lifted, user_ex, dynamic_shapes=lifted.dynamic_shapes(),
                                            strict=False).module(check_guards=False)  # dynamo guards the inputs
         batches = fit_batches(batches, user_ex) if q.mode == "static" else None
         mode = q.mode
         if mode == "static" and not batches:
-            why = "no calibration data was given" if batches is None else "the calibration data is smaller than one batch"
+            why = "no calibration data fits this graph" if batches is None else "the calibration data is smaller than one batch"
             warnings.warn(f"mergepass: static int8 needs calibration data, but {why}; using dynamic "
                           "(per-batch) activation scales instead, which are slower (activations quantized per "
                           "batch). Pass calibration=... to mergepass.backend.", MergepassWarning, stacklevel=3)
@@ -103,7 +121,8 @@ class PT2E(QuantEngine):
             for b in (batches if mode == "static" else [user_ex]):
                 m(*b)
             m = convert_pt2e(m)
-        return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept)
+        return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept, autocast=rest_dtype(q.rest),
+                         inductor_config=_inductor_passes())
 
 
 register_engine(PT2E())

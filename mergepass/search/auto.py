@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from ..methods import MergeMethod, get_method, method_names
 from ..schedule import Schedule, make_schedule
+from .evolve import evolve
 
 if TYPE_CHECKING:
     from ..graph.match import MatchResult
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 @dataclass
 class Candidate:
     method: str
-    r: int
+    r: object                      # int, or one int per block
     recipe: "Recipe"
     schedule: Schedule
     cosine: Optional[float] = None
@@ -69,6 +70,14 @@ def weakest_meeting(match: "MatchResult", recipe: "Recipe", method: MergeMethod)
     return None
 
 
+def _searched(match, recipe, fidelity) -> Candidate:
+    """Per-block r searched on the calibration images at the target's MACs budget."""
+    budget = min(r for r in (recipe.max_macs_ratio or 1.0, 1.0 / (recipe.target_speedup or 1.0)))
+    res = evolve(match, recipe.replace(method="tome", r=0, skip=0), fidelity, budget,
+                 iterations=recipe.search_iterations, children=4)
+    return Candidate("tome (searched)", res.recipe.r, res.recipe, res.schedule, res.score)
+
+
 def _strongest_under_floor(match, recipe, method, fidelity) -> int:
     """The largest r whose fidelity keeps ``min_cosine`` (bisection: fidelity falls with r)."""
     lo, hi = 0, (match.tokens - match.prefix) // 2
@@ -96,6 +105,8 @@ def choose(match: "MatchResult", recipe: "Recipe", fidelity: Optional[Callable[[
                        key=lambda s: s.predicted_speedup)
             raise ValueError(f"impossible schedule: at most {best.predicted_speedup:.2f}x predicted speedup "
                              f"(MACs ratio {best.macs_ratio:.2f}) for this model and input")
+        if fidelity is not None and recipe.search_iterations:
+            considered.append(_searched(match, recipe, fidelity))
         ok = [c for c in considered if c.cosine is None or c.cosine >= recipe.min_cosine]
         if not ok:
             raise ValueError(f"no schedule meets both the speed target and min_cosine={recipe.min_cosine}: "

@@ -1,7 +1,9 @@
-"""FX graph passes, one per file: strip_noops → expand_mha → (match) → insert_merges → fix_token_literals."""
+"""FX graph passes, one per file: strip_noops → fold_scalars → expand_mha → (match) → insert_merges →
+fix_token_literals."""
 from .expand_mha import expand_mha
 from .fix_token_literals import RewriteError, fix_token_literals
+from .fold_scalars import fold_scalars
 from .insert_merges import insert_merges
 from .strip_noops import strip_noops
 
-__all__ = ["strip_noops", "expand_mha", "insert_merges", "fix_token_literals", "RewriteError"]
+__all__ = ["strip_noops", "fold_scalars", "expand_mha", "insert_merges", "fix_token_literals", "RewriteError"]

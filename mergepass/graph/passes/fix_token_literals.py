@@ -36,7 +36,7 @@ def _old_shape(node) -> tuple | None:
 
 
 def _is_mergepass_op(n: fx.Node) -> bool:
-    return n.op == "call_function" and getattr(n.target, "__module__", "").startswith("mergepass.")
+    return bool(n.meta.get("mergepass"))  # set by insert_merges
 
 
 def _shape_args(n: fx.Node):

@@ -41,6 +41,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
     """Rewrite ``gm`` in place; returns {'region': blocks rewritten, 'merges': merge nodes}.
     ``fused``: merges call the fused CPU kernel instead of the reference ops."""
     graph = gm.graph
+    existing = set(graph.nodes)
     size = source = None
     region = 0
     merges = []
@@ -65,6 +66,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
         merges.append(out)
         source_after.append(source)
     if source is None:
+        _mark_new(graph, existing)
         gm.recompile()
         return {"region": region, "merges": merges}
     blocks = match.blocks[:region]
@@ -80,5 +82,13 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
             restored = graph.call_function(unmerge, (block.x_out, source_after[i]))
         for u in outside:
             u.replace_input_with(block.x_out, restored)
+    _mark_new(graph, existing)
     gm.recompile()
     return {"region": region, "merges": merges}
+
+
+def _mark_new(graph: fx.Graph, existing: set) -> None:
+    """Tag the nodes this pass added: a failure in one of them is mergepass's, never the model's."""
+    for n in graph.nodes:
+        if n not in existing:
+            n.meta["mergepass"] = True

@@ -1,0 +1,88 @@
+"""Engines a user could pick instead of mergepass, timed and scored the same way (optional:
+``pip install 'mergepass[bench]'``).
+
+``ort_int8``: ONNX Runtime's static int8 (QDQ), calibrated on the same batches: the model exported
+to ONNX, ``quantize_static`` with per-channel int8 weights and uint8 activations on every MatMul and
+Gemm (the attention matmuls too), run by ``InferenceSession`` on the CPU with torch's thread count.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+PEERS = ("ort_int8", "ort_fp32")
+
+
+def available(name: str) -> Optional[str]:
+    """None when peer ``name`` can run here, else why not."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        return f"{name} needs onnxruntime and onnx (pip install 'mergepass[bench]'): {e}"
+    return None
+
+
+def _export(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
+    with torch.no_grad():
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"], opset_version=18,
+                              external_data=False)
+        except Exception:  # noqa: BLE001 - the TorchScript exporter handles what the dynamo one cannot
+            torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], opset_version=17)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _runner(session) -> Callable[[torch.Tensor], torch.Tensor]:
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.detach().float().numpy()})[0])
+    return run
+
+
+def ort(model: torch.nn.Module, example: torch.Tensor, calibration: Optional[Sequence[torch.Tensor]] = None,
+        int8: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` as an ONNX Runtime session for ``example``'s shape (int8 QDQ calibrated on ``calibration``)."""
+    why = available("ort_int8" if int8 else "ort_fp32")
+    if why:
+        raise RuntimeError(why)
+    tmp = Path(tempfile.mkdtemp(prefix="mergepass_ort_"))
+    _export(model, example, tmp / "fp32.onnx")
+    if not int8:
+        return _runner(_session(tmp / "fp32.onnx"))
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from ..quantize.pt2e import cpu_has_vnni
+
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in (calibration or [example])]
+    batches = [b for b in batches if b.shape == example.shape] or [example]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": b.float().numpy()} for b in batches])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quant_pre_process(str(tmp / "fp32.onnx"), str(tmp / "pre.onnx"))
+    # without VNNI, u8 x s8 pair sums saturate at 16 bits: ORT's reduce_range keeps weights to 7 bits
+    quantize_static(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, reduce_range=not cpu_has_vnni(),
+                    op_types_to_quantize=["MatMul", "Gemm"],
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return _runner(_session(tmp / "int8.onnx"))

@@ -1,0 +1,366 @@
+"""Failure paths a new user meets: the wheel, reduced precision, dynamic shapes, global settings,
+calibration data, swallowed errors, the fused op's inputs, command lines."""
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import mergepass
+from mergepass.merge import fused
+from mergepass.methods import base as methods_base
+from conftest import rel_err, tiny_vit
+from reference import reference_forward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd=None, env=None, timeout=600):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+# -- 1. the wheel ships the recipes ----------------------------------------------------------------
+
+def test_wheel_ships_and_loads_every_recipe(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                          "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    wheel = next((tmp_path / "dist").glob("mergepass-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(Path(n).stem for n in names if n.startswith("mergepass/recipes/") and n.endswith(".toml"))
+    assert shipped == sorted(p.stem for p in (ROOT / "mergepass" / "recipes").glob("*.toml")) and shipped
+    assert "mergepass/merge/csrc/bipartite_merge.cpp" in names
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)  # what pip install puts in site-packages
+    code = ("import mergepass; names = mergepass.available_recipes(); "
+            "[mergepass.load_recipe(n) for n in names]; print(mergepass.__file__); print(' '.join(names))")
+    env = {k: v for k, v in os.environ.items() if k != "MERGEPASS_RECIPES"}
+    env["PYTHONPATH"] = str(target)  # ahead of the editable install of the checkout
+    res = _run("-c", code, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    where, listed = res.stdout.splitlines()[-2:]
+    assert where.startswith(str(target)), where  # the installed copy, not the checkout
+    assert listed.split() == shipped
+
+
+# -- 2. bf16 and fp16 models -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("recipe,overrides", [("tome", dict(r=4)), ("tomato", dict(budget=10)),
+                                              ("dfe_lgtm", dict(skip=0, r=6, window=3, transition=2))])
+def test_reduced_precision_models_merge_with_the_fused_kernel(dtype, recipe, overrides):
+    if fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    m = tiny_vit(img_size=96).to(dtype)
+    x = torch.randn(2, 3, 96, 96).to(dtype)
+    outs = {}
+    for kernel in ("fused", "reference"):
+        torch._dynamo.reset()
+        be = mergepass.backend(recipe, merge_kernel=kernel, lower="eager", **overrides)
+        with torch.no_grad():
+            outs[kernel] = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
+    assert outs["fused"].dtype == dtype and be.schedule.merging
+    assert rel_err(outs["fused"].float(), outs["reference"].float()) <= 3e-2
+    with torch.no_grad():
+        plain = m.float()(x.float())
+    assert torch.nn.functional.cosine_similarity(outs["fused"].float(), plain).min() > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_op_accumulates_reduced_precision_in_float(dtype):
+    if fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    torch.manual_seed(0)
+    x, metric = (torch.randn(2, 33, 16) * 100).to(dtype), torch.randn(2, 33, 8).to(dtype)
+    exact = fused.fused_global_merge(x.double(), metric.double(), None, None, r=8, prefix=1)
+    low = fused.fused_global_merge(x, metric, None, None, r=8, prefix=1)
+    for a, b in zip(low, exact):
+        assert a.dtype == (torch.long if b.dtype == torch.long else dtype)
+    assert torch.equal(low[2], exact[2])
+    # one rounding of the float result, not one per partial sum
+    tol = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    assert ((low[0].double() - exact[0]).abs() <= tol * exact[0].abs() + 1e-3).all()
+
+
+# -- 3. dynamic shapes -------------------------------------------------------------------------------
+
+def _compiles():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _plain_compiles(m, sizes, **kw):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    f = torch.compile(m, backend="eager", **kw)
+    with torch.no_grad():
+        for b in sizes:
+            f(torch.randn(b, 3, 64, 64))
+    count = _compiles()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return count
+
+
+@pytest.mark.parametrize("recipe", ["tome", "tome_int8"])
+def test_dynamic_batch_merges_and_quantizes_every_batch_size(recipe):
+    m = tiny_vit(depth=2)
+    sizes = (3, 8, 5, 1)
+    plain = _plain_compiles(m, sizes, dynamic=True)
+    be = mergepass.backend(recipe, r=3, calibration=[torch.randn(4, 3, 64, 64)])
+    f = torch.compile(m, backend=be, dynamic=True)
+    with torch.no_grad():
+        for b in sizes:
+            x = torch.randn(b, 3, 64, 64)
+            out = f(x)
+            ref = reference_forward(m, x, be.schedule)
+            assert be.schedule.merging and out.shape == ref.shape
+            cos = torch.nn.functional.cosine_similarity(out, ref).min().item()
+            assert cos > (0.99 if "int8" in recipe else 1 - 1e-6), (b, cos)
+    # dynamo compiles batch 1 on its own (0/1 specialisation); mergepass adds no compile to that
+    assert _compiles() == plain, (_compiles(), plain)
+    assert all(r.rewrite.merged for r in be.results)
+    if "int8" in recipe:
+        assert be.quantized and all(q.mode == "static" for q in be.quantized)
+
+
+@pytest.mark.parametrize("recipe", ["tome", "tome_int8"])
+def test_one_compile_serves_every_batch_size_with_a_dynamic_batch(recipe):
+    m = tiny_vit(depth=2)
+    be = mergepass.backend(recipe, r=3, calibration=[torch.randn(4, 3, 64, 64)])
+    f = torch.compile(m, backend=be)
+    torch._dynamo.utils.counters.clear()
+    x = torch.randn(3, 3, 64, 64)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        for x in (x, torch.randn(8, 3, 64, 64), torch.randn(5, 3, 64, 64), torch.randn(2, 3, 64, 64)):
+            out = f(x)
+            cos = torch.nn.functional.cosine_similarity(out, reference_forward(m, x, be.schedule)).min().item()
+            assert cos > (0.99 if "int8" in recipe else 1 - 1e-6)
+    assert _compiles() == 1 and be.schedule.merging
+    assert len(be.quantized) == (1 if "int8" in recipe else 0)
+
+
+class TokenViT(torch.nn.Module):
+    """Transformer blocks over a token sequence of any length (a timm ViT minus its patch embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = tiny_vit(depth=2)
+
+    def forward(self, tokens):
+        x = tokens
+        for blk in self.vit.blocks:
+            x = blk(x)
+        return self.vit.norm(x).mean(1)
+
+
+@pytest.mark.parametrize("recipe,names_int8", [("tome", False), ("tome_int8", True)])
+def test_symbolic_token_count_compiles_unmerged_with_one_warning(recipe, names_int8):
+    m = TokenViT().eval()
+    be = mergepass.backend(recipe, r=3, calibration=[torch.randn(2, 17, 192)])
+    f = torch.compile(m, backend=be)
+    x = torch.randn(2, 17, 192)
+    torch._dynamo.mark_dynamic(x, 1)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x in (x, torch.randn(2, 23, 192), torch.randn(2, 30, 192)):
+            assert rel_err(f(x), m(x)) <= 1e-5
+    ours = [str(w.message) for w in caught if issubclass(w.category, mergepass.MergepassWarning)]
+    assert len(ours) == 1 and "symbolic" in ours[0], ours
+    assert ("int8" in ours[0]) == names_int8
+    assert be.schedule is None and not be.quantized
+
+
+def test_a_new_image_size_recompiles_merged_and_int8_keeps_working():
+    m = tiny_vit(depth=2, dynamic_img_size=True)
+    be = mergepass.backend("tome_int8", r=3, calibration=[torch.randn(2, 3, 64, 64)])
+    f = torch.compile(m, backend=be, dynamic=False)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for size in (64, 80):
+            x = torch.randn(2, 3, size, size)
+            cos = torch.nn.functional.cosine_similarity(f(x), reference_forward(m, x, be.schedule)).min()
+            assert be.schedule.tokens == 1 + (size // 16) ** 2 and cos > 0.99
+    assert [q.mode for q in be.quantized] == ["static", "dynamic"]  # the 64x64 calibration fits only the first
+    assert any("do not fit" in str(w.message) and "slower" in str(w.message) for w in caught)
+
+
+# -- 4. no global side effects -----------------------------------------------------------------------
+
+def _unrelated_compiles():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    f = torch.compile(lambda t: t.sin() + 1, backend="eager")
+    for n in range(2, 12):
+        f(torch.randn(n))
+    return _compiles()
+
+
+def test_mergepass_changes_no_global_setting():
+    before_cfg = torch._dynamo.config.get_config_copy()
+    before_inductor = torch._inductor.config.get_config_copy()
+    before = _unrelated_compiles()
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    mergepass.backend("none")
+    m = tiny_vit(depth=2)
+    with torch.no_grad():
+        torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(torch.randn(2, 3, 64, 64))
+        mergepass.plan(m, torch.randn(2, 3, 64, 64), "tome", r=3)
+    fused.kernel_error()
+    assert _unrelated_compiles() == before
+    assert torch._dynamo.config.get_config_copy() == before_cfg
+    assert torch._inductor.config.get_config_copy() == before_inductor
+    assert log.level == level
+
+
+# -- 5. calibration ----------------------------------------------------------------------------------
+
+def test_calibration_generator_is_read_once_and_used_for_int8():
+    reads = []
+
+    def batches():
+        for i in range(3):
+            reads.append(i)
+            yield torch.randn(4, 3, 64, 64)
+    m = tiny_vit(depth=2)
+    be = mergepass.backend("tome_int8", r=3, calibration=batches(), quantize_calibration_batches=2)
+    with torch.no_grad():
+        torch.compile(m, backend=be, dynamic=False)(torch.randn(4, 3, 64, 64))
+        torch.compile(m, backend=be, dynamic=False)(torch.randn(2, 3, 64, 64))  # a recompile reads nothing new
+    assert reads == [0, 1]  # at most calibration_batches batches, read once
+    assert [q.mode for q in be.quantized] == ["static", "static"]
+
+
+@pytest.mark.parametrize("calibration,match", [
+    ([], "calibration is empty"),
+    ([torch.zeros(2, 3, 64, 64, dtype=torch.uint8)], "uint8"),
+    (torch.randn(2, 3, 64, 64), "iterable of batches"),
+])
+def test_bad_calibration_data_gets_a_clear_error(calibration, match):
+    be = mergepass.backend("int8", calibration=calibration)
+    with pytest.raises(ValueError, match=match):
+        be.calibration
+
+
+def test_wrong_calibration_shape_names_the_expected_one():
+    m = tiny_vit(depth=2)
+    be = mergepass.backend("int8", calibration=[torch.randn(2, 3, 32, 32)])
+    with torch.no_grad(), pytest.raises(Exception, match=r"each sample must have shape \(3, 64, 64\)"):
+        torch.compile(m, backend=be, dynamic=False)(torch.randn(2, 3, 64, 64))
+
+
+def test_calibration_follows_the_graph_dtype():
+    from mergepass.quantize import fit_batches
+    out = fit_batches([(torch.randn(3, 4, dtype=torch.float64),)], (torch.randn(2, 4),))
+    assert [b[0].dtype for b in out] == [torch.float32] and [b[0].shape for b in out] == [(2, 4)]
+
+
+def test_dynamic_downgrade_warns_with_its_cost():
+    m = tiny_vit(depth=2)
+    with torch.no_grad(), pytest.warns(mergepass.MergepassWarning, match="slower"):
+        torch.compile(m, backend=mergepass.backend("int8"), dynamic=False)(torch.randn(2, 3, 64, 64))
+
+
+# -- 6. errors are not swallowed; clamps are said ----------------------------------------------------
+
+def test_a_bug_in_a_merge_op_raises_instead_of_declining(monkeypatch):
+    def broken(x, metric, size, source, *, r, prefix):
+        raise RuntimeError("boom inside the merge op")
+    monkeypatch.setattr(methods_base, "_OPS", dict(methods_base._OPS))
+    mergepass.register_op(mergepass.MergeOp("global", broken))
+    m = tiny_vit(depth=2)
+    with torch.no_grad(), pytest.raises(Exception, match="mergepass op .* failed.*boom"):
+        torch.compile(m, backend=mergepass.backend("tome", r=3, merge_kernel="reference"), dynamic=False)(
+            torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("recipe,overrides,match", [
+    ("tome", dict(r=40), "r clamped"),
+    ("tomato", dict(budget=30), "budget clamped"),
+    ("dfe", dict(skip=9, r=4), "skip=9 leaves all 3 blocks dense"),
+    ("dfe_lgtm", dict(skip=0, r=4, window=8), "merge globally"),
+])
+def test_clamps_and_method_changes_warn_once_and_show_in_the_plan(recipe, overrides, match):
+    m = tiny_vit(depth=3)
+    be = mergepass.backend(recipe, **overrides)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(m, backend=be, dynamic=False)(torch.randn(2, 3, 64, 64))
+    said = [str(w.message) for w in caught if issubclass(w.category, mergepass.MergepassWarning) and match in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert match in be.schedule.table()
+
+
+# -- 7. the fused op checks its inputs ---------------------------------------------------------------
+
+BAD_CALLS = {
+    "source out of range": "src = torch.full((2, 9), 40)",
+    "source batch mismatch": "src = torch.zeros(3, 9, dtype=torch.long)",
+    "metric wrong shape": "metric = torch.randn(2, 5, 4)",
+    "zero sizes": "size = torch.zeros(2, 9, 1)",
+    "position out of range": "a_pos = torch.tensor([[[1, 3, 5, 99]]])",
+    "integer x": "x = torch.ones(2, 9, 8, dtype=torch.long)",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_fused_op_rejects_bad_inputs_without_crashing(case):
+    if fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    code = textwrap.dedent(f"""
+        import torch
+        from mergepass.merge import fused
+        assert fused.kernel_error() is None
+        x, metric, size = torch.randn(2, 9, 8), torch.randn(2, 9, 4), torch.ones(2, 9, 1)
+        src = torch.arange(9).expand(2, 9).contiguous()
+        a_pos, b_pos = torch.tensor([[[1, 3, 5, 7]]]), torch.tensor([[[2, 4, 6, 8]]])
+        {BAD_CALLS[case]}
+        try:
+            torch.ops.mergepass.bipartite_merge(x, metric, size, src, a_pos, b_pos, None, 2, 1)
+        except RuntimeError as e:
+            print("REJECTED:", e)
+        """)
+    res = _run("-c", code, timeout=300)
+    assert res.returncode == 0, f"crashed ({res.returncode}): {res.stderr[-1500:]}"
+    assert "REJECTED: bipartite_merge:" in res.stdout, res.stdout
+
+
+# -- 8. command lines and files ----------------------------------------------------------------------
+
+def test_corrupt_checkpoint_exits_2_naming_the_file(tmp_path):
+    for name in ("w.safetensors", "w.pth"):
+        bad = tmp_path / name
+        bad.write_bytes(b"not a checkpoint at all")
+        res = _run("-m", "mergepass.plan", "--model", "vit_tiny_patch16_224", "--checkpoint", str(bad))
+        assert res.returncode == 2 and str(bad) in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+
+
+def test_unreadable_image_exits_2_naming_the_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    res = _run("-m", "mergepass.viz", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--image", str(bad),
+               "--out", str(tmp_path / "o.png"))
+    assert res.returncode == 2 and str(bad) in res.stderr and "Traceback" not in res.stderr, res.stderr[-1500:]
+
+
+def test_malformed_recipe_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('method = "tome"\nr = 8\nskip = [\n')
+    with pytest.raises(ValueError, match=rf"{bad}.*line"):
+        mergepass.load_recipe(str(bad))
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text('method = "tome"\nrr = 8\n')
+    with pytest.raises(ValueError, match=rf"{wrong}.*'rr'.*did you mean 'r'"):
+        mergepass.load_recipe(str(wrong))
+
+
+def test_fractional_budget_above_one_is_rejected():
+    res = _run("-m", "mergepass.plan", "--model", "vit_tiny_patch16_224", "--recipe", "tomato", "--budget", "1.5")
+    assert res.returncode == 2 and "budget 1.5" in res.stderr
