@@ -47,7 +47,7 @@ def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, round
     es = eval_set(model, images, calib_images, batch, limit, preprocess=dict(crop_pct=crop_pct))
     rows = []
     for spec in contenders:
-        untimed = eager_fp32 and "int8" not in spec
+        untimed = eager_fp32 and "int8" not in spec and "quantize_enabled=true" not in spec
         row, fn, _ = evaluate_spec(es, spec, compiled_as=_eager(spec) if untimed else None)
         row["contender"] = row.pop("recipe")
         ratios = []

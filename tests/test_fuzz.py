@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fuzz_vits import Arch, check, run_case
 
-CASES = int(os.environ.get("MERGEPASS_FUZZ_CASES", "16"))
+CASES = int(os.environ.get("MERGEPASS_FUZZ_CASES", "10"))
 
 
 def test_random_vits_and_recipes_mostly_merge():
@@ -47,7 +47,7 @@ def recipes(draw):
     return method, over
 
 
-@settings(max_examples=int(os.environ.get("MERGEPASS_HYPOTHESIS_EXAMPLES", "12")), deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("MERGEPASS_HYPOTHESIS_EXAMPLES", "8")), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(arch=archs(), recipe=recipes())
 def test_property_merged_and_exact_or_declined(arch, recipe):
