@@ -99,9 +99,12 @@ def plot(rows, path: Path, title: str, old: Optional[list] = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    colors: dict = {}
     for ax, key, label in ((axes[0], "macs_ratio", "MACs ratio (merged / unmerged)"),
                            (axes[1], "speedup", "speedup over eager FP32 (measured, this CPU)")):
-        for series, faint in ((old or [], True), (rows, False)):
+        # an earlier sweep's speedups may come from another machine: only its MACs are comparable
+        for series, faint in (((old or []) if key == "macs_ratio" else [], True), (rows, False)):
             groups: dict = {}
             for r in series:
                 x = r.get(key, 1.0)
@@ -111,8 +114,9 @@ def plot(rows, path: Path, title: str, old: Optional[list] = None) -> None:
             for name, pts in groups.items():
                 pts.sort()
                 style = ("--" if "int8" in name else "-") + ("o" if len(pts) > 1 else "s")
-                ax.plot(*zip(*pts), style, color="0.75" if faint else None, zorder=1 if faint else 2,
-                        label=(f"{name} (earlier sweep)" if faint else name) if not (faint and key == "speedup") else None)
+                color = "0.75" if faint else colors.setdefault(name, next(palette))
+                ax.plot(*zip(*pts), style, color=color, zorder=1 if faint else 2,
+                        label=f"{name} (earlier sweep)" if faint else name)
         ax.set_xlabel(label)
         ax.set_ylabel("mean CLS cosine vs uncompressed FP32")
         ax.grid(alpha=0.3)
