@@ -9,6 +9,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from .match import symbolic_dims
+
 _ROOT = re.compile(r"^[LG]\[[^\]]+\]\.?")
 
 
@@ -103,9 +105,7 @@ class Lifted(torch.nn.Module):
         phs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         specs = []
         for i in self.user_idx:
-            v = phs[i].meta.get("example_value")
-            dims = {d: torch.export.Dim.AUTO for d, s in enumerate(getattr(v, "shape", ())) if not is_concrete_int(s)}
-            specs.append(dims or None)
+            specs.append({d: torch.export.Dim.AUTO for d in symbolic_dims(phs[i])} or None)
         return (tuple(specs),) if any(specs) else None  # forward(*user_args): one tuple argument
 
     def forward(self, *user_args):

@@ -72,7 +72,7 @@ def weakest_meeting(match: "MatchResult", recipe: "Recipe", method: MergeMethod)
 
 def _searched(match, recipe, fidelity) -> Candidate:
     """Per-block r searched on the calibration images at the target's MACs budget."""
-    budget = min(r for r in (recipe.max_macs_ratio or 1.0, 1.0 / (recipe.target_speedup or 1.0)))
+    budget = min(recipe.max_macs_ratio or 1.0, 1.0 / (recipe.target_speedup or 1.0))
     res = evolve(match, recipe.replace(method="tome", r=0, skip=0), fidelity, budget,
                  iterations=recipe.search_iterations, children=4)
     return Candidate("tome (searched)", res.recipe.r, res.recipe, res.schedule, res.score)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int
 
 SHAPE_METHODS = {"reshape", "view", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
@@ -61,9 +61,7 @@ class _Fixer(fx.Interpreter):
                 (n.op == "call_function" and n.target in SHAPE_FUNCTIONS)):
             self._fix(n)
         try:
-            out = self._scalar(n)
-            if out is None:
-                out = super().run_node(n)
+            out = super().run_node(n)
         except RuntimeError as e:
             # a model op refusing the new token count (a shape check, a size mismatch) declines the
             # block; a failure inside mergepass's own ops is a bug and must not pass for a decline
@@ -80,15 +78,6 @@ class _Fixer(fx.Interpreter):
                 # ignore token sizes, so this block is not safe to merge
                 raise RewriteError(n, "consumes the token axis (reduction or selection over merged tokens)")
         return out
-
-    def _scalar(self, n: fx.Node):
-        """``.item()`` of a real 0-dim input (fake tensors have no values to read)."""
-        if n.op == "call_method" and n.target == "item":
-            v = self.env.get(n.args[0])
-            if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
-                with unset_fake_temporarily():
-                    return v.item()
-        return None
 
     def _input_changed(self, n: fx.Node) -> bool:
         for a in n.all_input_nodes:
@@ -149,10 +138,9 @@ def fix_token_literals(gm: fx.GraphModule, example_inputs: Sequence, allowed_cha
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        # symbolic sizes (a dynamic batch) run at their example values; 0-dim tensors stay real, so
-        # graphs that read a scalar with .item() (dynamo's unspecialised floats) still run
-        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) and t.dim() else _concrete(t)
-                 for t in example_inputs]
+        # symbolic sizes (a dynamic batch) run at their example values; scalar module state read with
+        # .item() was folded into constants before (passes/fold_scalars.py)
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else _concrete(t) for t in example_inputs]
         fixer = _Fixer(gm, allowed_changes)
         fixer.run(*fakes)
     gm.recompile()
