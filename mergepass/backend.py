@@ -145,7 +145,7 @@ class Backend:
             require_tensorrt()  # before reading calibration data and calibrating, which take a while
         if recipe.merges:
             result = merge_stage(gm, example_inputs, recipe, calibration=self.calibration, model=self.model_name,
-                                 fused=_fused_merges(recipe, example_inputs))
+                                 fused=_fused_merges(recipe, example_inputs), warn=self._warn_once)
         else:
             result = RewriteResult(gm, None, None)
         done = GraphResult(result)

@@ -9,7 +9,7 @@ from torch import fx
 
 from .graph.capture import capture_graphs, copy_graph_module, prepare
 from .graph.lift import Lifted
-from .graph.match import find_blocks
+from .graph.match import find_blocks, summarize
 from .graph.rewrite import RewriteResult, rewrite
 from .quantize import fit_batches, read_calibration
 from .recipe import Recipe, load
@@ -19,7 +19,7 @@ from .search.score import graph_fidelity
 
 
 def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
-                calibration: Optional[list[tuple]] = None, model: str = "", warn: bool = True,
+                calibration: Optional[list[tuple]] = None, model: str = "", warn: Any = True,
                 fused: bool = False) -> RewriteResult:
     """Insert the recipe's merges into a copy of dynamo's graph. Recipe method ``auto`` is resolved
     first (:mod:`mergepass.search.auto`), scored on ``calibration`` (from :func:`read_calibration`)."""
@@ -47,11 +47,15 @@ def plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tom
     """
     r = load(recipe, **overrides)
     batches = read_calibration(calibration, r.quantize.calibration_batches)
-    best = None
+    best, problems = None, []
     for gm, ex in capture_graphs(model, example_input):
         res = merge_stage(gm, ex, r, calibration=batches, model=model_name or type(model).__name__, warn=False)
         if res.schedule is not None and (best is None or len(res.schedule.blocks) > len(best.blocks)):
             best = res.schedule
+        if res.match is not None:
+            problems += [p for p in res.match.problems if p not in problems]
     if best is None:
-        raise ValueError(f"no transformer blocks matched in {type(model).__name__}; the backend would compile it unchanged")
+        why = f" ({summarize(problems)})" if problems else ""
+        raise ValueError(f"no transformer blocks matched in {type(model).__name__}{why}; the backend would compile "
+                         "it unchanged")
     return best

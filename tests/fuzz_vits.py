@@ -24,7 +24,9 @@ from reference import reference_forward  # noqa: E402
 
 @dataclass
 class Arch:
-    """A small timm ViT: every construct the matcher must handle or decline."""
+    """A small timm ViT: every construct the matcher must handle or decline. With ``position`` "rope"
+    (EVA) or "relpos", ``qk_norm`` picks the variant instead: an absolute embedding beside RoPE, or a
+    bias-table (not MLP) relative position."""
 
     heads: int
     head_dim: int
@@ -41,34 +43,50 @@ class Arch:
     qk_norm: bool
     fused: bool
     batch: int
+    position: str = "absolute"  # "absolute" | "rope" (EVA) | "relpos" (relative position bias)
 
     def build(self):
         from timm.models.deit import VisionTransformerDistilled
+        from timm.models.eva import Eva
         from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+        from mergepass.eval.zoo import perturb_constants
         img = self.patch * self.grid
         kw = dict(img_size=img, patch_size=self.patch, embed_dim=self.heads * self.head_dim, depth=self.depth,
                   num_heads=self.heads, mlp_ratio=self.mlp_ratio, num_classes=self.num_classes,
-                  init_values=self.init_values, qk_norm=self.qk_norm)
-        if self.distilled:
-            model = VisionTransformerDistilled(global_pool="token", **kw)
+                  init_values=self.init_values)
+        pool = "token" if (self.cls and self.token_pool) else "avg"
+        if self.position == "rope":
+            model = Eva(class_token=self.cls, num_reg_tokens=self.reg, global_pool=pool, use_rot_pos_emb=True,
+                        use_abs_pos_emb=self.qk_norm, **kw)
+        elif self.position == "relpos":
+            model = VisionTransformerRelPos(class_token=self.cls, global_pool=pool,
+                                            rel_pos_type="bias" if self.qk_norm else "mlp", **kw)
+        elif self.distilled:
+            model = VisionTransformerDistilled(global_pool="token", qk_norm=self.qk_norm, **kw)
         else:
-            pool = "token" if (self.cls and self.token_pool) else "avg"
-            model = VisionTransformer(class_token=self.cls, reg_tokens=self.reg, global_pool=pool, **kw)
+            model = VisionTransformer(class_token=self.cls, reg_tokens=self.reg, global_pool=pool,
+                                      qk_norm=self.qk_norm, **kw)
         for blk in model.blocks:
             blk.attn.fused_attn = self.fused
+        perturb_constants(model)  # zero bias tables and tiny layer scales would hide position errors
         return model.eval(), torch.randn(self.batch, 3, img, img)
 
 
 def random_case(seed: int):
     """(arch, recipe method, overrides) for one seed."""
     rng = random.Random(seed)
-    distilled = rng.random() < 0.15
+    position = rng.choice(["absolute", "absolute", "rope", "relpos"])
+    distilled = position == "absolute" and rng.random() < 0.15
     arch = Arch(heads=rng.choice([1, 2, 4]), head_dim=rng.choice([8, 16, 24]), patch=rng.choice([8, 14, 16]),
                 grid=rng.randint(2, 7), depth=rng.randint(1, 4), mlp_ratio=rng.choice([2.0, 4.0]),
                 num_classes=rng.choice([0, 10]), distilled=distilled, cls=True if distilled else rng.random() < 0.75,
                 reg=0 if distilled else rng.choice([0, 0, 1, 4]), token_pool=rng.random() < 0.6,
                 init_values=rng.choice([None, None, 0.1]), qk_norm=rng.random() < 0.25, fused=rng.random() < 0.7,
-                batch=rng.choice([1, 2]))
+                batch=rng.choice([1, 2]), position=position)
+    if position == "relpos":
+        arch.reg = 0  # timm's relative-position ViT has no register tokens
     method = rng.choice(["tome", "tome", "dfe", "dfe_lgtm", "tomato"])
     over = dict(r=rng.randint(0, 6), prop_attn=rng.random() < 0.8)
     if method in ("dfe", "dfe_lgtm"):

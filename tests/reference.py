@@ -109,21 +109,35 @@ def merge_tokens_adjacent(x, metric, size, groups, prefix, r, grid):
     return _assemble(x, size, groups, prefix, new_groups)
 
 
-def reference_forward(model, images, schedule, prop_attn=True, features=False, extra=None):
+def _full(xb, groups, n0):
+    """Unmerge: every original token takes the value of the token that holds it."""
+    full = torch.empty(n0, xb.shape[-1], dtype=xb.dtype)
+    for j, g in enumerate(groups):
+        for i in g:
+            full[i] = xb[j]
+    return full
+
+
+def reference_forward(model, images, schedule, prop_attn=True, features=False, extra=None, hidden=False):
     """Eager forward of a timm / torchvision / Hugging Face ViT with merges applied per ``schedule``
     (a mergepass Schedule): attention written out, merges done with the plain list code above.
-    ``extra``: {kind: fn(x, metric, size, groups, prefix, plan) -> (x, size, groups)} for other merge kinds."""
+    A merged token sits at the position of the first original token it holds (rotary and relative
+    position tables are read there).
+    ``extra``: {kind: fn(x, metric, size, groups, prefix, plan) -> (x, size, groups)} for other merge kinds.
+    ``hidden``: also return the unmerged token map entering the first block and leaving every block."""
     fam = _family(model)
     x = fam.embed(images)
     bsz, n0, _ = x.shape
     prefix = schedule.prefix
-    outs = []
+    outs, hiddens = [], []
     for b in range(bsz):
         xb = x[b]
         size = [1.0] * n0
         groups = [[i] for i in range(n0)]
+        maps = [xb]
         for blk, plan in zip(fam.blocks, schedule.blocks):
-            xb, k = fam.attention_residual(blk, xb, size if prop_attn else None)
+            pos = [min(g) for g in groups]
+            xb, k = fam.attention_residual(blk, xb, size if prop_attn else None, pos)
             if plan.merged:
                 metric = k.mean(0)  # mean over heads -> [N, D]
                 if plan.kind == "global":
@@ -139,12 +153,17 @@ def reference_forward(model, images, schedule, prop_attn=True, features=False, e
                 else:
                     raise AssertionError(plan.kind)
             xb = fam.mlp_residual(blk, xb)
-        full = torch.empty(n0, xb.shape[-1], dtype=xb.dtype)
-        for j, g in enumerate(groups):
-            for i in g:
-                full[i] = xb[j]
-        outs.append(full)
-    return fam.finish(torch.stack(outs), features)
+            maps.append(_full(xb, groups, n0))
+        for blk in fam.blocks[len(schedule.blocks):]:  # blocks after the matched chain run unmerged
+            xb = maps[-1]
+            xb = fam.mlp_residual(blk, fam.attention_residual(blk, xb, None, list(range(n0)))[0])
+            maps.append(xb)
+        outs.append(maps[-1])
+        hiddens.append(maps)
+    out = fam.finish(torch.stack(outs), features)
+    if not hidden:
+        return out
+    return out, [torch.stack([h[i] for h in hiddens]) for i in range(len(hiddens[0]))]
 
 
 def _attend(q, k, v, size):
@@ -164,7 +183,7 @@ class _Timm:
         m = self.m
         return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
 
-    def attention_residual(self, blk, x, size):
+    def attention_residual(self, blk, x, size, pos):
         attn = blk.attn
         n, c = x.shape
         h = attn.num_heads
@@ -193,7 +212,7 @@ class _TorchVision:
         x = torch.cat([m.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + m.encoder.pos_embedding
 
-    def attention_residual(self, blk, x, size):
+    def attention_residual(self, blk, x, size, pos):
         sa = blk.self_attention
         n, c = x.shape
         h = sa.num_heads
@@ -222,7 +241,7 @@ class _HF:
     def embed(self, images):
         return self.vit.embeddings(images)
 
-    def attention_residual(self, blk, x, size):
+    def attention_residual(self, blk, x, size, pos):
         a = blk.attention
         n, c = x.shape
         h = self.heads
@@ -241,6 +260,14 @@ class _HF:
 
 
 def _family(model):
+    for mod in ("reference_timm", "reference_hf"):  # model-specific layouts, tried first
+        try:
+            families = __import__(mod).FAMILIES
+        except ImportError:
+            continue
+        for fam in families:
+            if fam.accepts(model):
+                return fam(model)
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
         return _Timm(model)
     if hasattr(model, "encoder") and hasattr(model, "conv_proj"):

@@ -16,6 +16,14 @@ def test_plan_prints_schedule_and_totals():
     assert out.count("blocks.") >= 12
 
 
+def test_plan_covers_rope_and_names_why_a_model_is_declined():
+    res = _run("mergepass.plan", "--model", "eva02_tiny_patch14_224", "--r", "16", "--batch", "1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "257 tokens (1 protected, grid 16x16)" in res.stdout and "global" in res.stdout
+    res = _run("mergepass.plan", "--model", "swin_tiny_patch4_window7_224", "--batch", "1")
+    assert res.returncode == 2 and "2-D token map" in res.stderr and "compile it unchanged" in res.stderr
+
+
 def test_plan_unknown_model_suggests_names():
     res = _run("mergepass.plan", "--model", "vit_bse_patch16_224")
     assert res.returncode == 2 and "close matches: vit_base_patch16_224" in res.stderr

@@ -7,28 +7,44 @@ from collections import Counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz_vits import Arch, check, run_case
+from fuzz_vits import Arch, check, random_case
 
-CASES = int(os.environ.get("MERGEPASS_FUZZ_CASES", "10"))
+CASES = int(os.environ.get("MERGEPASS_FUZZ_CASES", "12"))
+
+
+def _constructs(arch: Arch) -> set:
+    return {arch.position} | ({"registers"} if arch.reg else set()) | (set() if arch.cls else {"no class token"})
 
 
 def test_random_vits_and_recipes_mostly_merge():
-    outcomes = Counter(run_case(seed) for seed in range(CASES))
+    outcomes, merged = Counter(), Counter()
+    for seed in range(CASES):
+        arch, method, over = random_case(seed)
+        out = check(arch, method, over, seed)
+        outcomes[out] += 1
+        if out == "merged":
+            merged.update(_constructs(arch))
     assert set(outcomes) <= {"merged", "unmerged", "declined"}
-    # these seeds are all mergeable timm ViTs; a pass that declined everything would still "pass"
-    # the per-case checks, so the share that really merges is part of the property
+    # these seeds are all mergeable ViTs; a pass that declined everything would still "pass" the
+    # per-case checks, so how many really merge, and with which constructs, is part of the property
     assert outcomes["merged"] >= CASES // 2, outcomes
+    assert all(merged[c] for c in ("rope", "relpos", "registers", "no class token")), merged
 
 
 @st.composite
 def archs(draw):
-    distilled = draw(st.booleans())
-    return Arch(heads=draw(st.sampled_from([1, 2, 4])), head_dim=draw(st.sampled_from([8, 16])),
+    position = draw(st.sampled_from(["absolute", "rope", "relpos"]))
+    distilled = position == "absolute" and draw(st.booleans())
+    arch = Arch(heads=draw(st.sampled_from([1, 2, 4])), head_dim=draw(st.sampled_from([8, 16])),
                 patch=draw(st.sampled_from([8, 16])), grid=draw(st.integers(2, 6)), depth=draw(st.integers(1, 3)),
                 mlp_ratio=2.0, num_classes=draw(st.sampled_from([0, 5])), distilled=distilled,
                 cls=True if distilled else draw(st.booleans()), reg=0 if distilled else draw(st.sampled_from([0, 1, 4])),
                 token_pool=draw(st.booleans()), init_values=draw(st.sampled_from([None, 0.1])),
-                qk_norm=draw(st.booleans()), fused=draw(st.booleans()), batch=draw(st.sampled_from([1, 2])))
+                qk_norm=draw(st.booleans()), fused=draw(st.booleans()), batch=draw(st.sampled_from([1, 2])),
+                position=position)
+    if position == "relpos":
+        arch.reg = 0  # timm's relative-position ViT has no register tokens
+    return arch
 
 
 @st.composite

@@ -212,3 +212,25 @@ def test_sequence_partition_reproduces_official_tome(prefix, use_fused):
             assert torch.allclose(got[:, 2:keep + 1], ref_x[:, 1:keep], atol=1e-5)
             assert torch.allclose(got[:, 1], ref_x[:, keep], atol=1e-5)
             assert torch.allclose(got[:, keep + 1:], ref_x[:, keep + 1:], atol=1e-5)
+
+
+def test_position_tables_are_read_at_each_tokens_first_original_position():
+    from mergepass.merge import gather_positions, representatives
+    torch.manual_seed(0)
+    b, n0, n = 3, 9, 5
+    # random source maps: the protected token 0 stays in slot 0; every other slot holds at least one
+    # of the original tokens 1..n0-1
+    source = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(
+        [torch.arange(1, n), torch.randint(1, n, (n0 - n,))])[torch.randperm(n0 - 1)]]) for _ in range(b)])
+    rep = representatives(source, n)
+    for i in range(b):
+        for j in range(n):
+            assert rep[i, j].item() == min(t for t in range(n0) if source[i, t] == j)
+    bias = torch.randn(1, 2, n0, n0)
+    got = gather_positions(bias, source, (2, 3), 0, n, 4)
+    rope = torch.randn(n0 - 1, 4)  # rows for the tokens after one protected token
+    rows = gather_positions(rope, source, (2,), 1, n, 4)
+    for i in range(b):
+        p = rep[i].tolist()
+        assert torch.equal(got[i], bias[0][:, p][:, :, p])
+        assert torch.equal(rows[i, 0], rope[[q - 1 for q in p[1:]]])

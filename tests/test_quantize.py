@@ -267,3 +267,18 @@ def test_bf16_rest_runs_attention_in_bf16():
     with inductor_config.patch(post_grad_custom_post_pass=record), torch.no_grad():
         torch.compile(m, backend=be, dynamic=False)(torch.randn(4, 3, 64, 64))
     assert seen and set(seen) == {torch.bfloat16}, seen
+
+
+def test_int8_on_a_tower_with_string_conv_padding():
+    """Hugging Face SigLIP embeds patches with conv2d(padding="valid"), an overload the x86 quantizer
+    rejects; it is rewritten with integer padding and the tower quantizes and merges."""
+    pytest.importorskip("transformers")
+    from mergepass.eval.zoo import case
+    c = case("hf_siglip")
+    model, x = c.build()
+    be = mergepass.backend("tome_int8", r=2, lower="eager", calibration=[x])
+    with torch.no_grad():
+        out = c.run(torch.compile(model, backend=be, dynamic=False), x)[0]
+        ref = c.run(model, x)[0]
+    assert be.quantized and be.schedule.merging
+    assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.9

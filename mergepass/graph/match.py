@@ -88,6 +88,24 @@ class MatchResult:
     def ok(self) -> bool:
         return bool(self.blocks)
 
+    def summary(self) -> str:
+        """The problems, one line per reason with the places it applies to."""
+        return summarize(self.problems)
+
+
+def summarize(problems: list[str]) -> str:
+    """'a.attn: why; b.attn: why' -> 'a.attn, b.attn: why' (first three places, then a count)."""
+    where: dict[str, list[str]] = {}
+    for p in problems:
+        place, sep, why = p.partition(": ")
+        where.setdefault(why if sep else p, []).append(place if sep else "")
+    parts = []
+    for why, places in where.items():
+        places = [p for p in places if p]
+        head = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+        parts.append(f"{head}: {why}" if head else why)
+    return "; ".join(parts)
+
 
 def to_nx(graph: fx.Graph) -> nx.DiGraph:
     g = nx.DiGraph()
@@ -117,6 +135,12 @@ def _strip_through(node: fx.Node, ok) -> fx.Node:
     return node
 
 
+def _head_mix(node: fx.Node) -> bool:
+    """A permute, or a linear over permuted heads: talking-heads attention (CaiT) mixes heads before
+    and after the softmax, which keeps every key on its own axis."""
+    return is_call(node, (), {"permute"}) or (is_linear(node) and is_call(node.args[0], (), {"permute"}))
+
+
 def _find_attention(graph: fx.Graph) -> list[tuple[fx.Node, str, fx.Node, bool, fx.Node]]:
     """(core, kind, keys, keys_transposed, output) for every attention in topological order."""
     found = []
@@ -128,13 +152,14 @@ def _find_attention(graph: fx.Graph) -> list[tuple[fx.Node, str, fx.Node, bool, 
             found.append((n, "sdpa", k, False, n))
         elif is_call(n, SOFTMAX_FN, {"softmax"}):
             # logits = (q @ kᵀ) possibly scaled/biased; output = probs @ v (after dropout)
-            logits = _strip_through(n.args[0], lambda m: is_call(m, {operator.mul, operator.truediv, torch.mul, operator.add}, {"mul", "div", "add", "float", "to"}))
+            logits = _strip_through(n.args[0], lambda m: is_call(m, {operator.mul, operator.truediv, torch.mul, operator.add},
+                                                                 {"mul", "div", "add", "float", "to"}) or _head_mix(m))
             if not is_call(logits, MATMUL_FN, {"matmul", "__matmul__", "bmm"}):
                 continue
             kt = logits.args[1]
             users = list(n.users)
             probs = n
-            while len(users) == 1 and (is_call(users[0], {F.dropout}, {"type_as", "to", "float"})):
+            while len(users) == 1 and (is_call(users[0], {F.dropout}, {"type_as", "to", "float"}) or _head_mix(users[0])):
                 probs = users[0]
                 users = list(probs.users)
             outs = [u for u in users if is_call(u, MATMUL_FN, {"matmul", "__matmul__", "bmm"}) and u.args[0] is probs]
@@ -145,7 +170,8 @@ def _find_attention(graph: fx.Graph) -> list[tuple[fx.Node, str, fx.Node, bool, 
 
 
 def _patch_grid(graph: fx.Graph, first_in: fx.Node, g: nx.DiGraph, tokens: int):
-    """(prefix, grid, problem) from the patch-embedding conv feeding the first block."""
+    """(prefix, grid, problem) from the patch-embedding conv feeding the first block; a negative
+    prefix means the blocks see pooled tokens (not a plain ViT)."""
     anc = nx.ancestors(g, first_in)
     convs = [n for n in anc if is_call(n, {torch.conv2d, F.conv2d}) and shape(n) and len(shape(n)) == 4]
     if not convs:
@@ -158,7 +184,8 @@ def _patch_grid(graph: fx.Graph, first_in: fx.Node, g: nx.DiGraph, tokens: int):
     _, _, h, w = shape(conv)
     prefix = tokens - h * w
     if prefix < 0:
-        return 0, None, f"patch grid {h}x{w} has more tokens than the block input ({tokens})"
+        return prefix, None, (f"the blocks see fewer tokens ({tokens}) than the {h}x{w} patch grid: a "
+                              "hierarchical model pools tokens between stages")
     if prefix:
         # the prefix must be prepended: in the token concat, the patch tokens come last
         cats = [n for n in anc if is_call(n, {torch.cat, torch.concat}) and shape(n) and len(shape(n)) == 3
@@ -217,6 +244,16 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
         if x_mid is None:
             problems.append(f"{where}: attention has no residual add (post-norm or parallel block?)")
             continue
+        s_mid = shape(x_mid)
+        if s_mid is not None and len(s_mid) == 4:
+            problems.append(f"{where}: the residual stream is a 2-D token map {s_mid} (windowed or hierarchical "
+                            "attention, e.g. SAM, Swin, Hiera); merging needs a [batch, tokens, width] stream")
+            continue
+        ks = shape(keys)
+        if ks and s_mid and len(s_mid) == 3 and (ks[-1] if kt else ks[-2]) != s_mid[1]:
+            problems.append(f"{where}: the attention's keys ({ks[-1] if kt else ks[-2]}) are not the block's "
+                            f"{s_mid[1]} tokens (windowed, pooled or class attention); left unmerged")
+            continue
         x_out = None
         mid_down = nx.descendants(g, x_mid)
         for n in _cone(g, x_mid):
@@ -250,7 +287,6 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
         for n in nodes:
             if is_linear(n):
                 lin[n in mid_down] += _linear_macs(gm, n)
-        ks = shape(keys)
         attn_dim = 0
         if ks:
             lead = math.prod(ks[:-2]) // max(s_in[0], 1)
@@ -272,6 +308,8 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
     prefix, grid, problem = _patch_grid(graph, chain[0].x_in, g, tokens)
     if problem:
         problems.append(problem)
+        if grid is None and prefix < 0:
+            return MatchResult([], problems=problems)
     block_nodes = set().union(*(b.nodes for b in chain))
     other = 0
     for n in graph.nodes:

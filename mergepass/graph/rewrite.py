@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from torch import fx
 
@@ -38,41 +38,49 @@ def _blame(match: MatchResult, region: int, err: RewriteError) -> int:
 
 
 def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe", *, schedule: Optional[Schedule] = None,
-            notes: Sequence[str] = (), model: str = "", warn: bool = True, fused: bool = False) -> RewriteResult:
+            notes: Sequence[str] = (), model: str = "", warn: Union[bool, Callable[[str], None]] = True,
+            fused: bool = False) -> RewriteResult:
     """Insert the recipe's merges into a copy of ``base`` (a :func:`~.capture.prepare`-d graph).
 
     Never raises for graphs it cannot handle: those come back unchanged with a
     :class:`MergepassWarning`. ``schedule``: the full schedule when the caller already computed it.
-    ``fused``: merges call the fused CPU kernel (:mod:`mergepass.merge.fused`)."""
+    ``fused``: merges call the fused CPU kernel (:mod:`mergepass.merge.fused`). ``warn``: whether to
+    warn, or the function that does (the backend's says each thing once)."""
     notes = list(notes)
+    say = warn if callable(warn) else (lambda m: warnings.warn(m, MergepassWarning, stacklevel=3)) if warn else None
     limit: Optional[int] = None
     while True:
         work = copy_graph_module(base)
         match = find_blocks(work)
         if not match.ok:
-            msg = "mergepass: no transformer blocks matched (" + "; ".join(match.problems) + "); compiling unchanged"
-            if warn:
-                warnings.warn(msg, MergepassWarning, stacklevel=2)
+            msg = f"mergepass: no transformer blocks matched ({match.summary()}); compiling unchanged"
+            if not any(b for b in match.problems if ": " in b):
+                # nothing attention-like at all: with graph breaks, other graphs of the model may merge
+                msg += " (where graph breaks split a model, its other graphs are still merged)"
+            if say:
+                say(msg)
             return RewriteResult(base, None, match, notes + [msg])
         sched = schedule if (schedule is not None and limit is None) else make_schedule(match, recipe, limit, model)
         sched.notes.extend(n for n in notes if n not in sched.notes)
-        if warn and limit is None:
+        if say and limit is None:
             for note in sched.adjusted:
-                warnings.warn(f"mergepass: {note}", MergepassWarning, stacklevel=2)
+                say(f"mergepass: {note}")
         if not sched.merging:
             return RewriteResult(base, sched, match, notes)
-        region = insert_merges(work, match, sched, fused=fused)["region"]
+        inserted = insert_merges(work, match, sched, fused=fused)
+        region = inserted["region"]
         allowed = set().union(*(b.nodes for b in match.blocks[:region]))
+        source_of = {n: src for i, src in inserted["sources"].items() if src is not None for n in match.blocks[i].nodes}
         try:
-            fix_token_literals(work, example_inputs, allowed)
+            fix_token_literals(work, example_inputs, allowed, source_of, match.tokens, sched.prefix)
         except RewriteError as e:
             k = _blame(match, region, e)
             limit = min(k, region - 1) if limit is None else min(k, limit - 1, region - 1)
             name = match.blocks[k].name if k < len(match.blocks) else f"block {k}"
             note = f"{name}: not merged because {e}"
             notes.append(note)
-            if warn:
-                warnings.warn(f"mergepass: {note}; merging only the blocks before it", MergepassWarning, stacklevel=2)
+            if say:
+                say(f"mergepass: {note}; merging only the blocks before it")
             if limit <= 0:
                 sched = make_schedule(match, recipe, limit=0, model=model)
                 sched.notes.extend(notes)

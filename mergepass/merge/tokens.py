@@ -64,3 +64,33 @@ def positions(source: torch.Tensor, grid: tuple[int, int], prefix: int, n: int) 
     ones = torch.ones_like(rc[..., :1])
     tot = rc.new_zeros(b, n, 3).scatter_add(1, source[..., None].expand(-1, -1, 3), torch.cat([rc, ones], -1))
     return tot[..., :2] / tot[..., 2:].clamp_min(1.0)
+
+
+def representatives(source: torch.Tensor, n: int) -> torch.Tensor:
+    """The first original token each of the ``n`` current tokens holds, [B, n]: the position at
+    which a merged token reads rotary and relative-position tables."""
+    b, n0 = source.shape
+    idx = torch.arange(n0, device=source.device).expand(b, n0)
+    return idx.new_full((b, n), n0).scatter_reduce(1, source, idx, "amin")
+
+
+def gather_positions(table: torch.Tensor, source: torch.Tensor, dims: tuple[int, ...], offset: int, n: int,
+                     ndim: int) -> torch.Tensor:
+    """Rows of a per-position ``table`` (rotary sin/cos, relative-position bias) for the current tokens.
+
+    ``table`` broadcasts against an ``ndim``-D batch-first tensor whose axes ``dims`` index original
+    tokens ``offset``, ``offset + 1``, ...; the result has a batch axis and ``n - offset`` entries on
+    each of ``dims``, read at each current token's representative position."""
+    pos = representatives(source, n)[:, offset:] - offset
+    b, m = pos.shape
+    t = table.reshape((1,) * (ndim - table.dim()) + tuple(table.shape))
+    if t.shape[0] not in (1, b):
+        raise ValueError(f"gather_positions: table {tuple(table.shape)} has a batch axis of {t.shape[0]}, not {b}")
+    t = t.expand(b, *t.shape[1:])
+    for d in dims:
+        view = [b] + [1] * (ndim - 1)
+        view[d] = m
+        size = list(t.shape)
+        size[d] = m
+        t = t.gather(d, pos.reshape(view).expand(size))
+    return t

@@ -66,6 +66,32 @@ def cpu_has_vnni() -> bool:
     return isa != "none"
 
 
+def explicit_conv_padding(gm: fx.GraphModule) -> int:
+    """Rewrite ``conv2d(padding="valid"|"same")`` (``aten.conv2d.padding``, as in Hugging Face SigLIP)
+    as ``aten.conv2d.default`` with integer padding: X86InductorQuantizer accepts only the latter.
+    Returns the number rewritten; a "same" padding that is not symmetric is left as it is."""
+    done = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target != torch.ops.aten.conv2d.padding:
+            continue
+        defaults = (None, [1, 1], "valid", [1, 1], 1)  # bias, stride, padding, dilation, groups
+        x, w, b, stride, padding, dilation, groups = tuple(n.args) + defaults[len(n.args) - 2:]
+        if padding == "valid":
+            pad = [0, 0]
+        else:
+            k = w.meta["val"].shape[-2:]
+            dil = list(dilation) * (2 // len(dilation))
+            if any(d * (kk - 1) % 2 for d, kk in zip(dil, k)):
+                continue
+            pad = [d * (kk - 1) // 2 for d, kk in zip(dil, k)]
+        n.target = torch.ops.aten.conv2d.default
+        n.args = (x, w, b, stride, pad, dilation, groups)
+        done += 1
+    if done:
+        gm.recompile()
+    return done
+
+
 def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None):
     """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32.
 
@@ -116,6 +142,7 @@ class PT2E(QuantEngine):
         kept = list(q.keep_fp32)
         if q.sensitivity > 0:
             kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
+        explicit_conv_padding(exported)
         m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None))
         with torch.no_grad():
             for b in (batches if mode == "static" else [user_ex]):

@@ -8,12 +8,17 @@ merges fewer blocks instead.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int
+
+from ...merge import gather_positions
+from ..lift import is_state
+from .position_tables import table_reads
 
 SHAPE_METHODS = {"reshape", "view", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
 SHAPE_FUNCTIONS = {torch.reshape}
@@ -31,6 +36,8 @@ def _concrete(v):
 
 
 def _old_shape(node) -> tuple | None:
+    if isinstance(node, fx.Node) and "unmerged_shape" in node.meta:
+        return node.meta["unmerged_shape"]
     v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return tuple(_concrete(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
 
@@ -50,9 +57,10 @@ def _shape_args(n: fx.Node):
 
 
 class _Fixer(fx.Interpreter):
-    def __init__(self, gm, allowed_changes: set):
+    def __init__(self, gm, allowed_changes: set, source_of: dict, data: set, tokens: int, prefix: int):
         super().__init__(gm)
         self.allowed = allowed_changes
+        self.source_of, self.data, self.tokens, self.prefix = source_of, data, tokens, prefix
         self.fixed = 0
 
     def run_node(self, n: fx.Node):
@@ -60,6 +68,8 @@ class _Fixer(fx.Interpreter):
                 (n.op == "call_method" and n.target in SHAPE_METHODS) or
                 (n.op == "call_function" and n.target in SHAPE_FUNCTIONS)):
             self._fix(n)
+        if n in self.source_of:
+            self._read_tables(n)
         try:
             out = super().run_node(n)
         except RuntimeError as e:
@@ -73,11 +83,51 @@ class _Fixer(fx.Interpreter):
         if old is not None and isinstance(out, torch.Tensor):
             if tuple(out.shape) != old and n not in self.allowed:
                 raise RewriteError(n, f"shape changed from {old} to {tuple(out.shape)} outside the merged blocks")
-            if tuple(out.shape) == old and n in self.allowed and self._input_changed(n):
+            if tuple(out.shape) == old and n in self.allowed and self._input_changed(n) and not self._prefix_select(n):
                 # a reduction or selection over the merged token axis: its value would silently
                 # ignore token sizes, so this block is not safe to merge
                 raise RewriteError(n, "consumes the token axis (reduction or selection over merged tokens)")
         return out
+
+    def _shape_now(self, a):
+        v = self.env.get(a)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    def _read_tables(self, n: fx.Node) -> None:
+        """Read position tables that meet merged tokens at the merged positions (position_tables.py)."""
+        reads = table_reads(n, self._shape_now, _old_shape, lambda a: a in self.data, self.tokens, self.prefix)
+        for rd in reads:
+            with self.graph.inserting_before(n):
+                g = self.graph.call_function(gather_positions, (rd.table, self.source_of[n], rd.dims, rd.offset,
+                                                                rd.n, rd.ndim))
+            g.meta["mergepass"] = True
+            self.env[g] = gather_positions(self.env[rd.table], self.env[self.source_of[n]], rd.dims, rd.offset,
+                                           rd.n, rd.ndim)
+            self.allowed.add(g)
+            if isinstance(rd.slot, int):
+                n.args = n.args[:rd.slot] + (g,) + n.args[rd.slot + 1:]
+            else:
+                n.kwargs = {**n.kwargs, rd.slot: g}
+            self.fixed += 1
+
+    def _prefix_select(self, n: fx.Node) -> bool:
+        """Whether ``n`` selects only protected tokens on the merged axis (``q[:, :, :prefix]``): those
+        never merge and stay first, so the selection means the same before and after merging."""
+        if not (n.op == "call_function" and n.target is operator.getitem):
+            return False
+        src, idx = n.args[0], n.args[1]
+        old, new = _old_shape(src), self._shape_now(src)
+        if old is None or new is None or len(old) != len(new):
+            return False
+        diff = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if len(diff) != 1 or diff[0] >= len(idx) or not all(isinstance(i, slice) for i in idx[:diff[0]]):
+            return False
+        sel = idx[diff[0]]
+        if isinstance(sel, int):
+            return 0 <= sel < self.prefix
+        return (isinstance(sel, slice) and sel.step in (None, 1) and (sel.start or 0) >= 0
+                and isinstance(sel.stop, int) and 0 <= sel.stop <= self.prefix)
 
     def _input_changed(self, n: fx.Node) -> bool:
         for a in n.all_input_nodes:
@@ -131,17 +181,30 @@ def _reshape_dim(old_in: tuple, old_out: tuple | None, d: int):
     return None
 
 
-def fix_token_literals(gm: fx.GraphModule, example_inputs: Sequence, allowed_changes: set) -> int:
+def _data_nodes(gm: fx.GraphModule, example_inputs: Sequence) -> set:
+    """Nodes computed from the user's tensors (not from module state or sizes alone)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    data = {n for n, v in zip(phs, example_inputs) if isinstance(v, torch.Tensor) and not is_state(n, v)}
+    for n in gm.graph.nodes:
+        if n not in data and any(a in data for a in n.all_input_nodes):
+            data.add(n)
+    return data
+
+
+def fix_token_literals(gm: fx.GraphModule, example_inputs: Sequence, allowed_changes: set,
+                       source_of: dict | None = None, tokens: int = 0, prefix: int = 0) -> int:
     """Fix literals in place; raises RewriteError when a change escapes ``allowed_changes``.
 
-    Returns the number of literals changed. Graph outputs must keep their original shapes.
+    ``source_of``: {node: the source map valid there} for nodes in merged blocks, where position
+    tables are read at merged positions; ``tokens``/``prefix``: the original and protected token counts.
+    Returns the number of literals and tables changed. Graph outputs must keep their original shapes.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         # symbolic sizes (a dynamic batch) run at their example values; scalar module state read with
         # .item() was folded into constants before (passes/fold_scalars.py)
         fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else _concrete(t) for t in example_inputs]
-        fixer = _Fixer(gm, allowed_changes)
+        fixer = _Fixer(gm, set(allowed_changes), source_of or {}, _data_nodes(gm, example_inputs), tokens, prefix)
         fixer.run(*fakes)
     gm.recompile()
     return fixer.fixed

@@ -9,15 +9,25 @@ from torch import fx
 
 from ...merge import attn_bias, key_metric, unmerge
 from ...methods import get_op
-from ..match import Block, MatchResult
+from ..match import Block, MatchResult, shape
 
 
-def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node) -> None:
+def _unmerged_shape(bias: fx.Node, like: fx.Node, tokens: int) -> None:
+    """Record the shape the proportional-attention bias would have without merging, so that
+    position tables added to it are recognised (passes/position_tables.py)."""
+    s = shape(like)
+    if s is not None:
+        bias.meta["unmerged_shape"] = (s[0], 1, 1, tokens) if len(s) == 4 else (s[0], 1, tokens)
+
+
+def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node, tokens: int) -> None:
     core = block.attn
+    before = set(graph.nodes)
     with graph.inserting_before(core):
         if block.attn_kind == "sdpa":
             q = core.args[0] if core.args else core.kwargs["query"]
             bias = graph.call_function(attn_bias, (size, q))
+            _unmerged_shape(bias, q, tokens)
             mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
             if mask is not None:
                 bias = graph.call_function(operator.add, (mask, bias))
@@ -27,8 +37,11 @@ def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node) -> None:
                 core.kwargs = {**core.kwargs, "attn_mask": bias}
         else:
             logits = core.args[0]
-            biased = graph.call_function(operator.add, (logits, graph.call_function(attn_bias, (size, logits))))
+            bias = graph.call_function(attn_bias, (size, logits))
+            _unmerged_shape(bias, logits, tokens)
+            biased = graph.call_function(operator.add, (logits, bias))
             core.args = (biased,) + core.args[1:]
+    block.nodes |= set(graph.nodes) - before  # later passes treat the bias as part of the block
 
 
 def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused: bool):
@@ -38,7 +51,8 @@ def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused:
 
 
 def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = False) -> dict:
-    """Rewrite ``gm`` in place; returns {'region': blocks rewritten, 'merges': merge nodes}.
+    """Rewrite ``gm`` in place; returns {'region': blocks rewritten, 'merges': merge nodes, 'sources':
+    {block index: the source map valid where the block starts, None before the first merge}}.
     ``fused``: merges call the fused CPU kernel instead of the reference ops."""
     graph = gm.graph
     existing = set(graph.nodes)
@@ -46,13 +60,15 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
     region = 0
     merges = []
     source_after = []  # the source map valid at each block's output
+    sources = {}
     for plan in sched.blocks:
         if plan.kind == "off":
             break
         block = match.blocks[plan.index]
         region = plan.index + 1
+        sources[plan.index] = source
         if size is not None and sched.recipe.prop_attn:
-            _add_attention_bias(graph, block, size)
+            _add_attention_bias(graph, block, size, match.tokens)
         if plan.merged == 0:
             source_after.append(source)
             continue
@@ -68,7 +84,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
     if source is None:
         _mark_new(graph, existing)
         gm.recompile()
-        return {"region": region, "merges": merges}
+        return {"region": region, "merges": merges, "sources": sources}
     blocks = match.blocks[:region]
     # where the merged token stream leaves the rewritten blocks, give it back its original length
     for i, block in enumerate(blocks):
@@ -84,7 +100,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
             u.replace_input_with(block.x_out, restored)
     _mark_new(graph, existing)
     gm.recompile()
-    return {"region": region, "merges": merges}
+    return {"region": region, "merges": merges, "sources": sources}
 
 
 def _mark_new(graph: fx.Graph, existing: set) -> None:
