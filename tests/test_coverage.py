@@ -28,7 +28,7 @@ def _reference(case, model, x, schedule):
         if not case.hidden_states:
             return [reference_forward(model, x, schedule)]
         full, maps = reference_forward(model, x, schedule, features=True, hidden=True)
-        pooled = fam.pooled(torch.stack([m for m in maps[-1]])) if hasattr(fam, "pooled") else None
+        pooled = fam.pooled(maps[-1]) if hasattr(fam, "pooled") else None
         return [full, *fam.hidden_states(maps)] + ([pooled] if pooled is not None else [])
 
 
