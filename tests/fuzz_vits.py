@@ -96,6 +96,8 @@ def random_case(seed: int):
         over["transition"] = rng.choice(["auto", 1, 2])
     if method == "tomato":
         over = dict(budget=rng.randint(0, arch.grid * arch.grid // 2 + 2), prop_attn=over["prop_attn"])
+    else:
+        over["protect"] = rng.choice([0, 0, 1, 2])
     return arch, method, over
 
 

@@ -44,10 +44,14 @@ def _combine(x, size, groups, ids):
     return v, w, sorted(g for i in ids for g in groups[i])
 
 
-def merge_tokens_global(x, metric, size, groups, prefix, r, offset=0):
-    """x [N, C], metric [N, D], size list[float], groups list[list[int]] -> merged lists."""
+def merge_tokens_global(x, metric, size, groups, prefix, r, offset=0, protect=0):
+    """x [N, C], metric [N, D], size list[float], groups list[list[int]] -> merged lists.
+    ``protect``: the tokens with the ``protect`` largest metric norms take no part in merging."""
     toks = list(range(prefix, x.shape[0]))
-    unm, into = bipartite_lists([metric[t] for t in toks], r, offset=offset)
+    norms = [float(metric[t].norm()) for t in toks]
+    kept = set(sorted(range(len(toks)), key=lambda i: -norms[i])[:protect])
+    unm, into = bipartite_lists([metric[t] for t in toks], r, offset=offset,
+                                allowed=lambda i, j: i not in kept and j not in kept)
     return _assemble(x, size, groups, prefix, [[toks[i]] for i in unm] +
                      [[toks[j]] + [toks[i] for i in into[j]] for j in sorted(into)])
 
@@ -142,7 +146,7 @@ def reference_forward(model, images, schedule, prop_attn=True, features=False, e
                 metric = k.mean(0)  # mean over heads -> [N, D]
                 if plan.kind == "global":
                     xb, size, groups = merge_tokens_global(xb, metric, size, groups, prefix, plan.r,
-                                                           plan.args.get("offset", 0))
+                                                           plan.args.get("offset", 0), plan.args.get("protect", 0))
                 elif plan.kind == "local":
                     xb, size, groups = merge_tokens_windows(xb, metric, size, groups, prefix, plan.r,
                                                             schedule.grid, plan.args["windows"])

@@ -56,6 +56,7 @@ def recipes(draw):
         over["skip"] = draw(st.integers(0, 3))
     else:
         over["r"] = draw(st.integers(0, 40))
+        over["protect"] = draw(st.sampled_from([0, 1, 3]))
         over["skip"] = draw(st.one_of(st.just("auto"), st.integers(0, 3)))
     if method == "dfe_lgtm":
         over["window"] = draw(st.integers(2, 7))

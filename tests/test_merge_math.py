@@ -234,3 +234,31 @@ def test_position_tables_are_read_at_each_tokens_first_original_position():
         p = rep[i].tolist()
         assert torch.equal(got[i], bias[0][:, p][:, :, p])
         assert torch.equal(rows[i, 0], rope[[q - 1 for q in p[1:]]])
+
+
+def test_protected_tokens_neither_merge_away_nor_absorb_others():
+    from mergepass.merge import global_merge
+    torch.manual_seed(1)
+    x, metric = torch.randn(2, 21, 8), torch.randn(2, 21, 6)
+    prefix, k = 1, 3
+    top = metric[:, prefix:].norm(dim=-1).topk(k, dim=-1).indices + prefix
+    _, size, source = global_merge(x, metric, None, None, r=7, prefix=prefix, protect=k)
+    assert size.shape[1] == 21 - 7 and float(size.sum()) == 2 * 21
+    for b in range(2):
+        for t in top[b].tolist():
+            slot = source[b, t]
+            assert int((source[b] == slot).sum()) == 1 and float(size[b, slot]) == 1.0
+
+
+def test_fused_kernel_protects_the_same_tokens_as_the_reference():
+    from mergepass.merge import global_merge
+    from mergepass.merge.fused import fused_global_merge, kernel_error
+    if kernel_error():
+        pytest.skip(f"fused kernel unavailable: {kernel_error()}")
+    torch.manual_seed(2)
+    x, metric = torch.randn(3, 30, 8), torch.randn(3, 30, 6)
+    for offset in (0, 1):
+        want = global_merge(x, metric, None, None, r=9, prefix=2, offset=offset, protect=4)
+        got = fused_global_merge(x, metric, None, None, r=9, prefix=2, offset=offset, protect=4)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)

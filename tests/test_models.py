@@ -86,3 +86,10 @@ def test_real_dinov2_weights_track_the_uncompressed_model():
         ref = m(x)
     cos = torch.nn.functional.cosine_similarity(out, ref).mean().item()
     assert 0.98 < cos < 0.99999, cos
+
+
+@pytest.mark.parametrize("recipe,over", [("tome", dict(r=4)), ("dfe_lgtm", dict(skip=1, r=4, window=3, transition=1))])
+def test_protected_high_norm_tokens_match_the_reference(recipe, over):
+    m = tiny_vit("vit_small_patch14_reg4_dinov2", img_size=84, embed_dim=96, num_heads=2)
+    be = _check(m, torch.randn(2, 3, 84, 84), recipe, protect=2, **over)
+    assert any(b.args.get("protect") == 2 for b in be.schedule.blocks)

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..cpu import cpu_id
-from .ops import checkerboard, window_perm
+from .ops import checkerboard, largest_norms, window_perm
 from .tokens import init_state
 
 _SRC = Path(__file__).with_name("csrc") / "bipartite_merge.cpp"
@@ -68,10 +68,15 @@ def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):
 
 
 def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                       source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0):
+                       source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, protect: int = 0):
     """:func:`~mergepass.merge.global_merge` (ToMe) as one kernel."""
     pos = torch.arange(prefix, x.shape[1], device=x.device)
-    return _call(x, metric, size, source, pos[None, None, offset::2], pos[None, None, 1 - offset::2], None, r, prefix)
+    allowed = None
+    if protect:  # protected tokens neither propose (empty rows) nor accept (empty columns) a merge
+        free = ~largest_norms(metric[:, prefix:], protect)
+        allowed = free[:, offset::2, None] & free[:, None, 1 - offset::2]
+    return _call(x, metric, size, source, pos[None, None, offset::2], pos[None, None, 1 - offset::2], allowed, r,
+                 prefix)
 
 
 def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],

@@ -56,16 +56,28 @@ def _gather_merge(x, size, source, mm: Matching, a_pos, b_pos, prefix, slot):
     return x_out.scatter_add(1, rows, delta), s_out, update_source(source, slot, prefix)
 
 
+def largest_norms(metric: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, M] mask of the ``k`` tokens with the largest metric (key) norm."""
+    top = metric.norm(dim=-1).topk(k, dim=-1).indices
+    return torch.zeros(metric.shape[:2], dtype=torch.bool, device=metric.device).scatter(1, top, True)
+
+
 def global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                 source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0):
+                 source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, protect: int = 0):
     """ToMe: bipartite soft matching over all mergeable tokens. A holds the mergeable tokens at
     positions ``offset``, ``offset + 2``, ... after the prefix and B the others: ``offset = 0`` splits
-    over patch positions, ``offset = prefix % 2`` over sequence positions as official ToMe does."""
+    over patch positions, ``offset = prefix % 2`` over sequence positions as official ToMe does.
+    ``protect``: the tokens with the largest key norms neither merge away nor absorb others (the
+    caller keeps ``r`` at most the A tokens left)."""
     size, source = init_state(x, size, source)
     mt = metric[:, prefix:]
     m_tok = mt.shape[1]
     a, b = slice(offset, None, 2), slice(1 - offset, None, 2)
-    mm = match(mt[:, a], mt[:, b], r)
+    if protect:
+        kept = largest_norms(mt, protect)
+        mm = match(mt[:, a], mt[:, b], r, allowed=~kept[:, None, b], a_valid=~kept[:, a])
+    else:
+        mm = match(mt[:, a], mt[:, b], r)
     pos = torch.arange(prefix, prefix + m_tok, device=x.device)
     slot_a, slot_b = slots(mm, len(pos[a]), len(pos[b]))
     slot = _interleave(slot_a, slot_b, m_tok) if offset == 0 else _interleave(slot_b, slot_a, m_tok)

@@ -31,7 +31,7 @@ def window_grid(tokens: int, grid: tuple[int, int], side: int) -> tuple[int, int
 class DFELGTM(DFE):
     name = "dfe_lgtm"
     needs_grid = True
-    fields = ("r", "skip", "window", "transition")
+    fields = ("r", "skip", "window", "transition", "protect")
     auto_rank = 0
 
     def resolve(self, recipe, match, limit):
@@ -53,7 +53,8 @@ class DFELGTM(DFE):
         local = nh * nw >= 2 and not state.get("global") and (auto or done < recipe.transition)
         if not local:
             state["global"] = auto  # Algorithm 1: once global, global for good
-            return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match))
+            return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match),
+                               recipe.protect)
         nwin = nh * nw
         per, pad = window_layout(tokens - match.prefix, nwin)
         rw = math.ceil(block_r(recipe.r, block.index) / nwin)

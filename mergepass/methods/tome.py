@@ -15,13 +15,17 @@ def block_r(r, index: int) -> int:
     return r[index] if isinstance(r, tuple) else r
 
 
-def global_step(block, tokens: int, prefix: int, r, skip: int, offset: int = 0) -> Optional[Merge]:
-    """Merge ``r`` tokens (at most half the mergeable ones) in every block from ``skip`` on."""
+def global_step(block, tokens: int, prefix: int, r, skip: int, offset: int = 0, protect: int = 0) -> Optional[Merge]:
+    """Merge ``r`` tokens (at most half the mergeable ones, less the protected) in every block from
+    ``skip`` on."""
     r = block_r(r, block.index)
     if block.index < skip or r <= 0:
         return None
-    take = min(r, (tokens - prefix) // 2)
+    protect = min(protect, max(tokens - prefix - 2, 0))
+    take = max(min(r, (tokens - prefix) // 2 - protect), 0)
     args = {"offset": offset} if offset else {}
+    if protect:
+        args["protect"] = protect
     if take < r:
         return Merge("global", take, take, args=args, note=f"r clamped {r}->{take}", detail={"clamped": (r, take)})
     return Merge("global", take, take, args=args)
@@ -39,7 +43,7 @@ def tome_macs(match, r: int, limit: int) -> int:
 
 class ToMe(MergeMethod):
     name = "tome"
-    fields = ("r", "skip", "partition")
+    fields = ("r", "skip", "partition", "protect")
     auto_rank = 2
 
     def default_skip(self, depth: int) -> int:
@@ -59,7 +63,8 @@ class ToMe(MergeMethod):
         return recipe
 
     def decide(self, recipe, block, tokens, match, state):
-        return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match))
+        return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match),
+                           recipe.protect)
 
     def notes(self, asked, recipe, match, plans):
         out = super().notes(asked, recipe, match, plans)

@@ -140,7 +140,7 @@ void merge_batch(const Batch<T>& io, const float* scores, const int64_t* a_pos, 
   for (int64_t t = 0; t < s.n0; ++t) io.srco[t] = slot[io.source[t]];
 }
 
-// a_pos [Bp, G, Ma], b_pos [Bp, G, Mb] with Bp in {1, B}; allowed [Ma, Mb] or undefined.
+// a_pos [Bp, G, Ma], b_pos [Bp, G, Mb] with Bp in {1, B}; allowed [Ma, Mb], [B, Ma, Mb] or undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
     const at::Tensor& x_, const at::Tensor& metric_, const at::Tensor& size_, const at::Tensor& source_,
     const at::Tensor& a_pos_, const at::Tensor& b_pos_, const c10::optional<at::Tensor>& allowed_, int64_t r,
@@ -189,8 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
   Shape s{x.size(1), x.size(2), metric.size(2), source.size(1), a_pos.size(1), a_pos.size(2), b_pos.size(2),
           r, prefix, 0};
   TORCH_CHECK(s.mb > 0 && r >= 0, "bipartite_merge: need a non-empty B set and r >= 0");
-  TORCH_CHECK(!allowed.defined() || (allowed.size(0) == s.ma && allowed.size(1) == s.mb),
-              "bipartite_merge: allowed must be [Ma, Mb]");
+  TORCH_CHECK(!allowed.defined() || (allowed.dim() == 2 && allowed.size(0) == s.ma && allowed.size(1) == s.mb) ||
+                  (allowed.dim() == 3 && allowed.size(0) == bsz && allowed.size(1) == s.ma && allowed.size(2) == s.mb),
+              "bipartite_merge: allowed must be [Ma, Mb] or [B, Ma, Mb], got ", allowed.sizes());
+  const int64_t allowed_stride = allowed.defined() && allowed.dim() == 3 ? s.ma * s.mb : 0;
   // every mergeable token must sit in exactly one set, and every group must have r A tokens to merge
   for (int64_t bg = 0; bg < bsz * s.groups; ++bg) {
     const int64_t* ap = a_pos.data_ptr<int64_t>() + bg * s.ma;
@@ -242,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
                            so.data_ptr<scalar_t>() + b * s.n_out, srco.data_ptr<int64_t>() + b * s.n0};
         merge_batch(io, scores.data_ptr<float>() + b * s.groups * s.ma * s.mb,
                     a_pos.data_ptr<int64_t>() + b * s.groups * s.ma, b_pos.data_ptr<int64_t>() + b * s.groups * s.mb,
-                    allowed_p, s);
+                    allowed_p == nullptr ? nullptr : allowed_p + b * allowed_stride, s);
       }
     });
   });
