@@ -58,7 +58,10 @@ def load_checkpoint(model: torch.nn.Module, path: str, name: str = "") -> None:
 
 
 def input_size(model: torch.nn.Module) -> int:
-    """The square input resolution a model was built for (timm, torchvision; 224 otherwise)."""
+    """The square input resolution a model was built for (timm, torchvision, transformers; 224 otherwise)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "image_size", None):
+        return int(cfg.image_size)
     pe = getattr(model, "patch_embed", None)
     if pe is not None and getattr(pe, "img_size", None):
         return int(pe.img_size[0])

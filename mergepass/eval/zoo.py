@@ -8,6 +8,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .models import input_size
+
 TINY = dict(depth=3, embed_dim=64, num_heads=2, num_classes=0)
 HF_TINY = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, image_size=64,
                patch_size=16)
@@ -41,7 +43,7 @@ class Case:
         model = _BUILDERS[self.source](self, tiny).eval()
         if tiny:
             perturb_constants(model)
-        size = self.img if tiny else _input_size(model)
+        size = self.img if tiny else input_size(model)
         return model, torch.randn(2, 3, size, size)
 
     def run(self, model: torch.nn.Module, x: torch.Tensor):
@@ -89,67 +91,55 @@ _BUILDERS: dict[str, Callable[[Case, bool], torch.nn.Module]] = {
     "timm": _timm, "transformers": _transformers, "torchvision": _torchvision}
 
 
-def _input_size(model: torch.nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "image_size"):
-        return int(cfg.image_size)
-    from .models import input_size
-    return input_size(model)
-
-
-def _c(key, family, source, name, expect, construct, **kw) -> Case:
-    return Case(key, family, source, name, expect, construct, **kw)
-
-
 CASES: list[Case] = [
-    _c("vit", "ViT", "timm", "vit_base_patch16_224", "merged", "class token"),
-    _c("deit_distilled", "DeiT (distilled)", "timm", "deit_base_distilled_patch16_224", "merged",
+    Case("vit", "ViT", "timm", "vit_base_patch16_224", "merged", "class token"),
+    Case("deit_distilled", "DeiT (distilled)", "timm", "deit_base_distilled_patch16_224", "merged",
        "class + distillation tokens"),
-    _c("deit3", "DeiT-III", "timm", "deit3_base_patch16_224", "merged", "LayerScale"),
-    _c("dinov2", "DINOv2", "timm", "vit_small_patch14_dinov2", "merged", "patch 14, LayerScale", img=56),
-    _c("dinov2_reg4", "DINOv2 with registers", "timm", "vit_small_patch14_reg4_dinov2", "merged",
+    Case("deit3", "DeiT-III", "timm", "deit3_base_patch16_224", "merged", "LayerScale"),
+    Case("dinov2", "DINOv2", "timm", "vit_small_patch14_dinov2", "merged", "patch 14, LayerScale", img=56),
+    Case("dinov2_reg4", "DINOv2 with registers", "timm", "vit_small_patch14_reg4_dinov2", "merged",
        "4 register tokens (protected)", img=56),
-    _c("clip", "CLIP", "timm", "vit_base_patch16_clip_224", "merged", "pre-norm"),
-    _c("clip_quickgelu", "CLIP (QuickGELU)", "timm", "vit_base_patch32_clip_quickgelu_224", "merged",
+    Case("clip", "CLIP", "timm", "vit_base_patch16_clip_224", "merged", "pre-norm"),
+    Case("clip_quickgelu", "CLIP (QuickGELU)", "timm", "vit_base_patch32_clip_quickgelu_224", "merged",
        "QuickGELU, patch 32", img=128),
-    _c("siglip", "SigLIP", "timm", "vit_base_patch16_siglip_224", "merged",
+    Case("siglip", "SigLIP", "timm", "vit_base_patch16_siglip_224", "merged",
        "no class token, attention-pool (MAP) head"),
-    _c("siglip_gap", "SigLIP (GAP)", "timm", "vit_base_patch16_siglip_gap_224", "merged",
+    Case("siglip_gap", "SigLIP (GAP)", "timm", "vit_base_patch16_siglip_gap_224", "merged",
        "no class token, average pool"),
-    _c("eva02", "EVA-02", "timm", "eva02_base_patch14_224", "merged", "RoPE, SwiGLU, sub-LN", img=56),
-    _c("vit_rope", "ViT RoPE (axial)", "timm", "vit_base_patch16_rope_224", "merged", "RoPE"),
-    _c("vit_rope_mixed", "ViT RoPE (mixed)", "timm", "vit_base_patch16_rope_mixed_224", "merged",
+    Case("eva02", "EVA-02", "timm", "eva02_base_patch14_224", "merged", "RoPE, SwiGLU, sub-LN", img=56),
+    Case("vit_rope", "ViT RoPE (axial)", "timm", "vit_base_patch16_rope_224", "merged", "RoPE"),
+    Case("vit_rope_mixed", "ViT RoPE (mixed)", "timm", "vit_base_patch16_rope_mixed_224", "merged",
        "learned per-block RoPE"),
-    _c("vit_rope_reg1", "ViT RoPE + register", "timm", "vit_base_patch16_rope_reg1_gap_256", "merged",
+    Case("vit_rope_reg1", "ViT RoPE + register", "timm", "vit_base_patch16_rope_reg1_gap_256", "merged",
        "RoPE, register token, average pool"),
-    _c("cait", "CaiT", "timm", "cait_xxs24_224", "merged",
+    Case("cait", "CaiT", "timm", "cait_xxs24_224", "merged",
        "talking-heads attention; class-attention blocks left dense"),
-    _c("beit", "BEiT", "timm", "beit_base_patch16_224", "merged", "relative position bias per block"),
-    _c("vit_relpos", "ViT relative position", "timm", "vit_relpos_base_patch16_224", "merged",
+    Case("beit", "BEiT", "timm", "beit_base_patch16_224", "merged", "relative position bias per block"),
+    Case("vit_relpos", "ViT relative position", "timm", "vit_relpos_base_patch16_224", "merged",
        "relative position bias, no class token"),
-    _c("flexivit", "FlexiViT", "timm", "flexivit_small", "merged", "class token"),
-    _c("naflexvit", "NaFlexViT", "timm", "naflexvit_base_patch16_gap", "merged", "fixed-size images"),
-    _c("samvit", "SAM image encoder", "timm", "samvit_base_patch16", "declined", "2-D token map",
+    Case("flexivit", "FlexiViT", "timm", "flexivit_small", "merged", "class token"),
+    Case("naflexvit", "NaFlexViT", "timm", "naflexvit_base_patch16_gap", "merged", "fixed-size images"),
+    Case("samvit", "SAM image encoder", "timm", "samvit_base_patch16", "declined", "2-D token map",
        tiny=dict(window_size=2, global_attn_indexes=(1,)),
        reason="windowed and global blocks keep a 2-D token map [B, H, W, C] for the conv neck"),
-    _c("swin", "Swin", "timm", "swin_tiny_patch4_window7_224", "declined", "2-D token map",
+    Case("swin", "Swin", "timm", "swin_tiny_patch4_window7_224", "declined", "2-D token map",
        tiny=dict(depth=None, embed_dim=32, depths=(1, 1), num_heads=(1, 2), window_size=7), img=56,
        reason="hierarchical: shifted windows over a 2-D token map, patch merging between stages"),
-    _c("hiera", "Hiera", "timm", "hiera_tiny_224", "declined", "hierarchical",
+    Case("hiera", "Hiera", "timm", "hiera_tiny_224", "declined", "hierarchical",
        tiny=dict(depth=None, embed_dim=32, num_heads=1, stages=(1, 1, 2, 1)),
        reason="hierarchical: mask-unit attention and pooling between stages"),
-    _c("hf_vit", "ViT", "transformers", "ViTModel", "merged", "class token"),
-    _c("hf_deit", "DeiT", "transformers", "DeiTModel", "merged", "class + distillation tokens"),
-    _c("hf_dinov2", "DINOv2", "transformers", "Dinov2Model", "merged", "LayerScale"),
-    _c("hf_dinov2_reg", "DINOv2 with registers", "transformers", "Dinov2WithRegistersModel", "merged",
+    Case("hf_vit", "ViT", "transformers", "ViTModel", "merged", "class token"),
+    Case("hf_deit", "DeiT", "transformers", "DeiTModel", "merged", "class + distillation tokens"),
+    Case("hf_dinov2", "DINOv2", "transformers", "Dinov2Model", "merged", "LayerScale"),
+    Case("hf_dinov2_reg", "DINOv2 with registers", "transformers", "Dinov2WithRegistersModel", "merged",
        "4 register tokens"),
-    _c("hf_clip", "CLIP vision tower", "transformers", "CLIPVisionModel", "merged", "pre-LayerNorm, QuickGELU"),
-    _c("hf_siglip", "SigLIP vision tower", "transformers", "SiglipVisionModel", "merged",
+    Case("hf_clip", "CLIP vision tower", "transformers", "CLIPVisionModel", "merged", "pre-LayerNorm, QuickGELU"),
+    Case("hf_siglip", "SigLIP vision tower", "transformers", "SiglipVisionModel", "merged",
        "no class token, attention-pool head"),
-    _c("hf_beit", "BEiT", "transformers", "BeitModel", "merged", "relative position bias",
+    Case("hf_beit", "BEiT", "transformers", "BeitModel", "merged", "relative position bias",
        config=dict(use_relative_position_bias=True)),
-    _c("tv_vit", "ViT", "torchvision", "vit_b_16", "merged", "nn.MultiheadAttention"),
-    _c("tv_swin", "Swin", "torchvision", "swin_t", "declined", "2-D token map",
+    Case("tv_vit", "ViT", "torchvision", "vit_b_16", "merged", "nn.MultiheadAttention"),
+    Case("tv_swin", "Swin", "torchvision", "swin_t", "declined", "2-D token map",
        reason="hierarchical: shifted windows over a 2-D token map, patch merging between stages"),
 ]
 

@@ -26,6 +26,9 @@ LINEAR_FN = {F.linear, torch._C._nn.linear}
 TRANSPOSE_METHODS = {"transpose", "mT", "permute"}
 
 
+NO_ATTENTION = "no attention (scaled_dot_product_attention or q@kᵀ→softmax→@v) found"
+
+
 def shape(node) -> Optional[tuple[int, ...]]:
     """A node's shape, symbolic sizes (a dynamic batch) at their example values."""
     v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
@@ -222,7 +225,7 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
     g = to_nx(graph)
     attns = _find_attention(graph)
     if not attns:
-        return MatchResult([], problems=["no attention (scaled_dot_product_attention or q@kᵀ→softmax→@v) found"])
+        return MatchResult([], problems=[NO_ATTENTION])
     blocks: list[Block] = []
     problems: list[str] = []
     for core, kind, keys, kt, out in attns:
@@ -308,7 +311,7 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
     prefix, grid, problem = _patch_grid(graph, chain[0].x_in, g, tokens)
     if problem:
         problems.append(problem)
-        if grid is None and prefix < 0:
+        if prefix < 0:
             return MatchResult([], problems=problems)
     block_nodes = set().union(*(b.nodes for b in chain))
     other = 0

@@ -11,7 +11,7 @@ from torch import fx
 from ..errors import MergepassWarning
 from ..schedule import Schedule, make_schedule
 from .capture import copy_graph_module
-from .match import MatchResult, find_blocks
+from .match import NO_ATTENTION, MatchResult, find_blocks
 from .passes import RewriteError, fix_token_literals, insert_merges
 
 if TYPE_CHECKING:
@@ -54,8 +54,8 @@ def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe", *,
         match = find_blocks(work)
         if not match.ok:
             msg = f"mergepass: no transformer blocks matched ({match.summary()}); compiling unchanged"
-            if not any(b for b in match.problems if ": " in b):
-                # nothing attention-like at all: with graph breaks, other graphs of the model may merge
+            if match.problems == [NO_ATTENTION]:
+                # with graph breaks, other graphs of the same model may hold its attention and merge
                 msg += " (where graph breaks split a model, its other graphs are still merged)"
             if say:
                 say(msg)

@@ -101,8 +101,7 @@ class _Fixer(fx.Interpreter):
                 g = self.graph.call_function(gather_positions, (rd.table, self.source_of[n], rd.dims, rd.offset,
                                                                 rd.n, rd.ndim))
             g.meta["mergepass"] = True
-            self.env[g] = gather_positions(self.env[rd.table], self.env[self.source_of[n]], rd.dims, rd.offset,
-                                           rd.n, rd.ndim)
+            self.env[g] = fx.Interpreter.run_node(self, g)  # inserted behind the walk: run it here
             self.allowed.add(g)
             if isinstance(rd.slot, int):
                 n.args = n.args[:rd.slot] + (g,) + n.args[rd.slot + 1:]
@@ -131,8 +130,8 @@ class _Fixer(fx.Interpreter):
 
     def _input_changed(self, n: fx.Node) -> bool:
         for a in n.all_input_nodes:
-            old, new = _old_shape(a), self.env.get(a)
-            if old is not None and isinstance(new, torch.Tensor) and tuple(new.shape) != old:
+            old, new = _old_shape(a), self._shape_now(a)
+            if old is not None and new is not None and new != old:
                 return True
         return False
 
