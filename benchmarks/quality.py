@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -41,13 +42,21 @@ def main(argv=None) -> int:
     p.add_argument("--crop-pct", type=float, default=None, help="override timm's crop_pct (0.875 = 256->224)")
     p.add_argument("--mean", type=float, nargs=3, default=None)
     p.add_argument("--std", type=float, nargs=3, default=None)
+    p.add_argument("--reference-qsdpa", action="store_true",
+                   help="run int8 attention (quantize.attention=int8) on mergepass's eager reference kernel, on "
+                        "machines without AMX or torchao's compiled kernel: fidelity only, not speed")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
     t0 = time.time()
-    rows = evaluate_recipes(args.model, args.checkpoint, args.images, args.recipes, img_size=args.img_size,
-                            limit=args.limit, calib_images=args.calib_images, batch=args.batch,
-                            log=lambda s: print(s, flush=True),
-                            preprocess=dict(crop_pct=args.crop_pct, mean=args.mean, std=args.std))
+    ctx = contextlib.nullcontext()
+    if args.reference_qsdpa:
+        from mergepass.quantize.qsdpa_reference import reference_kernel
+        ctx = reference_kernel()
+    with ctx:
+        rows = evaluate_recipes(args.model, args.checkpoint, args.images, args.recipes, img_size=args.img_size,
+                                limit=args.limit, calib_images=args.calib_images, batch=args.batch,
+                                log=lambda s: print(s, flush=True),
+                                preprocess=dict(crop_pct=args.crop_pct, mean=args.mean, std=args.std))
     print(format_rows(rows))
     print(f"({time.time() - t0:.0f} s)")
     if args.json:

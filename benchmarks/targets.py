@@ -1,5 +1,5 @@
 """Check mergepass's speed floors (ratios over eager FP32, over int8, over the int8 of before bf16
-around the GEMMs, and over ONNX Runtime's int8) and say which hold.
+around the GEMMs and int8 attention, and over ONNX Runtime's int8) and say which hold.
 
     python benchmarks/targets.py                        # ViT-B/16: speed.py at batch 8 and 1
     python benchmarks/targets.py --model vit_small_patch14_dinov2
@@ -9,7 +9,8 @@ Timing runs ``benchmarks/speed.py`` with the contenders the floors name, all in 
 reads its JSON; ``--from-json`` reads earlier speed.py outputs instead (each file checked on its own:
 ratios never mix runs). A floor that names two contenders holds when either does; a floor whose
 contenders a run did not time is "not measured". The floors assume a CPU with int8 dot products
-(VNNI or AMX), and those over the FP32-rest int8 one with AVX512-BF16 or AMX: see ``gemm_peak.py``.
+(VNNI or AMX), and those over the earlier int8 one also AVX512-BF16 or AMX (AMX for int8 attention with
+the stock torchao wheel): see ``gemm_peak.py``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MERGED = ("dfe_lgtm_int8", "tome_int8")
-BASELINE_INT8 = "int8:quantize_rest=fp32"  # int8 as it was before bf16 around the GEMMs: old and new in one run
+INT8 = ("int8", "int8:quantize_attention=int8")  # defaults, and with the opt-in int8 attention (AMX)
+# int8 as it was before bf16 around the GEMMs and int8 attention: old and new in one run
+BASELINE_INT8 = "int8:quantize_rest=fp32,quantize_attention=float"
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,11 @@ FLOORS_BY_MODEL = {
         Floor(8, MERGED, "int8", 2.0),
         Floor(1, MERGED, "eager", 5.0),
         Floor(1, MERGED, "int8", 2.0),
-        Floor(8, ("int8",), BASELINE_INT8, 1.35),   # needs AVX512-BF16 or AMX
+        Floor(8, INT8, BASELINE_INT8, 1.35),        # needs AVX512-BF16 or AMX
         Floor(8, ("int8",), "ort_int8", 1.0),       # at least as fast as ONNX Runtime's int8
     ),
     "vit_small_patch14_dinov2": (
-        Floor(8, ("int8",), BASELINE_INT8, 1.7),    # needs AVX512-BF16 or AMX
+        Floor(8, INT8, BASELINE_INT8, 1.7),         # needs AVX512-BF16 or AMX
         Floor(8, MERGED, "int8", 1.6),
         Floor(8, ("int8",), "ort_int8", 1.0),
     ),

@@ -154,9 +154,22 @@ class Backend:
             recipe = result.schedule.recipe.replace(lower=recipe.lower)
         if not recipe.quantize.enabled:
             return compile_graph(result.gm, example_inputs, recipe.lower)
-        done.quantized = q = quantize(result.gm, example_inputs, recipe, self._calibration_for(gm, example_inputs))
-        compiled = compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context,
+
+        def lower(q):
+            return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context,
                                  autocast=q.autocast, inductor_config_overrides=q.inductor_config)
+        calibration = self._calibration_for(gm, example_inputs)
+        done.quantized = q = quantize(result.gm, example_inputs, recipe, calibration)
+        try:
+            compiled = lower(q)
+        except Exception as e:  # noqa: BLE001 - a prototype fusion must not cost the user the compile
+            if not q.int8_attention:
+                raise
+            self._warn_once(f"mergepass: int8 attention did not compile ({type(e).__name__}: {e}); compiling "
+                            "with floating-point attention instead")
+            recipe = recipe.replace(quantize={"attention": "float"})
+            done.quantized = q = quantize(result.gm, example_inputs, recipe, calibration)
+            compiled = lower(q)
 
         if q.autocast is None:
             def run(*args):

@@ -22,6 +22,7 @@ QUANT_MODES = ("static", "dynamic")
 MERGE_KERNELS = ("auto", "fused", "reference")
 PARTITIONS = ("patches", "sequence")
 REST_PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTION_PRECISIONS = ("float", "int8")
 
 
 def recipes_dir() -> Path:
@@ -42,6 +43,7 @@ class Quantize:
     engine: str = "auto"          # pt2e (x86, CPU default) | torchao (CUDA default) | modelopt (TensorRT default)
     rest: str = "auto"            # what runs outside the int8 GEMMs: bf16 | fp32 | auto (bf16 where the CPU
                                   # has AVX512-BF16 or AMX)
+    attention: str = "float"      # float (the rest's precision) | int8 (torchao's fused int8 SDPA; costs fidelity)
 
     def validate(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -56,6 +58,9 @@ class Quantize:
             raise ValueError(f"recipe field 'quantize.sensitivity' must be a number >= 0, got {self.sensitivity!r}")
         if self.rest not in REST_PRECISIONS:
             raise ValueError(f"recipe field 'quantize.rest' must be one of {REST_PRECISIONS}, got {self.rest!r}")
+        if self.attention not in ATTENTION_PRECISIONS:
+            raise ValueError(f"recipe field 'quantize.attention' must be one of {ATTENTION_PRECISIONS}, "
+                             f"got {self.attention!r}")
 
 
 @dataclass(frozen=True)

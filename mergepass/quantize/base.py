@@ -27,6 +27,7 @@ class Quantized:
     trace_context: Optional[Callable[[], AbstractContextManager]] = None  # needed while lowering traces
     autocast: Optional[torch.dtype] = None  # compile under CPU autocast: int8 kernels emit it, the rest runs in it
     inductor_config: dict = field(default_factory=dict)  # inductor settings for this compile only
+    int8_attention: int = 0              # attentions rewritten for the fused int8 kernel
 
     def select(self, example_inputs: Sequence) -> list:
         """The user's entries among dynamo's (example or call) inputs."""

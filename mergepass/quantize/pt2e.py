@@ -5,6 +5,7 @@ into oneDNN ``qlinear`` kernels.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
@@ -17,7 +18,8 @@ if TYPE_CHECKING:
 
 from ..cpu import bf16_isa, int8_isa
 from ..errors import MergepassWarning
-from ..graph.lift import Lifted, module_names, path_matches
+from ..graph.lift import Inputs, Lifted, module_names, path_matches
+from . import int8_attention
 from .base import QuantEngine, Quantized, register_engine
 from .calibration import fit_batches, outlier_linears
 
@@ -92,8 +94,19 @@ def explicit_conv_padding(gm: fx.GraphModule) -> int:
     return done
 
 
-def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None):
-    """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32.
+def attention_unavailable(choice: str, mode: str) -> Optional[str]:
+    """Why attention stays in floating point for ``quantize.attention = choice`` (None: it runs int8)."""
+    if choice != "int8":
+        return f"quantize.attention = {choice!r}"
+    if mode != "static":
+        return "the fused int8 attention needs static (calibrated) activation scales"
+    return int8_attention.unavailable()
+
+
+def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None, matmuls: bool = False):
+    """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32;
+    ``matmuls``: attention's matmuls too, with full 8-bit activations (the fused int8 attention
+    kernel accumulates in int32 or FP32, so the saturation below does not arise there).
 
     Without VNNI, oneDNN multiplies u8 activations by s8 weights with 16-bit saturating pair sums
     (``vpmaddubsw``), which overflow for activations above 127: there activations use 7 bits
@@ -110,6 +123,8 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
 
     q = Quantizer()
     q.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic, reduce_range=not cpu_has_vnni()))
+    if matmuls:
+        q.set_function_type_qconfig(torch.matmul, xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic))
     return q
 
 
@@ -125,12 +140,7 @@ class PT2E(QuantEngine):
                  batches: Optional[list[tuple]]) -> Quantized:
         prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
         q = recipe.quantize
-        lifted = Lifted(gm, example_inputs).eval()
-        user_ex = lifted.user_inputs(example_inputs)
-        # export traces on its own: guards it derives must not join those of dynamo's frame
-        with torch.no_grad(), torch._guards.tracing(None):
-            exported = torch.export.export(lifted, user_ex, dynamic_shapes=lifted.dynamic_shapes(),
-                                           strict=False).module(check_guards=False)  # dynamo guards the inputs
+        user_ex = Inputs(gm, example_inputs).user_inputs(example_inputs)
         batches = fit_batches(batches, user_ex) if q.mode == "static" else None
         mode = q.mode
         if mode == "static" and not batches:
@@ -139,17 +149,31 @@ class PT2E(QuantEngine):
                           "(per-batch) activation scales instead, which are slower (activations quantized per "
                           "batch). Pass calibration=... to mergepass.backend.", MergepassWarning, stacklevel=3)
             mode = "dynamic"
+        why_float = attention_unavailable(q.attention, mode)
+        if why_float and q.attention == "int8":
+            warnings.warn(f"mergepass: quantize.attention = 'int8' cannot run here: {why_float}; attention runs in "
+                          "floating point", MergepassWarning, stacklevel=3)
+        fused = 0
+        if why_float is None:
+            gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # the caller's graph keeps its SDPA
+            fused, _ = int8_attention.decompose_attention(gm)
+        lifted = Lifted(gm, example_inputs).eval()
+        # export traces on its own: guards it derives must not join those of dynamo's frame
+        with torch.no_grad(), torch._guards.tracing(None):
+            exported = torch.export.export(lifted, user_ex, dynamic_shapes=lifted.dynamic_shapes(),
+                                           strict=False).module(check_guards=False)  # dynamo guards the inputs
         kept = list(q.keep_fp32)
         if q.sensitivity > 0:
             kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
         explicit_conv_padding(exported)
-        m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None))
+        m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None, matmuls=fused > 0))
         with torch.no_grad():
             for b in (batches if mode == "static" else [user_ex]):
                 m(*b)
             m = convert_pt2e(m)
         return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept, autocast=rest_dtype(q.rest),
-                         inductor_config=_inductor_passes())
+                         inductor_config={**_inductor_passes(), **(int8_attention.inductor_passes(fused) if fused else {})},
+                         int8_attention=fused)
 
 
 register_engine(PT2E())

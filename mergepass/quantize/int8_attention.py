@@ -1,0 +1,187 @@
+"""int8 attention for the pt2e engine, by torchao's x86 quantized-SDPA fusion.
+
+Each ``scaled_dot_product_attention`` is rewritten as :func:`fusable_sdpa`: the decomposed form
+(q @ kᵀ · scale + mask → softmax → @ v) that torchao's pattern matches. The quantizer then
+annotates its two matmuls, so q, k, v, the probabilities and the output get static uint8 scales,
+and inductor's post-grad pass replaces the whole attention with one ``torchao.qscaled_dot_product``:
+inductor's C++ template where the CPU has AMX, torchao's compiled CPU kernel elsewhere.
+Proportional attention's log-size bias is the additive mask the kernel accepts.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import warnings
+from typing import Optional
+
+import torch
+from torch import fx
+
+from ..errors import MergepassWarning
+from ..graph.match import SDPA
+from ..merge import attn_bias
+
+OP = "torchao::qscaled_dot_product"
+COUNTER = "pattern_matcher_count"  # inductor counts each match as the pass applies it
+
+
+def fusable_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False):
+    """``scaled_dot_product_attention`` (no dropout, not causal, float mask) in the form torchao fuses."""
+    def heads_last(x):  # a [B, N, H, D] copy: its quantize fuses into the copy, where the pattern looks
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    q, k, v = heads_last(query), heads_last(key), heads_last(value)
+    s = q @ k.transpose(-2, -1)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        p = (s * scale + attn_mask).softmax(-1)
+    else:  # spelled out: torch's own decomposition of softmax(s * scale) no longer matches torchao's pattern
+        e = ((s - s.amax(-1, keepdim=True)) * scale).exp()
+        p = e / e.sum(-1, keepdim=True)
+    return heads_last(p @ v)
+
+
+def _arg(n: fx.Node, pos: int, name: str, default):
+    return n.args[pos] if len(n.args) > pos else n.kwargs.get(name, default)
+
+
+def _mask_ok(mask) -> bool:
+    """A mask the kernel takes: none, or floating point with 2 or 4 dims."""
+    if mask is None:
+        return True
+    if not isinstance(mask, fx.Node):
+        return False
+    val = mask.meta.get("example_value")
+    if isinstance(val, torch.Tensor):
+        return val.is_floating_point() and val.dim() in (2, 4)
+    # proportional attention's bias (4-D by construction), possibly added to the model's own mask
+    return mask.target is attn_bias or (mask.target is operator.add and all(_mask_ok(a) for a in mask.args))
+
+
+def _fusable(n: fx.Node) -> bool:
+    qkv = [a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in n.args[:3]]
+    return (_arg(n, 4, "dropout_p", 0.0) == 0 and not _arg(n, 5, "is_causal", False)
+            and not n.kwargs.get("enable_gqa", False)
+            and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in qkv)
+            and _mask_ok(_arg(n, 3, "attn_mask", None)))
+
+
+def decompose_attention(gm: fx.GraphModule) -> tuple[int, int]:
+    """Point every fusable SDPA node of ``gm`` at :func:`fusable_sdpa`; (rewritten, SDPA nodes)."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA]
+    done = 0
+    for n in nodes:
+        if _fusable(n):
+            n.target = fusable_sdpa
+            done += 1
+    if done:
+        gm.recompile()
+    return done, len(nodes)
+
+
+@functools.cache
+def _torchao_fusion():
+    from torch._inductor import config as inductor_config
+    from torchao.prototype.inductor.fx_passes.qsdpa_fusion import _qsdpa_init, custom_pass
+    with inductor_config.patch(post_grad_custom_pre_pass=custom_pass):
+        _qsdpa_init()  # registers its patterns into the pass set while patched
+    return custom_pass
+
+
+def unavailable() -> Optional[str]:
+    """Why int8 attention cannot run on this machine, or None where it can."""
+    try:
+        import torchao.ops  # noqa: F401  (defines the op)
+        _torchao_fusion()
+    except Exception as e:  # noqa: BLE001 - an old or partial torchao
+        return f"torchao's quantized-SDPA fusion is not importable ({type(e).__name__}: {e})"
+    if _amx():
+        return None  # inductor's template generates the kernel
+    if torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+        return None
+    return (f"this CPU has no AMX (inductor's int8 attention template needs it) and the installed torchao "
+            f"has no compiled CPU kernel for {OP}")
+
+
+def _amx() -> bool:
+    cpu = getattr(torch._C, "_cpu", None)
+    check = getattr(cpu, "_is_amx_tile_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
+def _sign_muls(graph: fx.Graph) -> None:
+    """Put back what torchao's mask-free pattern starts with and inductor folds away: ``amax(X)`` and
+    ``X - amax(X)`` over the scores ``X`` of a batched matmul read ``X * 1``; under bf16 autocast the
+    pattern also wants the scores, and the probabilities before they are quantized, cast explicitly."""
+    aten, prims = torch.ops.aten, torch.ops.prims
+    for amax in graph.find_nodes(op="call_function", target=aten.amax.default):
+        x = amax.args[0]
+        if not (isinstance(x, fx.Node) and x.target in (aten.reshape.default, aten.view.default)
+                and getattr(x.args[0], "target", None) == aten.bmm.default):
+            continue
+        subs = [u for u in x.users if u.target == aten.sub.Tensor and u.args == (x, amax)]
+        if len(x.users) != 2 or len(subs) != 1:
+            continue
+        val = x.meta.get("val")
+        reduced = isinstance(val, torch.Tensor) and val.dtype != torch.float32
+        src = x
+        with graph.inserting_after(x):
+            if reduced:
+                src = graph.call_function(prims.convert_element_type.default, (x, torch.float32))
+                src.meta = {**x.meta, "val": val.float()}
+        with graph.inserting_after(src):
+            one = graph.call_function(aten.mul.Tensor, (src, 1))
+        one.meta = dict(src.meta)
+        amax.replace_input_with(x, one)
+        subs[0].replace_input_with(x, one)
+        if reduced:
+            _cast_probabilities(graph, subs[0], val.dtype)
+
+
+def _cast_probabilities(graph: fx.Graph, sub: fx.Node, dtype: torch.dtype) -> None:
+    """Insert a cast to ``dtype`` between softmax's final division and the quantize that reads it."""
+    aten = torch.ops.aten
+    exp = next((u for u in _through(sub, aten.mul.Tensor).users if u.target == aten.exp.default), None)
+    div = next((u for u in (exp.users if exp else ()) if u.target == aten.div.Tensor), None)
+    if div is None:
+        return
+    with graph.inserting_after(div):
+        cast = graph.call_function(torch.ops.prims.convert_element_type.default, (div, dtype))
+    cast.meta = dict(div.meta)
+    div.replace_all_uses_with(cast, delete_user_cb=lambda u: u is not cast)
+
+
+def _through(n: fx.Node, target) -> fx.Node:
+    users = list(n.users)
+    return users[0] if len(users) == 1 and users[0].target == target else n
+
+
+class FusionPass:
+    """torchao's post-grad fusion, warning when fewer attentions fuse than were rewritten (those would
+    run as FP32 matmuls on dequantized values: slower and less faithful than plain FP32 attention)."""
+
+    def __init__(self, expected: int):
+        self.expected = expected
+        self.fused: Optional[int] = None
+
+    def __call__(self, graph: fx.Graph) -> None:
+        from torch._dynamo.utils import counters
+        before = counters["inductor"][COUNTER]
+        _sign_muls(graph)
+        _torchao_fusion()(graph)  # a pass holding only the int8 attention patterns
+        self.fused = counters["inductor"][COUNTER] - before
+        if self.fused < self.expected:
+            warnings.warn(f"mergepass: int8 attention fused in {self.fused} of {self.expected} attention blocks; "
+                          "the others run as matmuls on dequantized values", MergepassWarning, stacklevel=2)
+
+    def uuid(self) -> bytes:
+        return _torchao_fusion().uuid() + f"mergepass-{self.expected}".encode()
+
+
+def inductor_passes(expected: int) -> dict:
+    """Inductor settings that run the fusion for this compile only."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Pass(FusionPass, CustomGraphPass):  # CustomGraphPass lets inductor's cache key on uuid()
+        pass
+    return {"post_grad_custom_pre_pass": Pass(expected)}

@@ -1,0 +1,130 @@
+"""int8 attention (``quantize.attention``): torchao's fused quantized SDPA where it can run, a clean
+decline where it cannot. Where neither AMX nor torchao's compiled CPU kernel exists, the fused graph
+runs on mergepass's eager reference kernel, so the rewrite, the fusion and the scales are checked on
+every machine."""
+import contextlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+import mergepass
+from conftest import tiny_vit
+from mergepass.errors import MergepassWarning
+from mergepass.quantize import int8_attention
+from mergepass.quantize.qsdpa_reference import reference_kernel
+
+DEPTH = 2
+
+
+def _calib(n=3, b=2, size=64):
+    return [torch.randn(b, 3, size, size) for _ in range(n)]
+
+
+def _compile_run(model, x, be):
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, code = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
+    return out, "\n".join(code), [str(w.message) for w in caught if issubclass(w.category, MergepassWarning)]
+
+
+def _kernel():
+    """The op's kernel for this test: the machine's own, or the eager reference."""
+    return contextlib.nullcontext() if int8_attention.unavailable() is None else reference_kernel()
+
+
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_fusable_form_equals_sdpa(mask, scale):
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    m = torch.randn(2, 1, 1, 7) if mask else None
+    torch.testing.assert_close(int8_attention.fusable_sdpa(q, k, v, m, scale=scale),
+                               F.scaled_dot_product_attention(q, k, v, m, scale=scale), rtol=1e-5, atol=1e-6)
+
+
+def test_only_plain_attention_is_rewritten():
+    """Causal, boolean-mask and 3-D-mask attention keep SDPA (the fused kernel serves none of them)."""
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, b, m3):
+            return (F.scaled_dot_product_attention(q, k, v) + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    + F.scaled_dot_product_attention(q, k, v, attn_mask=b)
+                    + F.scaled_dot_product_attention(q, k, v, attn_mask=m3))
+    gms = []
+
+    def grab(gm, ex):
+        gms.append(gm)
+        return gm
+    args = [torch.randn(1, 2, 5, 4) for _ in range(3)] + [torch.rand(5, 5) > 0.3, torch.randn(2, 5, 5)]
+    torch.compile(M(), backend=grab)(*args)
+    assert int8_attention.decompose_attention(gms[0]) == (1, 4)
+
+
+@pytest.mark.parametrize("recipe,batch,rest", [("int8", 2, "fp32"), ("tome_int8", 1, "fp32"),
+                                               ("tome_int8", 2, "bf16")])
+def test_int8_attention_fuses_every_block_and_matches_the_quantized_graph(recipe, batch, rest):
+    """Every attention becomes one qscaled_dot_product call (with and without proportional attention's
+    mask, batch 1, bf16 rest), and the compiled model computes what the quantized graph computes eagerly."""
+    m = tiny_vit(depth=DEPTH)
+    x = torch.randn(batch, 3, 64, 64)
+    calib = _calib(b=batch)
+    with _kernel():
+        be = mergepass.backend(recipe, r=2, calibration=calib, quantize_rest=rest, quantize_attention="int8")
+        out, code, warned = _compile_run(m, x, be)
+        q = be.quantized[-1]
+        with torch.no_grad():
+            sim = q.module(x)
+        sim = sim[0] if isinstance(sim, (tuple, list)) else sim
+    assert not warned, warned
+    assert q.int8_attention == DEPTH and code.count("qscaled_dot_product") >= DEPTH
+    assert "scaled_dot_product_attention" not in code.replace("qscaled_dot_product", "")
+    # the int8 linears alone leave the compiled model at cosine ~0.9997 of its eager quantized graph, whose
+    # attention matmuls are quantized (a kernel ignoring the scales or the mask falls far below this)
+    assert F.cosine_similarity(out.float(), sim.float()).min() > (0.995 if rest == "bf16" else 0.999)
+
+
+def test_int8_attention_declined_cleanly_where_it_cannot_run():
+    """Without AMX or a compiled kernel, 'int8' warns once and compiles the float-attention graph, which
+    is also the default."""
+    why = int8_attention.unavailable()
+    if why is None:
+        pytest.skip("this machine runs int8 attention")
+    m = tiny_vit(depth=DEPTH)
+    x, calib = torch.randn(2, 3, 64, 64), _calib()
+    out, code, warned = _compile_run(m, x, mergepass.backend("tome_int8", r=2, calibration=calib,
+                                                             quantize_attention="int8"))
+    assert len(warned) == 1 and "quantize.attention = 'int8' cannot run here" in warned[0] and why in warned[0]
+    assert "qscaled_dot_product" not in code
+    torch._dynamo.reset()
+    default, _, warned_default = _compile_run(m, x, mergepass.backend("tome_int8", r=2, calibration=calib))
+    assert not warned_default
+    torch.testing.assert_close(out, default)
+
+
+def test_dynamic_scales_keep_float_attention():
+    """The fused kernel takes static scales: dynamic int8 keeps float attention, with a reason."""
+    from mergepass.quantize.pt2e import attention_unavailable
+    assert "static" in attention_unavailable("int8", "dynamic")
+    assert attention_unavailable("float", "static") is not None
+
+
+def test_bad_attention_value_is_named():
+    with pytest.raises(ValueError, match="quantize.attention"):
+        mergepass.backend("int8", quantize_attention="int4")
+
+
+def test_a_failing_int8_attention_compile_falls_back_to_float_attention(monkeypatch):
+    """Should the fusion fail to compile on some CPU, the user gets one warning and a working model."""
+    def broken(self, graph):
+        raise RuntimeError("template failed")
+    monkeypatch.setattr(int8_attention.FusionPass, "__call__", broken)
+    m = tiny_vit(depth=DEPTH)
+    x = torch.randn(2, 3, 64, 64)
+    with _kernel():
+        be = mergepass.backend("tome_int8", r=2, calibration=_calib(), quantize_attention="int8")
+        out, code, warned = _compile_run(m, x, be)
+    assert len(warned) == 1 and "int8 attention did not compile" in warned[0] and "template failed" in warned[0]
+    assert "qscaled_dot_product" not in code and be.quantized[-1].int8_attention == 0
+    with torch.no_grad():
+        assert F.cosine_similarity(out, m(x)).min() > 0.98
