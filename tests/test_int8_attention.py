@@ -128,3 +128,25 @@ def test_a_failing_int8_attention_compile_falls_back_to_float_attention(monkeypa
     assert "qscaled_dot_product" not in code and be.quantized[-1].int8_attention == 0
     with torch.no_grad():
         assert F.cosine_similarity(out, m(x)).min() > 0.98
+
+
+def test_only_the_rewritten_attentions_matmuls_are_quantized():
+    """A model's own matmul outside attention keeps float inputs when int8 attention is on."""
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(16, 48)
+            self.mix = torch.nn.Parameter(torch.randn(16, 16))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16)
+            return o @ self.mix
+    x = torch.randn(2, 5, 16)
+    with _kernel(), torch.no_grad():
+        be = mergepass.backend("int8", calibration=[x], quantize_attention="int8", lower="eager")
+        torch.compile(M().eval(), backend=be, dynamic=False)(x)
+    dq = "dequantize_per_tensor"
+    quantized = [all(dq in str(a.target) for a in n.args) for n in be.quantized[-1].module.graph.nodes
+                 if n.target == torch.ops.aten.matmul.default]
+    assert sorted(quantized) == [False, True, True], quantized

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 from ..cpu import bf16_isa, int8_isa
 from ..errors import MergepassWarning
 from ..graph.lift import Inputs, Lifted, module_names, path_matches
+from ..graph.match import SDPA
 from . import int8_attention
 from .base import QuantEngine, Quantized, register_engine
 from .calibration import fit_batches, outlier_linears
@@ -103,9 +104,15 @@ def attention_unavailable(choice: str, mode: str) -> Optional[str]:
     return int8_attention.unavailable()
 
 
+def _from_sdpa(n: fx.Node) -> bool:
+    """Whether a node was traced from an attention rewritten by int8_attention (its source is the SDPA call)."""
+    stack = n.meta.get("source_fn_stack") or []
+    return bool(stack) and stack[-1][1] in SDPA
+
+
 def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None, matmuls: bool = False):
     """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32;
-    ``matmuls``: attention's matmuls too, with full 8-bit activations (the fused int8 attention
+    ``matmuls``: the matmuls of rewritten attentions too (no others), with full 8-bit activations (the fused int8 attention
     kernel accumulates in int32 or FP32, so the saturation below does not arise there).
 
     Without VNNI, oneDNN multiplies u8 activations by s8 weights with 16-bit saturating pair sums
@@ -113,12 +120,15 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
     (``reduce_range``, torchao's advice for such CPUs)."""
     _, _, xiq = _torchao_pt2e()
 
+    def skip(n: fx.Node) -> bool:
+        return ((exclude is not None and exclude(n))
+                or (matmuls and n.target == torch.ops.aten.matmul.default and not _from_sdpa(n)))
+
     class Quantizer(xiq.X86InductorQuantizer):
         def annotate(self, model):
-            if exclude is not None:
-                for n in model.graph.nodes:
-                    if n.op == "call_function" and xiq.QUANT_ANNOTATION_KEY not in n.meta and exclude(n):
-                        xiq._annotate_nodes_not_quantize(n)  # the mark set_module_name_qconfig(None) uses
+            for n in model.graph.nodes:
+                if n.op == "call_function" and xiq.QUANT_ANNOTATION_KEY not in n.meta and skip(n):
+                    xiq._annotate_nodes_not_quantize(n)  # the mark set_module_name_qconfig(None) uses
             return super().annotate(model)
 
     q = Quantizer()
