@@ -85,21 +85,18 @@ def test_int8_attention_fuses_every_block_and_matches_the_quantized_graph(recipe
 
 
 def test_int8_attention_declined_cleanly_where_it_cannot_run():
-    """Without AMX or a compiled kernel, 'int8' warns once and compiles the float-attention graph, which
-    is also the default."""
+    """Without AMX or a compiled kernel, 'int8' warns once and compiles float attention."""
     why = int8_attention.unavailable()
     if why is None:
         pytest.skip("this machine runs int8 attention")
     m = tiny_vit(depth=DEPTH)
-    x, calib = torch.randn(2, 3, 64, 64), _calib()
-    out, code, warned = _compile_run(m, x, mergepass.backend("tome_int8", r=2, calibration=calib,
+    x = torch.randn(2, 3, 64, 64)
+    out, code, warned = _compile_run(m, x, mergepass.backend("tome_int8", r=2, calibration=_calib(),
                                                              quantize_attention="int8"))
     assert len(warned) == 1 and "quantize.attention = 'int8' cannot run here" in warned[0] and why in warned[0]
-    assert "qscaled_dot_product" not in code
-    torch._dynamo.reset()
-    default, _, warned_default = _compile_run(m, x, mergepass.backend("tome_int8", r=2, calibration=calib))
-    assert not warned_default
-    torch.testing.assert_close(out, default)
+    assert "qscaled_dot_product" not in code and "scaled_dot_product" in code
+    with torch.no_grad():
+        assert F.cosine_similarity(out, m(x)).min() > 0.98
 
 
 def test_dynamic_scales_keep_float_attention():

@@ -79,8 +79,8 @@ def test_searched_schedule_beats_constant_tome_on_real_weights():
     from mergepass.eval.evaluate import Features
     model = Features(models.create("vit_small_patch14_dinov2", img_size=224, checkpoint=str(DINO_CKPT),
                                    num_classes=0)).eval()
-    x, _, _ = data.load_images(IMAGES, limit=128, **data.data_config(model.model, 224, crop_pct=0.875))
-    held = x[64:128]
+    x, _, _ = data.load_images(IMAGES, limit=96, **data.data_config(model.model, 224, crop_pct=0.875))
+    held = x[64:96]
 
     def cos(recipe, **kw):
         torch._dynamo.reset()
