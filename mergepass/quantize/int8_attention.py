@@ -104,6 +104,7 @@ def unavailable() -> Optional[str]:
 
 
 def _amx() -> bool:
+    # the question torchao's lowering asks (the OS must enable AMX tiles too), not cpu.int8_isa()'s flags
     cpu = getattr(torch._C, "_cpu", None)
     check = getattr(cpu, "_is_amx_tile_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(check and check())
@@ -162,16 +163,15 @@ class FusionPass:
 
     def __init__(self, expected: int):
         self.expected = expected
-        self.fused: Optional[int] = None
 
     def __call__(self, graph: fx.Graph) -> None:
         from torch._dynamo.utils import counters
         before = counters["inductor"][COUNTER]
         _sign_muls(graph)
         _torchao_fusion()(graph)  # a pass holding only the int8 attention patterns
-        self.fused = counters["inductor"][COUNTER] - before
-        if self.fused < self.expected:
-            warnings.warn(f"mergepass: int8 attention fused in {self.fused} of {self.expected} attention blocks; "
+        fused = counters["inductor"][COUNTER] - before
+        if fused < self.expected:
+            warnings.warn(f"mergepass: int8 attention fused in {fused} of {self.expected} attention blocks; "
                           "the others run as matmuls on dequantized values", MergepassWarning, stacklevel=2)
 
     def uuid(self) -> bytes:

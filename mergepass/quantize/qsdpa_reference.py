@@ -8,6 +8,8 @@ from typing import Iterator
 
 import torch
 
+from .int8_attention import OP
+
 
 def qscaled_dot_product(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                         q_scale=1.0, q_zp=0, k_scale=1.0, k_zp=0, v_scale=1.0, v_zp=0,
@@ -31,10 +33,11 @@ def qscaled_dot_product(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
 def reference_kernel() -> Iterator[None]:
     """Register :func:`qscaled_dot_product` as the op's CPU kernel while the block runs (compile and call)."""
     import torchao.ops  # noqa: F401  (defines the op)
-    if torch._C._dispatch_has_kernel_for_dispatch_key("torchao::qscaled_dot_product", "CPU"):
-        raise RuntimeError("torchao::qscaled_dot_product already has a CPU kernel here; use that one")
-    lib = torch.library.Library("torchao", "IMPL")
-    lib.impl("qscaled_dot_product", qscaled_dot_product, "CPU")
+    if torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+        raise RuntimeError(f"{OP} already has a CPU kernel here; use that one")
+    namespace, name = OP.split("::")
+    lib = torch.library.Library(namespace, "IMPL")
+    lib.impl(name, qscaled_dot_product, "CPU")
     try:
         yield
     finally:
