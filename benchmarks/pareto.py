@@ -64,18 +64,26 @@ def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, round
     return rows, es.skipped
 
 
+PEERS_OF = ("int8", "ort_int8")  # every timed row's speed is also given over these, when they ran
+
+
 def table(rows) -> str:
-    out = ["| contender | speedup vs eager FP32 | CLS cos mean | CLS cos p5 | CLS cos min | patch cos | NN agree | MACs ratio | fp32 linears |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    base = {r["contender"]: r["speedup"] for r in rows if r["contender"] in PEERS_OF and r["speedup"] == r["speedup"]}
+    over = [b for b in PEERS_OF if b in base]
+    out = ["| contender | speedup vs eager FP32 | " + "".join(f"vs {b} | " for b in over)
+           + "CLS cos mean | CLS cos p5 | CLS cos min | patch cos | NN agree | MACs ratio | fp32 linears |",
+           "|---|---|" + "---|" * len(over) + "---|---|---|---|---|---|---|"]
     for r in rows:
         mark = "" if r.get("timed_by") == "speed.py" or r["speedup"] != r["speedup"] else " †"
-        out.append(f"| {r['contender']} | {r['speedup']:.2f}x ({r['spread'][0]:.2f}-{r['spread'][1]:.2f}){mark} | "
+        rel = "".join(f"{r['speedup'] / base[b]:.2f}x | " if r["speedup"] == r["speedup"] else "- | " for b in over)
+        speed = f"{r['speedup']:.2f}x ({r['spread'][0]:.2f}-{r['spread'][1]:.2f}){mark}" if r["speedup"] == r["speedup"] else "-"
+        out.append(f"| {r['contender']} | {speed} | {rel}"
                    f"{r['cls_cos_mean']:.4f} | {r['cls_cos_p5']:.4f} | {r['cls_cos_min']:.4f} | "
                    f"{r.get('patch_cos_mean', float('nan')):.4f} | {r['nn_agree']:.3f} | "
                    f"{r.get('macs_ratio', 1.0):.2f} | {', '.join(r.get('fp32_linears', [])) or '-'} |")
-    if any(r.get("timed_by") == "speed.py" for r in rows):
-        out.append("\nSpeedups from the quiet `benchmarks/speed.py` run; † timed inside the sweep (eager and "
-                   "compiled alternating per round, noisier); nan: not timed (FP32 recipes evaluated uncompiled).")
+    quiet = "Speedups from the quiet `benchmarks/speed.py` run; " if any(r.get("timed_by") == "speed.py" for r in rows) else ""
+    out.append(f"\n{quiet}† timed inside the sweep (eager and compiled alternating per round, noisier); -: not timed "
+               "(FP32 recipes evaluated uncompiled). The vs columns divide median speedups over eager.")
     return "\n".join(out)
 
 
@@ -89,6 +97,9 @@ def group_name(contender: str) -> str:
         name += " (naive, no fp32 outlier layers)"
     if "partition=sequence" in over:
         name += " (official ToMe split)"
+    protect = re.search(r"protect=([0-9.]+)", over)
+    if protect:
+        name += f" (protect={protect.group(1)})"
     return name
 
 
@@ -99,7 +110,7 @@ def plot(rows, path: Path, title: str, old: Optional[list] = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
-    palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    palette = iter(list(plt.get_cmap("tab20").colors) * 2)  # more curves than the default cycle has colours
     colors: dict = {}
     for ax, key, label in ((axes[0], "macs_ratio", "MACs ratio (merged / unmerged)"),
                            (axes[1], "speedup", "speedup over eager FP32 (measured, this CPU)")):

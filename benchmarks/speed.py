@@ -26,13 +26,14 @@ import torch
 from mergepass.eval import peers
 from mergepass.eval.evaluate import compile_spec
 from mergepass.eval.timing import interleaved
+from mergepass.recipe import parse_spec
 
 
 def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=print):
     fns, compile_s, schedules = {}, {}, {}
     with torch.no_grad():
         for spec in specs:
-            why = peers.available(spec) if spec in peers.PEERS else None
+            why = peers.available(spec) if parse_spec(spec)[0] in peers.PEERS else None
             if why:
                 log(f"  skip  {spec:<28} {why}")
                 continue

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -17,7 +17,25 @@ from .graph.lift import Lifted
 from .lower import compile_package
 from .pipeline import merge_stage
 from .quantize import quantize, read_calibration
-from .recipe import load
+from .recipe import Recipe, load
+
+
+def merged_graph(model: torch.nn.Module, example_input: torch.Tensor, recipe: Recipe,
+                 batches: Optional[list[tuple]] = None) -> tuple[torch.fx.GraphModule, list, Recipe, Any]:
+    """Dynamo's graph of ``model`` with ``recipe``'s merges inserted (no quantization): the graph, its
+    example inputs, the recipe as resolved and the schedule (None without merges). Raises ValueError
+    when dynamo breaks the graph."""
+    graphs = capture_graphs(model, example_input)
+    if len(graphs) != 1:
+        raise ValueError(f"export needs one graph without breaks; dynamo produced {len(graphs)}")
+    gm, example_inputs = graphs[0]
+    schedule = None
+    if recipe.merges:
+        res = merge_stage(gm, example_inputs, recipe, calibration=batches, model=type(model).__name__)
+        gm, schedule = res.gm, res.schedule
+        if schedule is not None:
+            recipe = schedule.recipe
+    return gm, example_inputs, recipe, schedule
 
 
 def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
@@ -25,15 +43,7 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
     """Write an AOTInductor package of the merged (and, for int8 recipes, quantized) model."""
     r = load(recipe, **overrides)
     batches = read_calibration(calibration, r.quantize.calibration_batches)
-    graphs = capture_graphs(model, example_input)
-    if len(graphs) != 1:
-        raise ValueError(f"export needs one graph without breaks; dynamo produced {len(graphs)}")
-    gm, example_inputs = graphs[0]
-    if r.merges:
-        res = merge_stage(gm, example_inputs, r, calibration=batches, model=type(model).__name__)
-        gm = res.gm
-        if res.schedule is not None:
-            r = res.schedule.recipe
+    gm, example_inputs, r, _ = merged_graph(model, example_input, r, batches)
     overrides: dict = {}
     if r.quantize.enabled:
         q = quantize(gm, example_inputs, r, batches)

@@ -83,8 +83,8 @@ class Recipe:
     prop_attn: bool = True             # proportional attention: log(size) added to attention logits
     partition: str = "patches"         # ToMe's A/B split: alternate over patch positions, or over
                                        # sequence positions as official ToMe (differs for an odd prefix)
-    protect: int = 0                   # ToMe steps: the mergeable tokens with the largest key norms (high-norm
-                                       # tokens that carry global information) never merge, this many per block
+    protect: Union[int, float] = 0     # ToMe steps: the mergeable tokens with the largest key norms never merge,
+                                       # this many per block (int) or this fraction of the patch tokens (float < 1)
     quantize: Quantize = field(default_factory=Quantize)
     target_speedup: float = 0.0        # auto: predicted (MACs-model) speedup to reach
     max_macs_ratio: float = 0.0        # auto: merged/unmerged MACs at most this
@@ -121,8 +121,11 @@ class Recipe:
         if not isinstance(self.search_iterations, int) or isinstance(self.search_iterations, bool) \
                 or self.search_iterations < 0:
             raise ValueError(f"recipe field 'search_iterations' must be an integer >= 0, got {self.search_iterations!r}")
-        if not isinstance(self.protect, int) or isinstance(self.protect, bool) or self.protect < 0:
-            raise ValueError(f"recipe field 'protect' must be an integer >= 0, got {self.protect!r}")
+        if isinstance(self.protect, bool) or not (
+                (isinstance(self.protect, int) and self.protect >= 0)
+                or (isinstance(self.protect, float) and 0.0 <= self.protect < 1.0)):
+            raise ValueError("recipe field 'protect' must be an integer >= 0 (tokens) or a fraction in [0, 1) of the "
+                             f"patch tokens, got {self.protect!r}")
         if not isinstance(self.match_tome_r, int) or isinstance(self.match_tome_r, bool) or self.match_tome_r < 0:
             raise ValueError(f"recipe field 'match_tome_r' must be an integer >= 0, got {self.match_tome_r!r}")
         if self.r == AUTO and self.match_tome_r <= 0:

@@ -76,6 +76,33 @@ def test_auto_strength_matches_tome_macs(recipe):
     assert abs(other.macs / tome.macs - 1) <= 0.05
 
 
+
+@pytest.fixture(scope="module")
+def tiny6_112():
+    return tiny_vit(depth=6, img_size=112), torch.randn(1, 3, 112, 112)
+
+
+@pytest.mark.parametrize("recipe", ["tome", "dfe_lgtm"])
+def test_protection_yields_to_r_and_scales_with_patches(recipe, tiny6_112):
+    """``protect`` never changes a schedule's merges or MACs: it shrinks where tokens run low. A fraction
+    is of the patch tokens (49 here)."""
+    m, x = tiny6_112
+    plain = mergepass.plan(m, x, recipe, r=8)
+    for protect, want in ((6, 6), (0.0625, 3)):
+        s = mergepass.plan(m, x, recipe, r=8, protect=protect)
+        assert [(b.kind, b.tokens_out) for b in s.blocks] == [(b.kind, b.tokens_out) for b in plain.blocks]
+        assert s.macs == plain.macs
+        steps = [b for b in s.blocks if b.kind == "global"]
+        assert [b.args.get("protect", 0) for b in steps] == [min(want, (b.tokens_in - 1) // 2 - b.r) for b in steps]
+        assert steps[0].args["protect"] == want
+    assert steps[-1].args.get("protect", 0) < want  # the last block has too few tokens for all
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "many"])
+def test_protect_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="protect"):
+        mergepass.load_recipe("tome", protect=bad)
+
 def test_tomato_budget_fraction_and_clamp():
     m = tiny_vit(img_size=96)
     x = torch.randn(1, 3, 96, 96)

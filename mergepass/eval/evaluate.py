@@ -79,7 +79,7 @@ def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
         if first is None:
             raise ValueError(f"{name} needs calibration batches (their shape is the one it is exported for)")
         return peers.ort(model, first[0] if isinstance(first, (tuple, list)) else first, calibration,
-                         int8=name == "ort_int8"), None
+                         int8=name.startswith("ort_int8"), merge=peers.merge_recipe(name, overrides)), None
     be = backend(load(name, **overrides), calibration=calibration)
     return torch.compile(model, backend=be, dynamic=False), be
 
@@ -130,8 +130,9 @@ def evaluate_spec(es: EvalSet, spec: str, compiled_as: Optional[str] = None):
     row = dict(recipe=spec, images=es.images, skipped=es.skipped, compile_s=time.perf_counter() - t0)
     out = run_batches(fn, es.evals)
     row.update(feature_metrics(out, es.ref) if es.backbone else classifier_metrics(out, es.ref, es.labels))
-    if be is not None and be.schedule is not None:
-        row.update(macs_ratio=be.schedule.macs_ratio, final_tokens=be.schedule.final_tokens)
+    schedule = be.schedule if be is not None else getattr(fn, "schedule", None)  # a merged peer's too
+    if schedule is not None:
+        row.update(macs_ratio=schedule.macs_ratio, final_tokens=schedule.final_tokens)
     if be is not None and be.quantized:
         row["fp32_linears"] = sorted({k for q in be.quantized for k in q.kept_fp32})
     return row, fn, be

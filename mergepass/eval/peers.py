@@ -4,6 +4,10 @@
 ``ort_int8``: ONNX Runtime's static int8 (QDQ), calibrated on the same batches: the model exported
 to ONNX, ``quantize_static`` with per-channel int8 weights and uint8 activations on every MatMul and
 Gemm (the attention matmuls too), run by ``InferenceSession`` on the CPU with torch's thread count.
+
+``ort_int8_tome`` (``ort_int8_tome:r=12``): the same, on the model with ToMe patched in. The ONNX graph
+is mergepass's merged FP32 graph with its plain tensor merge ops (what a user gets by patching ToMe
+into the model before export: bipartite matching, size-weighted merge, proportional attention).
 """
 from __future__ import annotations
 
@@ -13,7 +17,41 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-PEERS = ("ort_int8", "ort_fp32")
+PEERS = ("ort_int8", "ort_fp32", "ort_int8_tome")
+MERGED = {"ort_int8_tome": "tome"}  # peer -> the recipe whose merges it runs
+
+
+def merge_recipe(name: str, overrides: Optional[dict] = None):
+    """The merge recipe peer ``name`` runs (None for an unmerged peer); ``overrides`` are its fields."""
+    from ..recipe import load
+
+    if name not in MERGED:
+        if overrides:
+            raise ValueError(f"peer {name!r} takes no options, got {sorted(overrides)}")
+        return None
+    return load(MERGED[name], **{**(overrides or {}), "merge_kernel": "reference"})
+
+
+class _FirstOutput(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def merged_module(model: torch.nn.Module, example: torch.Tensor, recipe) -> torch.nn.Module:
+    """``model`` with ``recipe``'s merges as a plain FP32 module for ``example``'s shape; its
+    ``schedule`` attribute is the merge schedule."""
+    from ..export import merged_graph
+    from ..graph.lift import Lifted
+
+    gm, example_inputs, _, schedule = merged_graph(model, example, recipe)
+    module = _FirstOutput(Lifted(gm, example_inputs).eval()).eval()
+    module.schedule = schedule
+    return module
 
 
 def available(name: str) -> Optional[str]:
@@ -44,24 +82,31 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _runner(session) -> Callable[[torch.Tensor], torch.Tensor]:
+def _runner(session, schedule=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The session as a function of one tensor; ``run.schedule``: the merge schedule it runs, or None."""
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: x.detach().float().numpy()})[0])
+    run.schedule = schedule
     return run
 
 
 def ort(model: torch.nn.Module, example: torch.Tensor, calibration: Optional[Sequence[torch.Tensor]] = None,
-        int8: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``model`` as an ONNX Runtime session for ``example``'s shape (int8 QDQ calibrated on ``calibration``)."""
+        int8: bool = True, merge=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` as an ONNX Runtime session for ``example``'s shape (int8 QDQ calibrated on
+    ``calibration``); with ``merge`` (a recipe), the model with that recipe's merges."""
     why = available("ort_int8" if int8 else "ort_fp32")
     if why:
         raise RuntimeError(why)
+    schedule = None
+    if merge is not None:
+        model = merged_module(model, example, merge)
+        schedule = model.schedule
     tmp = Path(tempfile.mkdtemp(prefix="mergepass_ort_"))
     _export(model, example, tmp / "fp32.onnx")
     if not int8:
-        return _runner(_session(tmp / "fp32.onnx"))
+        return _runner(_session(tmp / "fp32.onnx"), schedule)
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -78,11 +123,14 @@ def ort(model: torch.nn.Module, example: torch.Tensor, calibration: Optional[Seq
         def get_next(self):
             return next(self.it, None)
 
-    quant_pre_process(str(tmp / "fp32.onnx"), str(tmp / "pre.onnx"))
+    try:
+        quant_pre_process(str(tmp / "fp32.onnx"), str(tmp / "pre.onnx"))
+    except Exception:  # noqa: BLE001 - ORT's symbolic shape inference fails on merged graphs (gather/scatter)
+        quant_pre_process(str(tmp / "fp32.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
     # without VNNI, u8 x s8 pair sums saturate at 16 bits: ORT's reduce_range keeps weights to 7 bits
     quantize_static(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, reduce_range=not cpu_has_vnni(),
                     op_types_to_quantize=["MatMul", "Gemm"],
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    return _runner(_session(tmp / "int8.onnx"))
+    return _runner(_session(tmp / "int8.onnx"), schedule)

@@ -9,7 +9,7 @@ from ..merge import window_layout, window_merge
 from ..merge.fused import fused_window_merge
 from .base import AUTO, Merge, MergeOp, register_method, register_op
 from .dfe import DFE
-from .tome import block_r, global_step, partition_offset
+from .tome import block_r, global_step, partition_offset, protect_count
 
 register_op(MergeOp("local", window_merge, fused_window_merge))
 
@@ -54,7 +54,7 @@ class DFELGTM(DFE):
         if not local:
             state["global"] = auto  # Algorithm 1: once global, global for good
             return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match),
-                               recipe.protect)
+                               protect_count(recipe.protect, match))
         nwin = nh * nw
         per, pad = window_layout(tokens - match.prefix, nwin)
         rw = math.ceil(block_r(recipe.r, block.index) / nwin)

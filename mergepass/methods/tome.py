@@ -15,14 +15,20 @@ def block_r(r, index: int) -> int:
     return r[index] if isinstance(r, tuple) else r
 
 
+def protect_count(protect, match) -> int:
+    """Tokens a ToMe step protects: ``protect`` itself, or that fraction of the model's patch tokens."""
+    return protect if isinstance(protect, int) else round(protect * (match.tokens - match.prefix))
+
+
 def global_step(block, tokens: int, prefix: int, r, skip: int, offset: int = 0, protect: int = 0) -> Optional[Merge]:
-    """Merge ``r`` tokens (at most half the mergeable ones, less the protected) in every block from
-    ``skip`` on."""
+    """Merge ``r`` tokens (at most half the mergeable ones) in every block from ``skip`` on, ``protect``
+    of them kept out of the matching where enough tokens remain."""
     r = block_r(r, block.index)
     if block.index < skip or r <= 0:
         return None
-    protect = min(protect, max(tokens - prefix - 2, 0))
-    take = max(min(r, (tokens - prefix) // 2 - protect), 0)
+    take = max(min(r, (tokens - prefix) // 2), 0)
+    # protection yields to r: a schedule's MACs do not depend on it, and each set keeps take free tokens
+    protect = min(protect, max((tokens - prefix) // 2 - take, 0))
     args = {"offset": offset} if offset else {}
     if protect:
         args["protect"] = protect
@@ -64,7 +70,7 @@ class ToMe(MergeMethod):
 
     def decide(self, recipe, block, tokens, match, state):
         return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match),
-                           recipe.protect)
+                           protect_count(recipe.protect, match))
 
     def notes(self, asked, recipe, match, plans):
         out = super().notes(asked, recipe, match, plans)

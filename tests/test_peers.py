@@ -1,0 +1,47 @@
+"""The peer engines of the benchmarks: ONNX Runtime, alone and on the model with ToMe patched in."""
+import pytest
+import torch
+
+import mergepass
+from mergepass.eval import peers
+from mergepass.eval.evaluate import compile_spec
+from mergepass.fidelity import cosine
+from conftest import compile_with, tiny_vit
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_vit(depth=2)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        merged = compile_with(model, mergepass.backend("tome", r=4, lower="eager", merge_kernel="reference"))(x)
+        dense = model(x)
+    return model, x, merged, dense
+
+
+def test_merged_module_is_the_merged_model(setup):
+    model, x, merged, dense = setup
+    module = peers.merged_module(model, x, peers.merge_recipe("ort_int8_tome", {"r": 4}))
+    with torch.no_grad():
+        out = module(x)
+    assert torch.allclose(out, merged, atol=1e-5)
+    assert not torch.allclose(out, dense, atol=1e-3)  # the merges are in it
+
+
+def test_ort_runs_the_merged_graph(setup):
+    model, x, merged, _ = setup
+    fn, be = compile_spec(model, "ort_int8_tome:r=4", [x, x])
+    assert be is None
+    out = fn(x)
+    assert out.shape == merged.shape and cosine(out, merged).min() > 0.9
+    assert 0 < fn.schedule.macs_ratio < 1
+
+
+def test_unmerged_peer_rejects_options():
+    with pytest.raises(ValueError, match="ort_int8"):
+        peers.merge_recipe("ort_int8", {"r": 4})
+    assert peers.merge_recipe("ort_int8", {}) is None
