@@ -88,7 +88,12 @@ def test_pareto_sweep_writes_table_and_plot(tmp_path):
     assert [r["contender"] for r in rows] == ["tome:r=8", "tome:r=32"] and skipped == 1
     assert rows[0]["macs_ratio"] > rows[1]["macs_ratio"]
     md = pareto.table(rows)
-    assert md.count("\n") == 3 and "tome:r=32" in md
+    lines = md.splitlines()
+    assert [ln.split(" | ")[0] for ln in lines if ln.startswith("| tome")] == ["| tome:r=8", "| tome:r=32"]
+    assert "vs int8" not in lines[0]  # no int8 in this run
+    rows.append(dict(rows[0], contender="int8", speedup=2.0 * rows[0]["speedup"]))
+    ratio = pareto.table(rows).splitlines()[2].split(" | ")[2]
+    assert "vs int8" in pareto.table(rows).splitlines()[0] and ratio == "0.50x"
     pareto.plot(rows, tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
