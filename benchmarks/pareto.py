@@ -94,7 +94,10 @@ def group_name(contender: str) -> str:
     if spec.endswith(".toml") and "quantize_enabled=true" in over:
         name += "_int8"
     if "quantize_sensitivity=0" in over:
-        name += " (naive, no fp32 outlier layers)"
+        name += " (every linear int8)"
+    observer = re.search(r"quantize_observer=(\w+)", over)
+    if observer:
+        name += f" ({observer.group(1)} ranges)"
     if "partition=sequence" in over:
         name += " (official ToMe split)"
     protect = re.search(r"protect=([0-9.]+)", over)

@@ -23,6 +23,7 @@ MERGE_KERNELS = ("auto", "fused", "reference")
 PARTITIONS = ("patches", "sequence")
 REST_PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTION_PRECISIONS = ("float", "int8")
+OBSERVERS = ("auto", "minmax", "histogram")
 
 
 def recipes_dir() -> Path:
@@ -44,6 +45,9 @@ class Quantize:
     rest: str = "auto"            # what runs outside the int8 GEMMs: bf16 | fp32 | auto (bf16 where the CPU
                                   # has AVX512-BF16 or AMX)
     attention: str = "float"      # float (the rest's precision) | int8 (torchao's fused int8 SDPA; costs fidelity)
+    observer: str = "auto"        # static activation ranges: minmax (calibration min/max) | histogram (torchao's
+                                  # default: least quantization error on a histogram) | auto (minmax for the
+                                  # linears' 8-bit activations; histogram for 7-bit ones and int8 attention)
 
     def validate(self) -> None:
         if self.mode not in QUANT_MODES:
@@ -58,6 +62,8 @@ class Quantize:
             raise ValueError(f"recipe field 'quantize.sensitivity' must be a number >= 0, got {self.sensitivity!r}")
         if self.rest not in REST_PRECISIONS:
             raise ValueError(f"recipe field 'quantize.rest' must be one of {REST_PRECISIONS}, got {self.rest!r}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"recipe field 'quantize.observer' must be one of {OBSERVERS}, got {self.observer!r}")
         if self.attention not in ATTENTION_PRECISIONS:
             raise ValueError(f"recipe field 'quantize.attention' must be one of {ATTENTION_PRECISIONS}, "
                              f"got {self.attention!r}")

@@ -38,14 +38,17 @@ def test_int8_kernels_present(recipe):
     assert 0.98 < cos < 1.0 - 1e-7, cos  # quantized (not bit-equal) yet close to the same fp32 graph
 
 
-@pytest.mark.parametrize("vnni,quant_max", [(True, 255), (False, 127)])
-def test_activation_range_follows_the_cpus_int8_instructions(monkeypatch, vnni, quant_max):
-    """Pre-VNNI x86 (AVX2) saturates u8*s8 pair sums at 16 bits: activations must use 7 bits there."""
+@pytest.mark.parametrize("vnni,quant_max,observer", [(True, 255, "MinMaxObserver"), (False, 127, "HistogramObserver")])
+def test_activation_range_follows_the_cpus_int8_instructions(monkeypatch, vnni, quant_max, observer):
+    """Pre-VNNI x86 (AVX2) saturates u8*s8 pair sums at 16 bits: activations must use 7 bits there, and
+    ``observer = "auto"`` then clips with the histogram; 8-bit activations keep the min/max range."""
     from mergepass.quantize import pt2e
     monkeypatch.setattr(pt2e, "cpu_has_vnni", lambda: vnni)
     for dynamic in (False, True):
         act = pt2e.make_quantizer(dynamic).global_config.input_activation
         assert (act.quant_min, act.quant_max) == (0, quant_max)
+    static = pt2e.make_quantizer(False).global_config.input_activation.observer_or_fake_quant_ctr
+    assert static.p.func.__name__ == observer
 
 
 @pytest.mark.parametrize("flags,isa,vnni", [({"avx2", "avx512_vnni", "amx_int8"}, "AMX", True),
@@ -57,6 +60,25 @@ def test_int8_isa_reads_the_cpu_flags(monkeypatch, flags, isa, vnni):
     from mergepass.quantize import pt2e
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert cpu.int8_isa() == isa and pt2e.cpu_has_vnni.__wrapped__() is vnni
+
+
+@pytest.mark.parametrize("observer", ["minmax", "histogram"])
+def test_static_scales_follow_the_observer(monkeypatch, observer):
+    """minmax quantizes the image over exactly its calibration range (with 0); histogram clips a rare outlier."""
+    from mergepass.quantize import pt2e
+    monkeypatch.setattr(pt2e, "cpu_has_vnni", lambda: True)  # 8-bit activations on every CPU
+    calib = _calib()
+    calib[1][2, 0, 7, 7] = 40.0  # one pixel in 36,864: a range worth clipping
+    lo, hi = min(0.0, min(b.min().item() for b in calib)), max(0.0, max(b.max().item() for b in calib))
+    be = mergepass.backend("int8", calibration=calib, quantize_observer=observer)
+    _run(tiny_vit(depth=DEPTH), torch.randn(4, 3, 64, 64), be)
+    gm = be.quantized[-1].module
+    q = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    scale = next(n.args[1] for n in gm.graph.nodes if n.target == q and n.args[0].op == "placeholder")
+    if observer == "minmax":
+        assert scale == pytest.approx((hi - lo) / 255, rel=1e-5)
+    else:
+        assert scale < 0.5 * (hi - lo) / 255
 
 
 def test_without_calibration_falls_back_to_dynamic_with_warning():
@@ -92,6 +114,8 @@ def test_int8_refuses_training():
 def test_quantize_fields_are_validated():
     with pytest.raises(ValueError, match="quantize.mode"):
         mergepass.load_recipe("int8", quantize_mode="weird")
+    with pytest.raises(ValueError, match="quantize.observer"):
+        mergepass.load_recipe("int8", quantize_observer="percentile")
     with pytest.raises(ValueError, match="unknown recipe field quantize.'scale'"):
         mergepass.load_recipe({"method": "none", "quantize": {"scale": 1}})
 

@@ -6,6 +6,7 @@ into oneDNN ``qlinear`` kernels.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
 from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
@@ -110,7 +111,24 @@ def _from_sdpa(n: fx.Node) -> bool:
     return bool(stack) and stack[-1][1] in SDPA
 
 
-def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None, matmuls: bool = False):
+def activation_config(dynamic: bool, reduce_range: bool, observer: str = "auto"):
+    """torchao's default x86 config, with static activation ranges from ``observer``: ``minmax``,
+    ``histogram`` (torchao's default), or ``auto``. On DINOv2 the rare large activations carry the
+    features, so 8-bit activations keep the whole range; 7-bit ones have too few levels for that and
+    fare better with the histogram's clipping (``docs/benchmarks.md``)."""
+    _, _, xiq = _torchao_pt2e()
+    cfg = xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic, reduce_range=reduce_range)
+    if observer == "auto":
+        observer = "histogram" if reduce_range else "minmax"
+    if dynamic or observer == "histogram":
+        return cfg
+    from torchao.quantization.pt2e import MinMaxObserver
+    act = dataclasses.replace(cfg.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2 ** -12))
+    return dataclasses.replace(cfg, input_activation=act, output_activation=act)
+
+
+def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None, matmuls: bool = False,
+                   observer: str = "auto"):
     """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32;
     ``matmuls``: the matmuls of rewritten attentions too (no others), with full 8-bit activations (the fused int8 attention
     kernel accumulates in int32 or FP32, so the saturation below does not arise there).
@@ -132,9 +150,10 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
             return super().annotate(model)
 
     q = Quantizer()
-    q.set_global(xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic, reduce_range=not cpu_has_vnni()))
+    q.set_global(activation_config(dynamic, not cpu_has_vnni(), observer))
     if matmuls:
-        q.set_function_type_qconfig(torch.matmul, xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic))
+        # attention's probabilities and q/k/v lose more to min/max ranges than to clipping (docs/how-it-works.md)
+        q.set_function_type_qconfig(torch.matmul, activation_config(dynamic, False, "histogram" if observer == "auto" else observer))
     return q
 
 
@@ -146,9 +165,16 @@ class PT2E(QuantEngine):
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         return lower != "tensorrt" and not on_cuda
 
+    def calibrate(self, model: fx.GraphModule, quantizer, batches: list[tuple], recipe: "Recipe") -> fx.GraphModule:
+        """Observe ``batches`` through the annotated model and convert it to q/dq form."""
+        prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
+        m = prepare_pt2e(model, quantizer)
+        for b in batches:
+            m(*b)
+        return convert_pt2e(m)
+
     def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
                  batches: Optional[list[tuple]]) -> Quantized:
-        prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
         q = recipe.quantize
         user_ex = Inputs(gm, example_inputs).user_inputs(example_inputs)
         batches = fit_batches(batches, user_ex) if q.mode == "static" else None
@@ -176,11 +202,10 @@ class PT2E(QuantEngine):
         if q.sensitivity > 0:
             kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
         explicit_conv_padding(exported)
-        m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None, matmuls=fused > 0))
+        quantizer = make_quantizer(mode == "dynamic", _excluder(kept) if kept else None, matmuls=fused > 0,
+                                   observer=q.observer)
         with torch.no_grad():
-            for b in (batches if mode == "static" else [user_ex]):
-                m(*b)
-            m = convert_pt2e(m)
+            m = self.calibrate(exported, quantizer, batches if mode == "static" else [user_ex], recipe)
         return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept, autocast=rest_dtype(q.rest),
                          inductor_config={**_inductor_passes(), **(int8_attention.inductor_passes(fused) if fused else {})},
                          int8_attention=fused)
