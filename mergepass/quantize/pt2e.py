@@ -111,15 +111,11 @@ def _from_sdpa(n: fx.Node) -> bool:
     return bool(stack) and stack[-1][1] in SDPA
 
 
-def activation_config(dynamic: bool, reduce_range: bool, observer: str = "auto"):
-    """torchao's default x86 config, with static activation ranges from ``observer``: ``minmax``,
-    ``histogram`` (torchao's default), or ``auto``. On DINOv2 the rare large activations carry the
-    features, so 8-bit activations keep the whole range; 7-bit ones have too few levels for that and
-    fare better with the histogram's clipping (``docs/benchmarks.md``)."""
+def activation_config(dynamic: bool, reduce_range: bool, observer: str):
+    """torchao's default x86 config, with static activation ranges from ``observer`` (``minmax`` or
+    ``histogram``, torchao's default)."""
     _, _, xiq = _torchao_pt2e()
     cfg = xiq.get_default_x86_inductor_quantization_config(is_dynamic=dynamic, reduce_range=reduce_range)
-    if observer == "auto":
-        observer = "histogram" if reduce_range else "minmax"
     if dynamic or observer == "histogram":
         return cfg
     from torchao.quantization.pt2e import MinMaxObserver
@@ -129,13 +125,19 @@ def activation_config(dynamic: bool, reduce_range: bool, observer: str = "auto")
 
 def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] = None, matmuls: bool = False,
                    observer: str = "auto"):
-    """X86InductorQuantizer with the default config; nodes for which ``exclude`` holds stay fp32;
+    """X86InductorQuantizer with the default config and ``observer``'s activation ranges; nodes for which
+    ``exclude`` holds stay fp32;
     ``matmuls``: the matmuls of rewritten attentions too (no others), with full 8-bit activations (the fused int8 attention
     kernel accumulates in int32 or FP32, so the saturation below does not arise there).
 
     Without VNNI, oneDNN multiplies u8 activations by s8 weights with 16-bit saturating pair sums
     (``vpmaddubsw``), which overflow for activations above 127: there activations use 7 bits
-    (``reduce_range``, torchao's advice for such CPUs)."""
+    (``reduce_range``, torchao's advice for such CPUs).
+
+    ``observer = "auto"``: on DINOv2 the rare large activations carry the features, so the linears'
+    8-bit activations keep their min/max range; 7-bit ones have too few levels for that, and attention's
+    q/k/v and probabilities lose more to min/max than to clipping, so both take the histogram
+    (``docs/benchmarks.md``)."""
     _, _, xiq = _torchao_pt2e()
 
     def skip(n: fx.Node) -> bool:
@@ -150,10 +152,11 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
             return super().annotate(model)
 
     q = Quantizer()
-    q.set_global(activation_config(dynamic, not cpu_has_vnni(), observer))
+    reduce_range = not cpu_has_vnni()
+    auto = observer == "auto"
+    q.set_global(activation_config(dynamic, reduce_range, ("histogram" if reduce_range else "minmax") if auto else observer))
     if matmuls:
-        # attention's probabilities and q/k/v lose more to min/max ranges than to clipping (docs/how-it-works.md)
-        q.set_function_type_qconfig(torch.matmul, activation_config(dynamic, False, "histogram" if observer == "auto" else observer))
+        q.set_function_type_qconfig(torch.matmul, activation_config(dynamic, False, "histogram" if auto else observer))
     return q
 
 
@@ -165,16 +168,9 @@ class PT2E(QuantEngine):
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         return lower != "tensorrt" and not on_cuda
 
-    def calibrate(self, model: fx.GraphModule, quantizer, batches: list[tuple], recipe: "Recipe") -> fx.GraphModule:
-        """Observe ``batches`` through the annotated model and convert it to q/dq form."""
-        prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
-        m = prepare_pt2e(model, quantizer)
-        for b in batches:
-            m(*b)
-        return convert_pt2e(m)
-
     def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
                  batches: Optional[list[tuple]]) -> Quantized:
+        prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
         q = recipe.quantize
         user_ex = Inputs(gm, example_inputs).user_inputs(example_inputs)
         batches = fit_batches(batches, user_ex) if q.mode == "static" else None
@@ -202,10 +198,12 @@ class PT2E(QuantEngine):
         if q.sensitivity > 0:
             kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
         explicit_conv_padding(exported)
-        quantizer = make_quantizer(mode == "dynamic", _excluder(kept) if kept else None, matmuls=fused > 0,
-                                   observer=q.observer)
+        m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None,
+                                                  matmuls=fused > 0, observer=q.observer))
         with torch.no_grad():
-            m = self.calibrate(exported, quantizer, batches if mode == "static" else [user_ex], recipe)
+            for b in (batches if mode == "static" else [user_ex]):
+                m(*b)
+            m = convert_pt2e(m)
         return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept, autocast=rest_dtype(q.rest),
                          inductor_config={**_inductor_passes(), **(int8_attention.inductor_passes(fused) if fused else {})},
                          int8_attention=fused)
