@@ -9,6 +9,7 @@ import torch
 from torch import fx
 
 from .errors import MergepassWarning
+from .graph.capture import copy_graph_module
 from .graph.match import symbolic_dims
 from .graph.rewrite import RewriteResult
 from .lower import compile_graph
@@ -57,12 +58,29 @@ def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
     return why is None
 
 
+def _attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe) -> tuple[fx.GraphModule, int, str]:
+    """(graph, attentions now on mergepass's bf16 op, why none are) for recipe field ``attention_kernel``.
+    ``gm`` itself is never modified."""
+    from .graph.passes.replace_attention import replace_attention, wanted
+    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+    use, why = wanted(recipe.attention_kernel, recipe.merges, recipe.quantize.enabled,
+                      recipe.quantize.enabled and recipe.quantize.attention == "int8", _training(example_inputs), on_cpu)
+    if recipe.attention_kernel == "bf16" and not use:
+        raise RuntimeError(f"recipe field 'attention_kernel' is 'bf16' but mergepass's bf16 attention cannot run here: "
+                           f"{why}; use attention_kernel='auto' or 'sdpa'")
+    if not use:
+        return gm, 0, why
+    work = copy_graph_module(gm)
+    return work, replace_attention(work, example_inputs), ""
+
+
 @dataclass
 class GraphResult:
     """What the backend did to one graph dynamo handed it."""
 
     rewrite: RewriteResult
     quantized: Optional[Quantized] = None
+    attention_ops: int = 0  # attentions running on mergepass's bf16 attention op
 
     @property
     def schedule(self) -> Optional[Schedule]:
@@ -152,14 +170,15 @@ class Backend:
         self.results.append(done)
         if result.schedule is not None:
             recipe = result.schedule.recipe.replace(lower=recipe.lower)
+        graph, done.attention_ops, _ = _attention_stage(result.gm, example_inputs, recipe)
         if not recipe.quantize.enabled:
-            return compile_graph(result.gm, example_inputs, recipe.lower)
+            return compile_graph(graph, example_inputs, recipe.lower)
 
         def lower(q):
             return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context,
                                  autocast=q.autocast, inductor_config_overrides=q.inductor_config)
         calibration = self._calibration_for(gm, example_inputs)
-        done.quantized = q = quantize(result.gm, example_inputs, recipe, calibration)
+        done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
         try:
             compiled = lower(q)
         except Exception as e:  # noqa: BLE001 - a prototype fusion must not cost the user the compile
@@ -168,7 +187,7 @@ class Backend:
             self._warn_once(f"mergepass: int8 attention did not compile ({type(e).__name__}: {e}); compiling "
                             "with floating-point attention instead")
             recipe = recipe.replace(quantize={"attention": "float"})
-            done.quantized = q = quantize(result.gm, example_inputs, recipe, calibration)
+            done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
             compiled = lower(q)
 
         if q.autocast is None:

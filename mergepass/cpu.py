@@ -47,6 +47,16 @@ def bf16_isa() -> str:
     return "none"
 
 
+def vendor() -> str:
+    """'AuthenticAMD', 'GenuineIntel', ... as /proc/cpuinfo names it ('' where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("vendor_id")), "")
+    return line.partition(":")[2].strip()
+
+
 def model_name() -> str:
     """The CPU model as /proc/cpuinfo names it."""
     try:

@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 QUANT_MODES = ("static", "dynamic")
 MERGE_KERNELS = ("auto", "fused", "reference")
+ATTENTION_KERNELS = ("auto", "sdpa", "bf16")
 PARTITIONS = ("patches", "sequence")
 REST_PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTION_PRECISIONS = ("float", "int8")
@@ -98,6 +99,8 @@ class Recipe:
     search_iterations: int = 6         # auto with calibration images: steps of the per-block r search
     lower: str = "inductor"
     merge_kernel: str = "auto"         # fused: one C++ op per merge (CPU); reference: pure tensor ops
+    attention_kernel: str = "auto"     # bf16: mergepass's bf16 attention op (CPUs with AVX512-BF16); sdpa: torch's;
+                                       # auto: bf16 in merged or int8 graphs on CPUs where it is the faster one
     description: str = ""
 
     def __post_init__(self):
@@ -114,6 +117,9 @@ class Recipe:
             raise ValueError(f"recipe field 'lower' must be one of {LOWERINGS}, got {self.lower!r}")
         if self.merge_kernel not in MERGE_KERNELS:
             raise ValueError(f"recipe field 'merge_kernel' must be one of {MERGE_KERNELS}, got {self.merge_kernel!r}")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"recipe field 'attention_kernel' must be one of {ATTENTION_KERNELS}, "
+                             f"got {self.attention_kernel!r}")
         if isinstance(self.r, (tuple, list)):
             if not self.r or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.r):
                 raise ValueError(f"recipe field 'r' as a list must hold one integer >= 0 per block, got {list(self.r)!r}")

@@ -32,6 +32,21 @@ def compile_with(model, backend):
     return torch.compile(model, backend=backend, dynamic=False)
 
 
+def run_cli(capsys, command: str, *args):
+    """``python -m mergepass.COMMAND ARGS`` in this process (no interpreter start): returncode, stdout, stderr.
+    An uncaught exception fails the test, as a traceback would fail the command."""
+    import importlib
+    from types import SimpleNamespace
+    main = importlib.import_module(f"mergepass.cli.{command}").main
+    torch._dynamo.reset()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+
 def rel_err(a, b):
     if isinstance(a, (tuple, list)):
         return max(rel_err(x, y) for x, y in zip(a, b))

@@ -15,7 +15,7 @@ from reference import _assemble, reference_forward
 
 PKG = Path(mergepass.__file__).parent
 # lowest first; a module may import from its own floor or below, never above
-FLOORS = [{"errors", "cpu", "fidelity", "merge"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower"},
+FLOORS = [{"errors", "cpu", "fidelity", "kernels", "merge"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower"},
           {"recipe"}, {"search"}, {"pipeline", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "__init__"}]
 
 
@@ -119,7 +119,7 @@ def test_a_merge_method_registered_from_outside_the_package(monkeypatch):
     mergepass.register_method(Pairs())
     m = tiny_vit(depth=3, img_size=64)
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend({"name": "toy", "method": "toy_pairs", "r": 5})
+    be = mergepass.backend({"name": "toy", "method": "toy_pairs", "r": 5, "lower": "eager"})
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
         ref = reference_forward(m, x, be.schedule, extra={"toy_pairs": _pairs_reference})

@@ -1,11 +1,17 @@
-"""The command-line entry points: plan, demo (smoke), errors."""
+"""The command-line entry points: plan, demo (smoke), errors. ``python -m`` runs the plan and the demo
+once each; the other cases call the same ``main`` in-process (no interpreter start per case)."""
 import subprocess
 import sys
 
+from conftest import run_cli
 
 
 def _run(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _plan(capsys, *args):
+    return run_cli(capsys, "plan", *args)
 
 
 def test_plan_prints_schedule_and_totals():
@@ -16,21 +22,21 @@ def test_plan_prints_schedule_and_totals():
     assert out.count("blocks.") >= 12
 
 
-def test_plan_covers_rope_and_names_why_a_model_is_declined():
-    res = _run("mergepass.plan", "--model", "eva02_tiny_patch14_224", "--img-size", "112", "--r", "8", "--batch", "1")
+def test_plan_covers_rope_and_names_why_a_model_is_declined(capsys):
+    res = _plan(capsys, "--model", "eva02_tiny_patch14_224", "--img-size", "112", "--r", "8", "--batch", "1")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "65 tokens (1 protected, grid 8x8)" in res.stdout and "global" in res.stdout
-    res = _run("mergepass.plan", "--model", "swin_tiny_patch4_window7_224", "--batch", "1")
+    res = _plan(capsys, "--model", "swin_tiny_patch4_window7_224", "--batch", "1")
     assert res.returncode == 2 and "2-D token map" in res.stderr and "compile it unchanged" in res.stderr
 
 
-def test_plan_unknown_model_suggests_names():
-    res = _run("mergepass.plan", "--model", "vit_bse_patch16_224")
+def test_plan_unknown_model_suggests_names(capsys):
+    res = _plan(capsys, "--model", "vit_bse_patch16_224")
     assert res.returncode == 2 and "close matches: vit_base_patch16_224" in res.stderr
 
 
-def test_plan_impossible_target():
-    res = _run("mergepass.plan", "--model", "vit_tiny_patch16_224", "--target-speedup", "40", "--batch", "1")
+def test_plan_impossible_target(capsys):
+    res = _plan(capsys, "--model", "vit_tiny_patch16_224", "--target-speedup", "40", "--batch", "1")
     assert res.returncode == 2 and "impossible schedule" in res.stderr
 
 

@@ -1,4 +1,5 @@
-"""The peer engines of the benchmarks: ONNX Runtime, alone and on the model with ToMe patched in."""
+"""The peer engines of the benchmarks: ONNX Runtime and OpenVINO + NNCF, alone and on the model with
+ToMe patched in."""
 import pytest
 import torch
 
@@ -7,10 +8,6 @@ from mergepass.eval import peers
 from mergepass.eval.evaluate import compile_spec
 from mergepass.fidelity import cosine
 from conftest import compile_with, tiny_vit
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
-
 
 @pytest.fixture(scope="module")
 def setup():
@@ -33,6 +30,8 @@ def test_merged_module_is_the_merged_model(setup):
 
 
 def test_ort_runs_the_merged_graph(setup):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     model, x, merged, _ = setup
     fn, be = compile_spec(model, "ort_int8_tome:r=4", [x, x])
     assert be is None
@@ -45,3 +44,29 @@ def test_unmerged_peer_rejects_options():
     with pytest.raises(ValueError, match="ort_int8"):
         peers.merge_recipe("ort_int8", {"r": 4})
     assert peers.merge_recipe("ort_int8", {}) is None
+
+
+@pytest.mark.parametrize("name,over", [("ov_int8", {}), ("ov_int8_tome", {"r": 4})])
+def test_openvino_int8_runs_the_model_and_the_merged_graph(setup, name, over):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    model, x, merged, dense = setup
+    fn, be = compile_spec(model, f"{name}:r=4" if over else name, [x, x])
+    assert be is None
+    out = fn(x)
+    want = merged if over else dense
+    assert out.shape == want.shape and cosine(out, want).min() > 0.9
+    if over:
+        assert 0 < fn.schedule.macs_ratio < 1 and cosine(out, dense).min() < cosine(out, merged).min()
+    else:
+        assert fn.schedule is None
+
+
+def test_a_missing_engine_is_named(monkeypatch, setup):
+    import sys
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what an import of an absent package raises
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert "openvino and nncf" in peers.available("ov_int8_tome") and "[bench]" in peers.available("ov_int8")
+    assert "onnxruntime and onnx" in peers.available("ort_int8")
+    with pytest.raises(RuntimeError, match="openvino"):
+        peers.build("ov_int8", setup[0], setup[1])

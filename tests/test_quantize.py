@@ -22,20 +22,46 @@ def _calib(n=3, b=4, size=64):
     return [torch.randn(b, 3, size, size) for _ in range(n)]
 
 
-@pytest.mark.parametrize("recipe", ["int8", "tome_int8"])
-def test_int8_kernels_present(recipe):
+def _float(m, x, recipe="tome"):
+    """The same model and merges without int8, run eagerly: what int8 is compared with."""
+    with torch.no_grad():
+        return torch.compile(m, backend=mergepass.backend(recipe, r=3, lower="eager"), dynamic=False)(x)
+
+
+@pytest.fixture(scope="module")
+def tome_int8():
+    """One inductor compile of ``tome_int8`` (r=3, static scales), shared by the tests that read it."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
     m = tiny_vit(depth=DEPTH)
-    x = torch.randn(4, 3, 64, 64)
-    be = mergepass.backend(recipe, r=3, calibration=_calib())
+    x, calib = torch.randn(4, 3, 64, 64), _calib()
+    be = mergepass.backend("tome_int8", r=3, calibration=calib)
     out, code = _run(m, x, be)
+    torch._dynamo.reset()
+    return m, x, calib, be, out, code
+
+
+def _check_int8(m, x, be, out, code, float_recipe):
     assert code.count("torch.ops.onednn.qlinear_pointwise") >= LINEARS, "int8 GEMMs missing: fp32 fallback"
     assert "mkl_linear" not in code and "extern_kernels.addmm" not in code
     assert be.quantized[-1].mode == "static"
-    with torch.no_grad():
-        fp32 = torch.compile(m, backend=mergepass.backend(recipe.replace("_int8", "") if recipe != "int8" else "none", r=3),
-                             dynamic=False)(x)
-    cos = torch.nn.functional.cosine_similarity(out, fp32).min().item()
+    cos = torch.nn.functional.cosine_similarity(out, _float(m, x, float_recipe)).min().item()
     assert 0.98 < cos < 1.0 - 1e-7, cos  # quantized (not bit-equal) yet close to the same fp32 graph
+
+
+def test_int8_kernels_present():
+    m = tiny_vit(depth=DEPTH)
+    x = torch.randn(4, 3, 64, 64)
+    be = mergepass.backend("int8", calibration=_calib())
+    out, code = _run(m, x, be)
+    _check_int8(m, x, be, out, code, "none")
+
+
+@pytest.mark.xdist_group("tome_int8")
+def test_int8_kernels_present_with_merges(tome_int8):
+    m, x, _, be, out, code = tome_int8
+    _check_int8(m, x, be, out, code, "tome")
+    assert "bipartite_merge" in code or "global_merge" in code
 
 
 @pytest.mark.parametrize("vnni,quant_max,observer", [(True, 255, "MinMaxObserver"), (False, 127, "HistogramObserver")])
@@ -70,7 +96,7 @@ def test_static_scales_follow_the_observer(monkeypatch, observer):
     calib = _calib()
     calib[1][2, 0, 7, 7] = 40.0  # one pixel in 36,864: a range worth clipping
     lo, hi = min(0.0, min(b.min().item() for b in calib)), max(0.0, max(b.max().item() for b in calib))
-    be = mergepass.backend("int8", calibration=calib, quantize_observer=observer)
+    be = mergepass.backend("int8", calibration=calib, quantize_observer=observer, lower="eager")
     _run(tiny_vit(depth=DEPTH), torch.randn(4, 3, 64, 64), be)
     gm = be.quantized[-1].module
     q = torch.ops.quantized_decomposed.quantize_per_tensor.default
@@ -128,9 +154,7 @@ def test_torchao_engine_gives_int8_matmuls():
     out, code = _run(m, x, be)
     assert be.quantized[-1].mode == "dynamic-torchao" and be.quantized[-1].kept_fp32 == ["head"]
     assert code.count("qlinear_pointwise") + code.count("_int_mm") >= LINEARS - 1
-    with torch.no_grad():
-        fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
-    assert torch.nn.functional.cosine_similarity(out, fp32).min().item() > 0.98
+    assert torch.nn.functional.cosine_similarity(out, _float(m, x)).min().item() > 0.98
     assert all(p.dtype == torch.float32 for p in m.parameters()), "the user's weights stay untouched"
 
 
@@ -190,7 +214,7 @@ def test_modelopt_engine_makes_calibrated_qdq_for_tensorrt():
                            quantize_keep_fp32=["blocks.1.mlp.fc2"])
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
-        fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
+    fp32 = _float(m, x)
     qg = be.quantized[-1]
     assert qg.mode == "static-modelopt" and qg.kept_fp32 == ["blocks.1.mlp.fc2"]
     lins = {k: mod for k, mod in qg.module.named_children() if isinstance(mod, torch.nn.Linear)}
@@ -241,14 +265,11 @@ def test_tensorrt_int8_lowering():
     assert torch.nn.functional.cosine_similarity(out.float(), fp32).min().item() > 0.98
 
 
-def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges():
+@pytest.mark.xdist_group("tome_int8")
+def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges(tome_int8):
     """docs/benchmarks.md suggests inductor's C++ wrapper for small batches: it must give the same model."""
     from torch._inductor import config as inductor_config
-    m = tiny_vit(depth=DEPTH)
-    x = torch.randn(4, 3, 64, 64)
-    calib = _calib()
-    out_py, _ = _run(m, x, mergepass.backend("tome_int8", r=3, calibration=calib))
-    torch._dynamo.reset()
+    m, x, calib, _, out_py, _ = tome_int8
     with inductor_config.patch(cpp_wrapper=True):
         out_cpp, code = _run(m, x, mergepass.backend("tome_int8", r=3, calibration=calib))
     assert "qlinear_pointwise" in code and "bipartite_merge" in code and "inductor_entry_impl" in code
@@ -256,41 +277,34 @@ def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges():
 
 
 def test_bf16_rest_runs_around_int8_kernels_and_auto_follows_the_cpu(monkeypatch):
-    """quantize.rest = "bf16": qlinear emits bf16 and the ops between run in bf16 (fast with
-    AVX512-BF16/AMX only, so "auto" picks it only there); outputs keep the model's dtype."""
-    from mergepass.quantize import pt2e
-    m = tiny_vit(depth=DEPTH)
-    x = torch.randn(4, 3, 64, 64)
-    be = mergepass.backend("tome_int8", r=3, calibration=_calib(), quantize_rest="bf16")
-    out, code = _run(m, x, be)
-    assert code.count("qlinear_pointwise") >= LINEARS and "torch.bfloat16" in code
-    assert out.dtype == torch.float32
-    with torch.no_grad():
-        fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
-    assert torch.nn.functional.cosine_similarity(out, fp32).min().item() > 0.97
-    for isa, want in (("none", None), ("AVX512-BF16", torch.bfloat16), ("AMX-BF16", torch.bfloat16)):
-        monkeypatch.setattr(pt2e, "bf16_isa", lambda isa=isa: isa)
-        assert pt2e.rest_dtype("auto") is want
-        assert pt2e.rest_dtype("fp32") is None and pt2e.rest_dtype("bf16") is torch.bfloat16
-    monkeypatch.setattr(pt2e, "bf16_isa", lambda: "none")
-    torch._dynamo.reset()
-    _, code = _run(m, x, mergepass.backend("tome_int8", r=3, calibration=_calib()))
-    assert "torch.bfloat16" not in code, "auto must keep FP32 on a CPU without bf16 instructions"
-
-
-def test_bf16_rest_runs_attention_in_bf16():
-    """With quantize.rest = "bf16" attention itself runs in bf16, not FP32 (read off the post-grad graph)."""
+    """quantize.rest = "bf16": qlinear emits bf16 and the ops between run in bf16, attention included
+    (read off the post-grad graph); fast with AVX512-BF16/AMX only, so "auto" picks it only there.
+    Outputs keep the model's dtype."""
     from torch._inductor import config as inductor_config
+    from mergepass.quantize import pt2e
     seen = []
 
     def record(graph):
         seen.extend(n.args[0].meta["val"].dtype for n in graph.nodes
                     if n.op == "call_function" and "scaled_dot_product" in str(n.target))
     m = tiny_vit(depth=DEPTH)
+    x = torch.randn(4, 3, 64, 64)
     be = mergepass.backend("tome_int8", r=3, calibration=_calib(), quantize_rest="bf16")
-    with inductor_config.patch(post_grad_custom_post_pass=record), torch.no_grad():
-        torch.compile(m, backend=be, dynamic=False)(torch.randn(4, 3, 64, 64))
+    with inductor_config.patch(post_grad_custom_post_pass=record):
+        out, code = _run(m, x, be)
+    assert code.count("qlinear_pointwise") >= LINEARS and "torch.bfloat16" in code
     assert seen and set(seen) == {torch.bfloat16}, seen
+    assert out.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(out, _float(m, x)).min().item() > 0.97
+    for isa, want in (("none", None), ("AVX512-BF16", torch.bfloat16), ("AMX-BF16", torch.bfloat16)):
+        monkeypatch.setattr(pt2e, "bf16_isa", lambda isa=isa: isa)
+        assert pt2e.rest_dtype("auto") is want
+        assert pt2e.rest_dtype("fp32") is None and pt2e.rest_dtype("bf16") is torch.bfloat16
+    monkeypatch.setattr(pt2e, "bf16_isa", lambda: "none")
+    torch._dynamo.reset()
+    be = mergepass.backend("tome_int8", r=3, calibration=_calib(), lower="eager")
+    _run(m, x, be)
+    assert be.quantized[-1].autocast is None, "auto must keep FP32 on a CPU without bf16 instructions"
 
 
 def test_int8_on_a_tower_with_string_conv_padding():

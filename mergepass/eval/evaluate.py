@@ -78,8 +78,8 @@ def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
         first = next(iter(calibration or []), None)
         if first is None:
             raise ValueError(f"{name} needs calibration batches (their shape is the one it is exported for)")
-        return peers.ort(model, first[0] if isinstance(first, (tuple, list)) else first, calibration,
-                         int8=name.startswith("ort_int8"), merge=peers.merge_recipe(name, overrides)), None
+        return peers.build(name, model, first[0] if isinstance(first, (tuple, list)) else first, calibration,
+                           overrides), None
     be = backend(load(name, **overrides), calibration=calibration)
     return torch.compile(model, backend=be, dynamic=False), be
 

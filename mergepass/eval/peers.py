@@ -8,6 +8,12 @@ Gemm (the attention matmuls too), run by ``InferenceSession`` on the CPU with to
 ``ort_int8_tome`` (``ort_int8_tome:r=12``): the same, on the model with ToMe patched in. The ONNX graph
 is mergepass's merged FP32 graph with its plain tensor merge ops (what a user gets by patching ToMe
 into the model before export: bipartite matching, size-weighted merge, proportional attention).
+
+``ov_int8``: OpenVINO with NNCF's post-training int8 (``nncf.quantize``, transformer model type,
+calibrated on the same batches), compiled for the CPU with OpenVINO's defaults (bf16 for what is not
+quantized, where the CPU has bf16 instructions) and torch's thread count. ``ov_int8_tome``: the same
+on the model with ToMe patched in before conversion, as OpenVINO's own token-merging module does.
+``ov_fp32``: OpenVINO without NNCF, FP32 inference precision.
 """
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-PEERS = ("ort_int8", "ort_fp32", "ort_int8_tome")
-MERGED = {"ort_int8_tome": "tome"}  # peer -> the recipe whose merges it runs
+PEERS = ("ort_int8", "ort_fp32", "ort_int8_tome", "ov_int8", "ov_fp32", "ov_int8_tome")
+MERGED = {"ort_int8_tome": "tome", "ov_int8_tome": "tome"}  # peer -> the recipe whose merges it runs
 
 
 def merge_recipe(name: str, overrides: Optional[dict] = None):
@@ -57,11 +63,64 @@ def merged_module(model: torch.nn.Module, example: torch.Tensor, recipe) -> torc
 def available(name: str) -> Optional[str]:
     """None when peer ``name`` can run here, else why not."""
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
+        if name.startswith("ov_"):
+            import nncf  # noqa: F401
+            import openvino  # noqa: F401
+        else:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
     except ImportError as e:
-        return f"{name} needs onnxruntime and onnx (pip install 'mergepass[bench]'): {e}"
+        need = "openvino and nncf" if name.startswith("ov_") else "onnxruntime and onnx"
+        return f"{name} needs {need} (pip install 'mergepass[bench]'): {e}"
     return None
+
+
+def build(name: str, model: torch.nn.Module, example: torch.Tensor, calibration=None,
+          overrides: Optional[dict] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Peer ``name`` (one of :data:`PEERS`) for ``example``'s shape, calibrated on ``calibration``."""
+    merge = merge_recipe(name, overrides)
+    if name.startswith("ov_"):
+        return openvino_peer(model, example, calibration, int8=name.startswith("ov_int8"), merge=merge)
+    return ort(model, example, calibration, int8=name.startswith("ort_int8"), merge=merge)
+
+
+def _calibration_batches(calibration, example: torch.Tensor) -> list[torch.Tensor]:
+    """The calibration batches of ``example``'s shape (the exported graphs are static)."""
+    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in (calibration or [example])]
+    return [b.float() for b in batches if b.shape == example.shape] or [example.float()]
+
+
+def openvino_peer(model: torch.nn.Module, example: torch.Tensor, calibration=None, int8: bool = True,
+                  merge=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` converted to OpenVINO for ``example``'s shape, int8 by NNCF (transformer model type)
+    calibrated on ``calibration``; with ``merge`` (a recipe), the model with that recipe's merges."""
+    why = available("ov_int8" if int8 else "ov_fp32")
+    if why:
+        raise RuntimeError(why)
+    import openvino as ov
+
+    schedule = None
+    if merge is not None:
+        model = merged_module(model, example, merge)
+        schedule = model.schedule
+    with torch.no_grad():
+        converted = ov.convert_model(_FirstOutput(model).eval(), example_input=example, input=[tuple(example.shape)])
+    config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    if int8:
+        import nncf
+        batches = _calibration_batches(calibration, example)
+        converted = nncf.quantize(converted, nncf.Dataset(batches, lambda b: b.numpy()),
+                                  model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))
+    else:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = ov.Core().compile_model(converted, "CPU", config)
+    request = compiled.create_infer_request()
+    out_port = compiled.output(0)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(request.infer({0: x.detach().float().numpy()})[out_port].copy())
+    run.schedule = schedule
+    return run
 
 
 def _export(model: torch.nn.Module, x: torch.Tensor, path: Path) -> None:
@@ -113,8 +172,7 @@ def ort(model: torch.nn.Module, example: torch.Tensor, calibration: Optional[Seq
 
     from ..quantize.pt2e import cpu_has_vnni
 
-    batches = [b[0] if isinstance(b, (tuple, list)) else b for b in (calibration or [example])]
-    batches = [b for b in batches if b.shape == example.shape] or [example]
+    batches = _calibration_batches(calibration, example)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -13,13 +13,12 @@ When it cannot be built, :func:`kernel_error` says why and callers use the refer
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..cpu import cpu_id
+from ..kernels.build import build_extension
 from .ops import checkerboard, largest_norms, window_perm
 from .tokens import init_state
 
@@ -40,26 +39,7 @@ def _shapes(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):
 @functools.cache
 def kernel_error() -> Optional[str]:
     """Build and load the kernel once; ``None`` when it is ready, else why it is not."""
-    import logging
-    import warnings
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)  # "no CUDA runtime" noise, for this build only
-    try:
-        from torch.utils.cpp_extension import load
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # -march=native: a cached build must never be loaded on a different CPU, so the name says which
-            cpu = hashlib.sha1(cpu_id().encode()).hexdigest()[:10]
-            load(name=f"mergepass_kernels_{cpu}", sources=[str(_SRC)], is_python_module=False,
-                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                 verbose=False)
-    except Exception as e:  # no compiler, no headers, a build error: all mean "use the reference path"
-        msg = str(e).strip()
-        return f"{type(e).__name__}: {msg.splitlines()[-1] if msg else ''}"
-    finally:
-        log.setLevel(level)
-    return None
+    return build_extension("mergepass_kernels", [_SRC])
 
 
 def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):

@@ -1,0 +1,1 @@
+"""mergepass's own C++ kernels (built on first use) and their operator registrations."""

@@ -1,0 +1,172 @@
+"""mergepass's bf16 attention op (mergepass/kernels/attention.py): numerics against SDPA and a plain
+reference, the pass that inserts it, the recipe field that picks it, and its declines."""
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mergepass
+from mergepass.graph.passes import replace_attention
+from mergepass.kernels import attention
+from conftest import tiny_vit
+from fxgraphs import GraphBuilder
+
+needs_op = pytest.mark.skipif(attention.unavailable() is not None,
+                              reason=f"bf16 attention op unavailable: {attention.unavailable()}")
+
+
+def _cos(a, b):
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
+
+
+@needs_op
+@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (1, 6, 197, 64), (2, 2, 33, 80), (1, 1, 5, 8), (3, 2, 1, 16)])
+@pytest.mark.parametrize("bias", [None, "size", "full"])
+def test_op_matches_sdpa_and_the_plain_reference(shape, bias):
+    """Odd token counts, batch 1, head sizes that are not a multiple of 16 or 32, with proportional
+    attention's [B, 1, 1, N] bias and a full float mask."""
+    torch.manual_seed(0)
+    b, h, n, d = shape
+    q, k, v = (torch.randn(*shape) * 2 for _ in range(3))
+    mask = {None: None, "size": torch.rand(b, 1, 1, n).log(), "full": torch.randn(b, h, n, n)}[bias]
+    out = attention.bf16_attention(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q, k, v, mask)
+    assert out.shape == want.shape and out.dtype == torch.float32
+    assert _cos(out, want) >= 0.9999
+    torch.testing.assert_close(out, attention.reference(q, k, v, mask), rtol=2e-3, atol=2e-3)
+
+
+@needs_op
+def test_op_takes_a_scale_a_broadcast_mask_and_bf16_inputs():
+    q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
+    mask = torch.randn(9, 9)
+    out = attention.bf16_attention(q, k, v, mask, scale=0.3)
+    assert _cos(out, F.scaled_dot_product_attention(q, k, v, mask, scale=0.3)) >= 0.9999
+    low = attention.bf16_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16())
+    assert low.dtype == torch.bfloat16 and _cos(low.float(), F.scaled_dot_product_attention(q, k, v, mask)) >= 0.999
+
+
+@needs_op
+def test_nan_propagates_as_in_sdpa():
+    q, k, v = (torch.randn(1, 1, 6, 8) for _ in range(3))
+    q[0, 0, 2, 3] = float("nan")
+    out = attention.bf16_attention(q, k, v)
+    assert out[0, 0, 2].isnan().all() and not out[0, 0, [0, 1, 3, 4, 5]].isnan().any()
+
+
+@needs_op
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(2, 5, 8),) * 3, "4-D"),
+    ((torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 8)), "shapes do not match"),
+    ((torch.randn(1, 2, 5, 8),) * 3 + (torch.ones(5, 5, dtype=torch.bool),), "float mask"),
+    ((torch.ones(1, 2, 5, 8, dtype=torch.long),) * 3, "floating dtype"),
+])
+def test_op_rejects_what_it_cannot_compute(args, match):
+    q, k, v, *mask = args
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mergepass.bf16_attention(q, k, v, mask[0] if mask else None, 0.5)
+
+
+# -- the pass ----------------------------------------------------------------------------------------
+
+def _attention_graph():
+    g = GraphBuilder()
+    q, k, v = (g.input(f"L_{n}_", torch.randn(2, 2, 7, 8, generator=g.gen)) for n in "qkv")
+    fmask = g.input("L_mask_", torch.randn(2, 1, 1, 7, generator=g.gen))
+    bmask = g.input("L_bmask_", torch.rand(7, 7, generator=g.gen) > 0.2)
+    sdpa = torch._C._nn.scaled_dot_product_attention
+    outs = [g.fn(sdpa, q, k, v),                       # plain: replaced
+            g.fn(sdpa, q, k, v, attn_mask=fmask),      # float mask: replaced
+            g.fn(sdpa, q, k, v, fmask, 0.0, False, scale=0.2),  # explicit scale: replaced
+            g.fn(sdpa, q, k, v, is_causal=True),       # causal: kept
+            g.fn(sdpa, q, k, v, bmask),                # boolean mask: kept
+            g.fn(sdpa, q, k, v, dropout_p=0.1)]        # dropout: kept
+    total = outs[0]
+    for o in outs[1:5]:
+        total = g.fn(operator.add, total, o)
+    return g, g.output(g.fn(operator.add, total, g.fn(operator.mul, outs[5], 0.0)))
+
+
+@needs_op
+def test_pass_replaces_exactly_the_attentions_the_op_computes():
+    g, gm = _attention_graph()
+    ref = g.run(gm)
+    assert replace_attention(gm) == 3
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.mergepass.bf16_attention.default]
+    assert [n.args[4] for n in ops] == [8 ** -0.5, 8 ** -0.5, 0.2]
+    kept = [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
+    assert len(kept) == 3 and all("example_value" in n.meta for n in ops)
+    torch.manual_seed(0)  # the kept dropout attention is multiplied by 0
+    assert _cos(g.run(gm), ref) >= 0.9999
+
+
+# -- the recipe field --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_and_input():
+    return tiny_vit(depth=2), torch.randn(2, 3, 64, 64)
+
+
+@needs_op
+@pytest.mark.xdist_group("attention_compile")
+def test_inductor_keeps_the_op_opaque_and_the_model_close(model_and_input):
+    from torch._inductor.utils import run_and_get_code
+    m, x = model_and_input
+    torch._dynamo.reset()
+    be = mergepass.backend("tome", r=3, attention_kernel="bf16")
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(m, backend=be, dynamic=False), x)
+        ref = torch.compile(m, backend=mergepass.backend("tome", r=3, attention_kernel="sdpa", lower="eager"),
+                            dynamic=False)(x)
+    code = "\n".join(code)
+    assert be.results[-1].attention_ops == 2 and code.count("mergepass.bf16_attention") >= 2
+    assert "scaled_dot_product" not in code  # not fused back into SDPA
+    assert _cos(out, ref) >= 0.9999
+
+
+@needs_op
+@pytest.mark.parametrize("recipe", ["tome_int8", "int8"])
+def test_int8_graphs_quantize_around_the_op(model_and_input, recipe):
+    m, x = model_and_input
+    be = mergepass.backend(recipe, r=3, attention_kernel="bf16", calibration=[x], lower="eager")
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False)(x)
+        ref = m(x)
+    assert be.results[-1].attention_ops == 2 and be.quantized[-1].mode == "static"
+    targets = {str(n.target) for n in be.quantized[-1].module.graph.nodes}
+    assert any("bf16_attention" in t for t in targets)
+    assert F.cosine_similarity(out, ref).min() > 0.98
+
+
+def test_auto_picks_the_op_only_where_it_is_the_faster_one(monkeypatch):
+    monkeypatch.setattr(attention, "unavailable", lambda: None)
+    for vendor, flags, want in (("AuthenticAMD", {"avx512_bf16"}, True), ("GenuineIntel", {"avx512_bf16"}, False),
+                                ("AuthenticAMD", {"avx512_bf16", "amx_bf16"}, False)):
+        monkeypatch.setattr(attention, "vendor", lambda v=vendor: v)
+        monkeypatch.setattr(attention, "cpu_flags", lambda f=flags: frozenset(f))
+        assert attention.preferred() is want, (vendor, flags)
+    from mergepass.graph.passes.replace_attention import wanted
+    monkeypatch.setattr(attention, "preferred", lambda: True)
+    assert wanted("auto", True, False, False, False, True) == (True, "")
+    assert wanted("auto", False, False, False, False, True) == (False, "")  # recipe "none" stays exact
+    assert wanted("sdpa", True, True, False, False, True)[0] is False
+    assert "int8" in wanted("auto", True, True, True, False, True)[1]
+    assert "gradients" in wanted("bf16", True, False, False, True, True)[1]
+    assert "CPU" in wanted("bf16", True, False, False, False, False)[1]
+
+
+def test_a_cpu_without_the_op_declines_auto_and_refuses_bf16(monkeypatch, model_and_input):
+    m, x = model_and_input
+    monkeypatch.setattr(attention, "unavailable", lambda: "the CPU has no AVX512-BF16 (bf16: none)")
+    be = mergepass.backend("tome", r=3, lower="eager")
+    with torch.no_grad():
+        torch.compile(m, backend=be, dynamic=False)(x)
+    assert be.results[-1].attention_ops == 0
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match="attention_kernel' is 'bf16'.*no AVX512-BF16"):
+        torch.compile(m, backend=mergepass.backend("tome", r=3, lower="eager", attention_kernel="bf16"),
+                      dynamic=False)(x)
+    with pytest.raises(ValueError, match="attention_kernel"):
+        mergepass.load_recipe("tome", attention_kernel="fast")
+

@@ -1,0 +1,251 @@
+"""Each graph pass and the matcher on small hand-built FX graphs (tests/fxgraphs.py): no compile.
+
+The contracts pinned here: what each pass changes, what it returns, the node tags and shapes later
+passes read, and how a block that cannot be rewritten is declined."""
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mergepass
+from mergepass.graph.capture import copy_graph_module, prepare
+from mergepass.graph.match import NO_ATTENTION, find_blocks
+from mergepass.graph.passes import RewriteError, expand_mha, fix_token_literals, fold_scalars, insert_merges, strip_noops
+from mergepass.graph.rewrite import rewrite
+from mergepass.merge import attn_bias, gather_positions, global_merge, key_metric, unmerge
+from mergepass.schedule import make_schedule
+from fxgraphs import GraphBuilder, vit_graph
+
+
+def _calls(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+# -- strip_noops -------------------------------------------------------------------------------------
+
+def test_strip_noops_drops_inference_dropout_and_keeps_training_dropout():
+    g = GraphBuilder()
+    x = g.input("L_x_", torch.randn(2, 5))
+    a = g.fn(F.dropout, x, 0.0, True)          # p = 0
+    b = g.fn(F.dropout, a, p=0.3, training=False)
+    c = g.fn(F.dropout, b, 0.3, True)          # real training dropout
+    gm = g.output(g.fn(operator.mul, c, 2.0))
+    assert strip_noops(gm) == 2
+    left = _calls(gm, F.dropout)
+    assert len(left) == 1 and left[0].args[0].op == "placeholder" and left[0].args[1:] == (0.3, True)
+    assert strip_noops(gm) == 0  # idempotent
+
+
+# -- fold_scalars ------------------------------------------------------------------------------------
+
+def test_fold_scalars_turns_item_reads_of_module_state_into_constants():
+    g = GraphBuilder()
+    x = g.input("L_x_", torch.randn(2, 5))
+    eps = g.input("L_self_eps", torch.tensor(0.25))      # module state lifted by dynamic=True
+    user = g.input("L_scale_", torch.tensor(3.0))        # a user input: stays an input
+    y = g.fn(operator.add, x, g.method("item", eps))
+    gm = g.output(g.fn(operator.mul, y, g.method("item", user)))
+    ref = g.run(gm)
+    assert fold_scalars(gm, g.inputs) == 1
+    items = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "item"]
+    assert [n.args[0].target for n in items] == ["L_scale_"]
+    add = _calls(gm, operator.add)[0]
+    assert add.args[1] == 0.25
+    torch.testing.assert_close(g.run(gm), ref)
+
+
+# -- expand_mha --------------------------------------------------------------------------------------
+
+def _mha_graph(**kw):
+    g = GraphBuilder()
+    seq, bsz, dim, heads = 7, 2, 8, 2
+    x = g.input("L_x_", torch.randn(seq, bsz, dim))
+    w_in, b_in = g.param("in_proj_weight", 3 * dim, dim), g.param("in_proj_bias", 3 * dim)
+    w_out, b_out = g.param("out_proj_weight", dim, dim), g.param("out_proj_bias", dim)
+    args = dict(bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=w_out,
+                out_proj_bias=b_out, training=False, need_weights=False)
+    args.update(kw)
+    out = g.fn(F.multi_head_attention_forward, x, x, x, dim, heads, w_in, b_in, **args)
+    return g, g.output(g.fn(operator.getitem, out, 0))
+
+
+def test_expand_mha_writes_plain_self_attention_out_as_sdpa():
+    g, gm = _mha_graph()
+    ref = g.run(gm)
+    assert expand_mha(gm, g.inputs) == 1
+    assert not _calls(gm, F.multi_head_attention_forward)
+    assert len(_calls(gm, F.scaled_dot_product_attention)) == 1
+    assert all("example_value" in n.meta for n in gm.graph.nodes if n.op != "output")  # the matcher reads shapes
+    torch.testing.assert_close(g.run(gm), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_expand_mha_leaves_attention_with_extra_terms_alone():
+    g, gm = _mha_graph(add_zero_attn=True)
+    assert expand_mha(gm, g.inputs) == 0 and len(_calls(gm, F.multi_head_attention_forward)) == 1
+
+
+# -- find_blocks (the matcher) -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("attention", ["sdpa", "softmax"])
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_matcher_finds_the_chain_grid_prefix_and_costs(attention, prefix):
+    dim, depth = 16, 3
+    g, gm = vit_graph(depth=depth, prefix=prefix, dim=dim, attention=attention)
+    m = find_blocks(gm)
+    assert m.ok and not m.problems, m.problems
+    assert len(m.blocks) == depth and [b.index for b in m.blocks] == list(range(depth))
+    assert (m.batch, m.tokens, m.width, m.prefix, m.grid) == (2, prefix + 16, dim, prefix, (4, 4))
+    for a, b in zip(m.blocks, m.blocks[1:]):
+        assert a.x_out is b.x_in
+    for b in m.blocks:
+        assert b.attn_kind == attention and b.keys_transposed == (attention == "softmax")
+        assert (b.lin_attn, b.lin_mlp, b.attn_dim) == (4 * dim * dim, 4 * dim * dim, dim)
+        assert b.macs(10, 4) == 10 * b.lin_attn + 2 * 100 * b.attn_dim + 4 * b.lin_mlp
+        assert b.x_mid in b.nodes and b.x_out in b.nodes and b.attn in b.nodes
+    assert m.other_macs == 5 * dim  # the head, on one token per image
+
+
+def test_matcher_leaves_the_graph_untouched():
+    g, gm = vit_graph()
+    before = [(n.op, n.target, n.args) for n in gm.graph.nodes]
+    find_blocks(gm)
+    assert [(n.op, n.target, n.args) for n in gm.graph.nodes] == before
+
+
+def test_matcher_names_why_it_declines():
+    g = GraphBuilder()
+    x = g.input("L_x_", torch.randn(2, 5, 8))
+    gm = g.output(g.fn(torch._C._nn.linear, x, g.param("fc_weight", 4, 8)))
+    m = find_blocks(gm)
+    assert not m.ok and m.problems == [NO_ATTENTION]
+    _, post = vit_graph(post_norm=True)
+    m = find_blocks(post)
+    assert not m.ok and "no MLP residual add" in m.summary()
+
+
+# -- insert_merges -----------------------------------------------------------------------------------
+
+def _scheduled(depth=3, r=3, **kw):
+    g, gm = vit_graph(depth=depth, **kw)
+    work = copy_graph_module(gm)
+    match = find_blocks(work)
+    return g, gm, work, match, make_schedule(match, mergepass.load_recipe("tome", r=r))
+
+
+def test_insert_merges_contract():
+    g, gm, work, match, sched = _scheduled()
+    old_nodes = set(work.graph.nodes)
+    out = insert_merges(work, match, sched)
+    assert set(out) == {"region", "merges", "sources"}
+    assert out["region"] == 3 and len(out["merges"]) == 3
+    assert all(n.target is global_merge and n.kwargs["r"] == 3 and n.kwargs["prefix"] == 1 for n in out["merges"])
+    assert out["sources"][0] is None and all(out["sources"][i] is not None for i in (1, 2))
+    new = set(work.graph.nodes) - old_nodes
+    assert new and all(n.meta.get("mergepass") for n in new)  # failures in these are mergepass's own
+    assert not any(n.meta.get("mergepass") for n in old_nodes)
+    # each merge reads key_metric of its own block's keys and replaces the attention residual downstream
+    for b, mnode in zip(match.blocks, out["merges"]):
+        assert mnode.args[0] is b.x_mid and mnode.args[1].target is key_metric and mnode.args[1].args[0] is b.keys
+    # proportional attention: a log-size bias into every attention after the first merge
+    masks = [n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask") for n in _calls(work, torch._C._nn.scaled_dot_product_attention)]
+    assert masks[0] is None and all(m is not None and m.target is attn_bias for m in masks[1:])
+    assert all(m.meta["unmerged_shape"] == (2, 1, 1, 17) for m in masks[1:])  # what position_tables compares with
+    # one unmerge, where the stream leaves the last block, so the norm and head see 17 tokens
+    (un,) = _calls(work, unmerge)
+    assert un.args[0] is match.blocks[-1].x_out and all(u not in match.blocks[-1].nodes for u in un.users)
+
+
+def test_insert_merges_without_proportional_attention_adds_no_bias():
+    g, gm = vit_graph(depth=3)
+    work = copy_graph_module(gm)
+    match = find_blocks(work)
+    insert_merges(work, match, make_schedule(match, mergepass.load_recipe("tome", r=3, prop_attn=False)))
+    assert not _calls(work, attn_bias)
+
+
+# -- fix_token_literals ------------------------------------------------------------------------------
+
+def _allowed(match, region):
+    return set().union(*(b.nodes for b in match.blocks[:region]))
+
+
+def _reshapes(gm):
+    return [n.args[1:] for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+
+
+def test_fix_token_literals_makes_reshapes_follow_the_merges():
+    g, gm, work, match, sched = _scheduled()
+    out = insert_merges(work, match, sched)
+    source_of = {n: s for i, s in out["sources"].items() if s is not None for n in match.blocks[i].nodes}
+    fixed = fix_token_literals(work, g.inputs, _allowed(match, out["region"]), source_of, match.tokens, match.prefix)
+    tokens = [n_in for n_in, _ in sched.token_counts()]
+    assert tokens == [17, 14, 11]
+    assert fixed == 2 * 2  # qkv and output reshapes of blocks 1 and 2
+    assert _reshapes(work) == [r for n in tokens for r in ((2, n, 3, 2, 8), (2, n, 16))]
+    assert g.run(work).shape == g.run(gm).shape
+    assert not torch.allclose(g.run(work), g.run(gm))  # merging changed the result
+
+
+def test_fix_token_literals_refuses_a_change_outside_the_allowed_nodes():
+    g, gm, work, match, sched = _scheduled()
+    insert_merges(work, match, sched)
+    with pytest.raises(RewriteError, match="outside the merged blocks|shape changed"):
+        fix_token_literals(work, g.inputs, _allowed(match, 1), {}, match.tokens, match.prefix)
+
+
+def _mean_over_tokens(g, h):
+    return g.fn(operator.add, h, g.fn(operator.mul, g.method("mean", h, 1, keepdim=True), 0.0))
+
+
+def test_a_reduction_over_merged_tokens_is_refused_and_rewrite_merges_only_the_blocks_before():
+    g, gm, work, match, sched = _scheduled(mlp_extra=_mean_over_tokens)
+    out = insert_merges(work, match, sched)
+    with pytest.raises(RewriteError, match="consumes the token axis") as e:
+        fix_token_literals(work, g.inputs, _allowed(match, out["region"]), {}, match.tokens, match.prefix)
+    assert e.value.node in match.blocks[1].nodes
+    # the driver declines block 1 and everything after it, with one note naming the block
+    notes = []
+    res = rewrite(prepare(gm, g.inputs), g.inputs, mergepass.load_recipe("tome", r=3), warn=notes.append)
+    assert [b.kind for b in res.schedule.blocks] == ["global", "off", "off"]
+    assert len([n for n in notes if "not merged because" in n]) == 1
+    assert g.run(res.gm).shape == g.run(gm).shape
+
+
+def test_position_tables_are_read_at_the_merged_positions():
+    g, gm, work, match, sched = _scheduled(attention="softmax", rel_bias=True)
+    out = insert_merges(work, match, sched)
+    source_of = {n: s for i, s in out["sources"].items() if s is not None for n in match.blocks[i].nodes}
+    fix_token_literals(work, g.inputs, _allowed(match, out["region"]), source_of, match.tokens, match.prefix)
+    reads = _calls(work, gather_positions)
+    assert len(reads) == 2 and all(n.meta.get("mergepass") for n in reads)  # blocks 1 and 2 see merged tokens
+    assert all(n.args[0].target.startswith("L_self_blocks_") for n in reads)
+    assert g.run(work).shape == (2, 5)
+
+
+# -- rewrite (the driver) ----------------------------------------------------------------------------
+
+def test_rewrite_with_nothing_to_merge_returns_the_graph_unchanged():
+    g, gm = vit_graph()
+    base = prepare(gm, g.inputs)
+    res = rewrite(base, g.inputs, mergepass.load_recipe("tome", r=0), warn=False)
+    assert res.gm is base and not res.merged
+    torch.testing.assert_close(g.run(res.gm), g.run(gm), rtol=0, atol=0)
+
+
+def test_rewrite_never_modifies_its_input_graph():
+    g, gm = vit_graph()
+    base = prepare(gm, g.inputs)
+    before = [(n.name, n.target, n.args) for n in base.graph.nodes]
+    res = rewrite(base, g.inputs, mergepass.load_recipe("tome", r=3), warn=False)
+    assert res.merged and res.gm is not base
+    assert [(n.name, n.target, n.args) for n in base.graph.nodes] == before
+
+
+def test_unmatched_graph_comes_back_unchanged_with_one_note():
+    g = GraphBuilder()
+    x = g.input("L_x_", torch.randn(2, 5, 8))
+    gm = g.output(g.fn(torch._C._nn.linear, x, g.param("fc_weight", 4, 8)))
+    said = []
+    res = rewrite(prepare(gm, g.inputs), g.inputs, mergepass.load_recipe("tome"), warn=said.append)
+    assert res.schedule is None and len(said) == 1 and "no transformer blocks matched" in said[0]
