@@ -1,4 +1,4 @@
-"""mergepass's bf16 attention op against torch's FP32 SDPA, interleaved in one process.
+"""mergepass's attention ops (bf16, int8) against torch's FP32 SDPA, interleaved in one process.
 
     python benchmarks/attention_op.py --threads 2
 
@@ -23,17 +23,18 @@ SHAPES = {"ViT-S/14 224px b8": (8, 6, 257, 64), "ViT-B/16 224px b8": (8, 12, 197
           "ViT-S/14 518px b1": (1, 6, 1370, 64)}
 
 
-def time_shape(shape, rounds: int, iters: int) -> dict:
+def time_shape(shape, kinds, rounds: int, iters: int) -> dict:
+    """{contender: (median ms, speedup over SDPA, (min, max) per-round speedup, cosine to SDPA)}."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(*shape) for _ in range(3))
     bias = torch.rand(shape[0], 1, 1, shape[2]).add(0.5).log()
-    fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, bias),
-           "bf16_op": lambda: attention.bf16_attention(q, k, v, bias)}
-    cos = F.cosine_similarity(fns["bf16_op"]().flatten().double(), fns["sdpa"]().flatten().double(), 0).item()
+    fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, bias)}
+    fns.update({kind: (lambda kind=kind: attention.attention(kind, q, k, v, bias)) for kind in kinds})
+    want = fns["sdpa"]().flatten().double()
     per = interleaved(fns, rounds, iters)
-    r = ratios(per, "bf16_op")["sdpa"]
-    return dict(sdpa_ms=1e3 * statistics.median(per["sdpa"]), op_ms=1e3 * statistics.median(per["bf16_op"]),
-                speedup=statistics.median(r), spread=(min(r), max(r)), cosine=cos)
+    r = ratios(per, "sdpa")  # sdpa time / contender time, per round
+    return {name: (1e3 * statistics.median(per[name]), statistics.median(r[name]), (min(r[name]), max(r[name])),
+                   F.cosine_similarity(fns[name]().flatten().double(), want, 0).item()) for name in fns}
 
 
 def main(argv=None) -> int:
@@ -42,18 +43,21 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iters", type=int, default=3)
     args = p.parse_args(argv)
-    why = attention.unavailable()
-    if why:
-        print(f"the bf16 attention op cannot run here: {why}", file=sys.stderr)
+    kinds = [k for k in attention.KINDS if attention.unavailable(k) is None]
+    for k in attention.KINDS:
+        if k not in kinds:
+            print(f"the {k} attention op cannot run here: {attention.unavailable(k)}", file=sys.stderr)
+    if not kinds:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{machine()}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds x {args.iters}")
-    print(f"{'shape':<20}{'[B, H, N, D]':<20}{'SDPA ms':>9}{'op ms':>9}{'op speedup':>12}{'spread':>13}{'cosine':>11}")
+    print(f"{machine()}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds x {args.iters}; "
+          f"attention_kernel='auto' picks: {attention.preferred() or 'sdpa'}")
+    print(f"{'shape':<20}{'[B, H, N, D]':<19}{'contender':<10}{'ms':>8}{'x SDPA':>8}{'spread':>13}{'cosine':>11}")
     for name, shape in SHAPES.items():
-        r = time_shape(shape, args.rounds, args.iters)
-        print(f"{name:<20}{str(list(shape)):<20}{r['sdpa_ms']:>9.2f}{r['op_ms']:>9.2f}{r['speedup']:>11.2f}x"
-              f"{r['spread'][0]:>7.2f}-{r['spread'][1]:<5.2f}{r['cosine']:>11.6f}", flush=True)
+        for who, (ms, speedup, spread, cos) in time_shape(shape, kinds, args.rounds, args.iters).items():
+            print(f"{name:<20}{str(list(shape)):<19}{who:<10}{ms:>8.2f}{speedup:>7.2f}x"
+                  f"{spread[0]:>7.2f}-{spread[1]:<5.2f}{cos:>11.6f}", flush=True)
     return 0
 
 

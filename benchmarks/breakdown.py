@@ -1,7 +1,12 @@
 """Where the time goes: per-forward time by kind of kernel for each contender, and the ratios.
 
     python benchmarks/breakdown.py --model vit_base_patch16_224 --batch 8 \
-        --contenders int8 tome_int8 dfe_lgtm_int8 --rounds 6 --json out/breakdown.json
+        --contenders int8 tome_int8 dfe_lgtm_int8 ov_int8 --rounds 6 --json out/breakdown.json
+
+``ov_int8`` (OpenVINO + NNCF, ``mergepass[bench]``) is profiled by OpenVINO's own per-node counters
+(``PERF_COUNT``), grouped the same way: int8 FullyConnected and Convolution -> int8 GEMM; its fused
+attention (a Subgraph named after scaled_dot_product_attention, or MHA/SDPA/MatMul/Softmax nodes) ->
+attention; the rest -> other kernels.
 
 Kernels are grouped as int8 GEMM (oneDNN qlinear/qconv), attention (SDPA), merge (the fused merge
 kernel, inductor kernels and aten ops that gather, scatter or sort), other kernels (norms,
@@ -28,15 +33,45 @@ import torch._inductor.config as inductor_config
 
 from mergepass.cpu import machine
 from mergepass.eval import models
+from mergepass.eval import peers
 from mergepass.eval.evaluate import compile_spec
+from mergepass.recipe import parse_spec
 
 GROUPS = ("int8 GEMM", "attention", "merge", "other kernels", "wrapper")
+ATTENTION_OPS = ("mergepass::bf16_attention", "mergepass::int8_attention")
+OV_ATTENTION = ("ScaledDotProductAttention", "MHA", "MatMul", "Softmax", "SDPA")
+
+
+def ov_group(node_type: str, exec_type: str, name: str = "") -> str:
+    """OpenVINO's nodes in this script's groups."""
+    if node_type.startswith(("FullyConnected", "Convolution")):
+        return "int8 GEMM" if "I8" in exec_type.upper() or "U8" in exec_type.upper() else "other kernels"
+    return "attention" if node_type in OV_ATTENTION or "scaled_dot_product_attention" in name else "other kernels"
+
+
+def profile_openvino(fn, x, iters: int) -> dict:
+    """:func:`profile_one` for an OpenVINO peer built with ``profile=True``: its per-node times."""
+    with torch.no_grad():
+        fn(x)
+        walls, sums = [], []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn(x)
+            walls.append(time.perf_counter() - t0)
+            ms = defaultdict(float)
+            for node_type, exec_type, name, t in fn.profile():
+                ms[ov_group(node_type, exec_type, name)] += t
+            sums.append(ms)
+    out = {g: statistics.median(m.get(g, 0.0) for m in sums) for g in GROUPS}
+    out["kernel sum"] = sum(out.values())
+    out["wall"] = 1e3 * statistics.median(walls)
+    return out
 
 
 def group(key: str) -> str | None:
     if key.startswith("onednn::q"):
         return "int8 GEMM"
-    if key.startswith("aten::") and "scaled_dot_product" in key:
+    if (key.startswith("aten::") and "scaled_dot_product" in key) or key in ATTENTION_OPS:
         return "attention"
     if key.startswith("## Call CompiledFxGraph"):
         return "wrapper"
@@ -77,7 +112,7 @@ def profile_interleaved(fns: dict, x, rounds: int, iters: int) -> dict:
     per = {spec: [] for spec in fns}
     for _ in range(rounds):
         for spec, fn in fns.items():
-            per[spec].append(profile_one(fn, x, iters))
+            per[spec].append((profile_openvino if hasattr(fn, "profile") else profile_one)(fn, x, iters))
     return {spec: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for spec, rs in per.items()}
 
 
@@ -104,17 +139,27 @@ def main(argv=None) -> int:
     p.add_argument("--contenders", nargs="+", default=["int8", "tome_int8"])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--checkpoint", default=None, help="real weights")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     inductor_config.cpp.enable_kernel_profile = True  # names each generated C++ kernel in the profile
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = models.create(args.model).eval()
-    size = models.input_size(model)
+    kw = {"num_classes": 0} if (args.checkpoint and "dinov2" in args.model) else {}
+    model = models.create(args.model, img_size=args.img_size, checkpoint=args.checkpoint, **kw).eval()
+    size = args.img_size or models.input_size(model)
     x = torch.randn(args.batch, 3, size, size)
     calibration = [torch.randn(args.batch, 3, size, size) for _ in range(2)]
     fns = {}
     for spec in args.contenders:
-        fns[spec], _ = compile_spec(model, spec, calibration)
+        if spec.startswith("ov_"):
+            fns[spec] = peers.openvino_peer(model, x, calibration, int8=spec.startswith("ov_int8"),
+                                            merge=peers.merge_recipe(*parse_spec(spec)), profile=True)
+        else:
+            fns[spec], _ = compile_spec(model, spec, calibration)
         with torch.no_grad():
             fns[spec](x)
         print(f"  compiled {spec}")

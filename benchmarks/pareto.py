@@ -64,7 +64,7 @@ def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, round
     return rows, es.skipped
 
 
-PEERS_OF = ("int8", "ort_int8")  # every timed row's speed is also given over these, when they ran
+PEERS_OF = ("int8", "ort_int8", "ov_int8")  # every timed row's speed is also given over these, when they ran
 
 
 def table(rows) -> str:

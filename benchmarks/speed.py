@@ -50,7 +50,7 @@ def time_contenders(model, x, specs, rounds=10, iters=3, calibration=None, log=p
     return per_round, compile_s, schedules
 
 
-def summarize(per_round, compile_s, schedules, base="eager", others=("int8", "ort_int8")):
+def summarize(per_round, compile_s, schedules, base="eager", others=("int8", "ort_int8", "ov_int8")):
     """One row per contender: median time, speedup over ``base`` (median ratio and the per-round spread)
     and, for each of ``others`` that ran, the speedup over it."""
     rows = []

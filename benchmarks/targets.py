@@ -1,5 +1,6 @@
 """Check mergepass's speed floors (ratios over eager FP32, over int8, over the int8 of before bf16
-around the GEMMs and int8 attention, and over ONNX Runtime's int8) and say which hold.
+around the GEMMs and int8 attention, over ONNX Runtime's int8, and over OpenVINO + NNCF int8, alone
+and with ToMe patched in) and say which hold.
 
     python benchmarks/targets.py                        # ViT-B/16: speed.py at batch 8 and 1
     python benchmarks/targets.py --model vit_small_patch14_dinov2
@@ -39,6 +40,13 @@ class Floor:
         return f"batch {self.batch}: {' or '.join(self.contenders)} >= {self.ratio}x over {self.over}"
 
 
+# against OpenVINO + NNCF int8 (what a CPU user picks instead), alone and with ToMe patched in at the same r
+OPENVINO = tuple(Floor(b, c, over, ratio) for b in (8, 1) for c, over, ratio in (
+    (("int8",), "ov_int8", 1.05),
+    (("tome_int8:r=16",), "ov_int8", 1.6),
+    (("tome_int8:r=16",), "ov_int8_tome:r=16", 1.25),
+    (("tome_int8:r=8",), "ov_int8_tome:r=8", 1.25)))
+
 FLOORS_BY_MODEL = {
     "vit_base_patch16_224": (
         Floor(8, ("int8",), "eager", 3.5),
@@ -48,11 +56,13 @@ FLOORS_BY_MODEL = {
         Floor(1, MERGED, "int8", 2.0),
         Floor(8, INT8, BASELINE_INT8, 1.35),        # needs AVX512-BF16 or AMX
         Floor(8, ("int8",), "ort_int8", 1.0),       # at least as fast as ONNX Runtime's int8
+        *OPENVINO,
     ),
     "vit_small_patch14_dinov2": (
         Floor(8, INT8, BASELINE_INT8, 1.7),         # needs AVX512-BF16 or AMX
         Floor(8, MERGED, "int8", 1.6),
         Floor(8, ("int8",), "ort_int8", 1.0),
+        *OPENVINO,
     ),
 }
 FLOORS = FLOORS_BY_MODEL["vit_base_patch16_224"]

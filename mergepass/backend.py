@@ -59,19 +59,20 @@ def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
 
 
 def _attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe) -> tuple[fx.GraphModule, int, str]:
-    """(graph, attentions now on mergepass's bf16 op, why none are) for recipe field ``attention_kernel``.
-    ``gm`` itself is never modified."""
+    """(graph, attentions now on one of mergepass's attention ops, why none are) for recipe field
+    ``attention_kernel``. ``gm`` itself is never modified."""
     from .graph.passes.replace_attention import replace_attention, wanted
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
-    use, why = wanted(recipe.attention_kernel, recipe.merges, recipe.quantize.enabled,
-                      recipe.quantize.enabled and recipe.quantize.attention == "int8", _training(example_inputs), on_cpu)
-    if recipe.attention_kernel == "bf16" and not use:
-        raise RuntimeError(f"recipe field 'attention_kernel' is 'bf16' but mergepass's bf16 attention cannot run here: "
-                           f"{why}; use attention_kernel='auto' or 'sdpa'")
-    if not use:
+    choice = recipe.attention_kernel
+    kind, why = wanted(choice, recipe.merges, recipe.quantize.enabled,
+                       recipe.quantize.enabled and recipe.quantize.attention == "int8", _training(example_inputs), on_cpu)
+    if choice not in ("auto", "sdpa") and kind is None:
+        raise RuntimeError(f"recipe field 'attention_kernel' is {choice!r} but mergepass's {choice} attention cannot "
+                           f"run here: {why}; use attention_kernel='auto' or 'sdpa'")
+    if kind is None:
         return gm, 0, why
     work = copy_graph_module(gm)
-    return work, replace_attention(work, example_inputs), ""
+    return work, replace_attention(work, kind), ""
 
 
 @dataclass
@@ -80,7 +81,7 @@ class GraphResult:
 
     rewrite: RewriteResult
     quantized: Optional[Quantized] = None
-    attention_ops: int = 0  # attentions running on mergepass's bf16 attention op
+    attention_ops: int = 0  # attentions running on one of mergepass's attention ops (recipe field attention_kernel)
 
     @property
     def schedule(self) -> Optional[Schedule]:

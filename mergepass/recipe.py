@@ -20,7 +20,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 QUANT_MODES = ("static", "dynamic")
 MERGE_KERNELS = ("auto", "fused", "reference")
-ATTENTION_KERNELS = ("auto", "sdpa", "bf16")
+ATTENTION_KERNELS = ("auto", "sdpa", "bf16", "int8")
 PARTITIONS = ("patches", "sequence")
 REST_PRECISIONS = ("auto", "fp32", "bf16")
 ATTENTION_PRECISIONS = ("float", "int8")
@@ -99,8 +99,9 @@ class Recipe:
     search_iterations: int = 6         # auto with calibration images: steps of the per-block r search
     lower: str = "inductor"
     merge_kernel: str = "auto"         # fused: one C++ op per merge (CPU); reference: pure tensor ops
-    attention_kernel: str = "auto"     # bf16: mergepass's bf16 attention op (CPUs with AVX512-BF16); sdpa: torch's;
-                                       # auto: bf16 in merged or int8 graphs on CPUs where it is the faster one
+    attention_kernel: str = "auto"     # bf16 | int8: mergepass's attention ops (AVX512-BF16 | AVX-512 VNNI, dynamic
+                                       # scales); sdpa: torch's; auto: in merged or int8 graphs, the op that is
+                                       # faster than SDPA on this CPU, if any (mergepass.kernels.attention)
     description: str = ""
 
     def __post_init__(self):

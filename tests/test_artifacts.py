@@ -38,7 +38,7 @@ def test_source_maps_follow_the_schedule():
 
 
 def test_export_runs_without_mergepass(tmp_path):
-    m = tiny_vit(depth=2)
+    m = tiny_vit(depth=1)
     x = torch.randn(2, 3, 64, 64)
     path = mergepass.export(m, x, "tome", path=tmp_path / "m.pt2", r=3)
     with torch.no_grad():

@@ -1,5 +1,5 @@
-"""mergepass's bf16 attention op (mergepass/kernels/attention.py): numerics against SDPA and a plain
-reference, the pass that inserts it, the recipe field that picks it, and its declines."""
+"""mergepass's attention ops (mergepass/kernels/attention.py, bf16 and int8): numerics against SDPA and
+plain references, the pass that inserts them, the recipe field that picks them, and their declines."""
 import operator
 
 import pytest
@@ -12,60 +12,91 @@ from mergepass.kernels import attention
 from conftest import tiny_vit
 from fxgraphs import GraphBuilder
 
-needs_op = pytest.mark.skipif(attention.unavailable() is not None,
-                              reason=f"bf16 attention op unavailable: {attention.unavailable()}")
+needs_op = pytest.mark.skipif(attention.unavailable("bf16") is not None,
+                              reason=f"bf16 attention op unavailable: {attention.unavailable('bf16')}")
+KINDS = [pytest.param(k, marks=pytest.mark.skipif(attention.unavailable(k) is not None,
+                                                  reason=f"{k} attention op unavailable: {attention.unavailable(k)}"))
+         for k in attention.KINDS]
+REFERENCE = {"bf16": attention.reference, "int8": attention.int8_reference}
+# the plain references compute exp exactly; the kernels' polynomial may round a bf16 probability, or a u8
+# one by a unit, the other way
+TOLERANCE = {"bf16": dict(rtol=2e-3, atol=5e-3), "int8": dict(rtol=1e-2, atol=3e-2)}
+MIN_COSINE = {"bf16": 0.9999, "int8": 0.999}  # per call on Gaussian q, k, v (near-uniform attention: hardest)
 
 
 def _cos(a, b):
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
 
 
-@needs_op
-@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (1, 6, 197, 64), (2, 2, 33, 80), (1, 1, 5, 8), (3, 2, 1, 16)])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (1, 6, 197, 64), (2, 2, 33, 80), (1, 1, 5, 8), (3, 2, 1, 16),
+                                   (2, 2, 9, 6)])
 @pytest.mark.parametrize("bias", [None, "size", "full"])
-def test_op_matches_sdpa_and_the_plain_reference(shape, bias):
-    """Odd token counts, batch 1, head sizes that are not a multiple of 16 or 32, with proportional
+def test_op_matches_sdpa_and_the_plain_reference(kind, shape, bias):
+    """Odd token counts, batch 1, head sizes that are not a multiple of 4, 16 or 32, with proportional
     attention's [B, 1, 1, N] bias and a full float mask."""
     torch.manual_seed(0)
     b, h, n, d = shape
     q, k, v = (torch.randn(*shape) * 2 for _ in range(3))
     mask = {None: None, "size": torch.rand(b, 1, 1, n).log(), "full": torch.randn(b, h, n, n)}[bias]
-    out = attention.bf16_attention(q, k, v, mask)
+    out = attention.attention(kind, q, k, v, mask)
     want = F.scaled_dot_product_attention(q, k, v, mask)
     assert out.shape == want.shape and out.dtype == torch.float32
-    assert _cos(out, want) >= 0.9999
-    torch.testing.assert_close(out, attention.reference(q, k, v, mask), rtol=2e-3, atol=2e-3)
+    assert _cos(out, want) >= MIN_COSINE[kind]
+    torch.testing.assert_close(out, REFERENCE[kind](q, k, v, mask), **TOLERANCE[kind])
 
 
-@needs_op
-def test_op_takes_a_scale_a_broadcast_mask_and_bf16_inputs():
+@pytest.mark.parametrize("kind", KINDS)
+def test_op_takes_a_scale_a_broadcast_mask_and_bf16_inputs(kind):
     q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
     mask = torch.randn(9, 9)
-    out = attention.bf16_attention(q, k, v, mask, scale=0.3)
-    assert _cos(out, F.scaled_dot_product_attention(q, k, v, mask, scale=0.3)) >= 0.9999
-    low = attention.bf16_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16())
+    out = attention.attention(kind, q, k, v, mask, scale=0.3)
+    assert _cos(out, F.scaled_dot_product_attention(q, k, v, mask, scale=0.3)) >= MIN_COSINE[kind]
+    low = attention.attention(kind, q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16())
     assert low.dtype == torch.bfloat16 and _cos(low.float(), F.scaled_dot_product_attention(q, k, v, mask)) >= 0.999
 
 
-@needs_op
-def test_nan_propagates_as_in_sdpa():
+@pytest.mark.parametrize("kind", KINDS)
+def test_op_reads_views_of_one_qkv_projection_in_place(kind):
+    """timm's q, k, v are strided views of one [B, N, 3, H, D] tensor; the op reads them as they are."""
+    qkv = torch.randn(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    bias = torch.randn(2, 1, 1, 17)
+    assert not q.is_contiguous()
+    torch.testing.assert_close(attention.attention(kind, q, k, v, bias),
+                               attention.attention(kind, q.contiguous(), k.contiguous(), v.contiguous(), bias))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_and_inf_reach_the_outputs_they_touch(kind, where):
+    """As in softmax(q kᵀ) v written out (torch's flash SDPA drops a NaN in q): a NaN in a query row
+    spoils that row, in a key row every row, in a value channel that channel; inf likewise."""
     q, k, v = (torch.randn(1, 1, 6, 8) for _ in range(3))
-    q[0, 0, 2, 3] = float("nan")
-    out = attention.bf16_attention(q, k, v)
-    assert out[0, 0, 2].isnan().all() and not out[0, 0, [0, 1, 3, 4, 5]].isnan().any()
+    t = {"q": q, "k": k, "v": v}[where]
+    for bad in (float("nan"), float("inf")):
+        t[0, 0, 2, 3] = bad
+        with torch.no_grad():
+            want = torch.softmax(q.double() @ k.double().transpose(-2, -1) * 8 ** -0.5, -1) @ v.double()
+        got = attention.attention(kind, q, k, v)
+        if bad != bad:  # NaN: exactly the outputs it touches
+            assert torch.equal(~got.isfinite(), ~want.isfinite()), (bad, got)
+        else:  # inf: never a finite output where the math has none (int8 scales make a whole key row NaN)
+            assert (~got.isfinite())[~want.isfinite()].all() and not got.isfinite().all(), (bad, got)
+        t[0, 0, 2, 3] = 0.0
 
 
-@needs_op
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("args,match", [
     ((torch.randn(2, 5, 8),) * 3, "4-D"),
     ((torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 8)), "shapes do not match"),
     ((torch.randn(1, 2, 5, 8),) * 3 + (torch.ones(5, 5, dtype=torch.bool),), "float mask"),
     ((torch.ones(1, 2, 5, 8, dtype=torch.long),) * 3, "floating dtype"),
 ])
-def test_op_rejects_what_it_cannot_compute(args, match):
+def test_op_rejects_what_it_cannot_compute(kind, args, match):
     q, k, v, *mask = args
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.mergepass.bf16_attention(q, k, v, mask[0] if mask else None, 0.5)
+        attention.op(kind)(q, k, v, mask[0] if mask else None, 0.5)
 
 
 # -- the pass ----------------------------------------------------------------------------------------
@@ -92,8 +123,8 @@ def _attention_graph():
 def test_pass_replaces_exactly_the_attentions_the_op_computes():
     g, gm = _attention_graph()
     ref = g.run(gm)
-    assert replace_attention(gm) == 3
-    ops = [n for n in gm.graph.nodes if n.target is torch.ops.mergepass.bf16_attention.default]
+    assert replace_attention(gm, "bf16") == 3
+    ops = [n for n in gm.graph.nodes if n.target is attention.op("bf16")]
     assert [n.args[4] for n in ops] == [8 ** -0.5, 8 ** -0.5, 0.2]
     kept = [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
     assert len(kept) == 3 and all("example_value" in n.meta for n in ops)
@@ -125,40 +156,47 @@ def test_inductor_keeps_the_op_opaque_and_the_model_close(model_and_input):
     assert _cos(out, ref) >= 0.9999
 
 
-@needs_op
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("recipe", ["tome_int8", "int8"])
-def test_int8_graphs_quantize_around_the_op(model_and_input, recipe):
+def test_int8_graphs_quantize_around_the_op(model_and_input, recipe, kind):
     m, x = model_and_input
-    be = mergepass.backend(recipe, r=3, attention_kernel="bf16", calibration=[x], lower="eager")
+    be = mergepass.backend(recipe, r=3, attention_kernel=kind, calibration=[x], lower="eager")
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
         ref = m(x)
     assert be.results[-1].attention_ops == 2 and be.quantized[-1].mode == "static"
     targets = {str(n.target) for n in be.quantized[-1].module.graph.nodes}
-    assert any("bf16_attention" in t for t in targets)
+    assert any(f"{kind}_attention" in t for t in targets)
     assert F.cosine_similarity(out, ref).min() > 0.98
 
 
 def test_auto_picks_the_op_only_where_it_is_the_faster_one(monkeypatch):
-    monkeypatch.setattr(attention, "unavailable", lambda: None)
-    for vendor, flags, want in (("AuthenticAMD", {"avx512_bf16"}, True), ("GenuineIntel", {"avx512_bf16"}, False),
-                                ("AuthenticAMD", {"avx512_bf16", "amx_bf16"}, False)):
+    monkeypatch.setattr(attention, "unavailable", lambda kind="bf16": None)
+    for vendor, flags, want in (("AuthenticAMD", {"avx512_bf16", "avx512_vnni"}, "bf16"),
+                                ("GenuineIntel", {"avx512_bf16", "avx512_vnni"}, "int8"),
+                                ("AuthenticAMD", {"avx512_bf16", "amx_bf16"}, None),
+                                ("GenuineIntel", {"avx512_vnni", "amx_int8", "amx_bf16"}, None)):
         monkeypatch.setattr(attention, "vendor", lambda v=vendor: v)
         monkeypatch.setattr(attention, "cpu_flags", lambda f=flags: frozenset(f))
-        assert attention.preferred() is want, (vendor, flags)
+        assert attention.preferred() == want, (vendor, flags)
     from mergepass.graph.passes.replace_attention import wanted
-    monkeypatch.setattr(attention, "preferred", lambda: True)
-    assert wanted("auto", True, False, False, False, True) == (True, "")
-    assert wanted("auto", False, False, False, False, True) == (False, "")  # recipe "none" stays exact
-    assert wanted("sdpa", True, True, False, False, True)[0] is False
+    for kind in ("bf16", "int8"):
+        monkeypatch.setattr(attention, "preferred", lambda k=kind: k)
+        assert wanted("auto", True, True, False, False, True) == (kind, "")   # int8 graphs: the faster op
+        assert wanted("auto", False, False, False, False, True) == (None, "")  # recipe "none" stays exact
+    assert wanted("auto", True, False, False, False, True) == (None, "")  # merged FP32: int8 attention only if asked
+    monkeypatch.setattr(attention, "preferred", lambda: "bf16")
+    assert wanted("auto", True, False, False, False, True) == ("bf16", "")
+    assert wanted("sdpa", True, True, False, False, True)[0] is None
     assert "int8" in wanted("auto", True, True, True, False, True)[1]
     assert "gradients" in wanted("bf16", True, False, False, True, True)[1]
-    assert "CPU" in wanted("bf16", True, False, False, False, False)[1]
+    assert "CPU" in wanted("int8", True, False, False, False, False)[1]
 
 
 def test_a_cpu_without_the_op_declines_auto_and_refuses_bf16(monkeypatch, model_and_input):
     m, x = model_and_input
-    monkeypatch.setattr(attention, "unavailable", lambda: "the CPU has no AVX512-BF16 (bf16: none)")
+    monkeypatch.setattr(attention, "unavailable", lambda kind="bf16": "the CPU has no AVX512-BF16 (bf16: none)")
+    monkeypatch.setattr(attention, "preferred", lambda: None)
     be = mergepass.backend("tome", r=3, lower="eager")
     with torch.no_grad():
         torch.compile(m, backend=be, dynamic=False)(x)

@@ -220,7 +220,7 @@ def _targets(be):
 def test_fused_merge_kernel_is_used_on_cpu_and_matches_the_reference_ops(recipe, fn, overrides):
     if fused.kernel_error() is not None:
         pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
-    m = tiny_vit(img_size=96)
+    m = tiny_vit(depth=2, img_size=96)
     x = torch.randn(2, 3, 96, 96)
     outs = {}
     for kernel, lower in (("auto", "inductor"), ("reference", "eager")):  # inductor + fused op against plain ops

@@ -111,9 +111,9 @@ def test_auto_schedule_meets_target(target):
 
 
 def test_auto_schedule_with_images_and_quality_floor():
-    m = tiny_vit(depth=4, img_size=128)
-    x = torch.randn(4, 3, 128, 128)
-    calib = [torch.randn(4, 3, 128, 128)]
+    m = tiny_vit(depth=3, img_size=96)
+    x = torch.randn(4, 3, 96, 96)
+    calib = [torch.randn(4, 3, 96, 96)]
     steps = dict(search_iterations=2)  # the search itself is test_search's; two steps exercise the loop
     s = mergepass.plan(m, x, "auto", target_speedup=1.5, calibration=calib, **steps)
     assert s.predicted_speedup >= 1.5 and "cos" in s.notes[-1]
@@ -144,6 +144,15 @@ def test_breakdown_attributes_kernels_to_groups():
     assert merged["merge"] > 0 and merged["int8 GEMM"] > 0
     assert plain["kernel sum"] == pytest.approx(sum(plain[g] for g in breakdown.GROUPS))
     assert "ratio tome_int8:r=3" in breakdown.format_table(rows, "t")
+    # mergepass's attention ops count as attention, not as merges; OpenVINO's node types map to the same groups
+    assert breakdown.group("mergepass::int8_attention") == "attention" == breakdown.group("mergepass::bf16_attention")
+    assert breakdown.group("mergepass::bipartite_merge") == "merge"
+    nodes = [("FullyConnectedQuantizedLegacy", "brgemm_avx512_i8", "blocks.0.attn.qkv/aten::linear/MatMul"),
+             ("FullyConnected", "jit_bf16", "head"), ("MVN", "jit_avx512_bf16", "blocks.0.norm1/aten::layer_norm/MVN"),
+             ("Subgraph", "jit_avx512_i8", "blocks.0.attn/aten::scaled_dot_product_attention/ScaledDotProductAttention"),
+             ("Subgraph", "jit_avx512_bf16", "blocks.0/aten::add/Add_1")]
+    assert [breakdown.ov_group(*n) for n in nodes] == ["int8 GEMM", "other kernels", "other kernels", "attention",
+                                                       "other kernels"]
 
 
 def test_zero_cost_bound_sees_tomes_token_counts():

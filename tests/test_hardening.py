@@ -35,7 +35,7 @@ def test_wheel_ships_and_loads_every_recipe(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(Path(n).stem for n in names if n.startswith("mergepass/recipes/") and n.endswith(".toml"))
     assert shipped == sorted(p.stem for p in (ROOT / "mergepass" / "recipes").glob("*.toml")) and shipped
-    assert "mergepass/merge/csrc/bipartite_merge.cpp" in names and "mergepass/kernels/csrc/bf16_attention.cpp" in names
+    assert "mergepass/merge/csrc/bipartite_merge.cpp" in names and "mergepass/kernels/csrc/attention.cpp" in names
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)  # what pip install puts in site-packages
     code = ("import mergepass; names = mergepass.available_recipes(); "

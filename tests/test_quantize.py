@@ -278,7 +278,7 @@ def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges(tome_int8):
 
 def test_bf16_rest_runs_around_int8_kernels_and_auto_follows_the_cpu(monkeypatch):
     """quantize.rest = "bf16": qlinear emits bf16 and the ops between run in bf16, attention included
-    (read off the post-grad graph); fast with AVX512-BF16/AMX only, so "auto" picks it only there.
+    (read off the post-grad graph, with torch's SDPA); fast with AVX512-BF16/AMX only, so "auto" picks it only there.
     Outputs keep the model's dtype."""
     from torch._inductor import config as inductor_config
     from mergepass.quantize import pt2e
@@ -289,7 +289,7 @@ def test_bf16_rest_runs_around_int8_kernels_and_auto_follows_the_cpu(monkeypatch
                     if n.op == "call_function" and "scaled_dot_product" in str(n.target))
     m = tiny_vit(depth=DEPTH)
     x = torch.randn(4, 3, 64, 64)
-    be = mergepass.backend("tome_int8", r=3, calibration=_calib(), quantize_rest="bf16")
+    be = mergepass.backend("tome_int8", r=3, calibration=_calib(), quantize_rest="bf16", attention_kernel="sdpa")
     with inductor_config.patch(post_grad_custom_post_pass=record):
         out, code = _run(m, x, be)
     assert code.count("qlinear_pointwise") >= LINEARS and "torch.bfloat16" in code

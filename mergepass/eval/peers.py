@@ -84,6 +84,17 @@ def build(name: str, model: torch.nn.Module, example: torch.Tensor, calibration=
     return ort(model, example, calibration, int8=name.startswith("ort_int8"), merge=merge)
 
 
+def _prepare(name: str, model: torch.nn.Module, example: torch.Tensor, merge):
+    """(the module peer ``name`` converts, its merge schedule or None); raises when ``name`` cannot run."""
+    why = available(name)
+    if why:
+        raise RuntimeError(why)
+    if merge is None:
+        return model, None
+    merged = merged_module(model, example, merge)
+    return merged, merged.schedule
+
+
 def _calibration_batches(calibration, example: torch.Tensor) -> list[torch.Tensor]:
     """The calibration batches of ``example``'s shape (the exported graphs are static)."""
     batches = [b[0] if isinstance(b, (tuple, list)) else b for b in (calibration or [example])]
@@ -91,21 +102,19 @@ def _calibration_batches(calibration, example: torch.Tensor) -> list[torch.Tenso
 
 
 def openvino_peer(model: torch.nn.Module, example: torch.Tensor, calibration=None, int8: bool = True,
-                  merge=None) -> Callable[[torch.Tensor], torch.Tensor]:
+                  merge=None, profile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model`` converted to OpenVINO for ``example``'s shape, int8 by NNCF (transformer model type)
-    calibrated on ``calibration``; with ``merge`` (a recipe), the model with that recipe's merges."""
-    why = available("ov_int8" if int8 else "ov_fp32")
-    if why:
-        raise RuntimeError(why)
+    calibrated on ``calibration``; with ``merge`` (a recipe), the model with that recipe's merges.
+    ``profile``: OpenVINO records per-node times (``PERF_COUNT``), read with ``run.profile()`` after a
+    call as (node type, execution type, node name, ms) rows."""
+    model, schedule = _prepare("ov_int8" if int8 else "ov_fp32", model, example, merge)
     import openvino as ov
 
-    schedule = None
-    if merge is not None:
-        model = merged_module(model, example, merge)
-        schedule = model.schedule
     with torch.no_grad():
         converted = ov.convert_model(_FirstOutput(model).eval(), example_input=example, input=[tuple(example.shape)])
     config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    if profile:
+        config["PERF_COUNT"] = "YES"
     if int8:
         import nncf
         batches = _calibration_batches(calibration, example)
@@ -120,6 +129,8 @@ def openvino_peer(model: torch.nn.Module, example: torch.Tensor, calibration=Non
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(request.infer({0: x.detach().float().numpy()})[out_port].copy())
     run.schedule = schedule
+    run.profile = lambda: [(i.node_type, i.exec_type, i.node_name, i.real_time.total_seconds() * 1e3)
+                           for i in request.get_profiling_info()]
     return run
 
 
@@ -155,13 +166,7 @@ def ort(model: torch.nn.Module, example: torch.Tensor, calibration: Optional[Seq
         int8: bool = True, merge=None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model`` as an ONNX Runtime session for ``example``'s shape (int8 QDQ calibrated on
     ``calibration``); with ``merge`` (a recipe), the model with that recipe's merges."""
-    why = available("ort_int8" if int8 else "ort_fp32")
-    if why:
-        raise RuntimeError(why)
-    schedule = None
-    if merge is not None:
-        model = merged_module(model, example, merge)
-        schedule = model.schedule
+    model, schedule = _prepare("ort_int8" if int8 else "ort_fp32", model, example, merge)
     tmp = Path(tempfile.mkdtemp(prefix="mergepass_ort_"))
     _export(model, example, tmp / "fp32.onnx")
     if not int8:

@@ -1,18 +1,19 @@
-"""Swap ``scaled_dot_product_attention`` for mergepass's bf16 attention op
-(:mod:`mergepass.kernels.attention`) where the op computes the same thing: 4-D q, k, v, no dropout,
-not causal, no grouped-query heads, and a float mask or none (proportional attention's bias is one).
-Everything else keeps SDPA."""
+"""Swap ``scaled_dot_product_attention`` for one of mergepass's attention ops
+(:mod:`mergepass.kernels.attention`: bf16 or int8) where the op computes the same thing: 4-D q, k, v,
+no dropout, not causal, no grouped-query heads, and a float mask or none (proportional attention's
+bias is one). Everything else keeps SDPA."""
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+import operator
+from typing import Optional
 
 import torch
 from torch import fx
 
 from ...kernels import attention
+from ...merge import attn_bias
 from ..match import SDPA
-from .expand_mha import annotate_shapes
 
 _SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                          enable_gqa=False: None)
@@ -24,24 +25,31 @@ def _value(n):
 
 
 def _replaceable(a: dict) -> bool:
-    q, k, v, mask = (_value(a[x]) for x in ("query", "key", "value", "attn_mask"))
+    q, k, v = (_value(a[x]) for x in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return False
     if a["dropout_p"] != 0.0 or a["is_causal"] is not False or a["enable_gqa"] is not False:
         return False
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         return False
-    if a["attn_mask"] is not None and not (isinstance(mask, torch.Tensor) and mask.is_floating_point()):
+    if a["attn_mask"] is not None and not _float_mask(a["attn_mask"]):
         return False
     return isinstance(a["scale"], (float, int, type(None)))
 
 
-def replace_attention(gm: fx.GraphModule, example_inputs: Sequence = ()) -> int:
-    """Rewrite in place; returns how many attentions now call the op. ``example_inputs``: to find the
-    shapes of nodes earlier passes added without them (proportional attention's bias)."""
-    if example_inputs and any(_value(a) is None for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA
-                              for a in n.all_input_nodes):
-        annotate_shapes(gm, example_inputs)
+def _float_mask(node) -> bool:
+    """A float mask: by its recorded value, or built by mergepass (proportional attention's log-size bias,
+    possibly added to the model's own mask), whose nodes carry no recorded value."""
+    value = _value(node)
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point()
+    if isinstance(node, fx.Node) and node.meta.get("mergepass"):
+        return node.target is attn_bias or (node.target is operator.add and all(_float_mask(a) for a in node.args))
+    return False
+
+
+def replace_attention(gm: fx.GraphModule, kind: str = "bf16") -> int:
+    """Rewrite in place; returns how many attentions now call the ``kind`` op."""
     count = 0
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target not in SDPA:
@@ -57,7 +65,7 @@ def replace_attention(gm: fx.GraphModule, example_inputs: Sequence = ()) -> int:
         q = _value(a["query"])
         scale = float(a["scale"]) if a["scale"] is not None else q.shape[-1] ** -0.5
         with gm.graph.inserting_before(n):
-            new = gm.graph.call_function(torch.ops.mergepass.bf16_attention.default,
+            new = gm.graph.call_function(attention.op(kind),
                                          (a["query"], a["key"], a["value"], a["attn_mask"], scale))
         new.meta = dict(n.meta)
         n.replace_all_uses_with(new)
@@ -69,19 +77,21 @@ def replace_attention(gm: fx.GraphModule, example_inputs: Sequence = ()) -> int:
 
 
 def wanted(choice: str, merges: bool, quantizes: bool, int8_attention: bool, training: bool,
-           on_cpu: bool) -> tuple[bool, str]:
-    """(use the op, why not) for recipe field ``attention_kernel`` = ``choice`` in this graph."""
+           on_cpu: bool) -> tuple[Optional[str], str]:
+    """(the op to use or None, why none) for recipe field ``attention_kernel`` = ``choice`` in this graph."""
     if choice == "sdpa":
-        return False, ""
+        return None, ""
     why = ("the graph needs gradients and the op has no backward" if training else
            "the inputs are not on the CPU" if not on_cpu else
-           "quantize.attention = 'int8' runs attention" if int8_attention else
-           attention.unavailable() or "")
+           "quantize.attention = 'int8' runs attention" if int8_attention else "")
     if why:
-        return False, why
-    if choice == "bf16":
-        return True, ""
-    return (merges or quantizes) and attention.preferred(), ""
+        return None, why
+    if choice != "auto":
+        why = attention.unavailable(choice) or ""
+        return (None, why) if why else (choice, "")
+    # auto: the faster op in int8 graphs; in merged FP32 graphs only bf16 (its per-call error is ~10x smaller)
+    kind = attention.preferred()
+    return (kind if quantizes or (merges and kind == "bf16") else None), ""
 
 
 __all__ = ["replace_attention", "wanted"]

@@ -1,0 +1,588 @@
+// Attention for x86 CPUs without AMX: softmax(scale * q kᵀ + bias) v in one pass per (batch, head).
+//
+// torch's CPU flash attention runs fp32 micro-GEMMs here; its bf16 variant goes through cpublas, which
+// without AMX is no faster. Two kernels, chosen per CPU by mergepass/kernels/attention.py:
+//   bf16_attention: bf16 dot products (vdpbf16ps, fp32 accumulation) for q kᵀ and p v. AMD Zen 4/5 run
+//     vdpbf16ps at the rate of an fp32 FMA with twice its multiply-adds.
+//   int8_attention: u8 x s8 dot products (vpdpbusd) with dynamic scales: per query row and per key row
+//     for q kᵀ, probabilities as u8 (0..255 of the row max) and per-channel v scales for p v. Intel
+//     cores without AMX run vpdpbusd at the FMA rate with four times its multiply-adds, and vdpbf16ps
+//     at half that rate.
+// Both pack k and v of one head once, then walk the queries MR rows at a time: a row block of scores,
+// its fp32 softmax (vectorised exp), and its share of the output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MERGEPASS_AVX512 1
+#endif
+#if defined(MERGEPASS_AVX512) && defined(__AVX512BF16__)
+#define MERGEPASS_BF16_ATTENTION 1
+#endif
+#if defined(MERGEPASS_AVX512) && defined(__AVX512VNNI__)
+#define MERGEPASS_INT8_ATTENTION 1
+#endif
+
+namespace {
+
+struct Dims {
+  int64_t nq, nk, d, dv;
+  int64_t d2, nkb, nk2, dvb;  // bf16: d pairs, key blocks of 16, key pairs, dv blocks of 16
+  int64_t d4, nk4;            // int8: d quads, key quads
+};
+
+#ifdef MERGEPASS_AVX512
+
+constexpr int MR = 4;  // query rows per block
+constexpr int L = 16;  // fp32 lanes per zmm
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline __mmask16 lanes(int64_t left) {
+  return left >= L ? static_cast<__mmask16>(0xFFFF) : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
+}
+
+// exp(x) for softmax inputs (x <= 0 after the row max is subtracted); -inf and very negative inputs
+// give 0, NaN stays NaN. Cephes' single-precision polynomial, 2^n applied with vscalefps.
+inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(lo, x);  // the second operand is returned when either is NaN: keep NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_mask_mov_ps(_mm512_scalef_ps(p, n), tiny, _mm512_setzero_ps());
+}
+
+// Scores of one row times scale, with the bias added and the lanes past nk at -inf; returns the row max
+// (0 for a row with no finite score, so that its exps are 0 rather than NaN).
+inline float logits_row(float* row, const Dims& s, __m512 scale, const float* brow) {
+  const int64_t stride = s.nkb * L;
+  __m512 vmax = _mm512_set1_ps(NEG_INF);
+  for (int64_t j = 0; j < stride; j += L) {
+    const __mmask16 m = lanes(s.nk - j);
+    __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + j), scale);
+    if (brow) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, brow + j));
+    x = _mm512_mask_mov_ps(_mm512_set1_ps(NEG_INF), m, x);
+    _mm512_storeu_ps(row + j, x);
+    vmax = _mm512_max_ps(vmax, x);
+  }
+  const float mx = _mm512_reduce_max_ps(vmax);
+  return mx == NEG_INF ? 0.f : mx;
+}
+
+inline float normaliser(float sum) { return sum > 0.f ? 1.f / sum : (std::isnan(sum) ? sum : 0.f); }
+
+#endif  // MERGEPASS_AVX512
+
+// ---------------------------------------------------------------------------------------------------
+#ifdef MERGEPASS_BF16_ATTENTION
+namespace bf16 {
+
+inline uint32_t pack_pair(float lo, float hi) {
+  // round-to-nearest-even, as vcvtne2ps2bf16 does
+  __m128 v = _mm_set_ps(0.f, 0.f, hi, lo);
+  __m128bh b = _mm_cvtneps_pbh(v);
+  uint32_t out;
+  std::memcpy(&out, &b, sizeof(out));
+  return out;
+}
+
+// Converts 2 x 16 floats (even and odd pair members) into 16 bf16 pairs.
+inline __m512i pairs16(__m512 lo, __m512 hi) {
+  // vcvtne2ps2bf16(a, b): lower 16 bf16 from b, upper 16 from a; interleave so that lane i holds (lo_i, hi_i)
+  __m512bh both = _mm512_cvtne2ps_pbh(hi, lo);
+  __m512i w = (__m512i)both;
+  // 16-bit elements: [lo0..lo15, hi0..hi15] -> [lo0, hi0, lo1, hi1, ...]
+  const __m512i perm = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(perm, w);
+}
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// One row of n floats as ceil(n / 2) bf16 pairs (zero padded).
+inline void row_pairs(const float* x, int64_t n, uint32_t* out) {
+  for (int64_t i = 0; i < n; i += 2 * L) {
+    const __m512 lo = _mm512_maskz_loadu_ps(lanes(n - i), x + i);
+    const __m512 hi = _mm512_maskz_loadu_ps(lanes(n - i - L), x + i + L);
+    const __m512i w = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // 32 bf16 in order: lane t = (x[2t], x[2t + 1])
+    const int64_t pairs = std::min<int64_t>(L, (n - i + 1) / 2);
+    _mm512_mask_storeu_epi32(out + i / 2, lanes(pairs), w);
+  }
+}
+
+// k [nk, d] (fp32, row stride ks) -> kp
+void pack_k(const float* k, int64_t ks, const Dims& s, uint32_t* kp) {
+  std::fill(kp, kp + s.nkb * s.d2 * L, 0u);
+  std::vector<uint32_t> row(s.d2 + L);
+  for (int64_t j = 0; j < s.nk; ++j) {
+    row_pairs(k + j * ks, s.d, row.data());
+    uint32_t* dst = kp + (j / L) * s.d2 * L + j % L;
+    for (int64_t t = 0; t < s.d2; ++t) dst[t * L] = row[t];
+  }
+}
+
+// v [nk, dv] -> vp
+void pack_v(const float* v, int64_t vs, const Dims& s, uint32_t* vp) {
+  for (int64_t u = 0; u < s.nk2; ++u) {
+    const int64_t j0 = 2 * u, j1 = 2 * u + 1;
+    for (int64_t db = 0; db < s.dvb; ++db) {
+      const int64_t c0 = db * L;
+      if (j1 < s.nk && c0 + L <= s.dv) {
+        _mm512_storeu_si512(vp + (u * s.dvb + db) * L,
+                            pairs16(_mm512_loadu_ps(v + j0 * vs + c0), _mm512_loadu_ps(v + j1 * vs + c0)));
+        continue;
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t c = c0 + l;
+        const float lo = (j0 < s.nk && c < s.dv) ? v[j0 * vs + c] : 0.f;
+        const float hi = (j1 < s.nk && c < s.dv) ? v[j1 * vs + c] : 0.f;
+        vp[(u * s.dvb + db) * L + l] = pack_pair(lo, hi);
+      }
+    }
+  }
+}
+
+// scores[MR][nkb * 16] = (q rows qp) . kp, in fp32
+void scores_block(const uint32_t* qp, const uint32_t* kp, const Dims& s, float* sc) {
+  const int64_t stride = s.nkb * L;
+  int64_t jb = 0;
+  for (; jb + 2 <= s.nkb; jb += 2) {
+    __m512 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const uint32_t* k0 = kp + jb * s.d2 * L;
+    const uint32_t* k1 = k0 + s.d2 * L;
+    for (int64_t t = 0; t < s.d2; ++t) {
+      const __m512bh b0 = as_bh(_mm512_loadu_si512(k0 + t * L));
+      const __m512bh b1 = as_bh(_mm512_loadu_si512(k1 + t * L));
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(qp[r * s.d2 + t])));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      _mm512_storeu_ps(sc + r * stride + jb * L, acc[r][0]);
+      _mm512_storeu_ps(sc + r * stride + (jb + 1) * L, acc[r][1]);
+    }
+  }
+  for (; jb < s.nkb; ++jb) {
+    __m512 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+    const uint32_t* k0 = kp + jb * s.d2 * L;
+    for (int64_t t = 0; t < s.d2; ++t) {
+      const __m512bh b0 = as_bh(_mm512_loadu_si512(k0 + t * L));
+      for (int r = 0; r < MR; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(_mm512_set1_epi32(static_cast<int>(qp[r * s.d2 + t]))), b0);
+    }
+    for (int r = 0; r < MR; ++r) _mm512_storeu_ps(sc + r * stride + jb * L, acc[r]);
+  }
+}
+
+// out rows += pp . vp for DB dv blocks starting at db0; fp32 accumulators, scaled by inv[r] on store
+template <int DB>
+void pv_block(const uint32_t* pp, const uint32_t* vp, const Dims& s, int64_t db0, const float* inv, float* out,
+              int64_t os, int rows) {
+  __m512 acc[MR][DB];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < DB; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < s.nk2; ++u) {
+    __m512bh b[DB];
+    for (int c = 0; c < DB; ++c) b[c] = as_bh(_mm512_loadu_si512(vp + (u * s.dvb + db0 + c) * L));
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(pp[r * s.nk2 + u])));
+      for (int c = 0; c < DB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    const __m512 scale = _mm512_set1_ps(inv[r]);
+    for (int c = 0; c < DB; ++c) {
+      const int64_t c0 = (db0 + c) * L;
+      const int64_t left = s.dv - c0;
+      const __mmask16 m = left >= L ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+      _mm512_mask_storeu_ps(out + r * os + c0, m, _mm512_mul_ps(acc[r][c], scale));
+    }
+  }
+}
+
+void pv_rows(const uint32_t* pp, const uint32_t* vp, const Dims& s, const float* inv, float* out, int64_t os,
+             int rows) {
+  int64_t db = 0;
+  for (; db + 4 <= s.dvb; db += 4) pv_block<4>(pp, vp, s, db, inv, out, os, rows);
+  switch (s.dvb - db) {
+    case 3: pv_block<3>(pp, vp, s, db, inv, out, os, rows); break;
+    case 2: pv_block<2>(pp, vp, s, db, inv, out, os, rows); break;
+    case 1: pv_block<1>(pp, vp, s, db, inv, out, os, rows); break;
+    default: break;
+  }
+}
+
+// one (batch, head): q [nq, d], k [nk, d], v [nk, dv], bias rows (stride bi per query, or null), out [nq, dv]
+void attend_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs,
+                 const float* bias, int64_t bi, float scale, const Dims& s, float* out, int64_t os) {
+  std::vector<uint32_t> kp(s.nkb * s.d2 * L), vp(s.nk2 * s.dvb * L), qp(MR * s.d2 + L), pp(MR * s.nk2);
+  std::vector<float> sc(MR * s.nkb * L);
+  pack_k(k, ks, s, kp.data());
+  pack_v(v, vs, s, vp.data());
+  const int64_t stride = s.nkb * L;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t i0 = 0; i0 < s.nq; i0 += MR) {
+    const int rows = static_cast<int>(std::min<int64_t>(MR, s.nq - i0));
+    for (int r = 0; r < MR; ++r) {
+      if (r < rows)
+        row_pairs(q + (i0 + r) * qs, s.d, qp.data() + r * s.d2);
+      else
+        std::fill(qp.begin() + r * s.d2, qp.begin() + (r + 1) * s.d2, 0u);
+    }
+    scores_block(qp.data(), kp.data(), s, sc.data());
+    float inv[MR];
+    for (int r = 0; r < MR; ++r) {
+      float* row = sc.data() + r * stride;
+      uint32_t* prow = pp.data() + r * s.nk2;
+      if (r >= rows) {
+        std::fill(prow, prow + s.nk2, 0u);
+        inv[r] = 0.f;
+        continue;
+      }
+      const float* brow = bias ? bias + (i0 + r) * bi : nullptr;
+      const float mx = logits_row(row, s, vscale, brow);
+      const __m512 vm = _mm512_set1_ps(mx);
+      __m512 vsum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < stride; j += 2 * L) {
+        const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm));
+        const __m512 e1 = j + L < stride ? exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j + L), vm)) : _mm512_setzero_ps();
+        vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
+        // 32 probabilities = 16 key pairs (j, j+1): deinterleave into even/odd members first
+        const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        const __m512 lo = _mm512_permutex2var_ps(e0, ev, e1), hi = _mm512_permutex2var_ps(e0, od, e1);
+        const int64_t u0 = j / 2, n = std::min<int64_t>(L, s.nk2 - u0);
+        if (n == L) {
+          _mm512_storeu_si512(prow + u0, pairs16(lo, hi));
+        } else if (n > 0) {
+          alignas(64) uint32_t tmp[L];
+          _mm512_store_si512(tmp, pairs16(lo, hi));
+          std::memcpy(prow + u0, tmp, n * sizeof(uint32_t));
+        }
+      }
+      const float sum = _mm512_reduce_add_ps(vsum);
+      inv[r] = normaliser(sum);
+    }
+    pv_rows(pp.data(), vp.data(), s, inv, out + i0 * os, os, rows);
+  }
+}
+
+}  // namespace bf16
+#endif  // MERGEPASS_BF16_ATTENTION
+
+// ---------------------------------------------------------------------------------------------------
+#ifdef MERGEPASS_INT8_ATTENTION
+namespace i8 {
+
+// Symmetric int8 of n contiguous floats, written as ceil(n / 4) * 4 bytes (zero padded): returns the scale
+// (max |x| / 127; 1 for an all-zero row; NaN, with zeros written, for a row holding NaN or inf, so that
+// the result is NaN as SDPA's would be) and, in *sum, the sum of the int8 values.
+inline float quantize_row(const float* x, int64_t n, int8_t* out, int32_t* sum) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < n; i += L) {
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(n - i), x + i));
+    bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);  // inf, NaN
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  const int64_t padded = (n + 3) / 4 * 4;
+  if (bad) {
+    std::memset(out, 0, padded);
+    if (sum) *sum = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const float sc = amax > 0.f ? amax / 127.f : 1.f;
+  const __m512 inv = _mm512_set1_ps(1.f / sc);
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t i = 0; i < padded; i += L) {
+    const __mmask16 m = lanes(n - i);
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
+    v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+    acc = _mm512_add_epi32(acc, v);
+    _mm_mask_storeu_epi8(out + i, lanes(padded - i), _mm512_cvtepi32_epi8(v));
+  }
+  if (sum) *sum = _mm512_reduce_add_epi32(acc);
+  return sc;
+}
+
+struct Head {
+  std::vector<uint32_t> kq, vq;   // kq[key block][d quad][16 keys], vq[key quad][dv block][16 dims]
+  std::vector<float> kscale, vscale;
+  std::vector<int32_t> ksum128;    // 128 * sum_d k8[j][d]: undoes q's +128 offset (u8 x s8 products)
+};
+
+void pack_head(const float* k, int64_t ks, const float* v, int64_t vs, const Dims& s, Head& h) {
+  std::vector<int8_t> row(s.d4 * 4 + 64, 0);
+  h.kq.assign(s.nkb * s.d4 * L, 0u);
+  h.kscale.assign(s.nkb * L, 0.f);
+  h.ksum128.assign(s.nkb * L, 0);
+  for (int64_t j = 0; j < s.nk; ++j) {
+    int32_t sum = 0;
+    h.kscale[j] = quantize_row(k + j * ks, s.d, row.data(), &sum);
+    h.ksum128[j] = 128 * sum;
+    uint32_t* dst = h.kq.data() + (j / L) * s.d4 * L + j % L;
+    for (int64_t t = 0; t < s.d4; ++t) std::memcpy(dst + t * L, row.data() + 4 * t, 4);
+  }
+  // v: one scale per channel (column) over the keys, then 4 keys' bytes interleaved per channel
+  h.vscale.assign(s.dvb * L, 1.f);
+  std::vector<float> inv(s.dvb * L, 0.f);
+  for (int64_t db = 0; db < s.dvb; ++db) {
+    const __mmask16 m = lanes(s.dv - db * L);
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t j = 0; j < s.nk; ++j) {
+      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, v + j * vs + db * L));
+      bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
+      vmax = _mm512_max_ps(vmax, a);
+    }
+    __m512 sc = _mm512_div_ps(vmax, _mm512_set1_ps(127.f));
+    sc = _mm512_mask_mov_ps(sc, _mm512_cmp_ps_mask(vmax, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_set1_ps(1.f));
+    __m512 iv = _mm512_div_ps(_mm512_set1_ps(1.f), sc);
+    sc = _mm512_mask_mov_ps(sc, bad, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+    iv = _mm512_mask_mov_ps(iv, bad, _mm512_setzero_ps());
+    _mm512_storeu_ps(h.vscale.data() + db * L, sc);
+    _mm512_storeu_ps(inv.data() + db * L, iv);
+  }
+  h.vq.assign(s.nk4 * s.dvb * L, 0u);
+  for (int64_t u = 0; u < s.nk4; ++u)
+    for (int64_t db = 0; db < s.dvb; ++db) {
+      const __mmask16 m = lanes(s.dv - db * L);
+      const __m512 iv = _mm512_loadu_ps(inv.data() + db * L);
+      __m128i b[4];
+      for (int e = 0; e < 4; ++e) {
+        const int64_t j = 4 * u + e;
+        __m512i x = _mm512_setzero_si512();
+        if (j < s.nk) x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, v + j * vs + db * L), iv));
+        x = _mm512_max_epi32(_mm512_min_epi32(x, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        b[e] = _mm512_cvtepi32_epi8(x);
+      }
+      const __m128i t0 = _mm_unpacklo_epi8(b[0], b[1]), t1 = _mm_unpackhi_epi8(b[0], b[1]);
+      const __m128i t2 = _mm_unpacklo_epi8(b[2], b[3]), t3 = _mm_unpackhi_epi8(b[2], b[3]);
+      __m128i* dst = reinterpret_cast<__m128i*>(h.vq.data() + (u * s.dvb + db) * L);
+      _mm_storeu_si128(dst + 0, _mm_unpacklo_epi16(t0, t2));  // channels 0-3: 4 keys each
+      _mm_storeu_si128(dst + 1, _mm_unpackhi_epi16(t0, t2));
+      _mm_storeu_si128(dst + 2, _mm_unpacklo_epi16(t1, t3));
+      _mm_storeu_si128(dst + 3, _mm_unpackhi_epi16(t1, t3));
+    }
+}
+
+// scores[MR][16 * NB keys from block jb] in fp32 = (q8 . k8) * q scale * k scale, from u8 (q8 + 128) x s8
+// products; NB key blocks at once keep 4 * NB independent accumulators (vpdpbusd's latency is 5 cycles)
+template <int NB>
+void scores_blocks(const uint32_t* qp, const float* qscale, const Head& h, const Dims& s, int64_t jb, float* sc) {
+  const int64_t stride = s.nkb * L;
+  __m512i acc[MR][NB];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_si512();
+  const uint32_t* k0 = h.kq.data() + jb * s.d4 * L;
+  for (int64_t t = 0; t < s.d4; ++t) {
+    __m512i b[NB];
+    for (int c = 0; c < NB; ++c) b[c] = _mm512_loadu_si512(k0 + (c * s.d4 + t) * L);
+    for (int r = 0; r < MR; ++r) {
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(qp[r * s.d4 + t]));
+      for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], a, b[c]);
+    }
+  }
+  for (int c = 0; c < NB; ++c) {
+    const __m512i corr = _mm512_loadu_si512(h.ksum128.data() + (jb + c) * L);
+    const __m512 ksc = _mm512_loadu_ps(h.kscale.data() + (jb + c) * L);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], corr));
+      _mm512_storeu_ps(sc + r * stride + (jb + c) * L, _mm512_mul_ps(_mm512_mul_ps(dot, ksc), _mm512_set1_ps(qscale[r])));
+    }
+  }
+}
+
+void scores_block(const uint32_t* qp, const float* qscale, const Head& h, const Dims& s, float* sc) {
+  int64_t jb = 0;
+  for (; jb + 3 <= s.nkb; jb += 3) scores_blocks<3>(qp, qscale, h, s, jb, sc);
+  switch (s.nkb - jb) {
+    case 2: scores_blocks<2>(qp, qscale, h, s, jb, sc); break;
+    case 1: scores_blocks<1>(qp, qscale, h, s, jb, sc); break;
+    default: break;
+  }
+}
+
+// out rows = (p8 . v8) * v scale / sum(p8), for DB dv blocks starting at db0
+template <int DB>
+void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, const float* inv, float* out,
+              int64_t os, int rows) {
+  __m512i acc[MR][DB];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < DB; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t u = 0; u < s.nk4; ++u) {
+    __m512i b[DB];
+    for (int c = 0; c < DB; ++c) b[c] = _mm512_loadu_si512(h.vq.data() + (u * s.dvb + db0 + c) * L);
+    for (int r = 0; r < MR; ++r) {
+      const __m512i a = _mm512_set1_epi32(static_cast<int>(pp[r * s.nk4 + u]));
+      for (int c = 0; c < DB; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], a, b[c]);
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < DB; ++c) {
+      const int64_t c0 = (db0 + c) * L;
+      const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(h.vscale.data() + c0), _mm512_set1_ps(inv[r]));
+      _mm512_mask_storeu_ps(out + r * os + c0, lanes(s.dv - c0), _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][c]), sc));
+    }
+}
+
+void pv_rows(const uint32_t* pp, const Head& h, const Dims& s, const float* inv, float* out, int64_t os, int rows) {
+  int64_t db = 0;
+  for (; db + 4 <= s.dvb; db += 4) pv_block<4>(pp, h, s, db, inv, out, os, rows);
+  switch (s.dvb - db) {
+    case 3: pv_block<3>(pp, h, s, db, inv, out, os, rows); break;
+    case 2: pv_block<2>(pp, h, s, db, inv, out, os, rows); break;
+    case 1: pv_block<1>(pp, h, s, db, inv, out, os, rows); break;
+    default: break;
+  }
+}
+
+void attend_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs,
+                 const float* bias, int64_t bi, float scale, const Dims& s, float* out, int64_t os) {
+  Head h;
+  pack_head(k, ks, v, vs, s, h);
+  const int64_t stride = s.nkb * L, dpad = s.d4 * 4;
+  std::vector<uint32_t> qp(MR * s.d4), pp(MR * s.nk4 + L);
+  std::vector<float> sc(MR * stride);
+  std::vector<int8_t> q8(dpad + 64);
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i0 = 0; i0 < s.nq; i0 += MR) {
+    const int rows = static_cast<int>(std::min<int64_t>(MR, s.nq - i0));
+    float qscale[MR];
+    for (int r = 0; r < MR; ++r) {
+      uint8_t* dst = reinterpret_cast<uint8_t*>(qp.data() + r * s.d4);
+      if (r >= rows) {
+        std::memset(dst, 0, s.d4 * 4);
+        qscale[r] = 0.f;
+        continue;
+      }
+      qscale[r] = quantize_row(q + (i0 + r) * qs, s.d, q8.data(), nullptr) * scale;
+      for (int64_t t = 0; t < s.d4 * 4; ++t) dst[t] = static_cast<uint8_t>(q8[t] ^ 0x80);  // q8 + 128: vpdpbusd's u8
+    }
+    scores_block(qp.data(), qscale, h, s, sc.data());
+    float inv[MR];
+    for (int r = 0; r < MR; ++r) {
+      float* row = sc.data() + r * stride;
+      uint8_t* prow = reinterpret_cast<uint8_t*>(pp.data() + r * s.nk4);
+      if (r >= rows) {
+        std::memset(prow, 0, s.nk4 * 4);
+        inv[r] = 0.f;
+        continue;
+      }
+      const float mx = logits_row(row, s, one, bias ? bias + (i0 + r) * bi : nullptr);
+      const __m512 vm = _mm512_set1_ps(mx);
+      // probabilities as u8 (255 = the row max); the sum is of the rounded values, so the weights sum to 1
+      __m512i vsum = _mm512_setzero_si512();
+      __m512 nan = _mm512_setzero_ps();
+      for (int64_t j = 0; j < stride; j += L) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm));
+        nan = _mm512_add_ps(nan, _mm512_mul_ps(e, _mm512_setzero_ps()));  // NaN if any e is NaN
+        const __m512i p = _mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(255.f)));
+        vsum = _mm512_add_epi32(vsum, p);
+        const int64_t n = std::min<int64_t>(L, s.nk4 * 4 - j);
+        if (n > 0) _mm_mask_storeu_epi8(prow + j, static_cast<__mmask16>(lanes(n)), _mm512_cvtusepi32_epi8(p));
+      }
+      inv[r] = normaliser(static_cast<float>(_mm512_reduce_add_epi32(vsum)) + _mm512_reduce_add_ps(nan));
+    }
+    pv_rows(pp.data(), h, s, inv, out + i0 * os, os, rows);
+  }
+}
+
+}  // namespace i8
+#endif  // MERGEPASS_INT8_ATTENTION
+
+// ---------------------------------------------------------------------------------------------------
+using HeadFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, int64_t, const float*, int64_t,
+                        float, const Dims&, float*, int64_t);
+
+at::Tensor run(const char* name, HeadFn head, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const c10::optional<at::Tensor>& bias, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, name, ": q, k and v must be 4-D [B, H, N, D]");
+  TORCH_CHECK(q.is_floating_point() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              name, ": q, k and v must share one floating dtype");
+  TORCH_CHECK(q.device().is_cpu(), name, ": CPU tensors only");
+  const int64_t B = q.size(0), H = q.size(1), nq = q.size(2), d = q.size(3), nk = k.size(2), dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(1) == H && v.size(1) == H && k.size(3) == d &&
+                  v.size(2) == nk,
+              name, ": shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(nk > 0 && d > 0 && dv > 0, name, ": empty keys or head dimension");
+  // fp32 views with unit stride in the head dimension are read in place (q, k, v are usually views of one
+  // qkv projection); anything else is converted once
+  auto rows = [](const at::Tensor& t) {
+    auto f = t.to(at::kFloat);
+    return f.stride(3) == 1 ? f : f.contiguous();
+  };
+  auto qf = rows(q), kf = rows(k), vf = rows(v);
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->is_floating_point(), name, ": the bias must be a float mask (boolean masks stay on SDPA)");
+    bf = bias->to(at::kFloat).expand({B, H, nq, nk});
+    if (bf.stride(3) != 1) bf = bf.contiguous();
+  }
+  auto out = at::empty({B, H, nq, dv}, qf.options());
+  if (B * H * nq == 0) return out.to(q.scalar_type());
+  const int64_t L = 16;
+  Dims s{nq, nk, d, dv, (d + 1) / 2, (nk + L - 1) / L, (nk + 1) / 2, (dv + L - 1) / L, (d + 3) / 4, (nk + 3) / 4};
+  const float* qd = qf.data_ptr<float>();
+  const float* kd = kf.data_ptr<float>();
+  const float* vd = vf.data_ptr<float>();
+  const float* bd = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  float* od = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* brow = bd ? bd + b * bf.stride(0) + h * bf.stride(1) : nullptr;
+      head(qd + b * qf.stride(0) + h * qf.stride(1), qf.stride(2), kd + b * kf.stride(0) + h * kf.stride(1),
+           kf.stride(2), vd + b * vf.stride(0) + h * vf.stride(1), vf.stride(2), brow, bd ? bf.stride(2) : 0,
+           static_cast<float>(scale), s, od + bh * nq * dv, dv);
+    }
+  });
+  return out.to(q.scalar_type());
+}
+
+at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const c10::optional<at::Tensor>& bias, double scale) {
+#ifdef MERGEPASS_BF16_ATTENTION
+  return run("bf16_attention", &bf16::attend_head, q, k, v, bias, scale);
+#else
+  TORCH_CHECK(false, "bf16_attention: this build has no AVX512-BF16 (the CPU lacks the instructions)");
+#endif
+}
+
+at::Tensor int8_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const c10::optional<at::Tensor>& bias, double scale) {
+#ifdef MERGEPASS_INT8_ATTENTION
+  return run("int8_attention", &i8::attend_head, q, k, v, bias, scale);
+#else
+  TORCH_CHECK(false, "int8_attention: this build has no AVX-512 VNNI (the CPU lacks the instructions)");
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mergepass, CPU, m) {
+  m.impl("bf16_attention", &bf16_attention);
+  m.impl("int8_attention", &int8_attention);
+}
