@@ -15,7 +15,7 @@ def _plan(capsys, *args):
 
 
 def test_plan_prints_schedule_and_totals():
-    res = _run("mergepass.plan", "--model", "vit_base_patch16_224", "--recipe", "dfe_lgtm", "--batch", "1")
+    res = _run("mergepass.plan", "--model", "vit_tiny_patch16_224", "--recipe", "dfe_lgtm", "--batch", "1")
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     assert "window=7" in out and "local 2x2 win" in out and "predicted speedup" in out
