@@ -62,7 +62,12 @@ def profile_openvino(fn, x, iters: int) -> dict:
             for node_type, exec_type, name, t in fn.profile():
                 ms[ov_group(node_type, exec_type, name)] += t
             sums.append(ms)
-    out = {g: statistics.median(m.get(g, 0.0) for m in sums) for g in GROUPS}
+    return _row({g: statistics.median(m.get(g, 0.0) for m in sums) for g in GROUPS}, walls)
+
+
+def _row(ms: dict, walls: list) -> dict:
+    """ms per group, their sum, and the median un-profiled wall time per forward."""
+    out = {g: ms.get(g, 0.0) for g in GROUPS}
     out["kernel sum"] = sum(out.values())
     out["wall"] = 1e3 * statistics.median(walls)
     return out
@@ -100,10 +105,7 @@ def profile_one(fn, x, iters: int) -> dict:
         g = group(e.key)
         if g is not None:
             ms[g] += e.self_cpu_time_total / 1e3 / iters
-    out = {g: ms.get(g, 0.0) for g in GROUPS}
-    out["kernel sum"] = sum(out.values())
-    out["wall"] = 1e3 * statistics.median(walls)
-    return out
+    return _row(ms, walls)
 
 
 def profile_interleaved(fns: dict, x, rounds: int, iters: int) -> dict:

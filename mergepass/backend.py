@@ -58,9 +58,9 @@ def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
     return why is None
 
 
-def _attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe) -> tuple[fx.GraphModule, int, str]:
-    """(graph, attentions now on one of mergepass's attention ops, why none are) for recipe field
-    ``attention_kernel``. ``gm`` itself is never modified."""
+def _attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe) -> tuple[fx.GraphModule, int]:
+    """(graph, attentions now on one of mergepass's attention ops) for recipe field ``attention_kernel``.
+    ``gm`` itself is never modified."""
     from .graph.passes.replace_attention import replace_attention, wanted
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
     choice = recipe.attention_kernel
@@ -70,9 +70,9 @@ def _attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recip
         raise RuntimeError(f"recipe field 'attention_kernel' is {choice!r} but mergepass's {choice} attention cannot "
                            f"run here: {why}; use attention_kernel='auto' or 'sdpa'")
     if kind is None:
-        return gm, 0, why
+        return gm, 0
     work = copy_graph_module(gm)
-    return work, replace_attention(work, kind), ""
+    return work, replace_attention(work, kind)
 
 
 @dataclass
@@ -171,7 +171,7 @@ class Backend:
         self.results.append(done)
         if result.schedule is not None:
             recipe = result.schedule.recipe.replace(lower=recipe.lower)
-        graph, done.attention_ops, _ = _attention_stage(result.gm, example_inputs, recipe)
+        graph, done.attention_ops = _attention_stage(result.gm, example_inputs, recipe)
         if not recipe.quantize.enabled:
             return compile_graph(graph, example_inputs, recipe.lower)
 

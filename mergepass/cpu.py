@@ -5,17 +5,24 @@ from __future__ import annotations
 import functools
 import platform
 from pathlib import Path
+from typing import Optional
+
+
+@functools.cache
+def _cpuinfo(key: str) -> Optional[str]:
+    """The value of the first /proc/cpuinfo line starting with ``key`` ('' if none; None without the file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith(key)), "")
+    return line.partition(":")[2].strip()
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 def cpu_id() -> str:
@@ -49,22 +56,15 @@ def bf16_isa() -> str:
 
 def vendor() -> str:
     """'AuthenticAMD', 'GenuineIntel', ... as /proc/cpuinfo names it ('' where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("vendor_id")), "")
-    return line.partition(":")[2].strip()
+    return _cpuinfo("vendor_id") or ""
 
 
 def model_name() -> str:
     """The CPU model as /proc/cpuinfo names it."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    name = _cpuinfo("model name")
+    if name is None:
         return platform.processor() or platform.machine()
-    line = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
-    return line.partition(":")[2].strip() or platform.machine()
+    return name or platform.machine()
 
 
 def machine() -> str:

@@ -20,8 +20,7 @@ _SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0
 
 
 def _value(n):
-    v = n.meta.get("example_value", n.meta.get("val")) if isinstance(n, fx.Node) else n
-    return v
+    return n.meta.get("example_value", n.meta.get("val")) if isinstance(n, fx.Node) else n
 
 
 def _replaceable(a: dict) -> bool:

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -33,16 +34,35 @@
 
 namespace {
 
+constexpr int MR = 4;  // query rows per block
+constexpr int L = 16;  // fp32 lanes per zmm
+
 struct Dims {
   int64_t nq, nk, d, dv;
   int64_t d2, nkb, nk2, dvb;  // bf16: d pairs, key blocks of 16, key pairs, dv blocks of 16
   int64_t d4, nk4;            // int8: d quads, key quads
 };
 
-#ifdef MERGEPASS_AVX512
+// Calls body(std::integral_constant<int, N>{}, start) over [0, n) in chunks of MAXN, then one chunk of the
+// remainder: kernels templated on a block count keep that many accumulators in registers.
+template <int N, typename Body>
+inline void remainder_chunk(int64_t left, int64_t at, Body& body) {
+  if constexpr (N > 0) {
+    if (left == N)
+      body(std::integral_constant<int, N>{}, at);
+    else
+      remainder_chunk<N - 1>(left, at, body);
+  }
+}
 
-constexpr int MR = 4;  // query rows per block
-constexpr int L = 16;  // fp32 lanes per zmm
+template <int MAXN, typename Body>
+inline void in_chunks(int64_t n, Body&& body) {
+  int64_t i = 0;
+  for (; i + MAXN <= n; i += MAXN) body(std::integral_constant<int, MAXN>{}, i);
+  remainder_chunk<MAXN - 1>(n - i, i, body);
+}
+
+#ifdef MERGEPASS_AVX512
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 inline __mmask16 lanes(int64_t left) {
@@ -214,23 +234,14 @@ void pv_block(const uint32_t* pp, const uint32_t* vp, const Dims& s, int64_t db0
     const __m512 scale = _mm512_set1_ps(inv[r]);
     for (int c = 0; c < DB; ++c) {
       const int64_t c0 = (db0 + c) * L;
-      const int64_t left = s.dv - c0;
-      const __mmask16 m = left >= L ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-      _mm512_mask_storeu_ps(out + r * os + c0, m, _mm512_mul_ps(acc[r][c], scale));
+      _mm512_mask_storeu_ps(out + r * os + c0, lanes(s.dv - c0), _mm512_mul_ps(acc[r][c], scale));
     }
   }
 }
 
 void pv_rows(const uint32_t* pp, const uint32_t* vp, const Dims& s, const float* inv, float* out, int64_t os,
              int rows) {
-  int64_t db = 0;
-  for (; db + 4 <= s.dvb; db += 4) pv_block<4>(pp, vp, s, db, inv, out, os, rows);
-  switch (s.dvb - db) {
-    case 3: pv_block<3>(pp, vp, s, db, inv, out, os, rows); break;
-    case 2: pv_block<2>(pp, vp, s, db, inv, out, os, rows); break;
-    case 1: pv_block<1>(pp, vp, s, db, inv, out, os, rows); break;
-    default: break;
-  }
+  in_chunks<4>(s.dvb, [&](auto n, int64_t db) { pv_block<decltype(n)::value>(pp, vp, s, db, inv, out, os, rows); });
 }
 
 // one (batch, head): q [nq, d], k [nk, d], v [nk, dv], bias rows (stride bi per query, or null), out [nq, dv]
@@ -416,13 +427,7 @@ void scores_blocks(const uint32_t* qp, const float* qscale, const Head& h, const
 }
 
 void scores_block(const uint32_t* qp, const float* qscale, const Head& h, const Dims& s, float* sc) {
-  int64_t jb = 0;
-  for (; jb + 3 <= s.nkb; jb += 3) scores_blocks<3>(qp, qscale, h, s, jb, sc);
-  switch (s.nkb - jb) {
-    case 2: scores_blocks<2>(qp, qscale, h, s, jb, sc); break;
-    case 1: scores_blocks<1>(qp, qscale, h, s, jb, sc); break;
-    default: break;
-  }
+  in_chunks<3>(s.nkb, [&](auto n, int64_t jb) { scores_blocks<decltype(n)::value>(qp, qscale, h, s, jb, sc); });
 }
 
 // out rows = (p8 . v8) * v scale / sum(p8), for DB dv blocks starting at db0
@@ -449,14 +454,7 @@ void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, con
 }
 
 void pv_rows(const uint32_t* pp, const Head& h, const Dims& s, const float* inv, float* out, int64_t os, int rows) {
-  int64_t db = 0;
-  for (; db + 4 <= s.dvb; db += 4) pv_block<4>(pp, h, s, db, inv, out, os, rows);
-  switch (s.dvb - db) {
-    case 3: pv_block<3>(pp, h, s, db, inv, out, os, rows); break;
-    case 2: pv_block<2>(pp, h, s, db, inv, out, os, rows); break;
-    case 1: pv_block<1>(pp, h, s, db, inv, out, os, rows); break;
-    default: break;
-  }
+  in_chunks<4>(s.dvb, [&](auto n, int64_t db) { pv_block<decltype(n)::value>(pp, h, s, db, inv, out, os, rows); });
 }
 
 void attend_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs,
@@ -543,7 +541,6 @@ at::Tensor run(const char* name, HeadFn head, const at::Tensor& q, const at::Ten
   }
   auto out = at::empty({B, H, nq, dv}, qf.options());
   if (B * H * nq == 0) return out.to(q.scalar_type());
-  const int64_t L = 16;
   Dims s{nq, nk, d, dv, (d + 1) / 2, (nk + L - 1) / L, (nk + 1) / 2, (dv + L - 1) / L, (d + 3) / 4, (nk + 3) / 4};
   const float* qd = qf.data_ptr<float>();
   const float* kd = kf.data_ptr<float>();
