@@ -1,5 +1,11 @@
 """Merge math (pure tensor functions and the fused CPU kernel) against the plain reference and on
 invariants."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -262,3 +268,93 @@ def test_fused_kernel_protects_the_same_tokens_as_the_reference():
         got = fused_global_merge(x, metric, None, None, r=9, prefix=2, offset=offset, protect=4)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
+
+
+def _nan_row(x, k, token):
+    x, k = x.clone(), k.clone()
+    x[:, token], k[:, token] = float("nan"), float("nan")
+    return x, k
+
+
+@pytest.mark.parametrize("r", [3, 5])
+def test_nan_metric_row_has_no_partner_in_kernel_and_reference(r):
+    """A token whose metric is NaN has no permitted partner: it ranks last, stays unmerged when it can
+    (r = 3) and, when all 5 A tokens must leave (r = 5), is dropped rather than averaged into a token."""
+    if fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    x, k = _nan_row(torch.randn(2, 11, 8), torch.randn(2, 11, 6), 1)  # token 1: the first A token
+    ref = global_merge(x, k, None, None, r=r, prefix=1)
+    got = fused.fused_global_merge(x, k, None, None, r=r, prefix=1)
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g, w, equal_nan=True)
+    y, size, src = got
+    if r == 3:  # kept, unmerged, in its own slot
+        assert int(size[0, src[0, 1]]) == 1 and y[:, src[0, 1]].isnan().all()
+        assert int(y.isnan().any(-1).sum()) == 2, "the NaN token must not spread into another one"
+    else:  # dropped: its entries follow the first B token, which it did not join
+        assert not y.isnan().any() and float(size.sum()) == 2 * 10
+        assert torch.equal(src[:, 1], src[:, 2])
+
+
+@pytest.mark.parametrize("r", [2, 6])
+def test_all_false_allowed_row_never_merges_in_kernel_and_reference(monkeypatch, r):
+    """An A token that ``allowed`` forbids every partner is not merged into B[0] (r = 2), and when every
+    A token must leave (r = 6) it is dropped; the kernel and the reference agree."""
+    if fused.kernel_error() is not None:
+        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    a_ids, b_ids, adj = checkerboard((3, 4))
+    adj[0] = False
+    from mergepass.merge import ops
+    monkeypatch.setattr(ops, "checkerboard", lambda grid: (a_ids, b_ids, adj))
+    monkeypatch.setattr(fused, "checkerboard", lambda grid: (a_ids, b_ids, adj))
+    torch.manual_seed(3)
+    x, k = torch.randn(2, 13, 8), torch.randn(2, 13, 6)
+    ref = adjacent_merge(x, k, None, None, r=r, prefix=1, grid=(3, 4))
+    got = fused.fused_adjacent_merge(x, k, None, None, r=r, prefix=1, grid=(3, 4))
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g, w)
+    y, size, src = got
+    t = 1 + a_ids[0]
+    if r == 2:
+        assert torch.all(size.gather(1, src[:, t, None, None]) == 1)
+        torch.testing.assert_close(y[torch.arange(2), src[:, t]], x[:, t])
+    else:
+        assert torch.all(size.sum(1) == 12), "the partnerless token joins no average"
+
+
+def test_fused_kernel_partnerless_row_with_padding_first_b_slot():
+    """The B set starts with a padding slot (-1) and an A token has no permitted partner (NaN metric, or
+    an all-False ``allowed`` row): no out-of-bounds access, and the result equals the unpadded call's.
+    Run in a child process: the unfixed kernel wrote through the padding slot."""
+    code = textwrap.dedent("""
+        import torch
+        from mergepass.merge import fused
+        assert fused.kernel_error() is None, fused.kernel_error()
+        op = torch.ops.mergepass.bipartite_merge
+        torch.manual_seed(0)
+        x, k = torch.randn(2, 9, 4), torch.randn(2, 9, 4)
+        size, src = torch.ones(2, 9, 1), torch.arange(9).expand(2, 9)
+        a = torch.tensor([[[1, 3, 5, 7]]])
+        b, b_pad = torch.tensor([[[2, 4, 6, 8]]]), torch.tensor([[[-1, 2, 4, 6, 8]]])
+        xn, kn = x.clone(), k.clone()
+        xn[:, 1], kn[:, 1] = float("nan"), float("nan")
+        allowed = torch.ones(4, 4, dtype=torch.bool)
+        allowed[0] = False
+        allowed_pad = torch.cat([torch.zeros(4, 1, dtype=torch.bool), allowed], dim=1)
+        for r in (2, 4):
+            cases = [((xn, kn, size, src, a, b_pad, None, r, 1), (xn, kn, size, src, a, b, None, r, 1)),
+                     ((x, k, size, src, a, b_pad, allowed_pad, r, 1), (x, k, size, src, a, b, allowed, r, 1))]
+            for padded, plain in cases:
+                got, want = op(*padded), op(*plain)
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g, w, equal_nan=True)
+                assert 0 <= int(got[2].min()) and int(got[2].max()) < 9 - r
+                if r == 4:  # every A token left: the NaN one was dropped, not averaged in
+                    assert not got[0].isnan().any()
+        print("ok")
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root,
+                         env=env)
+    assert res.returncode == 0 and "ok" in res.stdout, (res.returncode, res.stderr[-2000:])

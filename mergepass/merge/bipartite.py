@@ -14,6 +14,7 @@ class Matching(NamedTuple):
     unm_idx: torch.Tensor  # [B, Ma - r] A tokens kept, ascending
     src_idx: torch.Tensor  # [B, r] A tokens merged away
     dst_idx: torch.Tensor  # [B, r] B token each of them joins
+    joins: Optional[torch.Tensor] = None  # [B, r] False: no permitted partner, the token is dropped (see match)
 
 
 def normalize(metric: torch.Tensor) -> torch.Tensor:
@@ -27,25 +28,34 @@ def match(a: torch.Tensor, b: torch.Tensor, r: int,
 
     ``allowed`` ([Ma, Mb] or [B, Ma, Mb] bool) restricts which pairs may merge; ``a_valid`` ([B, Ma]
     bool) marks A tokens that may be merged at all. Similarity never carries gradients, as in ToMe.
+
+    A NaN similarity forbids its pair too. A tokens with no permitted partner rank below every A token
+    with one (ties keep A order); exactly ``r`` tokens leave all the same (static shapes), and one that
+    leaves without a partner is dropped (``joins`` False): it joins no average, and its ``dst_idx`` is
+    B token 0, where its source entries point.
     """
     scores = normalize(a.detach()) @ normalize(b.detach()).transpose(-1, -2)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    node_max, node_idx = scores.max(dim=-1)
+    forbid = scores.isnan() if allowed is None else scores.isnan() | ~allowed
+    node_max, node_idx = scores.masked_fill(forbid, float("-inf")).max(dim=-1)  # all -inf: index 0
     if a_valid is not None:
         node_max = node_max.masked_fill(~a_valid, float("-inf"))
-    edge_idx = node_max.argsort(dim=-1, descending=True)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
     unm_idx = edge_idx[:, r:].sort(dim=-1).values
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx.gather(1, src_idx)
-    return Matching(unm_idx, src_idx, dst_idx)
+    return Matching(unm_idx, src_idx, dst_idx, node_max.gather(1, src_idx) > float("-inf"))
+
+
+def joined_only(m: Matching, t: torch.Tensor) -> torch.Tensor:
+    """``t`` ([B, r, C], one row per token leaving) with the rows of dropped tokens zeroed (NaN too)."""
+    return t if m.joins is None else torch.where(m.joins[..., None], t, torch.zeros_like(t))
 
 
 def merge_sum(xa: torch.Tensor, xb: torch.Tensor, m: Matching) -> torch.Tensor:
-    """Sum merged A tokens into their B partners; returns [unmerged A..., B...]."""
+    """Sum merged A tokens into their B partners (dropped ones into none); returns [unmerged A..., B...]."""
     c = xa.shape[-1]
     unm = xa.gather(1, m.unm_idx[..., None].expand(-1, -1, c))
-    src = xa.gather(1, m.src_idx[..., None].expand(-1, -1, c))
+    src = joined_only(m, xa.gather(1, m.src_idx[..., None].expand(-1, -1, c)))
     dst = xb.scatter_add(1, m.dst_idx[..., None].expand(-1, -1, c), src)
     return torch.cat([unm, dst], dim=1)
 

@@ -6,6 +6,12 @@ call per block instead of ~15-25 small kernels (similarity matmul, max, sorts, i
 scatter-adds). Inductor keeps it as one extern call, so the compiled graph stays free of graph
 breaks and its shapes stay static.
 
+Exactly ``r`` A tokens per group leave. A pair is permitted unless ``allowed`` forbids it, its B slot
+is padding (-1) or its similarity is NaN; A tokens without a permitted partner rank below all others
+and, when still among the ``r``, are dropped: they join no average (sizes then sum to fewer tokens)
+and their source entries point at the group's first real B token. :func:`~mergepass.merge.match`
+does the same, so the kernel and the reference functions agree.
+
 The C++ source (``csrc/bipartite_merge.cpp``) is built on first use with
 ``torch.utils.cpp_extension`` and cached; inductor's CPU backend needs the same C++ compiler.
 When it cannot be built, :func:`kernel_error` says why and callers use the reference functions.

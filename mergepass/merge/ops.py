@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .bipartite import Matching, match, merge_sum, slots
+from .bipartite import Matching, joined_only, match, merge_sum, slots
 from .tokens import init_state, positions, update_source
 
 
@@ -48,11 +48,12 @@ def _gather_merge(x, size, source, mm: Matching, a_pos, b_pos, prefix, slot):
     keep = torch.cat([head, a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
     src = a_pos.gather(1, mm.src_idx)[..., None]
     dst = (prefix + keep_n + mm.dst_idx)[..., None]
-    s_src = size.gather(1, src)
+    s_src = joined_only(mm, size.gather(1, src))
     s_out = size.gather(1, keep[..., None]).scatter_add(1, dst, s_src)
     x_out = x.gather(1, keep[..., None].expand(-1, -1, c))
     rows = dst.expand(-1, -1, c)
     delta = (x.gather(1, src.expand(-1, -1, c)) - x_out.gather(1, rows)) * (s_src / s_out.gather(1, dst))
+    delta = joined_only(mm, delta)  # a dropped NaN token must not reach its B token through 0 * NaN
     return x_out.scatter_add(1, rows, delta), s_out, update_source(source, slot, prefix)
 
 

@@ -7,6 +7,10 @@
 // Tokens are split into G groups (1 for ToMe/ToMato, one per window for LGTM), each with an A set
 // and a B set given by token positions (-1: padding, never matched). In every group the r A tokens
 // with the most similar B partner (cosine of the metric rows) merge into that partner.
+// A pair is permitted unless `allowed` forbids it, the B slot is padding or the similarity is NaN. An A token
+// with no permitted partner ranks below every A token with one; when it is still among the r that leave
+// (shapes are static), it is dropped: it joins no average, and its source entries point at the group's
+// first real B token. Nothing is ever read or written through a padding slot.
 // Output token order: the prefix, then per group its unmerged A tokens in A order and its B tokens.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -54,13 +58,16 @@ struct Batch {  // one batch element's inputs and outputs
 template <typename T>
 int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_pos, const int64_t* b_pos,
                     const bool* allowed, const Shape& s, int64_t out, std::vector<int64_t>& slot) {
+  // a partnerless A token's source entries go to the first real B token (the caller checked there is one
+  // when r > 0), never to a padding slot
+  const int64_t first_b = std::find_if(b_pos, b_pos + s.mb, [](int64_t p) { return p >= 0; }) - b_pos;
   std::vector<float> best(s.ma, -INFINITY);
-  std::vector<int64_t> arg(s.ma, 0), order;
+  std::vector<int64_t> arg(s.ma, std::min(first_b, s.mb - 1)), order;
   order.reserve(s.ma);
   for (int64_t i = 0; i < s.ma; ++i) {
     if (a_pos[i] < 0) continue;
     const float* row = scores + i * s.mb;
-    for (int64_t j = 0; j < s.mb; ++j) {  // first maximum wins, as torch.max
+    for (int64_t j = 0; j < s.mb; ++j) {  // first maximum wins, as torch.max; NaN never does
       const bool ok = b_pos[j] >= 0 && (allowed == nullptr || allowed[i * s.mb + j]);
       if (ok && row[j] > best[i]) {
         best[i] = row[j];
@@ -96,9 +103,10 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_po
   using acc_t = at::opmath_type<T>;
   std::vector<int64_t> acc_of(s.mb, -1);
   std::vector<acc_t> acc, acc_size;
+  auto joins = [&](int64_t i) { return best[i] > -INFINITY; };  // has a permitted partner
   for (int64_t k = 0; k < s.r; ++k) {
     const int64_t j = arg[order[k]];
-    if (acc_of[j] >= 0) continue;
+    if (!joins(order[k]) || acc_of[j] >= 0) continue;
     acc_of[j] = static_cast<int64_t>(acc_size.size());
     const T* xb = io.x + b_pos[j] * s.c;
     const acc_t sb = static_cast<acc_t>(io.size[b_pos[j]]);
@@ -107,6 +115,7 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_po
   }
   for (int64_t k = 0; k < s.r; ++k) {
     const int64_t i = order[k], h = acc_of[arg[i]];
+    if (!joins(i)) continue;
     acc_t* __restrict__ row = acc.data() + h * s.c;
     const T* __restrict__ xa = io.x + a_pos[i] * s.c;
     const acc_t sa = static_cast<acc_t>(io.size[a_pos[i]]);
