@@ -242,11 +242,24 @@ def test_calibration_generator_is_read_once_and_used_for_int8():
     ([], "calibration is empty"),
     ([torch.zeros(2, 3, 64, 64, dtype=torch.uint8)], "uint8"),
     (torch.randn(2, 3, 64, 64), "iterable of batches"),
+    ([torch.zeros(2, 3, 64, 64, dtype=torch.int64)], "batch 0 holds a tensor of dtype int64"),
+    ([(torch.zeros(2, 3, 64, 64, dtype=torch.bool), torch.zeros(2))], "batch 0 holds a tensor of dtype bool"),
+    ([torch.randn(2, 3, 64, 64), torch.full((2, 3, 64, 64), float("nan"))], "batch 1 holds non-finite values"),
+    ([torch.randn(2, 3, 64, 64).index_fill(0, torch.tensor([1]), float("inf"))], "batch 0 holds non-finite"),
+    (5, "calibration must be an iterable of batches .* not int 5"),
 ])
 def test_bad_calibration_data_gets_a_clear_error(calibration, match):
     be = mergepass.backend("int8", calibration=calibration)
     with pytest.raises(ValueError, match=match):
         be.calibration
+
+
+def test_calibration_keeps_integer_labels_but_not_integer_inputs():
+    from mergepass.quantize import fit_batches, read_calibration
+    x, labels = torch.randn(2, 4), torch.tensor([3, 7])
+    assert len(read_calibration([(x, labels)], 8)[0]) == 2  # a DataLoader's labels trail the input
+    with pytest.raises(ValueError, match="dtype int64 where the compiled input is floating point"):
+        fit_batches([(x, labels[:, None].expand(2, 4))], (torch.randn(2, 4), torch.randn(2, 4)))
 
 
 def test_wrong_calibration_shape_names_the_expected_one():

@@ -53,20 +53,43 @@ def outlier_linears(m: fx.GraphModule, batches: Sequence[tuple], ratio: float) -
     return out
 
 
+def _check_batch(b: tuple, i: int) -> None:
+    """Raise ValueError naming batch ``i`` when its input is not floating point or holds NaN/inf.
+
+    The first entry is the model's input; later ones may be a DataLoader's integer labels, which are
+    dropped (:func:`fit_batches`), so only uint8 (raw images) is refused there."""
+    for k, t in enumerate(b):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.dtype == torch.uint8 or (k == 0 and not t.is_floating_point()):
+            raw = " (raw images?)" if t.dtype == torch.uint8 else ""
+            raise ValueError(f"calibration batch {i} holds a tensor of dtype {str(t.dtype).removeprefix('torch.')}"
+                             f"{raw}: pass the model's input as it is called, normalised to floating point")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"calibration batch {i} holds non-finite values (NaN or inf): int8 scales need "
+                             "finite activations")
+
+
 def read_calibration(calibration, limit: int) -> Optional[list[tuple]]:
     """Read a calibration iterable once (a generator is used up by reading): at most ``limit``
-    batches, each as a tuple of inputs. Raises ValueError for an empty iterable and for uint8 images."""
+    batches, each as a tuple of inputs. Raises ValueError for an empty or non-iterable one, and for a
+    batch whose input is not floating point (uint8 images, int64, bool) or holds NaN/inf."""
     if calibration is None:
         return None
     if isinstance(calibration, torch.Tensor):
         raise ValueError("calibration must be an iterable of batches (a list of tensors, a DataLoader), "
                          f"not one tensor of shape {tuple(calibration.shape)}; wrap it in a list")
+    try:
+        items = iter(calibration) if not isinstance(calibration, (str, bytes)) else None
+    except TypeError:
+        items = None
+    if items is None:
+        raise ValueError("calibration must be an iterable of batches (a list of tensors, a DataLoader), "
+                         f"not {type(calibration).__name__} {calibration!r:.40}")
     batches = []
-    for b in calibration:
+    for b in items:
         b = tuple(b) if isinstance(b, (tuple, list)) else (b,)
-        if any(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in b):
-            raise ValueError(f"calibration batch {len(batches)} holds uint8 tensors (raw images?): pass the "
-                             "model's input as it is called, normalised to floating point")
+        _check_batch(b, len(batches))
         batches.append(b)
         if len(batches) >= limit:
             break
@@ -100,5 +123,10 @@ def fit_batches(batches: Optional[list[tuple]], user_ex: tuple) -> Optional[list
                 not isinstance(t, torch.Tensor) or t.shape != e.shape) for t, e in zip(b, user_ex)):
             got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in b]
             raise ValueError(f"calibration batch with inputs {got} does not fit the compiled inputs {shapes}")
+        bad = next((t.dtype for t, e in zip(b, user_ex) if isinstance(e, torch.Tensor) and e.is_floating_point()
+                    and not t.is_floating_point()), None)
+        if bad is not None:  # an integer tensor cast to a float input would calibrate on wrong values
+            raise ValueError(f"calibration batch holds a tensor of dtype {str(bad).removeprefix('torch.')} "
+                             "where the compiled input is floating point")
         out.append(tuple(t.to(e.device, e.dtype) if isinstance(e, torch.Tensor) else t for t, e in zip(b, user_ex)))
     return out
