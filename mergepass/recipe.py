@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -59,8 +60,10 @@ class Quantize:
         if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
             raise ValueError("recipe field 'quantize.calibration_batches' must be a positive integer, "
                              f"got {self.calibration_batches!r}")
-        if not isinstance(self.sensitivity, (int, float)) or self.sensitivity < 0:
+        if not _finite_number(self.sensitivity) or self.sensitivity < 0:
             raise ValueError(f"recipe field 'quantize.sensitivity' must be a number >= 0, got {self.sensitivity!r}")
+        if not isinstance(self.keep_fp32, (tuple, list)) or not all(isinstance(s, str) for s in self.keep_fp32):
+            raise ValueError(f"recipe field 'quantize.keep_fp32' must be a list of strings, got {self.keep_fp32!r}")
         if self.rest not in REST_PRECISIONS:
             raise ValueError(f"recipe field 'quantize.rest' must be one of {REST_PRECISIONS}, got {self.rest!r}")
         if self.observer not in OBSERVERS:
@@ -156,8 +159,8 @@ class Recipe:
             raise ValueError(f"recipe field 'budget' must be >= 0, got {b!r}")
         for name in ("target_speedup", "max_macs_ratio", "min_cosine"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"recipe field {name!r} must be a number >= 0, got {v!r}")
+            if not _finite_number(v) or v < 0:
+                raise ValueError(f"recipe field {name!r} must be a finite number >= 0, got {v!r}")
         if self.max_macs_ratio > 1 or self.min_cosine > 1:
             raise ValueError("recipe fields 'max_macs_ratio' and 'min_cosine' must be <= 1")
         if self.method == "auto" and not (self.target_speedup or self.max_macs_ratio or self.min_cosine):
@@ -215,6 +218,11 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _finite_number(v: Any) -> bool:
+    """An int or float that is neither NaN nor infinite (NaN passes every ``<`` check unnoticed)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
 def _int_or_auto(name: str, value: Any, minimum: int = 0) -> None:
     if value == AUTO:
         return
@@ -255,11 +263,8 @@ def from_dict(d: Mapping[str, Any], name: str | None = None) -> Recipe:
         raise ValueError(f"recipe field 'quantize' must be a table, got {q!r}")
     q = dict(q)
     _check_keys(q, _QUANT_FIELDS, "quantize.")
-    if "keep_fp32" in q:
-        keep = q["keep_fp32"]
-        if isinstance(keep, str) or not all(isinstance(s, str) for s in keep):
-            raise ValueError(f"recipe field 'quantize.keep_fp32' must be a list of strings, got {keep!r}")
-        q["keep_fp32"] = tuple(keep)
+    if isinstance(q.get("keep_fp32"), list):  # TOML's array; anything else is refused by Quantize.validate
+        q["keep_fp32"] = tuple(q["keep_fp32"])
     if name is not None and "name" not in d:
         d["name"] = name
     if isinstance(d.get("r"), list):
@@ -289,6 +294,23 @@ def available() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.toml"))
 
 
+def _read_toml(path: Path) -> dict:
+    """A recipe file's table; ValueError naming the file when it is a folder, unreadable, not UTF-8 or not TOML."""
+    if path.is_dir():
+        raise ValueError(f"recipe {path} is a folder, not a TOML file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"recipe file {path} is not UTF-8 text (byte {e.start}): TOML must be UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"recipe file {path} could not be read ({e.strerror or e})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        where = "" if "line" in str(e) else f" (line {len(text.splitlines())}, end of file)"
+        raise ValueError(f"recipe file {path} is not valid TOML: {e}{where}") from None
+
+
 def load(spec: Union[str, os.PathLike, Mapping, Recipe], **overrides: Any) -> Recipe:
     """Load a recipe from a name (``recipes/NAME.toml``), a path, a dict, or a Recipe; apply overrides."""
     if isinstance(spec, Recipe):
@@ -308,12 +330,7 @@ def load(spec: Union[str, os.PathLike, Mapping, Recipe], **overrides: Any) -> Re
                 close = difflib.get_close_matches(str(spec), names, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ValueError(f"unknown recipe {str(spec)!r}{hint} (shipped: {', '.join(names)})")
-        with open(path, "rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                where = "" if "line" in str(e) else f" (line {len(path.read_text().splitlines())}, end of file)"
-                raise ValueError(f"recipe file {path} is not valid TOML: {e}{where}") from None
+        data = _read_toml(path)
         try:
             recipe = from_dict(data, name=path.stem)
         except ValueError as e:
