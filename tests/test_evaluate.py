@@ -58,7 +58,7 @@ def test_image_folders(tmp_path):
 def test_mismatched_checkpoint_names_the_model(tmp_path):
     from mergepass.eval import models
     torch.save(tiny_vit().state_dict(), tmp_path / "w.pt")
-    with pytest.raises(RuntimeError, match="vit_small_patch16_224"):
+    with pytest.raises(ValueError, match="vit_small_patch16_224"):
         models.create("vit_small_patch16_224", checkpoint=str(tmp_path / "w.pt"))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         models.create("vit_small_patch16_224", checkpoint=str(tmp_path / "missing.pt"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -33,13 +34,31 @@ def list_images(folder: str | Path) -> list[tuple[Path, int]]:
         raise FileNotFoundError(f"image folder not found: {root}")
     labels = root / "labels.csv"
     if labels.exists():
-        with open(labels, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return [(root / r["file"], int(r.get("class_index", -1))) for r in rows]
+        return _read_labels(labels)
     subdirs = sorted(d for d in root.iterdir() if d.is_dir())
     if subdirs:
         return [(p, i) for i, d in enumerate(subdirs) for p in sorted(d.iterdir()) if p.suffix.lower() in EXTS]
     return [(p, -1) for p in sorted(root.iterdir()) if p.suffix.lower() in EXTS]
+
+
+def _read_labels(labels: Path) -> list[tuple[Path, int]]:
+    """``labels.csv``'s (path, class index) rows; ValueError naming the file, and the line of a bad index."""
+    with open(labels, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "file" not in (reader.fieldnames or []):
+            raise ValueError(f"{labels} has no 'file' column (columns: {', '.join(reader.fieldnames or []) or 'none'})")
+        out = []
+        for row in reader:
+            text = (row.get("class_index") or "-1").strip() if "class_index" in reader.fieldnames else "-1"
+            try:
+                label = int(text)
+            except ValueError:
+                label = -2
+            if label < -1:
+                raise ValueError(f"{labels} line {reader.line_num}: class_index {text!r} is not a class number "
+                                 "(an integer >= 0, or -1 for unknown)")
+            out.append((labels.parent / row["file"], label))
+    return out
 
 
 def preprocess(img, size: int = 224, resize: Optional[int] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -58,19 +77,40 @@ def preprocess(img, size: int = 224, resize: Optional[int] = None, mean=IMAGENET
     return (t - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
+class ImageTooLarge(ValueError):
+    """An image that declares more pixels than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
+
+
+def open_image(path: str | Path, size: int = 224, **kw) -> torch.Tensor:
+    """One preprocessed image [3, size, size]. ValueError naming the file when it cannot be read, or
+    when it declares more pixels than PIL's decompression-bomb limit (it is not decoded then)."""
+    from PIL import Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return preprocess(im, size, **kw)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"image {path} is too large to decode safely ({e})") from None
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"image {path} could not be read ({e})") from None
+
+
 def load_images(folder: str | Path, limit: Optional[int] = None, size: int = 224, **kw):
-    """(images [N, 3, size, size], labels [N], skipped count). Unreadable images are skipped."""
-    from PIL import Image, UnidentifiedImageError
-    items = list_images(folder)
-    if limit:
-        items = items[:limit]
+    """(images [N, 3, size, size], labels [N], skipped count) of the first ``limit`` images (all: None).
+    Unreadable images are skipped; one too large to decode safely is skipped with a warning."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"image limit must be >= 1, got {limit}")
+    items = list_images(folder)[:limit]
     xs, ys, skipped = [], [], 0
     for path, label in items:
         try:
-            with Image.open(path) as im:
-                xs.append(preprocess(im, size, **kw))
+            xs.append(open_image(path, size, **kw))
             ys.append(label)
-        except (OSError, UnidentifiedImageError, ValueError):
+        except ImageTooLarge as e:
+            warnings.warn(f"skipped {e}", stacklevel=2)
+            skipped += 1
+        except ValueError:
             skipped += 1
     if not xs:
         raise ValueError(f"no readable images in {folder} ({skipped} skipped)")

@@ -12,7 +12,7 @@ from ..graph.capture import capture_graphs
 from ..methods import all_ops
 from ..pipeline import merge_stage
 from ..recipe import load
-from .data import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from .data import IMAGENET_MEAN, IMAGENET_STD, open_image
 
 
 def _merge_fns() -> set:
@@ -65,12 +65,7 @@ def render(image_path: str, model: torch.nn.Module, recipe: Any, out: str, img_s
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
-    try:
-        with Image.open(image_path) as im:
-            x = preprocess(im, img_size)[None]
-    except OSError as e:  # PIL's UnidentifiedImageError is one
-        raise ValueError(f"image {image_path} could not be read ({e})") from None
+    x = open_image(image_path, img_size)[None]
     rgb = (x[0] * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]).clamp(0, 1)
     sched, maps = source_maps(model, x, recipe, **overrides)
     if sched is None or sched.grid is None:

@@ -33,7 +33,10 @@ def _torchvision(name: str, img_size: Optional[int], **kwargs) -> torch.nn.Modul
         raise ValueError(f"unknown torchvision model {name!r}" + (f"; close matches: {', '.join(close)}" if close else ""))
     if img_size is not None:
         kwargs["image_size"] = img_size
-    return tvm.get_model(name, weights=None, **kwargs)
+    try:
+        return tvm.get_model(name, weights=None, **kwargs)
+    except AssertionError as e:  # torchvision asserts on an image size its patches do not divide
+        raise ValueError(f"torchvision model {name!r} with image size {img_size}: {e}") from None
 
 
 def load_checkpoint(model: torch.nn.Module, path: str, name: str = "") -> None:
@@ -51,10 +54,34 @@ def load_checkpoint(model: torch.nn.Module, path: str, name: str = "") -> None:
         raise ValueError(f"checkpoint {p} could not be read ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {p} holds a {type(state).__name__}, not a state dict")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"checkpoint {p} does not fit model {name or type(model).__name__}: {e}") from e
+    misfit = _misfit(model.state_dict(), state)
+    if misfit:
+        raise ValueError(f"checkpoint {p} does not fit model {name or type(model).__name__}: {misfit}")
+    model.load_state_dict(state, strict=True)
+
+
+def _misfit(want: dict, got: dict, show: int = 3) -> str:
+    """Why state dict ``got`` does not load into a model whose own is ``want``, in one line ('' if it does)."""
+    def some(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:show]) + (f" and {len(keys) - show} more" if len(keys) > show else "")
+    missing, unexpected = want.keys() - got.keys(), got.keys() - want.keys()
+    shapes = [k for k in want.keys() & got.keys()
+              if hasattr(got[k], "shape") and tuple(got[k].shape) != tuple(want[k].shape)]
+    why = [f"{len(missing)} missing keys ({some(missing)})"] if missing else []
+    why += [f"{len(unexpected)} unexpected keys ({some(unexpected)})"] if unexpected else []
+    why += [f"{k} is {list(got[k].shape)} in the checkpoint, {list(want[k].shape)} in the model"
+            for k in sorted(shapes)[:show]]
+    return "; ".join(why)
+
+
+def patch_size(model: torch.nn.Module) -> int:
+    """The side of a model's square patches (timm, torchvision, transformers; 0 when unknown)."""
+    cfg = getattr(model, "config", None)
+    p = getattr(cfg, "patch_size", None) or getattr(getattr(model, "patch_embed", None), "patch_size", None) \
+        or getattr(model, "patch_size", None)
+    p = p[0] if isinstance(p, (tuple, list)) else p
+    return int(p) if isinstance(p, int) else 0
 
 
 def input_size(model: torch.nn.Module) -> int:
