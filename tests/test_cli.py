@@ -3,6 +3,8 @@ once each; the other cases call the same ``main`` in-process (no interpreter sta
 import subprocess
 import sys
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -55,3 +57,39 @@ def _images(tmp_path):
     for i in range(8):
         Image.fromarray((torch.rand(70, 80, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / f"{i}.png")
     return tmp_path
+
+
+def _one_line_error(res, *needles):
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+TINY = ("--model", "vit_tiny_patch16_224", "--img-size", "64")
+
+
+@pytest.mark.parametrize("command,args,said", [
+    ("demo", ("--batch", "0"), "argument --batch: must be >= 1, got 0"),
+    ("demo", ("--batch", "-3"), "argument --batch: must be >= 1, got -3"),
+    ("plan", ("--model", "vit_tiny_patch16_224", "--batch", "100000"), "argument --batch: must be at most 4096"),
+    ("plan", ("--model", "vit_tiny_patch16_224", "--calib-images", "-1"), "argument --calib-images: must be >= 1"),
+    ("search", TINY + ("--images", ".", "--out", "o.toml", "--search-images", "0"),
+     "argument --search-images: must be >= 1, got 0"),
+    ("demo", ("--model", "vit_tiny_patch16_224", "--depth", "1", "--img-size", "8", "--batch", "1"),
+     "--img-size 8 is smaller than one 16-pixel patch"),
+    ("plan", ("--model", "vit_tiny_patch16_224", "--img-size", "8", "--batch", "1"),
+     "--img-size 8 is smaller than one 16-pixel patch"),
+    ("viz", TINY + ("--image", "x.png", "--recipe", "int8"), "nothing to draw: recipe 'int8' does not merge"),
+    ("plan", ("--model", "vit_tiny_patch16_224", "--target-speedup", "nan"), "'target_speedup' must be a finite"),
+])
+def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, monkeypatch, capsys, command, args, said):
+    monkeypatch.chdir(tmp_path)  # relative paths in the cases: nothing lands in the repository
+    _one_line_error(run_cli(capsys, command, *args), said)
+
+
+def test_viz_out_under_a_regular_file_exits_2_before_tracing(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "merged.png"
+    _one_line_error(run_cli(capsys, "viz", *TINY, "--image", tmp_path / "file", "--out", out),
+                    f"--out {out}: {tmp_path / 'file'} is a file, not a folder")

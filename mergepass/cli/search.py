@@ -14,16 +14,17 @@ from pathlib import Path
 from ..eval.data import batches, data_config, load_images
 from ..eval.evaluate import Features, load_model
 from ..pipeline import plan
+from ..recipe import load
 from ..search.evolve import search_schedule
-from .args import model_parser
+from .args import batch, check_img_size, check_out, model_parser, positive, run
 
 
 def main(argv=None) -> int:
     p = model_parser("python -m mergepass.search", __doc__)
     p.add_argument("--images", required=True)
     p.add_argument("--crop-pct", type=float, default=None)
-    p.add_argument("--search-images", type=int, default=64, help="the first N images (the rest stay unseen)")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--search-images", type=positive, default=64, help="the first N images (the rest stay unseen)")
+    p.add_argument("--batch", type=batch, default=16)
     p.add_argument("--recipe", default="tome", help="base recipe (its other fields are kept)")
     p.add_argument("--max-macs-ratio", type=float, default=None, help="MACs budget (default: ToMe at --match-r)")
     p.add_argument("--match-r", type=int, default=16, help="budget = the MACs ratio of constant ToMe r")
@@ -32,18 +33,21 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="recipe TOML to write")
     args = p.parse_args(argv)
-    try:
-        model = load_model(args.model, args.checkpoint, args.img_size)
-        target = Features(model).eval() if getattr(model, "num_classes", 1) == 0 else model
-        cfg = data_config(model, args.img_size, crop_pct=args.crop_pct)
-        x, _, _ = load_images(args.images, limit=args.search_images, **cfg)
-        search = batches(x, args.batch) or [x]
-        budget = args.max_macs_ratio or plan(target, search[0], "tome", r=args.match_r).macs_ratio
-        res = search_schedule(target, search, args.recipe, budget, iterations=args.iterations,
-                              children=args.children, seed=args.seed, log=lambda s: print(s, flush=True))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run(lambda: _run(args))
+
+
+def _run(args) -> int:
+    check_out(args.out)  # before the search, not after it
+    load(args.recipe)  # a bad --recipe fails before the model is built
+    model = load_model(args.model, args.checkpoint, args.img_size)
+    check_img_size(model, args.img_size)
+    target = Features(model).eval() if getattr(model, "num_classes", 1) == 0 else model
+    cfg = data_config(model, args.img_size, crop_pct=args.crop_pct)
+    x, _, _ = load_images(args.images, limit=args.search_images, **cfg)
+    search = batches(x, args.batch) or [x]
+    budget = args.max_macs_ratio or plan(target, search[0], "tome", r=args.match_r).macs_ratio
+    res = search_schedule(target, search, args.recipe, budget, iterations=args.iterations,
+                          children=args.children, seed=args.seed, log=lambda s: print(s, flush=True))
     name = Path(args.out).stem
     recipe = res.recipe.replace(name=name, description=(
         f"per-block r searched for {args.model} at MACs ratio <= {budget:.3f} on the first {len(x)} images of "

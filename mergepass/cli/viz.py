@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..eval import models
 from ..eval.merge_maps import render
-from .args import add_override_args, model_parser, overrides_from
+from ..recipe import load
+from .args import add_override_args, check_img_size, check_out, model_parser, overrides_from, run
 
 
 def main(argv=None) -> int:
@@ -21,15 +22,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="merged.png")
     add_override_args(p)
     args = p.parse_args(argv)
+    return run(lambda: _run(args))
+
+
+def _run(args) -> int:
+    check_out(args.out)  # before the model is built and traced
+    if not load(args.recipe, **overrides_from(args)).merges:
+        raise ValueError(f"nothing to draw: recipe {args.recipe!r} does not merge")
+    if not Path(args.image).exists():
+        raise FileNotFoundError(f"image not found: {args.image}")
     kw = {"num_classes": 0} if "dinov2" in args.model else {}
-    try:
-        model = models.create(args.model, img_size=args.img_size, checkpoint=args.checkpoint, **kw)
-        if not Path(args.image).exists():
-            raise FileNotFoundError(f"image not found: {args.image}")
-        out = render(args.image, model, args.recipe, args.out, args.img_size, args.per_block, **overrides_from(args))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model = models.create(args.model, img_size=args.img_size, checkpoint=args.checkpoint, **kw)
+    check_img_size(model, args.img_size)
+    out = render(args.image, model, args.recipe, args.out, args.img_size, args.per_block, **overrides_from(args))
     print(f"wrote {out}")
     return 0
 
