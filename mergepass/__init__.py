@@ -10,6 +10,7 @@ Layout, one floor per stage: ``merge/`` (tensor math) → ``methods/`` (merge-me
 # `python -m mergepass.plan` needs a submodule named `plan`. Importing it here, before the function
 # of the same name is bound below, keeps later imports of the submodule from replacing the function.
 from . import plan as _plan_command  # noqa: F401,I001
+from .artifact import load
 from .backend import Backend, backend
 from .errors import MergepassWarning
 from .export import export
@@ -18,6 +19,6 @@ from .pipeline import plan
 from .recipe import Quantize, Recipe, available as available_recipes, load as load_recipe
 from .schedule import Schedule
 
-__all__ = ["backend", "Backend", "plan", "export", "Recipe", "Quantize", "load_recipe", "available_recipes",
+__all__ = ["backend", "Backend", "plan", "export", "load", "Recipe", "Quantize", "load_recipe", "available_recipes",
            "Schedule", "MergepassWarning", "MergeMethod", "MergeOp", "register_method", "register_op"]
 __version__ = "0.1.0"

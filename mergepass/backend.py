@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import fx
 
+from . import artifact, cache
 from .errors import MergepassWarning
 from .graph.capture import copy_graph_module
 from .graph.match import symbolic_dims
 from .graph.rewrite import RewriteResult
 from .lower import compile_graph
 from .pipeline import merge_stage
-from .graph.lift import Inputs
+from .graph.lift import Inputs, Lifted, output_dtypes
 from .quantize import Quantized, fit_batches, quantize, read_calibration
 from .recipe import Recipe, load
 from .schedule import Schedule
@@ -23,12 +25,6 @@ from .schedule import Schedule
 def _varying_size(gm: fx.GraphModule) -> bool:
     """Whether an input has a symbolic size other than its batch (e.g. a varying image size)."""
     return any(set(symbolic_dims(n)) - {0} for n in gm.graph.nodes if n.op == "placeholder")
-
-
-def _output_dtypes(gm: fx.GraphModule) -> list:
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    return [getattr(o.meta.get("example_value"), "dtype", None) if isinstance(o, fx.Node) else None for o in outs]
 
 
 def _training(example_inputs: Sequence) -> bool:
@@ -82,6 +78,8 @@ class GraphResult:
     rewrite: RewriteResult
     quantized: Optional[Quantized] = None
     attention_ops: int = 0  # attentions running on one of mergepass's attention ops (recipe field attention_kernel)
+    package: Optional[Path] = None  # the compile cache's package this graph runs (mergepass.cache)
+    cached: bool = False  # ... taken from the cache rather than built by this compile
 
     @property
     def schedule(self) -> Optional[Schedule]:
@@ -97,13 +95,14 @@ class Backend:
     """A torch.compile backend applying a recipe. Keeps what it did in ``results`` (one per graph)."""
 
     def __init__(self, recipe: Any = "tome", *, calibration: Optional[Iterable] = None,
-                 lower: Optional[str] = None, model_name: str = "", **overrides: Any):
+                 lower: Optional[str] = None, model_name: str = "", cache: Optional[bool] = None, **overrides: Any):
         if lower is not None:
             overrides["lower"] = lower
         self.recipe: Recipe = load(recipe, **overrides)
         self._calibration_source = calibration
         self._calibration: Optional[list[tuple]] = None
         self.model_name = model_name
+        self.cache = cache  # None: on unless MERGEPASS_CACHE=0 (see mergepass.cache)
         self.results: list[GraphResult] = []
         self._warned: set[str] = set()
 
@@ -145,6 +144,71 @@ class Backend:
             return None
         return batches
 
+    def _uses_cache(self, recipe: Recipe, example_inputs: Sequence) -> bool:
+        on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+        return (self.cache if self.cache is not None else cache.enabled()) and recipe.lower == "inductor" and on_cpu
+
+    def _lower_int8(self, graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe,
+                    calibration: Optional[list[tuple]], done: GraphResult) -> tuple[Any, Quantized]:
+        """Quantize and compile (or take from the compile cache): the compiled callable of the user's inputs."""
+        key = None
+        if self._uses_cache(recipe, example_inputs):
+            key = cache.graph_key(graph, example_inputs, recipe.to_dict(), calibration)
+            hit = cache.lookup(key) if key is not None else None
+            if hit is not None:
+                done.cached, done.package = True, hit.path
+                for message in hit.meta.get("warnings", []):  # what the compile said, said again
+                    self._warn_once(message)
+                done.quantized = Quantized.from_cache(hit.meta["quantized"], ())
+                return hit.run, done.quantized
+        dims = Lifted(graph, example_inputs).input_dims()
+
+        def lower(q: Quantized, said: list[str]):
+            if key is not None:
+                try:
+                    entry = cache.store(key, lambda path: artifact.write(
+                        q.module, q.inputs, path, meta={"quantized": q.describe(), "warnings": said},
+                        dynamic_shapes=dims, freezing=q.freezing, autocast=q.autocast,
+                        output_dtypes=output_dtypes(graph), inductor_config_overrides=q.inductor_config))
+                    done.package = entry.path
+                    return entry.run
+                except Exception as e:  # noqa: BLE001 - the cache must never cost the user the compile
+                    if q.int8_attention:
+                        raise
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    self._warn_once(f"mergepass: this int8 graph could not be packaged for the compile cache "
+                                    f"({type(e).__name__}: {first}); it is compiled without the cache")
+            return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context,
+                                 autocast=q.autocast, inductor_config_overrides=q.inductor_config)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MergepassWarning)
+            done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
+        said = self._repeat(caught)
+        try:
+            return lower(q, said), q
+        except Exception as e:  # noqa: BLE001 - a prototype fusion must not cost the user the compile
+            if not q.int8_attention:
+                raise
+            said.append(f"mergepass: int8 attention did not compile ({type(e).__name__}: {e}); compiling "
+                        "with floating-point attention instead")
+            self._warn_once(said[-1])
+            recipe = recipe.replace(quantize={"attention": "float"})
+            if key is not None:
+                key = cache.graph_key(graph, example_inputs, recipe.to_dict(), calibration)
+            done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
+            return lower(q, said), q
+
+    def _repeat(self, caught: list) -> list[str]:
+        """Re-issue warnings recorded during a stage; the MergepassWarnings among them, for the cache entry."""
+        said = []
+        for w in caught:
+            if issubclass(w.category, MergepassWarning):
+                said.append(str(w.message))
+                self._warn_once(said[-1])
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return said
+
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
         recipe = self.recipe
         if recipe.quantize.enabled and _training(example_inputs):
@@ -175,27 +239,12 @@ class Backend:
         if not recipe.quantize.enabled:
             return compile_graph(graph, example_inputs, recipe.lower)
 
-        def lower(q):
-            return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context,
-                                 autocast=q.autocast, inductor_config_overrides=q.inductor_config)
-        calibration = self._calibration_for(gm, example_inputs)
-        done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
-        try:
-            compiled = lower(q)
-        except Exception as e:  # noqa: BLE001 - a prototype fusion must not cost the user the compile
-            if not q.int8_attention:
-                raise
-            self._warn_once(f"mergepass: int8 attention did not compile ({type(e).__name__}: {e}); compiling "
-                            "with floating-point attention instead")
-            recipe = recipe.replace(quantize={"attention": "float"})
-            done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
-            compiled = lower(q)
-
+        compiled, q = self._lower_int8(graph, example_inputs, recipe, self._calibration_for(gm, example_inputs), done)
         if q.autocast is None:
             def run(*args):
                 return compiled(*q.select(args))
             return run
-        dtypes = _output_dtypes(gm)
+        dtypes = output_dtypes(gm)
 
         def run_cast(*args):  # reduced-precision outputs back to the dtypes the model returns
             outs = compiled(*q.select(args))
@@ -212,5 +261,7 @@ def backend(recipe: Any = "tome", **kwargs: Any) -> Backend:
     ``recipe``: a recipe name, a path to a TOML file, a dict, or a :class:`Recipe`; keyword
     overrides replace recipe fields (``r=8``, ``skip=2``, ``quantize_mode="dynamic"``).
     ``calibration``: an iterable of input batches for int8 recipes, read once. ``lower``: inductor | tensorrt | eager.
+    ``cache``: keep compiled int8 graphs for later processes (:mod:`mergepass.cache`; default on unless
+    ``MERGEPASS_CACHE=0``).
     """
     return Backend(recipe, **kwargs)

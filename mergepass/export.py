@@ -1,31 +1,36 @@
 """``mergepass.export(model, example_input, recipe, path)``: a self-contained artifact for serving.
 
 The merged (and int8) graph is exported with ``torch.export`` and compiled ahead of time with
-AOTInductor into a ``.pt2`` package. It loads with ``torch._inductor.aoti_load_package(path)`` in a
-process that never imports mergepass, for exactly the input shape it was exported with.
+AOTInductor into a ``.pt2`` package, with a dynamic batch size where the model allows one. It loads with
+``torch._inductor.aoti_load_package(path)`` in a process that never imports mergepass. The manifest beside
+it (``<path>.json``) holds its SHA-256 and input shapes: :func:`mergepass.load` checks both, which
+``aoti_load_package`` does not.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from . import artifact
+from .errors import MergepassWarning
 from .graph.capture import capture_graphs
-from .graph.lift import Lifted
-from .lower import compile_package
+from .graph.lift import Lifted, output_dtypes
 from .pipeline import merge_stage
 from .quantize import quantize, read_calibration
 from .recipe import Recipe, load
 
 
 def merged_graph(model: torch.nn.Module, example_input: torch.Tensor, recipe: Recipe,
-                 batches: Optional[list[tuple]] = None) -> tuple[torch.fx.GraphModule, list, Recipe, Any]:
+                 batches: Optional[list[tuple]] = None, *,
+                 dynamic_batch: bool = False) -> tuple[torch.fx.GraphModule, list, Recipe, Any]:
     """Dynamo's graph of ``model`` with ``recipe``'s merges inserted (no quantization): the graph, its
     example inputs, the recipe as resolved and the schedule (None without merges). Raises ValueError
     when dynamo breaks the graph."""
-    graphs = capture_graphs(model, example_input)
+    graphs = capture_graphs(model, example_input, dynamic_batch=dynamic_batch)
     if len(graphs) != 1:
         raise ValueError(f"export needs one graph without breaks; dynamo produced {len(graphs)}")
     gm, example_inputs = graphs[0]
@@ -38,19 +43,33 @@ def merged_graph(model: torch.nn.Module, example_input: torch.Tensor, recipe: Re
     return gm, example_inputs, recipe, schedule
 
 
+def _capture(model, example_input, r, batches):
+    """The merged graph with a symbolic batch size; a static one (with a warning) where the model fixes it."""
+    if example_input.dim() and example_input.shape[0] == 1:  # dynamo specialises a size of 1
+        example_input = example_input.repeat(2, *[1] * (example_input.dim() - 1))
+    try:
+        return merged_graph(model, example_input, r, batches, dynamic_batch=True)
+    except Exception as e:  # noqa: BLE001 - e.g. a model whose code fixes the batch size
+        warnings.warn(f"mergepass: export with a dynamic batch size failed ({type(e).__name__}: "
+                      f"{(str(e).strip().splitlines() or [''])[0]}); the package serves batch size "
+                      f"{example_input.shape[0]} only", MergepassWarning, stacklevel=3)
+        return merged_graph(model, example_input, r, batches)
+
+
 def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
            path: str | os.PathLike = "model.pt2", calibration=None, **overrides: Any) -> Path:
-    """Write an AOTInductor package of the merged (and, for int8 recipes, quantized) model."""
+    """Write an AOTInductor package of the merged (and, for int8 recipes, quantized) model, with its
+    manifest beside it. One package serves every batch size where the model allows it."""
     r = load(recipe, **overrides)
     batches = read_calibration(calibration, r.quantize.calibration_batches)
-    gm, example_inputs, r, _ = merged_graph(model, example_input, r, batches)
-    overrides: dict = {}
+    gm, example_inputs, r, _ = _capture(model, example_input, r, batches)
+    lifted = Lifted(gm, example_inputs)
+    dims = lifted.input_dims()
     if r.quantize.enabled:
         q = quantize(gm, example_inputs, r, batches)
-        module, user_ex, overrides = q.module, q.inputs, q.inductor_config
-    else:
-        lifted = Lifted(gm, example_inputs).eval()
-        module, user_ex = lifted, lifted.user_inputs(example_inputs)
-    with torch.no_grad():
-        exported = torch.export.export(module, tuple(user_ex), strict=False)
-    return compile_package(exported, path, freezing=r.quantize.enabled, inductor_config_overrides=overrides)
+        return artifact.write(q.module, q.inputs, path, dynamic_shapes=dims, freezing=q.freezing, autocast=q.autocast,
+                              output_dtypes=output_dtypes(gm), inductor_config_overrides=q.inductor_config,
+                              meta={"recipe": r.name})
+    lifted = lifted.eval()
+    return artifact.write(lifted, lifted.user_inputs(example_inputs), path, dynamic_shapes=dims,
+                          meta={"recipe": r.name})

@@ -46,14 +46,56 @@ def compile_graph(gm: torch.nn.Module, example_inputs: Sequence, how: str = "ind
     raise ValueError(f"lower must be one of {LOWERINGS}, got {how!r}")
 
 
-def compile_package(exported: "torch.export.ExportedProgram", path: str | os.PathLike, *, freezing: bool = False,
-                    inductor_config_overrides: Optional[dict] = None) -> Path:
-    """AOTInductor: compile an exported program into a ``.pt2`` package that loads without mergepass."""
+class _Entry(torch.nn.Module):
+    """``forward(*inputs)`` of ``module``, under CPU autocast to ``dtype`` if given (``torch.export``
+    then records the casts in the graph), its outputs cast back to ``out_dtypes`` where given."""
+
+    def __init__(self, module: torch.nn.Module, dtype: Optional[torch.dtype], out_dtypes: Optional[Sequence] = None):
+        super().__init__()
+        self.module, self.dtype, self.out_dtypes = module, dtype, list(out_dtypes or [])
+
+    def forward(self, *args):
+        with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            outs = self.module(*args)
+        if self.dtype is None or not self.out_dtypes:
+            return outs
+        seq = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        seq = [o.to(d) if isinstance(o, torch.Tensor) and d is not None and o.dtype != d else o
+               for o, d in zip(seq, self.out_dtypes + [None] * len(seq))]
+        return type(outs)(seq) if isinstance(outs, (tuple, list)) else seq[0]
+
+
+def compile_package(module: torch.nn.Module, example_inputs: Sequence, path: str | os.PathLike, *,
+                    dynamic_shapes: Optional[Sequence[Optional[dict]]] = None, freezing: bool = False,
+                    autocast: Optional[torch.dtype] = None, output_dtypes: Optional[Sequence] = None,
+                    inductor_config_overrides: Optional[dict] = None) -> tuple[Path, list[dict]]:
+    """AOTInductor: export ``module`` (``forward(*example_inputs)``) and compile it into a ``.pt2`` package
+    that loads without mergepass. ``dynamic_shapes``: per input, ``{dim: Dim}`` or None (a dynamic
+    batch: one package serves every batch size); ``output_dtypes``: what the outputs are cast back to after
+    ``autocast``; the other arguments as for :func:`compile_graph`."""
     from torch._inductor import config as inductor_config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), inductor_config.patch({"freezing": freezing, **(inductor_config_overrides or {})}):
-        return Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
+    dynamic = (tuple(dynamic_shapes),) if dynamic_shapes is not None and any(dynamic_shapes) else None
+    # export and AOTInductor trace on their own, outside the dynamo frame this may be called from
+    with torch.no_grad(), torch._guards.tracing(None):
+        exported = torch.export.export(_Entry(module, autocast, output_dtypes), tuple(example_inputs),
+                                       dynamic_shapes=dynamic, strict=False)
+        with inductor_config.patch({"freezing": freezing, **(inductor_config_overrides or {})}):
+            out = Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
+    return out, input_spec(exported)
+
+
+def input_spec(exported: "torch.export.ExportedProgram") -> list[dict]:
+    """The user inputs of an exported program: shape (``None`` where the size is symbolic), dtype, device."""
+    names = set(exported.graph_signature.user_inputs)
+    spec = []
+    for n in exported.graph.nodes:
+        if n.op == "placeholder" and n.name in names:
+            v = n.meta["val"]
+            spec.append({"shape": [d if isinstance(d, int) else None for d in v.shape],
+                         "dtype": str(v.dtype).removeprefix("torch."), "device": v.device.type})
+    return spec
 
 
 def require_tensorrt() -> None:

@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def tiny_vit(name="vit_tiny_patch16_224", depth=3, img_size=64, **kw):
 
 def compile_with(model, backend):
     return torch.compile(model, backend=backend, dynamic=False)
+
+
+INT8_GEMM = re.compile(r"torch\.ops\.onednn\.qlinear_pointwise|aoti_torch_cpu__qlinear_pointwise")
+
+
+def run_and_get_code(compiled, x, be):
+    """Call a model compiled with mergepass backend ``be`` once: (output, the code inductor generated, a list).
+    Graphs on mergepass's compile cache contribute their package's C++, whether this call built it or
+    took it from the cache."""
+    from torch._inductor.utils import run_and_get_code as inductor_code
+    from mergepass.artifact import sources
+    out, code = inductor_code(compiled, x)
+    packages = sorted({r.package for r in be.results if r.package is not None})
+    return out, code + [sources(p) for p in packages]
 
 
 def run_cli(capsys, command: str, *args):

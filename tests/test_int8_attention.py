@@ -8,10 +8,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._inductor.utils import run_and_get_code
 
 import mergepass
-from conftest import tiny_vit
+from conftest import INT8_GEMM, run_and_get_code, tiny_vit
 from mergepass.errors import MergepassWarning
 from mergepass.quantize import int8_attention
 from mergepass.quantize.qsdpa_reference import reference_kernel
@@ -26,7 +25,7 @@ def _calib(n=3, b=2, size=64):
 def _compile_run(model, x, be):
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out, code = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x)
+        out, code = run_and_get_code(torch.compile(model, backend=be, dynamic=False), x, be)
     return out, "\n".join(code), [str(w.message) for w in caught if issubclass(w.category, MergepassWarning)]
 
 
@@ -119,7 +118,8 @@ def test_a_failing_int8_attention_compile_falls_back_to_float_attention(monkeypa
     m = tiny_vit(depth=DEPTH)
     x = torch.randn(2, 3, 64, 64)
     with _kernel():
-        be = mergepass.backend("tome_int8", r=2, calibration=_calib(), quantize_attention="int8")
+        be = mergepass.backend("tome_int8", r=2, calibration=_calib(), quantize_attention="int8",
+                               cache=False)  # the broken pass must run, not a cached entry
         out, code, warned = _compile_run(m, x, be)
     assert len(warned) == 1 and "int8 attention did not compile" in warned[0] and "template failed" in warned[0]
     assert "qscaled_dot_product" not in code and be.quantized[-1].int8_attention == 0

@@ -9,15 +9,18 @@ from torch import fx
 from .passes import expand_mha, fold_scalars, strip_noops
 
 
-def capture_graphs(model: torch.nn.Module, example_input: torch.Tensor) -> list:
-    """The FX graphs dynamo hands a backend for ``model(example_input)`` (static shapes), as
-    ``(graph module, example inputs)`` pairs."""
+def capture_graphs(model: torch.nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = False) -> list:
+    """The FX graphs dynamo hands a backend for ``model(example_input)`` (static shapes, or a symbolic
+    batch size with ``dynamic_batch``), as ``(graph module, example inputs)`` pairs."""
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append((gm, list(example_inputs)))
         return gm.forward
 
+    if dynamic_batch:
+        example_input = example_input.detach().clone()  # the mark stays on the tensor: not on the user's
+        torch._dynamo.mark_dynamic(example_input, 0)
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
         torch.compile(model, backend=capture, dynamic=False)(example_input)
     return graphs

@@ -100,18 +100,27 @@ class Lifted(torch.nn.Module):
     def user_inputs(self, example_inputs: Sequence) -> tuple:
         return self.inputs.user_inputs(example_inputs)
 
+    def input_dims(self) -> list[Optional[dict]]:
+        """Per user input, its symbolic dims as ``{dim: Dim.AUTO}`` (None where all are static)."""
+        phs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        return [{d: torch.export.Dim.AUTO for d in symbolic_dims(phs[i])} or None for i in self.user_idx]
+
     def dynamic_shapes(self) -> Optional[tuple]:
         """``torch.export`` dynamic_shapes for the user inputs: their symbolic dims, or None if all static."""
-        phs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        specs = []
-        for i in self.user_idx:
-            specs.append({d: torch.export.Dim.AUTO for d in symbolic_dims(phs[i])} or None)
+        specs = self.input_dims()
         return (tuple(specs),) if any(specs) else None  # forward(*user_args): one tuple argument
 
     def forward(self, *user_args):
         args = self.inputs.assemble(user_args, lambda i: getattr(self, f"c{i}"))
         with fx.traceback.preserve_node_meta():
             return fx.Interpreter(self.gm).run(*args)
+
+
+def output_dtypes(gm: fx.GraphModule) -> list:
+    """The dtype of each output of dynamo's graph (None for a non-tensor)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [getattr(o.meta.get("example_value"), "dtype", None) if isinstance(o, fx.Node) else None for o in outs]
 
 
 def linear_modules_graph(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[fx.GraphModule, list, dict]:

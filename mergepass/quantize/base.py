@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class Quantized:
     """What an engine produced: a module taking the user's inputs, and how to compile it."""
 
-    module: torch.nn.Module
+    module: Optional[torch.nn.Module]    # None when the compile cache served the compiled graph
     user_idx: list[int]                  # which of dynamo's example inputs are the user's
     inputs: tuple                        # example user inputs
     engine: str
@@ -28,6 +28,19 @@ class Quantized:
     autocast: Optional[torch.dtype] = None  # compile under CPU autocast: int8 kernels emit it, the rest runs in it
     inductor_config: dict = field(default_factory=dict)  # inductor settings for this compile only
     int8_attention: int = 0              # attentions rewritten for the fused int8 kernel
+
+    def describe(self) -> dict:
+        """What a compile-cache entry keeps of this result (all but the module and how to compile it)."""
+        return {"user_idx": self.user_idx, "engine": self.engine, "mode": self.mode, "kept_fp32": self.kept_fp32,
+                "autocast": None if self.autocast is None else str(self.autocast).removeprefix("torch."),
+                "int8_attention": self.int8_attention}
+
+    @classmethod
+    def from_cache(cls, d: dict, inputs: tuple) -> "Quantized":
+        """The result a cache entry describes; its ``module`` is None (the entry holds the compiled package)."""
+        return cls(None, list(d["user_idx"]), inputs, d["engine"], d["mode"], list(d["kept_fp32"]),
+                   autocast=None if d["autocast"] is None else getattr(torch, d["autocast"]),
+                   int8_attention=d["int8_attention"])
 
     def select(self, example_inputs: Sequence) -> list:
         """The user's entries among dynamo's (example or call) inputs."""

@@ -1,0 +1,189 @@
+"""The compile cache: int8 graphs compiled once, as verified AOTInductor packages, reused by later processes.
+
+Inductor's own caches skip int8 graphs (their frozen weights are oneDNN tensors, which it cannot hash),
+so each process would calibrate and compile again. An entry is keyed by everything its result depends
+on: the merged graph's code and input shapes, the values of its weights, the resolved recipe, a digest
+of the calibration data, the torch, torchao and mergepass versions (with a digest of mergepass's
+sources) and the CPU. An entry is a directory written whole or not at all; its package is checked
+against its SHA-256 before it is loaded.
+
+It lives in ``$MERGEPASS_CACHE_DIR``, by default ``mergepass/`` in inductor's cache directory (so
+clearing inductor's cache clears it too). ``MERGEPASS_CACHE=0`` or ``mergepass.backend(..., cache=False)``
+turns it off; ``python -m mergepass.cache --clear`` empties it.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import fx
+
+from . import artifact
+
+PACKAGE = "model.pt2"
+
+
+def enabled() -> bool:
+    return os.environ.get("MERGEPASS_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("MERGEPASS_CACHE_DIR")
+    if env:
+        return Path(env)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+    return Path(inductor_cache_dir()) / "mergepass"
+
+
+@functools.cache
+def _source_digest() -> str:
+    """mergepass's own code: an edited pass must not be served a graph the old one compiled."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".py", ".cpp", ".toml") and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    from . import __version__
+    from .cpu import cpu_id
+    try:
+        import torchao
+        ao = torchao.__version__
+    except ImportError:
+        ao = None
+    return {"torch": torch.__version__, "torchao": ao, "mergepass": __version__, "sources": _source_digest(),
+            "cpu": cpu_id()}
+
+
+def _update_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach()
+    h.update(f"{tuple(t.shape)}{t.dtype}{t.device.type}".encode())
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy().data)
+
+
+def tensors_digest(tensors: Iterable) -> str:
+    """SHA-256 of tensors' shapes, dtypes and values (other items by their repr)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            _update_tensor(h, t)
+        elif isinstance(t, (tuple, list)):
+            h.update(tensors_digest(t).encode())
+        else:
+            h.update(repr(t).encode())
+    return h.hexdigest()
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"T{tuple(str(d) for d in v.shape)}{tuple(str(s) for s in v.stride())}{v.dtype}{v.device.type}"
+    return repr(v)
+
+
+def _inductor_settings() -> Optional[str]:
+    """Inductor's settings as they stand (a caller may have patched them); None when a custom pass
+    without a stable identity is set, whose effect no key can capture."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    settings = inductor_config.save_config_portable()
+    for name, value in settings.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(callable(v) and not (isinstance(v, CustomGraphPass) and v.uuid()) for v in values):
+            return None
+    return json.dumps(settings, sort_keys=True, default=lambda v: v.uuid() if isinstance(v, CustomGraphPass) else repr(v))
+
+
+def graph_key(gm: fx.GraphModule, example_inputs: Sequence, recipe: dict, calibration: Optional[Sequence],
+              extra: Optional[dict] = None) -> Optional[str]:
+    """The key of a graph's compiled result: its code, inputs (shapes; values of module state), the
+    constants it holds, the recipe, the calibration data, inductor's settings, versions and CPU.
+    None when no key can capture what the result depends on (a custom inductor pass is set)."""
+    settings = _inductor_settings()
+    if settings is None:
+        return None
+    from .graph.lift import Inputs
+    inputs = Inputs(gm, example_inputs)
+    state = [example_inputs[i] for i in sorted(inputs.const)]
+    attrs = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
+             and isinstance(getattr(gm, n.target, None), torch.Tensor)]
+    parts = {"code": gm.code, "inputs": [_describe(v) for v in example_inputs], "state": tensors_digest(state + attrs),
+             "recipe": recipe, "calibration": None if calibration is None else tensors_digest(calibration),
+             "inductor": settings, "grad": torch.is_grad_enabled(), "versions": _versions(), "extra": extra or {}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def lookup(key: str) -> Optional[artifact.Artifact]:
+    """The entry for ``key``, loaded and verified; None when there is none (or it fails verification)."""
+    path = cache_dir() / key / PACKAGE
+    if not path.is_file():
+        return None
+    try:
+        return artifact.load(path)
+    except (ValueError, RuntimeError, OSError):
+        shutil.rmtree(path.parent, ignore_errors=True)  # a damaged entry is rebuilt, never served
+        return None
+
+
+def store(key: str, build: Callable[[Path], Path]) -> artifact.Artifact:
+    """Build an entry with ``build(package_path)`` (see :func:`mergepass.artifact.write`) in a scratch
+    directory, move it into place, and load it."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    scratch = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
+    try:
+        build(scratch / PACKAGE)
+        try:
+            os.replace(scratch, final)
+        except OSError:  # another process stored the same key first: use that one
+            pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return artifact.load(final / PACKAGE)
+
+
+def entries() -> list[Path]:
+    root = cache_dir()
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+
+
+def clear() -> int:
+    """Delete every entry; returns how many there were."""
+    found = entries()
+    shutil.rmtree(cache_dir(), ignore_errors=True)
+    return len(found)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mergepass.cache", description="Where mergepass's compile cache "
+                                "lives, what it holds, and how to empty it.")
+    p.add_argument("--clear", action="store_true", help="delete every entry")
+    args = p.parse_args(argv)
+    if args.clear:
+        print(f"removed {clear()} entries from {cache_dir()}")
+        return 0
+    found = entries()
+    size = sum(f.stat().st_size for e in found for f in e.iterdir())
+    print(f"{cache_dir()}: {len(found)} entries, {size / 2**20:.1f} MiB"
+          + ("" if enabled() else " (turned off by MERGEPASS_CACHE)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
