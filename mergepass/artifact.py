@@ -19,6 +19,15 @@ from .lower import compile_package
 FORMAT = 1
 
 
+def version() -> str:
+    """mergepass's installed version."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        return installed("mergepass")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def manifest_path(path: str | os.PathLike) -> Path:
     return Path(f"{path}.json")
 
@@ -32,11 +41,9 @@ def write(module: torch.nn.Module, example_inputs: Sequence, path: str | os.Path
           **compile_options: Any) -> Path:
     """Compile ``module`` into a package at ``path`` (:func:`~mergepass.lower.compile_package` options) and
     write its manifest; ``meta`` is stored in the manifest as it is (JSON)."""
-    import torch._inductor  # noqa: F401
-    from . import __version__
     from .cpu import machine
     path, inputs = compile_package(module, example_inputs, path, **compile_options)
-    manifest = {"format": FORMAT, "sha256": file_digest(path), "inputs": inputs, "mergepass": __version__,
+    manifest = {"format": FORMAT, "sha256": file_digest(path), "inputs": inputs, "mergepass": version(),
                 "built_on": machine(), "meta": meta or {}}
     manifest_path(path).write_text(json.dumps(manifest, indent=1))
     return path

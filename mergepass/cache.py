@@ -56,14 +56,13 @@ def _source_digest() -> str:
 
 
 def _versions() -> dict:
-    from . import __version__
     from .cpu import cpu_id
     try:
         import torchao
         ao = torchao.__version__
     except ImportError:
         ao = None
-    return {"torch": torch.__version__, "torchao": ao, "mergepass": __version__, "sources": _source_digest(),
+    return {"torch": torch.__version__, "torchao": ao, "mergepass": artifact.version(), "sources": _source_digest(),
             "cpu": cpu_id()}
 
 
@@ -96,17 +95,32 @@ def _describe(v: Any) -> str:
     return repr(v)
 
 
+_CUSTOM_PASSES = ("pre_grad_custom_pass", "post_grad_custom_pre_pass", "post_grad_custom_post_pass",
+                  "joint_custom_pre_pass", "joint_custom_post_pass", "_pre_fusion_custom_pass", "_post_fusion_custom_pass")
+_PER_BUILD = ("aot_inductor.metadata", "aot_inductor.output_path", "aot_inductor.serialized_in_spec",
+              "aot_inductor.serialized_out_spec")
+
+
+def _identity(p: Any) -> Optional[str]:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    if p is None:
+        return ""
+    return p.uuid() if isinstance(p, CustomGraphPass) and p.uuid() else None
+
+
 def _inductor_settings() -> Optional[str]:
     """Inductor's settings as they stand (a caller may have patched them); None when a custom pass
     without a stable identity is set, whose effect no key can capture."""
     from torch._inductor import config as inductor_config
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-    settings = inductor_config.save_config_portable()
-    for name, value in settings.items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if any(callable(v) and not (isinstance(v, CustomGraphPass) and v.uuid()) for v in values):
+    passes = {}
+    for name in _CUSTOM_PASSES:
+        value = getattr(inductor_config, name, None)
+        ids = [_identity(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if None in ids:
             return None
-    return json.dumps(settings, sort_keys=True, default=lambda v: v.uuid() if isinstance(v, CustomGraphPass) else repr(v))
+        passes[name] = ids
+    settings = {k: v for k, v in inductor_config.save_config_portable().items() if k not in _PER_BUILD}
+    return json.dumps({"settings": settings, "passes": passes}, sort_keys=True, default=repr)
 
 
 def graph_key(gm: fx.GraphModule, example_inputs: Sequence, recipe: dict, calibration: Optional[Sequence],

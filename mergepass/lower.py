@@ -81,7 +81,9 @@ def compile_package(module: torch.nn.Module, example_inputs: Sequence, path: str
     with torch.no_grad(), torch._guards.tracing(None):
         exported = torch.export.export(_Entry(module, autocast, output_dtypes), tuple(example_inputs),
                                        dynamic_shapes=dynamic, strict=False)
-        with inductor_config.patch({"freezing": freezing, **(inductor_config_overrides or {})}):
+        # a copy for AOTInductor to fill in: it writes the build's metadata into inductor's global settings
+        with inductor_config.patch({"freezing": freezing, "aot_inductor.metadata": dict(inductor_config.aot_inductor.metadata),
+                                    **(inductor_config_overrides or {})}):
             out = Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
     return out, input_spec(exported)
 

@@ -1,0 +1,116 @@
+"""The compile cache (mergepass.cache): int8 graphs served from disk to later compiles, never a stale or
+foreign entry; and how often a dynamic-batch compile runs the backend."""
+import sys
+
+import pytest
+import torch
+
+import mergepass
+from conftest import tiny_vit
+from mergepass import cache
+from mergepass.graph.capture import capture_graphs, prepare
+
+pytestmark = pytest.mark.xdist_group("cache")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
+    return tmp_path / "cache"
+
+
+def _compile(m, x, calib, **kw):
+    torch._dynamo.reset()
+    be = mergepass.backend("int8", calibration=calib, **kw)
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False)(x)
+    return be, out
+
+
+def test_a_later_compile_is_served_from_the_cache_and_a_damaged_entry_is_rebuilt(cache_dir, capsys):
+    m = tiny_vit(depth=1)
+    x, calib = torch.randn(2, 3, 64, 64), [torch.randn(2, 3, 64, 64)]
+    first, out = _compile(m, x, calib)
+    assert not first.results[-1].cached and first.results[-1].package.is_file()
+    again, out2 = _compile(m, x, calib)
+    assert again.results[-1].cached and again.quantized[-1].mode == "static"
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+
+    package = again.results[-1].package
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    package.write_bytes(bytes(data))
+    rebuilt, out3 = _compile(m, x, calib)
+    assert not rebuilt.results[-1].cached  # the damaged entry failed its SHA-256 check and was rebuilt
+    torch.testing.assert_close(out3, out, rtol=1e-5, atol=1e-5)
+
+    off, _ = _compile(m, x, calib, cache=False)
+    assert off.results[-1].package is None
+    assert cache.main([]) == 0 and f"{cache_dir}: 1 entries" in capsys.readouterr().out
+    assert cache.main(["--clear"]) == 0 and "removed 1 entries" in capsys.readouterr().out and not cache.entries()
+
+
+def _key(m, x, recipe="int8", calib=None, **overrides):
+    gm, ex = capture_graphs(m, x)[0]
+    return cache.graph_key(prepare(gm, ex), ex, mergepass.load_recipe(recipe, **overrides).to_dict(), calib)
+
+
+def test_the_key_changes_with_recipe_calibration_weights_and_inductor_settings():
+    m = tiny_vit(depth=1)
+    x, calib = torch.randn(2, 3, 64, 64), [(torch.randn(2, 3, 64, 64),)]
+    base = _key(m, x, calib=calib)
+    assert _key(m, x, calib=calib) == base  # the same inputs give the same key
+    assert _key(m, x, calib=calib, quantize_observer="histogram") != base
+    assert _key(m, x, calib=[(calib[0][0] + 1e-3,)]) != base
+    assert _key(m, torch.randn(4, 3, 64, 64), calib=calib) != base
+    with torch.no_grad():
+        m.blocks[0].mlp.fc1.weight[0, 0] += 1e-4
+    assert _key(m, x, calib=calib) != base
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch(max_autotune=True):
+        assert _key(m, x, calib=calib) not in (base, None)
+    with inductor_config.patch(post_grad_custom_post_pass=lambda g: None):
+        assert _key(m, x, calib=calib) is None  # a pass without a stable identity: no key, no cache
+
+
+def test_cache_is_off_with_the_environment_variable(cache_dir, monkeypatch):
+    monkeypatch.setenv("MERGEPASS_CACHE", "0")
+    assert not cache.enabled()
+    monkeypatch.setenv("MERGEPASS_CACHE", "1")
+    assert cache.enabled() and cache.cache_dir() == cache_dir
+
+
+def test_dynamic_batch_runs_the_backend_no_more_often_than_plain_inductor(cache_dir, monkeypatch):
+    """dynamic=True: each graph is quantized and compiled once, in no more backend calls than inductor's own
+    (which restarts its first compile once for the model's float attributes)."""
+    from torch._inductor.compile_fx import compile_fx
+    m = tiny_vit(depth=1)
+    sizes = (1, 3, 8)
+    plain = []
+
+    def counting(gm, ex):
+        plain.append(1)
+        return compile_fx(gm, ex)
+    with torch.no_grad():
+        c = torch.compile(m, backend=counting, dynamic=True)
+        for b in sizes:
+            c(torch.randn(b, 3, 64, 64))
+    torch._dynamo.reset()
+    backend_module = sys.modules["mergepass.backend"]
+    quantized = []
+    real = backend_module.quantize
+    monkeypatch.setattr(backend_module, "quantize", lambda *a, **k: quantized.append(1) or real(*a, **k))
+    be = mergepass.backend("tome_int8", r=2, calibration=[torch.randn(4, 3, 64, 64)])
+    calls = []
+    real_call = type(be).__call__
+    monkeypatch.setattr(type(be), "__call__", lambda self, gm, ex: calls.append(1) or real_call(self, gm, ex))
+    x = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        c = torch.compile(m, backend=be, dynamic=True)
+        outs = {b: c(x[:b]) for b in sizes}
+    assert len(calls) <= len(plain), (len(calls), len(plain))
+    assert len(quantized) == len(be.results) == 2  # batch 1 (dynamo specialises it), then every other batch
+    assert all(r.schedule is not None for r in be.results)
+    for b in (3,):  # one compiled graph for batches 3 and 8: the same rows
+        torch.testing.assert_close(outs[b], outs[8][:b], rtol=1e-4, atol=1e-4)
