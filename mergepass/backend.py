@@ -10,7 +10,9 @@ import torch
 from torch import fx
 
 from . import artifact, cache
+from .compat import frame_compiles, recompile_limit
 from .errors import MergepassWarning
+from .graph.passes.strip_noops import active_dropouts
 from .graph.capture import copy_graph_module
 from .graph.match import symbolic_dims
 from .graph.rewrite import RewriteResult
@@ -20,6 +22,7 @@ from .graph.lift import Inputs, Lifted, output_dtypes
 from .quantize import Quantized, fit_batches, quantize, read_calibration
 from .recipe import Recipe, load
 from .schedule import Schedule
+from .stages import stage
 
 
 def _varying_size(gm: fx.GraphModule) -> bool:
@@ -42,7 +45,8 @@ def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
         why = "the graph needs gradients and the kernel has no backward"
     else:
         from .merge import fused
-        err = fused.kernel_error()
+        with stage("fused merge kernel: build or load"):
+            err = fused.kernel_error()
         if err is not None:
             why = f"its build failed ({err})"
             if recipe.merge_kernel == "auto":
@@ -91,11 +95,16 @@ class GraphResult:
         return self.rewrite.gm
 
 
+class Int8Declined(Exception):
+    """Quantization failed for a graph, which then compiles in floating point."""
+
+
 class Backend:
     """A torch.compile backend applying a recipe. Keeps what it did in ``results`` (one per graph)."""
 
     def __init__(self, recipe: Any = "tome", *, calibration: Optional[Iterable] = None,
-                 lower: Optional[str] = None, model_name: str = "", cache: Optional[bool] = None, **overrides: Any):
+                 lower: Optional[str] = None, model_name: str = "", cache: Optional[bool] = None,
+                 check_inputs: bool = False, **overrides: Any):
         if lower is not None:
             overrides["lower"] = lower
         self.recipe: Recipe = load(recipe, **overrides)
@@ -103,6 +112,7 @@ class Backend:
         self._calibration: Optional[list[tuple]] = None
         self.model_name = model_name
         self.cache = cache  # None: on unless MERGEPASS_CACHE=0 (see mergepass.cache)
+        self.check_inputs = check_inputs
         self.results: list[GraphResult] = []
         self._warned: set[str] = set()
 
@@ -153,8 +163,9 @@ class Backend:
         """Quantize and compile (or take from the compile cache): the compiled callable of the user's inputs."""
         key = None
         if self._uses_cache(recipe, example_inputs):
-            key = cache.graph_key(graph, example_inputs, recipe.to_dict(), calibration)
-            hit = cache.lookup(key) if key is not None else None
+            with stage("compile cache: key and lookup"):
+                key = cache.graph_key(graph, example_inputs, recipe.to_dict(), calibration)
+                hit = cache.lookup(key) if key is not None else None
             if hit is not None:
                 done.cached, done.package = True, hit.path
                 for message in hit.meta.get("warnings", []):  # what the compile said, said again
@@ -166,10 +177,11 @@ class Backend:
         def lower(q: Quantized, said: list[str]):
             if key is not None:
                 try:
-                    entry = cache.store(key, lambda path: artifact.write(
-                        q.module, q.inputs, path, meta={"quantized": q.describe(), "warnings": said},
-                        dynamic_shapes=dims, freezing=q.freezing, autocast=q.autocast,
-                        output_dtypes=output_dtypes(graph), inductor_config_overrides=q.inductor_config))
+                    with stage("inductor: AOTInductor package"):
+                        entry = cache.store(key, lambda path: artifact.write(
+                            q.module, q.inputs, path, meta={"quantized": q.describe(), "warnings": said},
+                            dynamic_shapes=dims, freezing=q.freezing, autocast=q.autocast,
+                            output_dtypes=output_dtypes(graph), inductor_config_overrides=q.inductor_config))
                     done.package = entry.path
                     return entry.run
                 except Exception as e:  # noqa: BLE001 - the cache must never cost the user the compile
@@ -178,11 +190,20 @@ class Backend:
                     first = (str(e).strip().splitlines() or [""])[0]
                     self._warn_once(f"mergepass: this int8 graph could not be packaged for the compile cache "
                                     f"({type(e).__name__}: {first}); it is compiled without the cache")
-            return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing, trace_context=q.trace_context,
-                                 autocast=q.autocast, inductor_config_overrides=q.inductor_config)
+            with stage(f"{recipe.lower}: compile"):
+                return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing,
+                                     trace_context=q.trace_context, autocast=q.autocast,
+                                     inductor_config_overrides=q.inductor_config)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MergepassWarning)
-            done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
+            try:
+                done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
+            except (ValueError, RuntimeError) as e:
+                if "calibration" in str(e):  # the user's data, said as it is
+                    raise
+                raise Int8Declined(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from e
+            except Exception as e:  # noqa: BLE001 - e.g. torchao's conv-BN fold on a CNN: decline, never fail
+                raise Int8Declined(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from e
         said = self._repeat(caught)
         try:
             return lower(q, said), q
@@ -209,8 +230,49 @@ class Backend:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return said
 
+    def _declines(self, gm: fx.GraphModule, example_inputs: Sequence) -> Optional[str]:
+        """Why this graph compiles unchanged without a word (None: it goes through the stages)."""
+        user = Inputs(gm, example_inputs).user_inputs(example_inputs)
+        if any(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0 for t in user):
+            return "an empty batch: compiled unchanged"
+        return None
+
+    def _warn_about_frame(self, gm: fx.GraphModule) -> None:
+        n, limit = frame_compiles(), recompile_limit()
+        if n is not None and n >= limit:
+            self._warn_once(f"mergepass: this is compile {n} of this frame, dynamo's limit (torch._dynamo.config."
+                            f"recompile_limit = {limit}); past it dynamo runs the frame eagerly, without merging or "
+                            "int8. Compile with dynamic=True, or torch._dynamo.mark_dynamic(x, 0), so that one graph "
+                            "serves every batch size")
+        if self.recipe.quantize.enabled and active_dropouts(gm):
+            self._warn_once("mergepass: the model is in training mode (its dropout is active), so int8 calibration "
+                            "and every output run through random dropout; call model.eval() before compiling")
+
+    def _guard_inputs(self, fn, user_idx: Sequence[int]):
+        """``fn``, refusing non-finite inputs when ``check_inputs`` is set."""
+        if not self.check_inputs:
+            return fn
+
+        def checked(*args):
+            for i in user_idx:
+                t = args[i]
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"mergepass: input {user_idx.index(i)} holds NaN or inf values (check_inputs=True); "
+                                     "static int8 would have returned finite, meaningless outputs for them")
+            return fn(*args)
+        return checked
+
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
+        fn = self._compile(gm, example_inputs)
+        return self._guard_inputs(fn, Inputs(gm, example_inputs).user_idx)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence):
         recipe = self.recipe
+        self._warn_about_frame(gm)
+        declined = self._declines(gm, example_inputs)
+        if declined:
+            self.results.append(GraphResult(RewriteResult(gm, None, None, [declined])))
+            return compile_graph(gm, example_inputs, recipe.lower)
         if recipe.quantize.enabled and _training(example_inputs):
             raise RuntimeError(f"recipe {recipe.name!r} quantizes to int8 and is inference-only: "
                                "call the compiled model under torch.no_grad() (or torch.inference_mode()) "
@@ -227,19 +289,30 @@ class Backend:
             from .lower import require_tensorrt
             require_tensorrt()  # before reading calibration data and calibrating, which take a while
         if recipe.merges:
-            result = merge_stage(gm, example_inputs, recipe, calibration=self.calibration, model=self.model_name,
-                                 fused=_fused_merges(recipe, example_inputs), warn=self._warn_once)
+            fused = _fused_merges(recipe, example_inputs)
+            with stage("match, schedule and merge"):
+                result = merge_stage(gm, example_inputs, recipe, calibration=self.calibration, model=self.model_name,
+                                     fused=fused, warn=self._warn_once)
         else:
             result = RewriteResult(gm, None, None)
         done = GraphResult(result)
         self.results.append(done)
         if result.schedule is not None:
             recipe = result.schedule.recipe.replace(lower=recipe.lower)
-        graph, done.attention_ops = _attention_stage(result.gm, example_inputs, recipe)
+        with stage("attention ops"):
+            graph, done.attention_ops = _attention_stage(result.gm, example_inputs, recipe)
         if not recipe.quantize.enabled:
-            return compile_graph(graph, example_inputs, recipe.lower)
+            with stage(f"{recipe.lower}: compile"):
+                return compile_graph(graph, example_inputs, recipe.lower)
 
-        compiled, q = self._lower_int8(graph, example_inputs, recipe, self._calibration_for(gm, example_inputs), done)
+        try:
+            compiled, q = self._lower_int8(graph, example_inputs, recipe, self._calibration_for(gm, example_inputs),
+                                           done)
+        except Int8Declined as e:
+            self._warn_once(f"mergepass: int8 quantization failed for this graph ({e}); it is compiled in floating "
+                            "point")
+            with stage(f"{recipe.lower}: compile"):
+                return compile_graph(graph, example_inputs, recipe.lower)
         if q.autocast is None:
             def run(*args):
                 return compiled(*q.select(args))
@@ -262,6 +335,7 @@ def backend(recipe: Any = "tome", **kwargs: Any) -> Backend:
     overrides replace recipe fields (``r=8``, ``skip=2``, ``quantize_mode="dynamic"``).
     ``calibration``: an iterable of input batches for int8 recipes, read once. ``lower``: inductor | tensorrt | eager.
     ``cache``: keep compiled int8 graphs for later processes (:mod:`mergepass.cache`; default on unless
-    ``MERGEPASS_CACHE=0``).
+    ``MERGEPASS_CACHE=0``). ``check_inputs``: raise on NaN or inf in an input (static int8 would give finite,
+    meaningless outputs for it; the check costs one pass over the input).
     """
     return Backend(recipe, **kwargs)

@@ -15,8 +15,8 @@ from reference import _assemble, reference_forward
 
 PKG = Path(mergepass.__file__).parent
 # lowest first; a module may import from its own floor or below, never above
-FLOORS = [{"errors", "cpu", "fidelity", "kernels", "merge"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
-          {"recipe"}, {"search"}, {"pipeline", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "__init__"}]
+FLOORS = [{"errors", "cpu", "fidelity", "kernels", "merge", "stages", "compat"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
+          {"recipe"}, {"search"}, {"pipeline", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "infer", "__init__"}]
 
 
 def _module_name(path: Path) -> str:

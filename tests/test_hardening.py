@@ -275,10 +275,72 @@ def test_calibration_follows_the_graph_dtype():
     assert [b[0].dtype for b in out] == [torch.float32] and [b[0].shape for b in out] == [(2, 4)]
 
 
-def test_dynamic_downgrade_warns_with_its_cost():
+@pytest.mark.parametrize("overrides", [{}, {"quantize_mode": "dynamic"}])
+def test_dynamic_scales_warn_with_their_cost(overrides):
+    """Per-tensor dynamic scales: one outlying or NaN image spoils the batch. Said whether dynamic is chosen or a fallback."""
     m = tiny_vit(depth=2)
-    with torch.no_grad(), pytest.warns(mergepass.MergepassWarning, match="slower"):
-        torch.compile(m, backend=mergepass.backend("int8", lower="eager"), dynamic=False)(torch.randn(2, 3, 64, 64))
+    calib = [torch.randn(2, 3, 64, 64)] if overrides else None
+    be = mergepass.backend("int8", lower="eager", calibration=calib, **overrides)
+    with torch.no_grad(), pytest.warns(mergepass.MergepassWarning, match="slower.*shared by the whole batch.*NaN"):
+        torch.compile(m, backend=be, dynamic=False)(torch.randn(2, 3, 64, 64))
+
+
+def test_check_inputs_refuses_a_non_finite_image_that_static_int8_would_hide():
+    m = tiny_vit(depth=2)
+    x = torch.randn(2, 3, 64, 64)
+    x[1, 0, 5, 5] = float("nan")
+    calib = [torch.randn(2, 3, 64, 64)]
+    with torch.no_grad():
+        out = torch.compile(m, backend=mergepass.backend("int8", lower="eager", calibration=calib), dynamic=False)(x)
+        assert torch.isfinite(out).all() and torch.isnan(m(x)[1]).all()  # the silent case check_inputs exists for
+        torch._dynamo.reset()
+        be = mergepass.backend("int8", lower="eager", calibration=calib, check_inputs=True)
+        with pytest.raises(ValueError, match="input 0 holds NaN or inf"):
+            torch.compile(m, backend=be, dynamic=False)(x)
+        assert torch.isfinite(torch.compile(m, backend=be, dynamic=False)(x.nan_to_num())).all()
+
+
+@pytest.mark.parametrize("recipe", ["tome", "tome_int8"])
+def test_an_empty_batch_gives_an_empty_output(recipe):
+    m = tiny_vit(depth=2)
+    be = mergepass.backend(recipe, lower="eager", calibration=[torch.randn(2, 3, 64, 64)])
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False)(torch.randn(0, 3, 64, 64))
+    assert out.shape == (0, 1000) and be.results[-1].schedule is None
+
+
+def test_int8_on_a_cnn_declines_with_one_warning():
+    import torchvision
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("int8", lower="eager", calibration=[torch.randn(2, 3, 64, 64)])
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(m, backend=be, dynamic=False)(x)
+        ref = m(x)
+    said = [str(w.message) for w in caught if issubclass(w.category, mergepass.MergepassWarning)]
+    assert sum("int8 quantization failed" in w for w in said) == 1, said
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_last_compile_dynamo_allows_is_warned():
+    m = tiny_vit(depth=2)
+    be = mergepass.backend("tome", r=2, lower="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
+        c = torch.compile(m, backend=be, dynamic=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", mergepass.MergepassWarning)
+            c(torch.randn(1, 3, 64, 64))
+        with pytest.warns(mergepass.MergepassWarning, match="recompile_limit = 2.*dynamic=True"):
+            c(torch.randn(2, 3, 64, 64))
+
+
+def test_int8_of_a_model_in_training_mode_warns():
+    m = tiny_vit(depth=2, drop_rate=0.2).train()
+    be = mergepass.backend("int8", lower="eager", calibration=[torch.randn(2, 3, 64, 64)])
+    with torch.no_grad(), pytest.warns(mergepass.MergepassWarning, match="training mode.*model.eval"):
+        torch.compile(m, backend=be, dynamic=False)(torch.randn(2, 3, 64, 64))
 
 
 # -- 6. errors are not swallowed; clamps are said ----------------------------------------------------

@@ -19,11 +19,17 @@ if TYPE_CHECKING:
 
 from ..cpu import bf16_isa, int8_isa
 from ..errors import MergepassWarning
+from ..stages import progress, stage
 from ..graph.lift import Inputs, Lifted, module_names, path_matches
 from ..graph.match import SDPA
 from . import int8_attention
 from .base import QuantEngine, Quantized, register_engine
 from .calibration import fit_batches, outlier_linears
+
+
+# oneDNN's dynamic qlinear takes one scale per tensor: the whole batch shares it
+DYNAMIC_COST = ("slower, and each activation's scale is shared by the whole batch, so one image with outlying "
+                "values coarsens every other image's int8 steps and one NaN or inf image makes every output NaN")
 
 
 def _torchao_pt2e():
@@ -178,9 +184,12 @@ class PT2E(QuantEngine):
         if mode == "static" and not batches:
             why = "no calibration data fits this graph" if batches is None else "the calibration data is smaller than one batch"
             warnings.warn(f"mergepass: static int8 needs calibration data, but {why}; using dynamic "
-                          "(per-batch) activation scales instead, which are slower (activations quantized per "
-                          "batch). Pass calibration=... to mergepass.backend.", MergepassWarning, stacklevel=3)
+                          f"(per-batch) activation scales instead: {DYNAMIC_COST}. Pass calibration=... to "
+                          "mergepass.backend.", MergepassWarning, stacklevel=3)
             mode = "dynamic"
+        elif mode == "dynamic":
+            warnings.warn(f"mergepass: quantize.mode = 'dynamic': {DYNAMIC_COST}; static scales (calibration=...) "
+                          "have neither cost", MergepassWarning, stacklevel=3)
         why_float = attention_unavailable(q.attention, mode)
         if why_float and q.attention == "int8":
             warnings.warn(f"mergepass: quantize.attention = 'int8' cannot run here: {why_float}; attention runs in "
@@ -191,18 +200,20 @@ class PT2E(QuantEngine):
             fused, _ = int8_attention.decompose_attention(gm)
         lifted = Lifted(gm, example_inputs).eval()
         # export traces on its own: guards it derives must not join those of dynamo's frame
-        with torch.no_grad(), torch._guards.tracing(None):
+        with stage("int8: export and prepare"), torch.no_grad(), torch._guards.tracing(None):
             exported = torch.export.export(lifted, user_ex, dynamic_shapes=lifted.dynamic_shapes(),
                                            strict=False).module(check_guards=False)  # dynamo guards the inputs
-        kept = list(q.keep_fp32)
-        if q.sensitivity > 0:
-            kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
-        explicit_conv_padding(exported)
-        m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None,
-                                                  matmuls=fused > 0, observer=q.observer))
-        with torch.no_grad():
-            for b in (batches if mode == "static" else [user_ex]):
+            kept = list(q.keep_fp32)
+            if q.sensitivity > 0:
+                kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
+            explicit_conv_padding(exported)
+            m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None,
+                                                      matmuls=fused > 0, observer=q.observer))
+        runs = batches if mode == "static" else [user_ex]
+        with stage("int8: calibrate"), torch.no_grad():
+            for b in progress(runs, "calibrating", total=len(runs)):
                 m(*b)
+        with stage("int8: convert"), torch.no_grad():
             m = convert_pt2e(m)
         return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept, autocast=rest_dtype(q.rest),
                          inductor_config={**_inductor_passes(), **(int8_attention.inductor_passes(fused) if fused else {})},

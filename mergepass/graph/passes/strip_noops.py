@@ -15,6 +15,12 @@ def _is_noop_dropout(n: fx.Node) -> bool:
     return p == 0 or training is False
 
 
+def active_dropouts(gm: fx.GraphModule) -> int:
+    """Dropouts that change values (p > 0 in training mode): a model left in ``train()``."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in DROPOUT
+               and not _is_noop_dropout(n))
+
+
 def strip_noops(gm: fx.GraphModule) -> int:
     """Drop no-op dropouts in place; returns how many were removed. Training dropout is kept."""
     removed = 0
