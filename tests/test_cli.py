@@ -93,3 +93,22 @@ def test_viz_out_under_a_regular_file_exits_2_before_tracing(tmp_path, capsys):
     out = tmp_path / "file" / "merged.png"
     _one_line_error(run_cli(capsys, "viz", *TINY, "--image", tmp_path / "file", "--out", out),
                     f"--out {out}: {tmp_path / 'file'} is a file, not a folder")
+
+
+def test_gpu_check_exits_cleanly_without_cuda():
+    import torch
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("a CUDA GPU is present: run benchmarks/gpu_check.py itself")
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    res = subprocess.run([sys.executable, str(script), "--rows", "fp16", "tome_int8_trt"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no CUDA device; nothing run" in res.stdout and "Traceback" not in res.stderr
+
+
+def test_the_gpu_recipe_ships_and_names_what_it_needs():
+    import mergepass
+    r = mergepass.load_recipe("tome_int8_trt")
+    assert r.lower == "tensorrt" and r.quantize.engine == "modelopt" and r.r == 16

@@ -68,7 +68,8 @@ class Features(torch.nn.Module):
 
 def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
     """(callable, backend or None) for 'eager', 'inductor', a peer engine (:mod:`.peers`, exported for
-    the shape of the first calibration batch) or a recipe spec like 'tome:r=8'."""
+    the shape of the first calibration batch) or a recipe spec like 'tome:r=8' ('cache=false' turns the
+    compile cache off)."""
     name, overrides = parse_spec(spec)
     if name == "eager":
         return model, None
@@ -80,7 +81,8 @@ def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
             raise ValueError(f"{name} needs calibration batches (their shape is the one it is exported for)")
         return peers.build(name, model, first[0] if isinstance(first, (tuple, list)) else first, calibration,
                            overrides), None
-    be = backend(load(name, **overrides), calibration=calibration)
+    cache = overrides.pop("cache", None)  # 'int8:cache=false': the JIT compile, without the compile cache
+    be = backend(load(name, **overrides), calibration=calibration, cache=cache)
     return torch.compile(model, backend=be, dynamic=False), be
 
 
