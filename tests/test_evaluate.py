@@ -137,7 +137,7 @@ def test_breakdown_attributes_kernels_to_groups():
     rows = {}
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         for spec in ("int8", "tome_int8:r=3"):
-            fn, _ = evaluate.compile_spec(m, spec, calibration=[torch.randn(2, 3, 64, 64)])
+            fn, _ = evaluate.compile_spec(m, breakdown.jit(spec), calibration=[torch.randn(2, 3, 64, 64)])
             rows[spec] = breakdown.profile_one(fn, x, iters=2)
     plain, merged = rows["int8"], rows["tome_int8:r=3"]
     assert plain["int8 GEMM"] > 0 and plain["attention"] > 0 and plain["merge"] == 0

@@ -39,11 +39,16 @@ def match(a: torch.Tensor, b: torch.Tensor, r: int,
     node_max, node_idx = scores.masked_fill(forbid, float("-inf")).max(dim=-1)  # all -inf: index 0
     if a_valid is not None:
         node_max = node_max.masked_fill(~a_valid, float("-inf"))
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    has = node_max > float("-inf")
+    # below every cosine and in A order where there is no partner: ties broken without a stable sort,
+    # which ONNX export cannot convert
+    order = torch.arange(node_max.shape[-1], device=node_max.device, dtype=torch.float32) / node_max.shape[-1]
+    rank = torch.where(has, node_max.float(), -2.0 - order)
+    edge_idx = rank.argsort(dim=-1, descending=True)
     unm_idx = edge_idx[:, r:].sort(dim=-1).values
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx.gather(1, src_idx)
-    return Matching(unm_idx, src_idx, dst_idx, node_max.gather(1, src_idx) > float("-inf"))
+    return Matching(unm_idx, src_idx, dst_idx, has.gather(1, src_idx))
 
 
 def joined_only(m: Matching, t: torch.Tensor) -> torch.Tensor:
