@@ -31,10 +31,13 @@ from mergepass.eval import timing  # noqa: E402
 from mergepass.eval.evaluate import eval_set, evaluate_spec, load_model  # noqa: E402
 from mergepass.eval.timing import interleaved  # noqa: E402
 
+_TOMATO_AUTO = "budget=auto,"  # the shipped tomato recipes fix budget = 0.15: match ToMe's MACs explicitly
 DEFAULT = ([f"tome:r={r}" for r in (4, 8, 12, 16, 20)]
-           + [f"{m}:match_tome_r={r}" for m in ("dfe", "dfe_lgtm", "tomato") for r in (8, 12, 16, 20)]
+           + [f"{m}:match_tome_r={r}" for m in ("dfe", "dfe_lgtm") for r in (8, 12, 16, 20)]
+           + [f"tomato:{_TOMATO_AUTO}match_tome_r={r}" for r in (8, 12, 16, 20)] + ["tomato", "tomato_tome"]
            + ["int8"] + [f"tome_int8:r={r}" for r in (8, 16)]
-           + [f"{m}_int8:match_tome_r={r}" for m in ("dfe", "dfe_lgtm", "tomato") for r in (8, 16)])
+           + [f"{m}_int8:match_tome_r={r}" for m in ("dfe", "dfe_lgtm") for r in (8, 16)]
+           + [f"tomato_int8:{_TOMATO_AUTO}match_tome_r={r}" for r in (8, 16)] + ["tomato_int8"])
 
 
 def _eager(spec: str) -> str:

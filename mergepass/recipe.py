@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from .merge import SIMILARITIES
 from .methods import AUTO, RESERVED, method_names
 from .lower import LOWERINGS
 from .quantize.engines import engine_names, get_engine
@@ -90,6 +91,8 @@ class Recipe:
     transition: Union[int, str] = AUTO  # LGTM: number of local blocks ("auto": Algorithm 1's rule)
     match_tome_r: int = 0              # r/budget="auto": the value whose MACs are closest to ToMe with this r
     budget: Union[int, float, str] = 0.2  # ToMato: tokens removed (int), fraction of patch tokens, or "auto"
+    similarity: str = "softmax"        # ToMato: which 4-adjacent pairs merge: "softmax" (the paper's: row-softmax of
+                                       # the post-attention tokens' dot products) | "cosine" (of the keys, as ToMe)
     prop_attn: bool = True             # proportional attention: log(size) added to attention logits
     partition: str = "patches"         # ToMe's A/B split: alternate over patch positions, or over
                                        # sequence positions as official ToMe (differs for an odd prefix)
@@ -157,6 +160,8 @@ class Recipe:
             raise ValueError(f"recipe field 'budget' as a fraction must be in [0, 1), got {b!r}")
         if isinstance(b, int) and b < 0:
             raise ValueError(f"recipe field 'budget' must be >= 0, got {b!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"recipe field 'similarity' must be one of {SIMILARITIES}, got {self.similarity!r}")
         for name in ("target_speedup", "max_macs_ratio", "min_cosine"):
             v = getattr(self, name)
             if not _finite_number(v) or v < 0:

@@ -94,7 +94,8 @@ def merge_tokens_windows(x, metric, size, groups, prefix, r, grid, windows):
 
 
 def merge_tokens_adjacent(x, metric, size, groups, prefix, r, grid):
-    """ToMato, static budget: checkerboard A/B, each A may join a 4-neighbour B; best r merge."""
+    """ToMato, static budget, cosine option: checkerboard A/B, each A may join a 4-neighbour B by key
+    cosine; best r merge. (The paper's similarity: :func:`merge_tokens_adjacent_paper`.)"""
     gh, gw = grid
     cells = list(range(gh * gw))
     a = [c for c in cells if (c // gw + c % gw) % 2 == 0]
@@ -105,6 +106,82 @@ def merge_tokens_adjacent(x, metric, size, groups, prefix, r, grid):
         nbr = [(yy * gw + x2) for yy, x2 in ((y - 1, xx), (y + 1, xx), (y, xx - 1), (y, xx + 1))
                if 0 <= yy < gh and 0 <= x2 < gw]
         best[c] = max(((n, _cos(metric[prefix + c], metric[prefix + n])) for n in nbr), key=lambda t: t[1])
+    order = sorted(a, key=lambda c: -best[c][1])
+    src = set(order[:r])
+    new_groups = [[prefix + c] for c in a if c not in src]
+    for n in b:
+        new_groups.append([prefix + n] + [prefix + c for c in a if c in src and best[c][0] == n])
+    return _assemble(x, size, groups, prefix, new_groups)
+
+
+# -- ToMato as the paper defines it ---------------------------------------------------------------
+# Kwon et al., "ToMato: Token Merging at Once" (2023), section 2.1: token similarity is "the attention
+# distribution obtained by applying softmax to the attention score", compared between a token and its
+# four neighbours (idx +-1, idx +-W), right after the first block's multi-head attention; a smaller
+# threshold `sim` merges more. The authors' published code (Transformer04/ToMato, tome/merge.py) takes
+# the post-attention tokens x (class token removed), attn = softmax(x @ x^T, dim=-1), and the visiting
+# token `idx` absorbs neighbour `nbr` when attn[idx][nbr] >= sim: directed, row = the token that looks.
+
+def tomato_log_attn(tokens):
+    """log of the paper's ``attn`` for patch tokens ``tokens`` [M, C]: row i is log softmax_j(x_i . x_j)
+    over all M tokens, computed with Python floats in double precision. A list of M lists."""
+    t = [row.detach().double() for row in tokens]
+    out = []
+    for ti in t:
+        s = [float(ti @ tj) for tj in t]
+        top = max(s)
+        log_z = top + math.log(sum(math.exp(v - top) for v in s))
+        out.append([v - log_z for v in s])
+    return out
+
+
+def _grid_neighbours(c, grid):
+    """idx-1, idx+1, idx-W, idx+W as in the authors' code, kept on the grid."""
+    gh, gw = grid
+    y, x = divmod(c, gw)
+    return [yy * gw + xx for yy, xx in ((y, x - 1), (y, x + 1), (y - 1, x), (y + 1, x)) if 0 <= yy < gh and 0 <= xx < gw]
+
+
+def tomato_flood_fill_paper(tokens, grid, sim):
+    """Algorithms 1-2 with the paper's similarity: for i = 0..M-1 not yet visited, visit_recursive
+    from i (mark it, and recurse into each 4-neighbour with attn[idx][nbr] >= sim); each visit from
+    Algorithm 1 merges into one token. Returns the groups (sorted lists of cells), sorted."""
+    attn = [[math.exp(v) for v in row] for row in tomato_log_attn(tokens)]
+    visited = set()
+
+    def visit_recursive(idx, group):
+        if idx in visited:
+            return
+        visited.add(idx)
+        group.append(idx)
+        for nbr in _grid_neighbours(idx, grid):
+            if attn[idx][nbr] >= sim:
+                visit_recursive(nbr, group)
+
+    groups = []
+    for i in range(grid[0] * grid[1]):
+        if i not in visited:
+            group = []
+            visit_recursive(i, group)
+            groups.append(sorted(group))
+    return sorted(groups)
+
+
+def merge_tokens_adjacent_paper(x, size, groups, prefix, r, grid):
+    """ToMato within static shapes, with the paper's similarity: the patch tokens are split like a
+    checkerboard (A: (row + col) even); each A token's candidate is the 4-neighbour its own attention
+    row scores highest (the authors' attn[idx][nbr], idx the A token), and the ``r`` A tokens with the
+    highest such scores join their candidate (size-weighted mean). x [N, C] are the post-attention
+    tokens, which are also the similarity's input."""
+    gh, gw = grid
+    cells = list(range(gh * gw))
+    log_attn = tomato_log_attn(x[prefix:])
+    a = [c for c in cells if (c // gw + c % gw) % 2 == 0]
+    b = [c for c in cells if (c // gw + c % gw) % 2 == 1]
+    best = {}
+    for c in a:
+        cands = sorted(_grid_neighbours(c, grid))  # ties: the first B token, as an argmax over B ids
+        best[c] = max(((n, log_attn[c][n]) for n in cands), key=lambda t: t[1])
     order = sorted(a, key=lambda c: -best[c][1])
     src = set(order[:r])
     new_groups = [[prefix + c] for c in a if c not in src]
@@ -150,6 +227,8 @@ def reference_forward(model, images, schedule, prop_attn=True, features=False, e
                 elif plan.kind == "local":
                     xb, size, groups = merge_tokens_windows(xb, metric, size, groups, prefix, plan.r,
                                                             schedule.grid, plan.args["windows"])
+                elif plan.kind == "adjacent" and plan.args.get("similarity", "cosine") == "softmax":
+                    xb, size, groups = merge_tokens_adjacent_paper(xb, size, groups, prefix, plan.r, schedule.grid)
                 elif plan.kind == "adjacent":
                     xb, size, groups = merge_tokens_adjacent(xb, metric, size, groups, prefix, plan.r, schedule.grid)
                 elif extra and plan.kind in extra:
@@ -280,8 +359,9 @@ def _family(model):
 
 
 def tomato_flood_fill(metric, grid, threshold):
-    """ToMato's Algorithms 1-2 as written: visit tokens in order, recursively absorb 4-neighbours
-    whose similarity to the visited token passes ``threshold``; each visit forms one group."""
+    """ToMato's Algorithms 1-2 with the cosine option: visit tokens in order, recursively absorb
+    4-neighbours whose key cosine to the visited token passes ``threshold``; each visit forms one group.
+    (The paper's similarity: :func:`tomato_flood_fill_paper`.)"""
     gh, gw = grid
     visited = set()
     groups = []

@@ -11,7 +11,7 @@ import torch
 
 from mergepass.merge import adjacent_merge, checkerboard, global_merge, unmerge, window_merge
 from mergepass.merge import fused
-from reference import merge_tokens_adjacent, merge_tokens_global, merge_tokens_windows
+from reference import merge_tokens_adjacent, merge_tokens_adjacent_paper, merge_tokens_global, merge_tokens_windows
 
 
 def _fused(fn):
@@ -144,6 +144,47 @@ def test_adjacent_merge_matches_reference_and_is_connected(merge, grid, r, prefi
                 y0, x0 = divmod(c, w)
                 todo += [d for d in cells if abs(d // w - y0) + abs(d % w - x0) == 1]
             assert seen == cells, f"group {sorted(cells)} is not 4-connected"
+
+
+@pytest.mark.parametrize("merge", ADJACENT)
+@pytest.mark.parametrize("grid,r,prefix", [((6, 6), 10, 1), ((4, 5), 7, 0), ((7, 7), 24, 2)])
+def test_adjacent_merge_softmax_matches_the_papers_rule(merge, grid, r, prefix):
+    """similarity="softmax": the pairs that merge are those the paper's directed softmax of the
+    post-attention tokens ranks best (tests/reference.py, written from the paper and its code); the
+    fused op gives the same (it runs the reference ops for this similarity)."""
+    torch.manual_seed(1)
+    n = prefix + grid[0] * grid[1]
+    x = torch.randn(2, n, 8) * 1.5
+    y, s, src = merge(x, x, None, None, r=r, prefix=prefix, grid=grid, similarity="softmax")
+    assert y.shape[1] == n - r
+    _invariants(x, y, s, src, prefix)
+    for b in range(2):
+        rx, rs, rg = merge_tokens_adjacent_paper(x[b], [1.0] * n, [[i] for i in range(n)], prefix, r, grid)
+        torch.testing.assert_close(y[b], rx, rtol=1e-5, atol=1e-5)
+        assert s[b, :, 0].tolist() == rs
+        assert _groups_from_source(src[b], y.shape[1]) == rg
+    cos = merge(x, x, None, None, r=r, prefix=prefix, grid=grid, similarity="cosine")
+    assert not torch.equal(cos[2], src), "the softmax similarity chose the cosine's pairs: the test cannot tell"
+
+
+def test_adjacent_merge_softmax_is_directed():
+    """The score of A token a for neighbour b is a's own attention row (normalised over a's row), not
+    b's: a token with one huge-norm neighbour prefers it, whatever that neighbour's row says."""
+    from mergepass.merge import checkerboard, softmax_similarity
+    grid = (3, 3)
+    a_ids, b_ids, _ = checkerboard(grid)
+    m = torch.randn(1, 9, 4)
+    ia, ib = torch.tensor(a_ids), torch.tensor(b_ids)
+    logp = softmax_similarity(m, ia, ib)
+    full = (m[0] @ m[0].T).log_softmax(-1)
+    torch.testing.assert_close(logp[0], full[ia][:, ib])
+    assert not torch.allclose(logp[0], full[ib][:, ia].T), "rows and columns must not be interchangeable"
+
+
+def test_adjacent_merge_rejects_an_unknown_similarity():
+    x = torch.randn(1, 10, 4)
+    with pytest.raises(ValueError, match="similarity"):
+        adjacent_merge(x, x, None, None, r=2, prefix=1, grid=(3, 3), similarity="dot")
 
 
 def test_checkerboard_adjacency():

@@ -15,6 +15,9 @@ CASES = {
     "dfe_lgtm_padded": dict(recipe="dfe_lgtm", overrides=dict(skip=0, r=6, window=3, transition=2),
                             kinds=["local", "global", "global"], img=80),
     "tomato": dict(recipe="tomato", overrides=dict(budget=10), kinds=["adjacent", "dense", "dense"]),
+    "tomato_cosine": dict(recipe="tomato", overrides=dict(budget=10, similarity="cosine"),
+                          kinds=["adjacent", "dense", "dense"]),
+    "tomato_tome": dict(recipe="tomato_tome", overrides=dict(budget=10, r=4), kinds=["adjacent", "global", "global"]),
 }
 
 
@@ -67,12 +70,13 @@ def test_resolved_defaults_follow_the_paper():
     assert "window=7" in sched.table() and "local 2x2 win" in sched.table()
 
 
-@pytest.mark.parametrize("recipe", ["dfe", "dfe_lgtm", "tomato"])
-def test_auto_strength_matches_tome_macs(recipe):
+@pytest.mark.parametrize("recipe,overrides", [("dfe", {}), ("dfe_lgtm", {}), ("tomato_tome", {}),
+                                              ("tomato", dict(budget="auto", match_tome_r=16))])
+def test_auto_strength_matches_tome_macs(recipe, overrides):
     m = tiny_vit(depth=12, img_size=224)
     x = torch.randn(1, 3, 224, 224)
     tome = mergepass.plan(m, x, "tome", r=16)
-    other = mergepass.plan(m, x, recipe)
+    other = mergepass.plan(m, x, recipe, **overrides)
     assert abs(other.macs / tome.macs - 1) <= 0.05
 
 
@@ -116,15 +120,85 @@ def test_tomato_flood_fill_matches_paper_algorithm(threshold):
     from mergepass.search.tomato_budget import flood_fill_groups
     from reference import tomato_flood_fill
     metric = torch.randn(6 * 7, 4)
-    assert flood_fill_groups(metric, (6, 7), threshold) == tomato_flood_fill(metric, (6, 7), threshold)
+    assert flood_fill_groups(metric, (6, 7), threshold, "cosine") == tomato_flood_fill(metric, (6, 7), threshold)
+
+
+@pytest.mark.parametrize("sim", [0.0, 1e-7, 0.01, 0.03, 0.1, 1.01])
+def test_tomato_flood_fill_softmax_matches_the_papers_algorithm(sim):
+    """The default (softmax) flood fill is the paper's Algorithms 1-2 with its directed probability test
+    (tests/reference.py); at these thresholds the groups are neither all singletons nor one group."""
+    from mergepass.search.tomato_budget import flood_fill_groups
+    from reference import tomato_flood_fill_paper
+    torch.manual_seed(2)
+    tokens = torch.randn(6 * 7, 4)
+    got = flood_fill_groups(tokens, (6, 7), sim)
+    assert got == tomato_flood_fill_paper(tokens, (6, 7), sim)
+    if sim in (0.03, 0.1):
+        assert 1 < len(got) < 42
+
+
+def test_tomato_flood_fill_softmax_is_directed():
+    """Cell 0's row passes its neighbour 1 while 1's row does not pass 0: visiting 0 first absorbs 1,
+    but the order 1 -> 0 (a symmetric test would absorb 0 both ways) does not."""
+    from mergepass.search.tomato_budget import flood_fill_groups
+    tokens = torch.zeros(2, 2)
+    tokens[0] = torch.tensor([1.0, 0.0])  # row 0: softmax(1, 2) -> cell 1 has 0.73
+    tokens[1] = torch.tensor([2.0, 0.0])  # row 1: softmax(2, 4) -> cell 0 has 0.12
+    assert flood_fill_groups(tokens, (1, 2), 0.5) == [[0, 1]]
+    assert flood_fill_groups(tokens.flip(0), (1, 2), 0.5) == [[0], [1]]
 
 
 def test_tomato_budget_from_threshold_drives_the_static_merge():
     from mergepass.search.tomato_budget import budget_from_threshold
     m = tiny_vit(img_size=96)
     imgs = [torch.randn(2, 3, 96, 96)]
-    budgets = [budget_from_threshold(m, imgs, t) for t in (1.01, 0.5, 0.0, -1.01)]
+    budgets = [budget_from_threshold(m, imgs, t, similarity="cosine") for t in (1.01, 0.5, 0.0, -1.01)]
     assert budgets[0] == 0 and budgets[-1] == 35  # nothing passes / everything joins one group
     assert budgets == sorted(budgets)  # a lower threshold merges more
     sched = mergepass.plan(m, imgs[0], "tomato", budget=budgets[1])
     assert sched.blocks[0].merged == min(budgets[1], 18)
+
+
+def test_tomato_budget_from_the_papers_probability_thresholds():
+    """Thresholds are the paper's ``sim`` (probabilities of the post-attention tokens' row-softmax):
+    1.01 keeps every token, 0 joins all, and lower thresholds merge more; the counts are the paper's
+    flood fill (tests/reference.py) on the first block's post-attention tokens."""
+    from mergepass.search.tomato_budget import budget_from_threshold, removed_per_image
+    from reference import _family, tomato_flood_fill_paper
+    m = tiny_vit(img_size=96)
+    imgs = [torch.randn(2, 3, 96, 96)]
+    sims = (1.01, 1e-7, 1e-24, 1e-26, 1e-28, 0.0)  # this random model's softmax is peaked: tiny thresholds
+    budgets = [budget_from_threshold(m, imgs, t) for t in sims]
+    assert budgets[0] == 0 and budgets[-1] == 35
+    assert budgets == sorted(budgets) and 0 < budgets[3] < 35
+    fam = _family(m)  # block 0's post-attention patch tokens, from the reference's own forward
+    with torch.no_grad():
+        x0 = fam.embed(imgs[0])
+        post = [fam.attention_residual(m.blocks[0], x0[b], None, list(range(37)))[0][1:] for b in range(2)]
+    for t in (1e-24, 1e-26, 1e-28):
+        assert removed_per_image(m, imgs, t) == [36 - len(tomato_flood_fill_paper(p, (6, 6), t)) for p in post]
+
+
+def test_tomato_similarity_is_a_validated_recipe_field():
+    assert mergepass.load_recipe("tomato").similarity == "softmax"  # the paper's, by default
+    assert mergepass.load_recipe("tomato", similarity="cosine").similarity == "cosine"
+    for bad in ("dot", "", 1):
+        with pytest.raises(ValueError, match="recipe field 'similarity'"):
+            mergepass.load_recipe("tomato", similarity=bad)
+    with pytest.raises(ValueError, match="recipe field 'similarity'"):
+        mergepass.backend("tomato", similarity="Softmax")
+
+
+def test_shipped_tomato_recipes_sit_at_the_papers_operating_point():
+    """The paper removes 8.16-20.92% of DeiT-B's tokens at block 0 (sim = 1e-7): the shipped recipe
+    removes 15% of the patch tokens once, in the first block, with the paper's similarity; its int8
+    variant plans the same merges."""
+    m = tiny_vit(depth=12, img_size=224)
+    x = torch.randn(1, 3, 224, 224)
+    s = mergepass.plan(m, x, "tomato")
+    assert [b.kind for b in s.blocks] == ["adjacent"] + ["dense"] * 11
+    assert 0.08 <= s.blocks[0].merged / 196 <= 0.21
+    assert s.blocks[0].args["similarity"] == "softmax"
+    q = mergepass.plan(m, x, "tomato_int8")
+    assert [(b.kind, b.merged, b.args) for b in q.blocks] == [(b.kind, b.merged, b.args) for b in s.blocks]
+    assert q.recipe.quantize.enabled

@@ -28,13 +28,21 @@ def match(a: torch.Tensor, b: torch.Tensor, r: int,
 
     ``allowed`` ([Ma, Mb] or [B, Ma, Mb] bool) restricts which pairs may merge; ``a_valid`` ([B, Ma]
     bool) marks A tokens that may be merged at all. Similarity never carries gradients, as in ToMe.
+    The rest is :func:`match_scores`'s."""
+    return match_scores(normalize(a.detach()) @ normalize(b.detach()).transpose(-1, -2), r, allowed, a_valid)
 
-    A NaN similarity forbids its pair too. A tokens with no permitted partner rank below every A token
+
+def match_scores(scores: torch.Tensor, r: int,
+                 allowed: Optional[torch.Tensor] = None,
+                 a_valid: Optional[torch.Tensor] = None) -> Matching:
+    """Match by given A-to-B ``scores`` [B, Ma, Mb] (higher: more similar): every A token proposes
+    its best permitted B token and the ``r`` A tokens with the best proposals leave.
+
+    A NaN score forbids its pair too. A tokens with no permitted partner rank below every A token
     with one (ties keep A order); exactly ``r`` tokens leave all the same (static shapes), and one that
     leaves without a partner is dropped (``joins`` False): it joins no average, and its ``dst_idx`` is
     B token 0, where its source entries point.
     """
-    scores = normalize(a.detach()) @ normalize(b.detach()).transpose(-1, -2)
     forbid = scores.isnan() if allowed is None else scores.isnan() | ~allowed
     node_max, node_idx = scores.masked_fill(forbid, float("-inf")).max(dim=-1)  # all -inf: index 0
     if a_valid is not None:

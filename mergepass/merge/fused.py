@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..kernels.build import build_extension
-from .ops import checkerboard, largest_norms, window_perm
+from .ops import adjacent_merge, checkerboard, largest_norms, similarity_metric, window_perm
 from .tokens import init_state
 
 _SRC = Path(__file__).with_name("csrc") / "bipartite_merge.cpp"
@@ -66,8 +66,18 @@ def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[tor
 
 
 def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                         source: Optional[torch.Tensor], *, r: int, prefix: int, grid: tuple[int, int]):
-    """:func:`~mergepass.merge.adjacent_merge` (ToMato, checkerboard sets, 4-neighbours) as one kernel."""
+                         source: Optional[torch.Tensor], *, r: int, prefix: int, grid: tuple[int, int],
+                         similarity: str = "cosine"):
+    """:func:`~mergepass.merge.adjacent_merge` (ToMato, checkerboard sets, 4-neighbours) as one kernel.
+
+    Only for ``similarity="cosine"``: the kernel scores pairs by the cosine of the metric it is given,
+    while the paper's ``"softmax"`` needs each A token's normaliser over all tokens, which no per-pair
+    cosine of a fixed metric gives exactly (a lifted metric whose cosines are monotone in the
+    log-probabilities exists, but its float32 rounding would break exact agreement with the reference
+    ops). ToMato merges once per model, so the kernel's saving is one block's ~20 small ops: the softmax
+    similarity runs the reference ops here, and this is the one place that choice is made."""
+    if similarity_metric(similarity) != "keys":
+        return adjacent_merge(x, metric, size, source, r=r, prefix=prefix, grid=grid, similarity=similarity)
     a_ids, b_ids, adj = checkerboard(grid)
     dev = x.device
     a_pos = torch.tensor(a_ids, device=dev)[None, None] + prefix

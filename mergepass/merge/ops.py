@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .bipartite import Matching, joined_only, match, merge_sum, slots
+from .bipartite import Matching, joined_only, match, match_scores, merge_sum, slots
 from .tokens import init_state, positions, update_source
 
 
@@ -184,12 +184,37 @@ def checkerboard(grid: tuple[int, int]) -> tuple[list[int], list[int], torch.Ten
     return a_ids, b_ids, adj
 
 
+SIMILARITIES = ("softmax", "cosine")  # ToMato's: the paper's (default in recipes), ToMe's key cosine
+
+
+def similarity_metric(similarity: str) -> str:
+    """Which tensor a ToMato similarity reads as its metric: ``"tokens"`` (the block's post-attention
+    tokens, where the merge happens: the paper's softmax) or ``"keys"`` (ToMe's head-mean keys)."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"ToMato similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    return "tokens" if similarity == "softmax" else "keys"
+
+
+def softmax_similarity(metric: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """ToMato's similarity (Kwon et al., 2023, and its published code): the row-softmax of ``metric @
+    metric^T`` over the mergeable tokens ``metric`` [B, M, D], directed (row: the token that looks).
+    Returned as log-probabilities [B, len(rows), len(cols)] (same order, no underflow) for rows
+    ``rows`` and columns ``cols``; the normaliser runs over all M tokens."""
+    m = metric.detach().float()
+    return (m[:, rows] @ m.transpose(-1, -2)).log_softmax(dim=-1)[:, :, cols]
+
+
 def adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                   source: Optional[torch.Tensor], *, r: int, prefix: int, grid: tuple[int, int]):
+                   source: Optional[torch.Tensor], *, r: int, prefix: int, grid: tuple[int, int],
+                   similarity: str = "cosine"):
     """ToMato with a static budget: merge ``r`` tokens, each into a 4-neighbour on the patch grid.
 
     The grid is split like a checkerboard, so every token's 4 neighbours lie in the other set and
-    each merged group is a 4-connected star (a B token and up to four adjacent A tokens).
+    each merged group is a 4-connected star (a B token and up to four adjacent A tokens). Every A
+    token proposes its most similar 4-neighbour and the ``r`` best proposals merge.
+    ``similarity``: ``"softmax"``, the paper's: A token ``a``'s score for neighbour ``b`` is
+    ``softmax_b(m_a . m_j over all mergeable j)`` with ``metric`` the block's post-attention tokens
+    (see :func:`similarity_metric`); ``"cosine"``: cosine of the metric (the keys).
     Expects tokens still on the grid (the first merge of the model).
     """
     size, source = init_state(x, size, source)
@@ -197,7 +222,10 @@ def adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.T
     dev = x.device
     ia, ib = torch.tensor(a_ids, device=dev), torch.tensor(b_ids, device=dev)
     mt = metric[:, prefix:]
-    mm = match(mt[:, ia], mt[:, ib], r, allowed=adj.to(dev))
+    if similarity_metric(similarity) == "tokens":
+        mm = match_scores(softmax_similarity(mt, ia, ib), r, allowed=adj.to(dev))
+    else:
+        mm = match(mt[:, ia], mt[:, ib], r, allowed=adj.to(dev))
     slot_a, slot_b = slots(mm, len(a_ids), len(b_ids))
     order = torch.cat([ia, ib]).expand(x.shape[0], -1)
     slot = torch.empty_like(order).scatter(1, order, torch.cat([slot_a, slot_b], dim=1))
@@ -205,4 +233,4 @@ def adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.T
 
 
 __all__ = ["Matching", "global_merge", "window_merge", "adjacent_merge", "window_order", "window_perm",
-           "window_layout", "checkerboard"]
+           "window_layout", "checkerboard", "SIMILARITIES", "similarity_metric", "softmax_similarity"]

@@ -1,5 +1,5 @@
 """Merge methods, one per file, in a registry (see :mod:`.base`). Importing this package registers
-the built-in ones: ToMe, DFE, DFE+LGTM and ToMato."""
+the built-in ones: ToMe, DFE, DFE+LGTM, ToMato and ToMato+ToMe."""
 from .base import (AUTO, RESERVED, BlockSchedule, Merge, MergeMethod, MergeOp, all_ops, get_method, get_op,
                    method_names, register_method, register_op)
 from . import tome, dfe, dfe_lgtm, tomato  # noqa: E402,F401,I001  (register themselves, in this order)

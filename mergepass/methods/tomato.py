@@ -1,12 +1,16 @@
 """ToMato, "Token Merging at Once": one merge, in block ``skip`` (default the first), of ``budget``
-tokens into 4-adjacent neighbours on the patch grid. The paper's flood fill is dynamic; a static
-budget from it comes from :func:`mergepass.methods.tomato_budget.budget_from_threshold`."""
+tokens into 4-adjacent neighbours on the patch grid, the pairs chosen by ``similarity`` (the paper's
+row-softmax of the post-attention tokens' dot products, or the keys' cosine). The paper's flood fill
+is dynamic; a static budget from its thresholds comes from
+:func:`mergepass.search.tomato_budget.budget_from_threshold`.
+
+``tomato_tome`` stacks ToMe on it: the same one merge, then ToMe's ``r`` in every later block."""
 from __future__ import annotations
 
 from ..merge import adjacent_merge, checkerboard
 from ..merge.fused import fused_adjacent_merge
 from .base import AUTO, Merge, MergeMethod, MergeOp, closest, register_method, register_op, total_macs
-from .tome import tome_macs
+from .tome import global_step, tome_macs
 
 register_op(MergeOp("adjacent", adjacent_merge, fused_adjacent_merge))
 
@@ -14,7 +18,7 @@ register_op(MergeOp("adjacent", adjacent_merge, fused_adjacent_merge))
 class ToMato(MergeMethod):
     name = "tomato"
     needs_grid = True
-    fields = ("skip", "budget")
+    fields = ("skip", "budget", "similarity")
 
     def resolve(self, recipe, match, limit):
         depth = len(match.blocks)
@@ -35,11 +39,12 @@ class ToMato(MergeMethod):
             return None
         most = len(checkerboard(match.grid)[0])
         take = min(recipe.budget, most)
+        args = {"grid": match.grid, "similarity": recipe.similarity}
         if take < recipe.budget:
-            return Merge("adjacent", take, take, args={"grid": match.grid},
+            return Merge("adjacent", take, take, args=args,
                          note=f"budget clamped {recipe.budget}->{take}",
                          detail={"clamped": (recipe.budget, take), "field": "budget"})
-        return Merge("adjacent", take, take, args={"grid": match.grid})
+        return Merge("adjacent", take, take, args=args)
 
     def notes(self, asked, recipe, match, plans):
         out = super().notes(asked, recipe, match, plans)
@@ -48,4 +53,32 @@ class ToMato(MergeMethod):
         return out
 
 
+class ToMatoToMe(ToMato):
+    """ToMato's one merge in block ``skip``, then ToMe with ``r`` in every later block (``r = "auto"``:
+    the r whose total MACs are closest to ToMe with ``match_tome_r``)."""
+
+    name = "tomato_tome"
+    fields = ("skip", "budget", "similarity", "r")
+
+    def resolve(self, recipe, match, limit):
+        if recipe.budget == AUTO:
+            raise ValueError("recipe field 'budget' must be a number for method 'tomato_tome' (its r is what "
+                             "'auto' matches to ToMe's MACs)")
+        if isinstance(recipe.r, tuple):
+            raise ValueError("recipe field 'r' must be one integer or 'auto' for method 'tomato_tome'")
+        recipe = super().resolve(recipe, match, limit)
+        if recipe.r == AUTO:
+            goal = tome_macs(match, recipe.match_tome_r, limit)
+            r = closest(range((match.tokens - match.prefix) // 2 + 1),
+                        lambda x: total_macs(match, self.plan_blocks(recipe.replace(r=x), match, limit)), goal)
+            recipe = recipe.replace(r=r)
+        return recipe
+
+    def decide(self, recipe, block, tokens, match, state):
+        if block.index <= recipe.skip:
+            return super().decide(recipe, block, tokens, match, state)
+        return global_step(block, tokens, match.prefix, recipe.r, recipe.skip + 1)
+
+
 register_method(ToMato())
+register_method(ToMatoToMe())

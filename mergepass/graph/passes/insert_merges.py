@@ -7,7 +7,7 @@ import operator
 
 from torch import fx
 
-from ...merge import attn_bias, key_metric, unmerge
+from ...merge import attn_bias, key_metric, similarity_metric, unmerge
 from ...methods import get_op
 from ..match import Block, MatchResult, shape
 
@@ -45,7 +45,10 @@ def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node, tokens: in
 
 
 def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused: bool):
-    metric = graph.call_function(key_metric, (block.keys, block.x_mid, block.keys_transposed))
+    if "similarity" in plan.args and similarity_metric(plan.args["similarity"]) == "tokens":
+        metric = block.x_mid  # ToMato's softmax similarity compares the post-attention tokens themselves
+    else:
+        metric = graph.call_function(key_metric, (block.keys, block.x_mid, block.keys_transposed))
     fn = get_op(plan.kind).function(fused)
     return graph.call_function(fn, (block.x_mid, metric, size, source), dict(r=plan.r, prefix=sched.prefix, **plan.args))
 
