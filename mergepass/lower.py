@@ -76,6 +76,8 @@ def compile_package(module: torch.nn.Module, example_inputs: Sequence, path: str
     from torch._inductor import config as inductor_config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if autocast is not None and isinstance(module, torch.fx.GraphModule):
+        _drop_dtype_asserts(module)
     dynamic = (tuple(dynamic_shapes),) if dynamic_shapes is not None and any(dynamic_shapes) else None
     # export and AOTInductor trace on their own, outside the dynamo frame this may be called from
     with torch.no_grad(), torch._guards.tracing(None):
@@ -86,6 +88,17 @@ def compile_package(module: torch.nn.Module, example_inputs: Sequence, path: str
                                     **(inductor_config_overrides or {})}):
             out = Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
     return out, input_spec(exported)
+
+
+def _drop_dtype_asserts(gm: torch.fx.GraphModule) -> None:
+    """Remove the dtype checks an earlier ``torch.export`` left in ``gm``: they state FP32, which autocast
+    changes on purpose."""
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function"
+               and n.target is torch.ops.aten._assert_tensor_metadata.default]
+    for n in asserts:
+        gm.graph.erase_node(n)
+    if asserts:
+        gm.recompile()
 
 
 def input_spec(exported: "torch.export.ExportedProgram") -> list[dict]:

@@ -43,11 +43,21 @@ def _eager(m, x, recipe="tome", **kw):
         return torch.compile(m, backend=mergepass.backend(recipe, lower="eager", **kw), dynamic=False)(x)
 
 
-def test_export_serves_every_batch_size_without_mergepass(tmp_path):
-    """Exported at batch 2, the package gives the right rows at batch 1 and 4 through torch's own loader."""
+@pytest.fixture(scope="module")
+def tome_package(tmp_path_factory):
+    """One FP32 ``tome`` package (r=3, depth 1), exported at batch 2, shared by the tests that load it."""
+    torch.manual_seed(0)
     m = tiny_vit(depth=1)
+    path = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path_factory.mktemp("pkg") / "m.pt2", r=3)
+    torch._dynamo.reset()
+    return m, path
+
+
+@pytest.mark.xdist_group("tome_package")
+def test_export_serves_every_batch_size_without_mergepass(tmp_path, tome_package):
+    """Exported at batch 2, the package gives the right rows at batch 1 and 4 through torch's own loader."""
+    m, path = tome_package
     x = torch.randn(4, 3, 64, 64)
-    path = mergepass.export(m, x[:2], "tome", path=tmp_path / "m.pt2", r=3)
     for b in (1, 4):
         torch.save(x[:b], tmp_path / f"x{b}.pt")
         torch.save(_eager(m, x[:b], r=3), tmp_path / f"ref{b}.pt")
@@ -67,10 +77,10 @@ def test_export_serves_every_batch_size_without_mergepass(tmp_path):
     assert len(errs) == 2 and max(errs) <= 1e-5, errs
 
 
-def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path):
-    m = tiny_vit(depth=1)
+@pytest.mark.xdist_group("tome_package")
+def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path, tome_package):
+    _, path = tome_package
     x = torch.randn(3, 3, 64, 64)
-    path = mergepass.export(m, x, "tome", path=tmp_path / "m.pt2", r=3)
     f = mergepass.load(path)
     out = f(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
@@ -83,7 +93,7 @@ def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path):
     data[len(data) // 2:len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4096])
     bad = tmp_path / "bad.pt2"
     bad.write_bytes(bytes(data))
-    (tmp_path / "bad.pt2.json").write_text((tmp_path / "m.pt2.json").read_text())
+    (tmp_path / "bad.pt2.json").write_text(mergepass.artifact.manifest_path(path).read_text())
     with pytest.raises(ValueError, match="SHA-256 does not match"):
         mergepass.load(bad)
     (tmp_path / "bad.pt2.json").unlink()
@@ -94,11 +104,11 @@ def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path):
 def test_exported_int8_package_computes_what_the_backend_runs(tmp_path):
     """Same recipe and calibration: the package and the backend run the same quantized graph (bf16 rest included;
     packages keep torch's SDPA, which the backend is asked to keep too)."""
-    m = tiny_vit(depth=2)
+    m = tiny_vit(depth=1)
     x, calib = torch.randn(2, 3, 64, 64), [torch.randn(4, 3, 64, 64)]
     path = mergepass.export(m, x, "tome_int8", path=tmp_path / "q.pt2", calibration=calib, r=3)
     with torch.no_grad():
-        be = mergepass.backend("tome_int8", r=3, calibration=calib, cache=False, attention_kernel="sdpa")
+        be = mergepass.backend("tome_int8", r=3, calibration=calib, attention_kernel="sdpa")
         ref = torch.compile(m, backend=be, dynamic=False)(x)
         out = mergepass.load(path)(x)
     out = out[0] if isinstance(out, (list, tuple)) else out

@@ -45,8 +45,6 @@ def test_a_later_compile_is_served_from_the_cache_and_a_damaged_entry_is_rebuilt
     assert not rebuilt.results[-1].cached  # the damaged entry failed its SHA-256 check and was rebuilt
     torch.testing.assert_close(out3, out, rtol=1e-5, atol=1e-5)
 
-    off, _ = _compile(m, x, calib, cache=False)
-    assert off.results[-1].package is None
     assert cache.main([]) == 0 and f"{cache_dir}: 1 entries" in capsys.readouterr().out
     assert cache.main(["--clear"]) == 0 and "removed 1 entries" in capsys.readouterr().out and not cache.entries()
 
@@ -82,16 +80,16 @@ def test_cache_is_off_with_the_environment_variable(cache_dir, monkeypatch):
 
 
 def test_dynamic_batch_runs_the_backend_no_more_often_than_plain_inductor(cache_dir, monkeypatch):
-    """dynamic=True: each graph is quantized and compiled once, in no more backend calls than inductor's own
-    (which restarts its first compile once for the model's float attributes)."""
-    from torch._inductor.compile_fx import compile_fx
+    """dynamic=True: each graph is quantized and compiled once, in no more backend calls than a backend on
+    AOTAutograd, such as inductor (which restarts its first compile once for the model's float attributes)."""
+    from torch._dynamo.backends.debugging import aot_eager  # AOTAutograd, as inductor, without its codegen
     m = tiny_vit(depth=1)
     sizes = (1, 3, 8)
     plain = []
 
     def counting(gm, ex):
         plain.append(1)
-        return compile_fx(gm, ex)
+        return aot_eager(gm, ex)
     with torch.no_grad():
         c = torch.compile(m, backend=counting, dynamic=True)
         for b in sizes:

@@ -48,10 +48,12 @@ def match_scores(scores: torch.Tensor, r: int,
     if a_valid is not None:
         node_max = node_max.masked_fill(~a_valid, float("-inf"))
     has = node_max > float("-inf")
-    # below every cosine and in A order where there is no partner: ties broken without a stable sort,
-    # which ONNX export cannot convert
-    order = torch.arange(node_max.shape[-1], device=node_max.device, dtype=torch.float32) / node_max.shape[-1]
-    rank = torch.where(has, node_max.float(), -2.0 - order)
+    # no partner: below every score, in A order; ties broken without a stable sort, which ONNX export lacks
+    best = node_max.float()
+    low = best.masked_fill(~has, float("inf")).amin(dim=-1, keepdim=True)
+    low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))
+    order = torch.arange(best.shape[-1], device=best.device, dtype=torch.float32) / best.shape[-1]
+    rank = torch.where(has, best, low - 1.0 - order)
     edge_idx = rank.argsort(dim=-1, descending=True)
     unm_idx = edge_idx[:, r:].sort(dim=-1).values
     src_idx = edge_idx[:, :r]
