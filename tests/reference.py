@@ -56,6 +56,16 @@ def merge_tokens_global(x, metric, size, groups, prefix, r, offset=0, protect=0)
                      [[toks[j]] + [toks[i] for i in into[j]] for j in sorted(into)])
 
 
+def _merge_into_best(x, size, groups, prefix, a, b, best, r):
+    """The r A cells with the highest ``best[c] = (partner, score)`` join their partners; the rest stay."""
+    order = sorted(a, key=lambda c: -best[c][1])
+    src = set(order[:r])
+    new_groups = [[prefix + c] for c in a if c not in src]
+    for n in b:
+        new_groups.append([prefix + n] + [prefix + c for c in a if c in src and best[c][0] == n])
+    return _assemble(x, size, groups, prefix, new_groups)
+
+
 def _assemble(x, size, groups, prefix, new_groups_local):
     out_x, out_s, out_g = [], [], []
     for t in range(prefix):
@@ -106,12 +116,7 @@ def merge_tokens_adjacent(x, metric, size, groups, prefix, r, grid):
         nbr = [(yy * gw + x2) for yy, x2 in ((y - 1, xx), (y + 1, xx), (y, xx - 1), (y, xx + 1))
                if 0 <= yy < gh and 0 <= x2 < gw]
         best[c] = max(((n, _cos(metric[prefix + c], metric[prefix + n])) for n in nbr), key=lambda t: t[1])
-    order = sorted(a, key=lambda c: -best[c][1])
-    src = set(order[:r])
-    new_groups = [[prefix + c] for c in a if c not in src]
-    for n in b:
-        new_groups.append([prefix + n] + [prefix + c for c in a if c in src and best[c][0] == n])
-    return _assemble(x, size, groups, prefix, new_groups)
+    return _merge_into_best(x, size, groups, prefix, a, b, best, r)
 
 
 # -- ToMato as the paper defines it ---------------------------------------------------------------
@@ -182,12 +187,7 @@ def merge_tokens_adjacent_paper(x, size, groups, prefix, r, grid):
     for c in a:
         cands = sorted(_grid_neighbours(c, grid))  # ties: the first B token, as an argmax over B ids
         best[c] = max(((n, log_attn[c][n]) for n in cands), key=lambda t: t[1])
-    order = sorted(a, key=lambda c: -best[c][1])
-    src = set(order[:r])
-    new_groups = [[prefix + c] for c in a if c not in src]
-    for n in b:
-        new_groups.append([prefix + n] + [prefix + c for c in a if c in src and best[c][0] == n])
-    return _assemble(x, size, groups, prefix, new_groups)
+    return _merge_into_best(x, size, groups, prefix, a, b, best, r)
 
 
 def _full(xb, groups, n0):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..merge import adjacent_merge, checkerboard
 from ..merge.fused import fused_adjacent_merge
 from .base import AUTO, Merge, MergeMethod, MergeOp, closest, register_method, register_op, total_macs
-from .tome import global_step, tome_macs
+from .tome import auto_r, global_step, tome_macs
 
 register_op(MergeOp("adjacent", adjacent_merge, fused_adjacent_merge))
 
@@ -66,13 +66,7 @@ class ToMatoToMe(ToMato):
                              "'auto' matches to ToMe's MACs)")
         if isinstance(recipe.r, tuple):
             raise ValueError("recipe field 'r' must be one integer or 'auto' for method 'tomato_tome'")
-        recipe = super().resolve(recipe, match, limit)
-        if recipe.r == AUTO:
-            goal = tome_macs(match, recipe.match_tome_r, limit)
-            r = closest(range((match.tokens - match.prefix) // 2 + 1),
-                        lambda x: total_macs(match, self.plan_blocks(recipe.replace(r=x), match, limit)), goal)
-            recipe = recipe.replace(r=r)
-        return recipe
+        return auto_r(self, super().resolve(recipe, match, limit), match, limit)
 
     def decide(self, recipe, block, tokens, match, state):
         if block.index <= recipe.skip:

@@ -47,6 +47,17 @@ def tome_macs(match, r: int, limit: int) -> int:
     return total_macs(match, chain(match, limit, lambda b, n: global_step(b, n, match.prefix, r, 0)))
 
 
+def auto_r(method, recipe, match, limit):
+    """``recipe`` with ``r = "auto"`` resolved: the r whose schedule under ``method`` comes closest to ToMe
+    r=``match_tome_r``'s MACs."""
+    if recipe.r != AUTO:
+        return recipe
+    goal = tome_macs(match, recipe.match_tome_r, limit)
+    r = closest(range((match.tokens - match.prefix) // 2 + 1),
+                lambda x: total_macs(match, method.plan_blocks(recipe.replace(r=x), match, limit)), goal)
+    return recipe.replace(r=r)
+
+
 class ToMe(MergeMethod):
     name = "tome"
     fields = ("r", "skip", "partition", "protect")
@@ -61,12 +72,7 @@ class ToMe(MergeMethod):
         recipe = recipe.replace(skip=min(skip, depth))  # past the last block: nothing merges (noted)
         if isinstance(recipe.r, tuple) and len(recipe.r) != depth:
             raise ValueError(f"recipe field 'r' lists {len(recipe.r)} values but the model has {depth} blocks")
-        if recipe.r == AUTO:
-            goal = tome_macs(match, recipe.match_tome_r, limit)
-            r = closest(range((match.tokens - match.prefix) // 2 + 1),
-                        lambda x: total_macs(match, self.plan_blocks(recipe.replace(r=x), match, limit)), goal)
-            recipe = recipe.replace(r=r)
-        return recipe
+        return auto_r(self, recipe, match, limit)
 
     def decide(self, recipe, block, tokens, match, state):
         return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match),
