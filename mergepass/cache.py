@@ -123,6 +123,14 @@ def _inductor_settings() -> Optional[str]:
     return json.dumps({"settings": settings, "passes": passes}, sort_keys=True, default=repr)
 
 
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    """A get_attr node's value (dotted targets reach into submodules); None if absent."""
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 def graph_key(gm: fx.GraphModule, example_inputs: Sequence, recipe: dict, calibration: Optional[Sequence],
               extra: Optional[dict] = None) -> Optional[str]:
     """The key of a graph's compiled result: its code, inputs (shapes; values of module state), the
@@ -134,8 +142,8 @@ def graph_key(gm: fx.GraphModule, example_inputs: Sequence, recipe: dict, calibr
     from .graph.lift import Inputs
     inputs = Inputs(gm, example_inputs)
     state = [example_inputs[i] for i in sorted(inputs.const)]
-    attrs = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"
-             and isinstance(getattr(gm, n.target, None), torch.Tensor)]
+    attrs = [v for v in (_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr")
+             if isinstance(v, torch.Tensor)]
     parts = {"code": gm.code, "inputs": [_describe(v) for v in example_inputs], "state": tensors_digest(state + attrs),
              "recipe": recipe, "calibration": None if calibration is None else tensors_digest(calibration),
              "inductor": settings, "grad": torch.is_grad_enabled(), "versions": _versions(), "extra": extra or {}}
