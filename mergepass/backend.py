@@ -11,7 +11,7 @@ from torch import fx
 
 from . import artifact, cache
 from .compat import frame_compiles, recompile_limit
-from .errors import MergepassWarning
+from .errors import MergepassWarning, briefly
 from .graph.passes.strip_noops import active_dropouts
 from .graph.capture import copy_graph_module
 from .graph.match import symbolic_dims
@@ -187,9 +187,8 @@ class Backend:
                 except Exception as e:  # noqa: BLE001 - the cache must never cost the user the compile
                     if q.int8_attention:
                         raise
-                    first = (str(e).strip().splitlines() or [""])[0]
                     self._warn_once(f"mergepass: this int8 graph could not be packaged for the compile cache "
-                                    f"({type(e).__name__}: {first}); it is compiled without the cache")
+                                    f"({briefly(e)}); it is compiled without the cache")
             with stage(f"{recipe.lower}: compile"):
                 return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing,
                                      trace_context=q.trace_context, autocast=q.autocast,
@@ -198,12 +197,10 @@ class Backend:
             warnings.simplefilter("always", MergepassWarning)
             try:
                 done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
-            except (ValueError, RuntimeError) as e:
-                if "calibration" in str(e):  # the user's data, said as it is
-                    raise
-                raise Int8Declined(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from e
             except Exception as e:  # noqa: BLE001 - e.g. torchao's conv-BN fold on a CNN: decline, never fail
-                raise Int8Declined(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from e
+                if isinstance(e, (ValueError, RuntimeError)) and "calibration" in str(e):
+                    raise  # the user's data, said as it is
+                raise Int8Declined(briefly(e)) from e
         said = self._repeat(caught)
         try:
             return lower(q, said), q
@@ -248,10 +245,11 @@ class Backend:
             self._warn_once("mergepass: the model is in training mode (its dropout is active), so int8 calibration "
                             "and every output run through random dropout; call model.eval() before compiling")
 
-    def _guard_inputs(self, fn, user_idx: Sequence[int]):
+    def _guard_inputs(self, fn, gm: fx.GraphModule, example_inputs: Sequence):
         """``fn``, refusing non-finite inputs when ``check_inputs`` is set."""
         if not self.check_inputs:
             return fn
+        user_idx = Inputs(gm, example_inputs).user_idx
 
         def checked(*args):
             for i in user_idx:
@@ -259,14 +257,15 @@ class Backend:
                 # a finite sum settles it in one reduction; only a non-finite one (or an overflow) needs the full check
                 if (isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.sum()))
                         and not bool(torch.isfinite(t).all())):
-                    raise ValueError(f"mergepass: input {user_idx.index(i)} holds NaN or inf values (check_inputs=True); "
-                                     "static int8 would have returned finite, meaningless outputs for them")
+                    raise ValueError(f"mergepass: input {user_idx.index(i)} holds NaN or inf values "
+                                     "(check_inputs=True); static int8 would have returned finite, meaningless "
+                                     "outputs for them")
             return fn(*args)
         return checked
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
         fn = self._compile(gm, example_inputs)
-        return self._guard_inputs(fn, Inputs(gm, example_inputs).user_idx)
+        return self._guard_inputs(fn, gm, example_inputs)
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence):
         recipe = self.recipe

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from . import artifact
-from .errors import MergepassWarning
+from .errors import MergepassWarning, briefly
 from .graph.capture import capture_graphs
 from .graph.lift import Lifted, output_dtypes
 from .pipeline import merge_stage
@@ -50,9 +50,8 @@ def _capture(model, example_input, r, batches):
     try:
         return merged_graph(model, example_input, r, batches, dynamic_batch=True)
     except Exception as e:  # noqa: BLE001 - e.g. a model whose code fixes the batch size
-        warnings.warn(f"mergepass: export with a dynamic batch size failed ({type(e).__name__}: "
-                      f"{(str(e).strip().splitlines() or [''])[0]}); the package serves batch size "
-                      f"{example_input.shape[0]} only", MergepassWarning, stacklevel=3)
+        warnings.warn(f"mergepass: export with a dynamic batch size failed ({briefly(e)}); the package serves "
+                      f"batch size {example_input.shape[0]} only", MergepassWarning, stacklevel=3)
         return merged_graph(model, example_input, r, batches)
 
 
