@@ -34,7 +34,7 @@ from mergepass.eval.timing import interleaved  # noqa: E402
 _TOMATO_AUTO = "budget=auto,"  # the shipped tomato recipes fix budget = 0.15: match ToMe's MACs explicitly
 DEFAULT = ([f"tome:r={r}" for r in (4, 8, 12, 16, 20)]
            + [f"{m}:match_tome_r={r}" for m in ("dfe", "dfe_lgtm") for r in (8, 12, 16, 20)]
-           + [f"tomato:{_TOMATO_AUTO}match_tome_r={r}" for r in (8, 12, 16, 20)] + ["tomato", "tomato_tome"]
+           + [f"tomato:{_TOMATO_AUTO}match_tome_r={r}" for r in (8, 12, 16, 20)] + ["tomato", "tomato:method=tomato_tome,r=auto,match_tome_r=16"]
            + ["int8"] + [f"tome_int8:r={r}" for r in (8, 16)]
            + [f"{m}_int8:match_tome_r={r}" for m in ("dfe", "dfe_lgtm") for r in (8, 16)]
            + [f"tomato_int8:{_TOMATO_AUTO}match_tome_r={r}" for r in (8, 16)] + ["tomato_int8"])

@@ -49,6 +49,16 @@ def write(module: torch.nn.Module, example_inputs: Sequence, path: str | os.Path
     return path
 
 
+def copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a package and its manifest to ``dst`` (and ``dst``.json); returns ``dst``."""
+    import shutil
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    shutil.copyfile(manifest_path(src), manifest_path(dst))
+    return dst
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     mf = manifest_path(path)
     if not mf.is_file():

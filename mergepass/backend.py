@@ -11,7 +11,7 @@ from torch import fx
 
 from . import artifact, cache
 from .compat import frame_compiles, recompile_limit
-from .errors import MergepassWarning, briefly
+from .errors import MergepassWarning, briefly, replay
 from .graph.passes.strip_noops import active_dropouts
 from .graph.capture import copy_graph_module
 from .graph.match import symbolic_dims
@@ -178,10 +178,11 @@ class Backend:
             if key is not None:
                 try:
                     with stage("inductor: AOTInductor package"):
-                        entry = cache.store(key, lambda path: artifact.write(
+                        entry = artifact.load(cache.store(key, lambda path: artifact.write(
                             q.module, q.inputs, path, meta={"quantized": q.describe(), "warnings": said},
                             dynamic_shapes=dims, freezing=q.freezing, autocast=q.autocast,
-                            output_dtypes=output_dtypes(graph), inductor_config_overrides=q.inductor_config))
+                            output_dtypes=output_dtypes(graph), inductor_config_overrides=q.inductor_config)),
+                            verify=False)
                     done.package = entry.path
                     return entry.run
                 except Exception as e:  # noqa: BLE001 - the cache must never cost the user the compile
@@ -201,7 +202,7 @@ class Backend:
                 if isinstance(e, (ValueError, RuntimeError)) and "calibration" in str(e):
                     raise  # the user's data, said as it is
                 raise Int8Declined(briefly(e)) from e
-        said = self._repeat(caught)
+        said = replay(caught, self._warn_once)
         try:
             return lower(q, said), q
         except Exception as e:  # noqa: BLE001 - a prototype fusion must not cost the user the compile
@@ -215,17 +216,6 @@ class Backend:
                 key = cache.graph_key(graph, example_inputs, recipe.to_dict(), calibration)
             done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
             return lower(q, said), q
-
-    def _repeat(self, caught: list) -> list[str]:
-        """Re-issue warnings recorded during a stage; the MergepassWarnings among them, for the cache entry."""
-        said = []
-        for w in caught:
-            if issubclass(w.category, MergepassWarning):
-                said.append(str(w.message))
-                self._warn_once(said[-1])
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return said
 
     def _declines(self, gm: fx.GraphModule, example_inputs: Sequence) -> Optional[str]:
         """Why this graph compiles unchanged without a word (None: it goes through the stages)."""

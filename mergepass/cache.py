@@ -150,21 +150,37 @@ def graph_key(gm: fx.GraphModule, example_inputs: Sequence, recipe: dict, calibr
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def lookup(key: str) -> Optional[artifact.Artifact]:
-    """The entry for ``key``, loaded and verified; None when there is none (or it fails verification)."""
+def verified(key: str) -> Optional[Path]:
+    """The package of the entry for ``key`` once it passes its SHA-256 check; None when there is none. A
+    damaged entry is deleted (and so rebuilt), never served."""
     path = cache_dir() / key / PACKAGE
     if not path.is_file():
         return None
     try:
-        return artifact.load(path)
+        manifest = artifact.read_manifest(path)
+        if artifact.file_digest(path) == manifest["sha256"]:
+            return path
+    except (ValueError, OSError):
+        pass
+    shutil.rmtree(path.parent, ignore_errors=True)
+    return None
+
+
+def lookup(key: str) -> Optional[artifact.Artifact]:
+    """The entry for ``key``, verified and loaded; None when there is none (or it fails verification)."""
+    path = verified(key)
+    if path is None:
+        return None
+    try:
+        return artifact.load(path, verify=False)
     except (ValueError, RuntimeError, OSError):
-        shutil.rmtree(path.parent, ignore_errors=True)  # a damaged entry is rebuilt, never served
+        shutil.rmtree(path.parent, ignore_errors=True)
         return None
 
 
-def store(key: str, build: Callable[[Path], Path]) -> artifact.Artifact:
+def store(key: str, build: Callable[[Path], Path]) -> Path:
     """Build an entry with ``build(package_path)`` (see :func:`mergepass.artifact.write`) in a scratch
-    directory, move it into place, and load it."""
+    directory and move it into place; returns its package's path."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
@@ -177,7 +193,7 @@ def store(key: str, build: Callable[[Path], Path]) -> artifact.Artifact:
             pass
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return artifact.load(final / PACKAGE)
+    return final / PACKAGE
 
 
 def entries() -> list[Path]:

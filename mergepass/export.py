@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 
 from . import artifact
-from .errors import MergepassWarning, briefly
+from . import cache as compile_cache
+from .errors import MergepassWarning, briefly, replay
 from .graph.capture import capture_graphs
 from .graph.lift import Lifted, output_dtypes
 from .pipeline import merge_stage
@@ -56,19 +57,42 @@ def _capture(model, example_input, r, batches):
 
 
 def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
-           path: str | os.PathLike = "model.pt2", calibration=None, **overrides: Any) -> Path:
+           path: str | os.PathLike = "model.pt2", calibration=None, *, cache: Optional[bool] = None,
+           **overrides: Any) -> Path:
     """Write an AOTInductor package of the merged (and, for int8 recipes, quantized) model, with its
-    manifest beside it. One package serves every batch size where the model allows it."""
+    manifest beside it. One package serves every batch size where the model allows it. A package built
+    before for the same graph, weights, recipe and calibration comes from the compile cache
+    (:mod:`mergepass.cache`; ``cache=False`` or ``MERGEPASS_CACHE=0`` builds it anew)."""
     r = load(recipe, **overrides)
     batches = read_calibration(calibration, r.quantize.calibration_batches)
     gm, example_inputs, r, _ = _capture(model, example_input, r, batches)
     lifted = Lifted(gm, example_inputs)
     dims = lifted.input_dims()
-    if r.quantize.enabled:
-        q = quantize(gm, example_inputs, r, batches)
-        return artifact.write(q.module, q.inputs, path, dynamic_shapes=dims, freezing=q.freezing, autocast=q.autocast,
-                              output_dtypes=output_dtypes(gm), inductor_config_overrides=q.inductor_config,
-                              meta={"recipe": r.name})
-    lifted = lifted.eval()
-    return artifact.write(lifted, lifted.user_inputs(example_inputs), path, dynamic_shapes=dims,
-                          meta={"recipe": r.name})
+
+    def build(out: Path) -> Path:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MergepassWarning)
+            if r.quantize.enabled:
+                q = quantize(gm, example_inputs, r, batches)
+                module, inputs = q.module, q.inputs
+                options = dict(freezing=q.freezing, autocast=q.autocast, output_dtypes=output_dtypes(gm),
+                               inductor_config_overrides=q.inductor_config)
+            else:
+                module = lifted.eval()
+                module, inputs, options = module, module.user_inputs(example_inputs), {}
+        said = replay(caught)
+        return artifact.write(module, inputs, out, dynamic_shapes=dims, meta={"recipe": r.name, "warnings": said},
+                              **options)
+
+    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+    key = None
+    if (cache if cache is not None else compile_cache.enabled()) and on_cpu:
+        key = compile_cache.graph_key(gm, example_inputs, r.to_dict(), batches, extra={"export": True})
+    if key is None:
+        return build(Path(path))
+    hit = compile_cache.verified(key)
+    if hit is not None:
+        for message in artifact.read_manifest(hit)["meta"].get("warnings", []):  # what the build said, said again
+            warnings.warn(message, MergepassWarning, stacklevel=2)
+    return artifact.copy(hit or compile_cache.store(key, build), path)
+

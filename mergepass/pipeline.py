@@ -39,23 +39,39 @@ def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
                    model=model, warn=warn, fused=fused)
 
 
+class Planner:
+    """Schedules for one model at one input shape: the model is captured once, then planned under any
+    number of recipes (what :func:`plan` does for one)."""
+
+    def __init__(self, model: torch.nn.Module, example_input: torch.Tensor, model_name: str = ""):
+        self.graphs = capture_graphs(model, example_input)
+        self.model_type = type(model).__name__
+        self.model_name = model_name or self.model_type
+
+    def plan(self, recipe: Any = "tome", calibration=None, **overrides: Any) -> Schedule:
+        """The schedule the backend would use with ``recipe``. Raises ValueError when no transformer block
+        is found (the backend would compile the model unchanged)."""
+        r = load(recipe, **overrides)
+        batches = read_calibration(calibration, r.quantize.calibration_batches)
+        best, problems = None, []
+        for gm, ex in self.graphs:
+            res = merge_stage(gm, ex, r, calibration=batches, model=self.model_name, warn=False)
+            if res.schedule is not None and (best is None or len(res.schedule.blocks) > len(best.blocks)):
+                best = res.schedule
+            if res.match is not None:
+                problems += [p for p in res.match.problems if p not in problems]
+        if best is None:
+            why = f" ({summarize(problems)})" if problems else ""
+            raise ValueError(f"no transformer blocks matched in {self.model_type}{why}; the backend would compile "
+                             "it unchanged")
+        return best
+
+
 def plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
          model_name: str = "", calibration=None, **overrides: Any) -> Schedule:
     """Match the model's blocks and compute the static schedule for this input shape.
 
     Raises ValueError when no transformer block is found (the backend would compile it unchanged).
     """
-    r = load(recipe, **overrides)
-    batches = read_calibration(calibration, r.quantize.calibration_batches)
-    best, problems = None, []
-    for gm, ex in capture_graphs(model, example_input):
-        res = merge_stage(gm, ex, r, calibration=batches, model=model_name or type(model).__name__, warn=False)
-        if res.schedule is not None and (best is None or len(res.schedule.blocks) > len(best.blocks)):
-            best = res.schedule
-        if res.match is not None:
-            problems += [p for p in res.match.problems if p not in problems]
-    if best is None:
-        why = f" ({summarize(problems)})" if problems else ""
-        raise ValueError(f"no transformer blocks matched in {type(model).__name__}{why}; the backend would compile "
-                         "it unchanged")
-    return best
+    load(recipe, **overrides)  # a bad recipe is said before the model is captured
+    return Planner(model, example_input, model_name).plan(recipe, calibration, **overrides)

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Union
 
 from .merge import SIMILARITIES
 from .methods import AUTO, RESERVED, method_names
+from .methods.tome import is_inflected
 from .lower import LOWERINGS
 from .quantize.engines import engine_names, get_engine
 
@@ -84,8 +85,9 @@ class Recipe:
 
     name: str = "custom"
     method: str = "tome"
-    r: Union[int, str, tuple[int, ...]] = 16  # tokens merged per merging block, or one value per block
-                                       # ("auto": from match_tome_r)
+    r: Union[int, str, tuple] = 16     # tokens merged per merging block, one value per block, ToMe's
+                                       # [r, inflect] (inflect a float in [-1, 1]: r falls or rises
+                                       # linearly with depth), or "auto" (from match_tome_r)
     skip: Union[int, str] = 0          # DFE: blocks left dense at the start ("auto": depth/6)
     window: Union[int, str] = AUTO     # LGTM: initial window side, in tokens
     transition: Union[int, str] = AUTO  # LGTM: number of local blocks ("auto": Algorithm 1's rule)
@@ -127,7 +129,12 @@ class Recipe:
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"recipe field 'attention_kernel' must be one of {ATTENTION_KERNELS}, "
                              f"got {self.attention_kernel!r}")
-        if isinstance(self.r, (tuple, list)):
+        if is_inflected(self.r):
+            if isinstance(self.r[0], bool) or not isinstance(self.r[0], int) or self.r[0] < 0 \
+                    or not -1.0 <= self.r[1] <= 1.0:
+                raise ValueError("recipe field 'r' as ToMe's [r, inflect] needs an integer r >= 0 and a float inflect "
+                                 f"in [-1, 1], got {list(self.r)!r}")
+        elif isinstance(self.r, (tuple, list)):
             if not self.r or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.r):
                 raise ValueError(f"recipe field 'r' as a list must hold one integer >= 0 per block, got {list(self.r)!r}")
         else:

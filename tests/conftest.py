@@ -29,6 +29,23 @@ def tiny_vit(name="vit_tiny_patch16_224", depth=3, img_size=64, **kw):
     return timm.create_model(name, pretrained=False, depth=depth, img_size=img_size, **kw).eval()
 
 
+@pytest.fixture(scope="session")
+def planner():
+    """``planner(depth, img_size, batch=1)``: a :class:`mergepass.pipeline.Planner` over ``tiny_vit`` with that
+    shape, captured once per test process and shared by the tests that only plan."""
+    from mergepass.pipeline import Planner
+    made = {}
+
+    def get(depth, img_size, batch=1):
+        if (depth, img_size, batch) not in made:
+            with torch.random.fork_rng():
+                made[depth, img_size, batch] = Planner(tiny_vit(depth=depth, img_size=img_size),
+                                                       torch.randn(batch, 3, img_size, img_size))
+            torch._dynamo.reset()
+        return made[depth, img_size, batch]
+    return get
+
+
 def compile_with(model, backend):
     return torch.compile(model, backend=backend, dynamic=False)
 

@@ -416,3 +416,17 @@ def tome_official_merge(x, metric, size, r, class_token=True, distill_token=Fals
     x = merge(x * size, "sum")
     size = merge(size, "sum")
     return x / size, size
+
+
+def tome_parse_r(num_layers, r):
+    """Official ToMe's per-layer r (``tome/utils.py: parse_r``): an int, a list padded with zeros, or an
+    ``(r, inflect)`` tuple whose schedule runs linearly from ``int(r * (1 - inflect))`` to ``2r`` minus that."""
+    inflect = 0
+    if isinstance(r, list):
+        return r + [0] * (num_layers - len(r)) if len(r) < num_layers else list(r)
+    if isinstance(r, tuple):
+        r, inflect = r
+    min_val = int(r * (1.0 - inflect))
+    max_val = 2 * r - min_val
+    step = (max_val - min_val) / (num_layers - 1)
+    return [int(min_val + step * i) for i in range(num_layers)]

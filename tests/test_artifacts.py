@@ -101,6 +101,21 @@ def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path, 
         mergepass.load(bad)
 
 
+@pytest.mark.xdist_group("tome_package")
+def test_a_second_export_of_the_same_graph_comes_from_the_compile_cache(tmp_path, tome_package, monkeypatch):
+    m, path = tome_package
+    monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
+    first = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "first.pt2", r=3)
+
+    def build(*a, **k):
+        raise RuntimeError("the package was built again")
+    monkeypatch.setattr(mergepass.artifact, "write", build)
+    again = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "again.pt2", r=3)
+    assert again.read_bytes() == first.read_bytes() and mergepass.load(again).meta["recipe"] == "tome"
+    with pytest.raises(RuntimeError, match="built again"):  # another recipe is another package
+        mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "other.pt2", r=2)
+
+
 def test_exported_int8_package_computes_what_the_backend_runs(tmp_path):
     """Same recipe and calibration: the package and the backend run the same quantized graph (bf16 rest included;
     packages keep torch's SDPA, which the backend is asked to keep too)."""

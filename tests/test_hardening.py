@@ -28,7 +28,11 @@ def _run(*args, cwd=None, env=None, timeout=600):
 # -- 1. the wheel ships the recipes ----------------------------------------------------------------
 
 def test_wheel_ships_and_loads_every_recipe(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+    import shutil
+    # built from a copy: an in-tree build would leave build/ behind, and a stale one would ship old files
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(
+        "build", "dist", "*.egg-info", "__pycache__", ".git", ".hypothesis", ".pytest_cache", "*.pt2"))
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                           "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("mergepass-*.whl"))

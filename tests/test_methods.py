@@ -17,7 +17,8 @@ CASES = {
     "tomato": dict(recipe="tomato", overrides=dict(budget=10), kinds=["adjacent", "dense", "dense"]),
     "tomato_cosine": dict(recipe="tomato", overrides=dict(budget=10, similarity="cosine"),
                           kinds=["adjacent", "dense", "dense"]),
-    "tomato_tome": dict(recipe="tomato_tome", overrides=dict(budget=10, r=4), kinds=["adjacent", "global", "global"]),
+    "tomato_tome": dict(recipe="tomato", overrides=dict(method="tomato_tome", budget=10, r=4),
+                        kinds=["adjacent", "global", "global"]),
 }
 
 
@@ -49,12 +50,11 @@ def test_skip_equal_to_depth_merges_nothing(recipe):
     assert rel_err(out, plain) <= 1e-5
 
 
-def test_resolved_defaults_follow_the_paper():
+def test_resolved_defaults_follow_the_paper(planner):
     assert default_skip(12) == 2 and default_skip(24) == 4
     assert default_window((14, 14)) == 7 and default_window((16, 16)) == 8
     assert default_window((37, 37)) == 19  # prime grid: padded windows
-    m = tiny_vit(depth=12, img_size=224)
-    sched = mergepass.plan(m, torch.randn(1, 3, 224, 224), "dfe_lgtm")
+    sched = planner(12, 224).plan("dfe_lgtm")
     r = sched.recipe
     assert (r.skip, r.window) == (2, 7)
     kinds = [b.kind for b in sched.blocks]
@@ -70,30 +70,23 @@ def test_resolved_defaults_follow_the_paper():
     assert "window=7" in sched.table() and "local 2x2 win" in sched.table()
 
 
-@pytest.mark.parametrize("recipe,overrides", [("dfe", {}), ("dfe_lgtm", {}), ("tomato_tome", {}),
+@pytest.mark.parametrize("recipe,overrides", [("dfe", {}), ("dfe_lgtm", {}),
+                                              ("tomato", dict(method="tomato_tome", r="auto", match_tome_r=16)),
                                               ("tomato", dict(budget="auto", match_tome_r=16))])
-def test_auto_strength_matches_tome_macs(recipe, overrides):
-    m = tiny_vit(depth=12, img_size=224)
-    x = torch.randn(1, 3, 224, 224)
-    tome = mergepass.plan(m, x, "tome", r=16)
-    other = mergepass.plan(m, x, recipe, **overrides)
+def test_auto_strength_matches_tome_macs(recipe, overrides, planner):
+    tome = planner(12, 224).plan("tome", r=16)
+    other = planner(12, 224).plan(recipe, **overrides)
     assert abs(other.macs / tome.macs - 1) <= 0.05
 
 
 
-@pytest.fixture(scope="module")
-def tiny6_112():
-    return tiny_vit(depth=6, img_size=112), torch.randn(1, 3, 112, 112)
-
-
 @pytest.mark.parametrize("recipe", ["tome", "dfe_lgtm"])
-def test_protection_yields_to_r_and_scales_with_patches(recipe, tiny6_112):
+def test_protection_yields_to_r_and_scales_with_patches(recipe, planner):
     """``protect`` never changes a schedule's merges or MACs: it shrinks where tokens run low. A fraction
     is of the patch tokens (49 here)."""
-    m, x = tiny6_112
-    plain = mergepass.plan(m, x, recipe, r=8)
+    plain = planner(6, 112).plan(recipe, r=8)
     for protect, want in ((6, 6), (0.0625, 3)):
-        s = mergepass.plan(m, x, recipe, r=8, protect=protect)
+        s = planner(6, 112).plan(recipe, r=8, protect=protect)
         assert [(b.kind, b.tokens_out) for b in s.blocks] == [(b.kind, b.tokens_out) for b in plain.blocks]
         assert s.macs == plain.macs
         steps = [b for b in s.blocks if b.kind == "global"]
@@ -107,11 +100,9 @@ def test_protect_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="protect"):
         mergepass.load_recipe("tome", protect=bad)
 
-def test_tomato_budget_fraction_and_clamp():
-    m = tiny_vit(img_size=96)
-    x = torch.randn(1, 3, 96, 96)
-    assert mergepass.plan(m, x, "tomato", budget=0.25).blocks[0].merged == 9
-    s = mergepass.plan(m, x, "tomato", budget=30)
+def test_tomato_budget_fraction_and_clamp(planner):
+    assert planner(3, 96).plan("tomato", budget=0.25).blocks[0].merged == 9
+    s = planner(3, 96).plan("tomato", budget=30)
     assert s.blocks[0].merged == 18 and "clamped" in s.blocks[0].note
 
 
@@ -189,16 +180,33 @@ def test_tomato_similarity_is_a_validated_recipe_field():
         mergepass.backend("tomato", similarity="Softmax")
 
 
-def test_shipped_tomato_recipes_sit_at_the_papers_operating_point():
+def test_shipped_tomato_recipes_sit_at_the_papers_operating_point(planner):
     """The paper removes 8.16-20.92% of DeiT-B's tokens at block 0 (sim = 1e-7): the shipped recipe
     removes 15% of the patch tokens once, in the first block, with the paper's similarity; its int8
     variant plans the same merges."""
-    m = tiny_vit(depth=12, img_size=224)
-    x = torch.randn(1, 3, 224, 224)
-    s = mergepass.plan(m, x, "tomato")
+    s = planner(12, 224).plan("tomato")
     assert [b.kind for b in s.blocks] == ["adjacent"] + ["dense"] * 11
     assert 0.08 <= s.blocks[0].merged / 196 <= 0.21
     assert s.blocks[0].args["similarity"] == "softmax"
-    q = mergepass.plan(m, x, "tomato_int8")
+    q = planner(12, 224).plan("tomato_int8")
     assert [(b.kind, b.merged, b.args) for b in q.blocks] == [(b.kind, b.merged, b.args) for b in s.blocks]
     assert q.recipe.quantize.enabled
+
+
+@pytest.mark.parametrize("r,inflect", [(16, -0.5), (16, 0.0), (8, 0.5), (13, 1.0), (16, -1.0)])
+def test_tome_inflect_shorthand_follows_official_tome(r, inflect, planner):
+    """``r = [r, inflect]``: ToMe's schedule shorthand, block by block as official ToMe's ``parse_r``."""
+    from reference import tome_parse_r
+    want = tome_parse_r(12, (r, inflect))
+    s = planner(12, 224).plan("tome", r=(r, inflect))
+    assert s.recipe.r == tuple(want)
+    assert [b.r for b in s.blocks] == [min(w, (b.tokens_in - 1) // 2) for w, b in zip(want, s.blocks)]
+    if inflect == 0.0:
+        assert s.macs == planner(12, 224).plan("tome", r=r).macs
+    assert mergepass.load_recipe({"method": "tome", "r": [r, inflect]}).r == (r, inflect)  # TOML's [r, inflect]
+
+
+@pytest.mark.parametrize("bad", [(16, 1.5), (16, -2.0), (-1, 0.5), (1.5, 0.5)])
+def test_tome_inflect_shorthand_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="r"):
+        mergepass.load_recipe("tome", r=bad)

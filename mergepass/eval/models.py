@@ -9,21 +9,28 @@ import torch
 
 
 def create(name: str, img_size: Optional[int] = None, checkpoint: Optional[str] = None, **kwargs) -> torch.nn.Module:
-    """An eval-mode model with random weights (or ``checkpoint``'s). Unknown name: ValueError with close matches."""
-    if name.startswith("tv:"):
-        model = _torchvision(name[3:], img_size, **kwargs)
-    else:
-        import timm
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
-            hint = f"; close matches: {', '.join(close)}" if close else ""
-            raise ValueError(f"unknown model {name!r}{hint}")
-        if img_size is not None:
-            kwargs["img_size"] = img_size
-        model = timm.create_model(name, pretrained=False, **kwargs)
+    """An eval-mode model with random weights (or ``checkpoint``'s). Unknown name: ValueError with close matches.
+    Random weights are drawn from seed 0, leaving the caller's random state as it was: a run reproduces, and
+    the compile cache serves the next one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _create(name, img_size, **kwargs)
     if checkpoint:
         load_checkpoint(model, checkpoint, name)
     return model.eval()
+
+
+def _create(name: str, img_size: Optional[int], **kwargs) -> torch.nn.Module:
+    if name.startswith("tv:"):
+        return _torchvision(name[3:], img_size, **kwargs)
+    import timm
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}")
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    return timm.create_model(name, pretrained=False, **kwargs)
 
 
 def _torchvision(name: str, img_size: Optional[int], **kwargs) -> torch.nn.Module:

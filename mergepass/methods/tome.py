@@ -10,6 +10,19 @@ from .base import AUTO, Merge, MergeMethod, MergeOp, chain, closest, register_me
 register_op(MergeOp("global", global_merge, fused_global_merge))
 
 
+def is_inflected(r) -> bool:
+    """Whether a recipe's ``r`` is ToMe's ``(r, inflect)`` shorthand (the second item a float)."""
+    return isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[1], float) and not isinstance(r[0], float)
+
+
+def inflected(r: int, inflect: float, depth: int) -> tuple[int, ...]:
+    """One r per block from ToMe's ``(r, inflect)``: a line through ``r`` at mid-depth, from ``r * (1 - inflect)``
+    in the first block to ``r * (1 + inflect)`` in the last (inflect in [-1, 1]; 0: ``r`` everywhere)."""
+    first = int(r * (1.0 - inflect))
+    step = (2 * r - 2 * first) / (depth - 1) if depth > 1 else 0.0
+    return tuple(int(first + step * i) for i in range(depth))
+
+
 def block_r(r, index: int) -> int:
     """A block's r from a recipe's r: one value for every block, or one per block."""
     return r[index] if isinstance(r, tuple) else r
@@ -70,6 +83,8 @@ class ToMe(MergeMethod):
         depth = len(match.blocks)
         skip = self.default_skip(depth) if recipe.skip == AUTO else recipe.skip
         recipe = recipe.replace(skip=min(skip, depth))  # past the last block: nothing merges (noted)
+        if is_inflected(recipe.r):
+            recipe = recipe.replace(r=inflected(*recipe.r, depth))
         if isinstance(recipe.r, tuple) and len(recipe.r) != depth:
             raise ValueError(f"recipe field 'r' lists {len(recipe.r)} values but the model has {depth} blocks")
         return auto_r(self, recipe, match, limit)
