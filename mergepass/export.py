@@ -88,6 +88,12 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
     key = None
     if (cache if cache is not None else compile_cache.enabled()) and on_cpu:
         key = compile_cache.graph_key(gm, example_inputs, r.to_dict(), batches, extra={"export": True})
+        try:
+            compile_cache.cache_dir().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            warnings.warn(f"mergepass: the compile cache at {compile_cache.cache_dir()} is not usable ({briefly(e)}); "
+                          "exporting without it", MergepassWarning, stacklevel=2)
+            key = None
     if key is None:
         return build(Path(path))
     hit = compile_cache.verified(key)

@@ -114,6 +114,11 @@ def test_a_second_export_of_the_same_graph_comes_from_the_compile_cache(tmp_path
     assert again.read_bytes() == first.read_bytes() and mergepass.load(again).meta["recipe"] == "tome"
     with pytest.raises(RuntimeError, match="built again"):  # another recipe is another package
         mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "other.pt2", r=2)
+    (tmp_path / "not_a_dir").write_text("")
+    monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(tmp_path / "not_a_dir" / "cache"))
+    with pytest.warns(mergepass.MergepassWarning, match="compile cache .* is not usable"), \
+            pytest.raises(RuntimeError, match="built again"):  # an unusable cache: built without it
+        mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "third.pt2", r=3)
 
 
 def test_exported_int8_package_computes_what_the_backend_runs(tmp_path):
