@@ -321,3 +321,28 @@ def test_int8_on_a_tower_with_string_conv_padding():
         ref = c.run(model, x)[0]
     assert be.quantized and be.schedule.merging
     assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.9
+
+
+def test_auto_engine_is_chosen_by_priority_not_registration_order(monkeypatch):
+    """A new engine that is the default everywhere takes over ``auto`` only with a higher priority, whichever
+    order the engines were registered in."""
+    from mergepass.quantize import base
+    x = [torch.randn(1, 3, 64, 64)]
+    recipe = mergepass.load_recipe("int8")
+    assert base.resolve_engine(recipe, x).name == "pt2e"
+
+    class Everywhere(base.QuantEngine):
+        name = "everywhere"
+
+        def is_default(self, lower, on_cuda):
+            return True
+    for first in (True, False):
+        engines = dict(base._ENGINES)
+        engines = {"everywhere": Everywhere(), **engines} if first else {**engines, "everywhere": Everywhere()}
+        monkeypatch.setattr(base, "_ENGINES", engines)
+        assert base.resolve_engine(recipe, x).name == "pt2e"  # the built-ins' priority is higher
+        monkeypatch.setattr(Everywhere, "priority", base.get_engine("pt2e").priority)
+        assert base.resolve_engine(recipe, x).name == "everywhere"  # a tie goes by name
+        monkeypatch.setattr(Everywhere, "priority", base.get_engine("pt2e").priority + 1)
+        assert base.resolve_engine(recipe, x).name == "everywhere"
+        monkeypatch.setattr(Everywhere, "priority", 0)

@@ -51,6 +51,7 @@ class QuantEngine:
     """An int8 engine: subclasses set ``name`` and implement :meth:`quantize`."""
 
     name: ClassVar[str]
+    priority: ClassVar[int] = 0   # among engines that are the default here, "auto" takes the highest (then by name)
 
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         """Whether ``quantize.engine = "auto"`` picks this engine for the lowering and device."""
@@ -87,11 +88,12 @@ def get_engine(name: str) -> QuantEngine:
 
 
 def resolve_engine(recipe: "Recipe", example_inputs: Sequence) -> QuantEngine:
-    """``quantize.engine``, or for ``auto`` the first registered engine that is the default here."""
+    """``quantize.engine``, or for ``auto`` the engine of highest ``priority`` (then first by name) among those
+    that are the default here: the choice never depends on the order engines were registered in."""
     if recipe.quantize.engine != "auto":
         return get_engine(recipe.quantize.engine)
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    for engine in _ENGINES.values():
-        if engine.is_default(recipe.lower, on_cuda):
-            return engine
+    defaults = [e for e in _ENGINES.values() if e.is_default(recipe.lower, on_cuda)]
+    if defaults:
+        return min(defaults, key=lambda e: (-e.priority, e.name))
     raise ValueError(f"no quantization engine serves lower={recipe.lower!r} on {'CUDA' if on_cuda else 'CPU'}")

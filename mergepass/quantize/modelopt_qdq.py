@@ -59,6 +59,7 @@ class ModelOptQDQ(QuantEngine):
     """TensorRT's default: explicit Q/DQ with static scales, calibrated on the merged graph."""
 
     name = "modelopt"
+    priority = 10  # built in: a registered engine needs a higher priority to take "auto" over
 
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         return lower == "tensorrt"

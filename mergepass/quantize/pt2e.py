@@ -170,6 +170,7 @@ class PT2E(QuantEngine):
     """The x86 CPU default: static (calibrated) or dynamic activation scales, oneDNN ``qlinear``."""
 
     name = "pt2e"
+    priority = 10  # built in: a registered engine needs a higher priority to take "auto" over
 
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         return lower != "tensorrt" and not on_cuda

@@ -17,6 +17,7 @@ class TorchaoDynamic(QuantEngine):
     """Dynamic per-token activations, int8 weights: ``torch._int_mm`` on CUDA, oneDNN qlinear on CPU."""
 
     name = "torchao"
+    priority = 10  # built in: a registered engine needs a higher priority to take "auto" over
 
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         return lower != "tensorrt" and on_cuda
