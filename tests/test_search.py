@@ -94,3 +94,28 @@ def test_searched_schedule_beats_constant_tome_on_real_weights():
     (searched, macs_s), (constant, macs_c) = cos(str(SEARCHED)), cos("tome", r=12)
     assert macs_s <= macs_c + 1e-6
     assert searched > constant, (searched, constant)
+
+
+def test_search_takes_any_registered_method_with_per_block_r(monkeypatch, planner):
+    """The search keeps a registered method that takes one r per block, and falls back to ToMe for one that
+    does not: it reads the registry, not a list of names."""
+    from mergepass.graph.capture import copy_graph_module, prepare
+    from mergepass.graph.match import find_blocks
+    from mergepass.methods import base
+    from mergepass.methods.tome import ToMe
+    from mergepass.search.evolve import searchable
+
+    class Toy(ToMe):
+        name = "toy_per_block"
+
+    class Flat(ToMe):
+        name = "toy_flat"
+        per_block_r = False
+    for m in (Toy(), Flat()):
+        monkeypatch.setitem(base._METHODS, m.name, m)
+    gm, ex = planner(3, 64).graphs[0]
+    match = find_blocks(copy_graph_module(prepare(gm, ex)))
+    recipe = mergepass.load_recipe("tome")
+    assert searchable(recipe.replace(method="toy_per_block"), match).method == "toy_per_block"
+    assert searchable(recipe.replace(method="toy_flat"), match).method == "tome"
+    assert searchable(recipe.replace(method="tomato"), match).method == "tome"

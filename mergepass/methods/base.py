@@ -78,6 +78,7 @@ class MergeMethod:
     needs_grid: ClassVar[bool] = False
     fields: ClassVar[tuple[str, ...]] = ("r",)   # recipe fields the plan table reports as resolved
     auto_rank: ClassVar[Optional[int]] = None     # order among recipe 'auto' candidates; None: not one
+    per_block_r: ClassVar[bool] = False           # takes one r per block (what mergepass.search tunes)
 
     def resolve(self, recipe: "Recipe", match: "MatchResult", limit: int) -> "Recipe":
         """``recipe`` with this method's ``"auto"`` fields made concrete for ``match``."""

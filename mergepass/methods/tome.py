@@ -75,6 +75,7 @@ class ToMe(MergeMethod):
     name = "tome"
     fields = ("r", "skip", "partition", "protect")
     auto_rank = 2
+    per_block_r = True
 
     def default_skip(self, depth: int) -> int:
         return 0

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from ..methods import get_method
+from ..methods import get_method, method_names
 from ..methods.base import total_macs
 from ..schedule import Schedule, make_schedule
 
@@ -28,14 +28,11 @@ class SearchResult:
     history: list[tuple[tuple[int, ...], float]] = field(default_factory=list)  # (r, score) per evaluation
 
 
-PER_BLOCK = ("tome", "dfe", "dfe_lgtm")  # methods whose r may be one value per block
-
-
 def searchable(recipe, match):
-    """``recipe`` ready for a per-block search: a method that takes per-block r (ToMe otherwise), its
-    skip and window resolved for ``match``; LGTM's transition stays as asked (it follows r)."""
+    """``recipe`` ready for a per-block search: a registered method that takes per-block r (ToMe otherwise),
+    its skip and window resolved for ``match``; LGTM's transition stays as asked (it follows r)."""
     depth = len(match.blocks)
-    if recipe.method not in PER_BLOCK:
+    if recipe.method not in method_names() or not get_method(recipe.method).per_block_r:
         recipe = recipe.replace(method="tome", skip=0)
     resolved = get_method(recipe.method).resolve(recipe.replace(r=(0,) * depth, match_tome_r=0), match, depth)
     return resolved.replace(transition=recipe.transition)
