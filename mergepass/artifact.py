@@ -118,14 +118,20 @@ class Artifact:
         return self._run(*args)
 
 
+def verified_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the package at ``path``; ValueError unless the package matches its SHA-256."""
+    manifest = read_manifest(path)
+    if file_digest(path) != manifest["sha256"]:
+        raise ValueError(f"{path}: SHA-256 does not match its manifest: the file is corrupted or was changed")
+    return manifest
+
+
 def load(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
     """Load a package written by :func:`mergepass.export` (or the compile cache), first checking its SHA-256
     against the manifest; the returned :class:`Artifact` refuses inputs the package cannot serve."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such package")
-    manifest = read_manifest(path)
-    if verify and file_digest(path) != manifest["sha256"]:
-        raise ValueError(f"{path}: SHA-256 does not match its manifest: the file is corrupted or was changed")
+    manifest = verified_manifest(path) if verify else read_manifest(path)
     import torch._inductor
     return Artifact(path, manifest, torch._inductor.aoti_load_package(str(path)))

@@ -155,8 +155,7 @@ class Backend:
         return batches
 
     def _uses_cache(self, recipe: Recipe, example_inputs: Sequence) -> bool:
-        on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
-        return (self.cache if self.cache is not None else cache.enabled()) and recipe.lower == "inductor" and on_cpu
+        return recipe.lower == "inductor" and cache.serves(example_inputs, self.cache)
 
     def _lower_int8(self, graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe,
                     calibration: Optional[list[tuple]], done: GraphResult) -> tuple[Any, Quantized]:

@@ -35,6 +35,12 @@ def enabled() -> bool:
     return os.environ.get("MERGEPASS_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def serves(example_inputs: Sequence, on: Optional[bool] = None) -> bool:
+    """Whether a compile of these inputs goes through the cache: ``on`` (None: :func:`enabled`), on the CPU."""
+    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+    return (on if on is not None else enabled()) and on_cpu
+
+
 def cache_dir() -> Path:
     env = os.environ.get("MERGEPASS_CACHE_DIR")
     if env:
@@ -157,13 +163,11 @@ def verified(key: str) -> Optional[Path]:
     if not path.is_file():
         return None
     try:
-        manifest = artifact.read_manifest(path)
-        if artifact.file_digest(path) == manifest["sha256"]:
-            return path
+        artifact.verified_manifest(path)
+        return path
     except (ValueError, OSError):
-        pass
-    shutil.rmtree(path.parent, ignore_errors=True)
-    return None
+        shutil.rmtree(path.parent, ignore_errors=True)
+        return None
 
 
 def lookup(key: str) -> Optional[artifact.Artifact]:

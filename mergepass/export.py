@@ -79,14 +79,13 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
                                inductor_config_overrides=q.inductor_config)
             else:
                 module = lifted.eval()
-                module, inputs, options = module, module.user_inputs(example_inputs), {}
+                inputs, options = module.user_inputs(example_inputs), {}
         said = replay(caught)
         return artifact.write(module, inputs, out, dynamic_shapes=dims, meta={"recipe": r.name, "warnings": said},
                               **options)
 
-    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
     key = None
-    if (cache if cache is not None else compile_cache.enabled()) and on_cpu:
+    if compile_cache.serves(example_inputs, cache):
         key = compile_cache.graph_key(gm, example_inputs, r.to_dict(), batches, extra={"export": True})
         try:
             compile_cache.cache_dir().mkdir(parents=True, exist_ok=True)

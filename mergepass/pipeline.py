@@ -73,5 +73,5 @@ def plan(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tom
 
     Raises ValueError when no transformer block is found (the backend would compile it unchanged).
     """
-    load(recipe, **overrides)  # a bad recipe is said before the model is captured
-    return Planner(model, example_input, model_name).plan(recipe, calibration, **overrides)
+    r = load(recipe, **overrides)  # a bad recipe is said before the model is captured
+    return Planner(model, example_input, model_name).plan(r, calibration)
