@@ -53,6 +53,13 @@ def compile_with(model, backend):
 INT8_GEMM = re.compile(r"torch\.ops\.onednn\.qlinear_pointwise|aoti_torch_cpu__qlinear_pointwise")
 
 
+def int8_linears(gm) -> int:
+    """Linears of a pt2e-quantized graph whose weights are int8 (dequantized per channel), before lowering."""
+    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)
+               and getattr(n.args[1], "target", None) == dq)
+
+
 def run_and_get_code(compiled, x, be):
     """Call a model compiled with mergepass backend ``be`` once: (output, the code inductor generated, a list).
     Graphs on mergepass's compile cache contribute their package's C++, whether this call built it or

@@ -133,10 +133,10 @@ def test_dynamic_batch_merges_and_quantizes_every_batch_size(recipe):
         assert be.quantized and all(q.mode == "static" for q in be.quantized)
 
 
-@pytest.mark.parametrize("recipe", ["tome", "tome_int8"])
-def test_one_compile_serves_every_batch_size_with_a_dynamic_batch(recipe):
+def test_one_compile_serves_every_batch_size_with_a_dynamic_batch():
+    """One graph for every batch size marked dynamic (int8 with a dynamic batch under inductor: test_cache.py)."""
     m = tiny_vit(depth=2)
-    be = mergepass.backend(recipe, r=3, calibration=[torch.randn(4, 3, 64, 64)])
+    be = mergepass.backend("tome", r=3)
     f = torch.compile(m, backend=be)
     torch._dynamo.utils.counters.clear()
     x = torch.randn(3, 3, 64, 64)
@@ -145,9 +145,8 @@ def test_one_compile_serves_every_batch_size_with_a_dynamic_batch(recipe):
         for x in (x, torch.randn(8, 3, 64, 64), torch.randn(5, 3, 64, 64), torch.randn(2, 3, 64, 64)):
             out = f(x)
             cos = torch.nn.functional.cosine_similarity(out, reference_forward(m, x, be.schedule)).min().item()
-            assert cos > (0.99 if "int8" in recipe else 1 - 1e-6)
+            assert cos > 1 - 1e-6
     assert _compiles() == 1 and be.schedule.merging
-    assert len(be.quantized) == (1 if "int8" in recipe else 0)
 
 
 class TokenViT(torch.nn.Module):

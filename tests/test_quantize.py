@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mergepass
-from conftest import INT8_GEMM, run_and_get_code, tiny_vit
+from conftest import INT8_GEMM, int8_linears, run_and_get_code, tiny_vit
 
 DEPTH = 2
 LINEARS = 4 * DEPTH + 1  # qkv, proj, fc1, fc2 per block + head
@@ -49,12 +49,22 @@ def _check_int8(m, x, be, out, code, float_recipe):
     assert 0.98 < cos < 1.0 - 1e-7, cos  # quantized (not bit-equal) yet close to the same fp32 graph
 
 
-def test_int8_kernels_present():
+def test_int8_kernels_present_and_a_later_compile_is_served_from_the_cache_bit_for_bit(monkeypatch):
+    """The backend's int8 graph: real int8 kernels, compiled (or taken from an earlier run's entry of the
+    compile cache), then served to a later compile bit for bit."""
+    monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
     m = tiny_vit(depth=DEPTH)
-    x = torch.randn(4, 3, 64, 64)
-    be = mergepass.backend("int8", calibration=_calib())
+    x, calib = torch.randn(4, 3, 64, 64), _calib()
+    be = mergepass.backend("int8", calibration=calib)
     out, code = _run(m, x, be)
     _check_int8(m, x, be, out, code, "none")
+    assert be.results[-1].package.is_file()
+    torch._dynamo.reset()
+    again = mergepass.backend("int8", calibration=calib)
+    out2, _ = _run(m, x, again)
+    assert again.results[-1].cached and again.results[-1].package == be.results[-1].package
+    assert again.quantized[-1].mode == "static"
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
 
 
 @pytest.mark.xdist_group("tome_int8")
@@ -123,11 +133,12 @@ def test_keep_fp32_by_name_and_by_outlier_statistics():
         m.pos_embed[0, 3, 5] = 1000.0
         m.blocks[1].mlp.fc1.weight[7, 5] = 10.0
     x = torch.randn(4, 3, 64, 64)
-    be = mergepass.backend("int8", calibration=_calib(), quantize_keep_fp32=["blocks.0.mlp.fc2"], quantize_sensitivity=6.0)
-    out, code = _run(m, x, be)
+    be = mergepass.backend("int8", calibration=_calib(), quantize_keep_fp32=["blocks.0.mlp.fc2"], quantize_sensitivity=6.0,
+                           lower="eager")  # which linears are int8 is settled in the quantized graph
+    _run(m, x, be)
     kept = be.quantized[-1].kept_fp32
     assert sorted(kept) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
-    assert len(INT8_GEMM.findall(code)) == LINEARS - len(kept)
+    assert int8_linears(be.quantized[-1].module) == LINEARS - len(kept)
 
 
 def test_int8_refuses_training():

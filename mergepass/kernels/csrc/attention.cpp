@@ -10,7 +10,9 @@
 //     at half that rate.
 // Both pack k and v of one head once, then walk the queries MR rows at a time: a row block of scores,
 // its fp32 softmax (vectorised exp), and its share of the output.
-#include <ATen/ATen.h>
+// the narrow headers, not <ATen/ATen.h>: a first-use build takes seconds less
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -12,7 +12,11 @@
 // (shapes are static), it is dropped: it joins no average, and its source entries point at the group's
 // first real B token. Nothing is ever read or written through a padding slot.
 // Output token order: the prefix, then per group its unmerged A tokens in A order and its B tokens.
-#include <ATen/ATen.h>
+// the narrow headers, not <ATen/ATen.h>: a first-use build takes seconds less
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
