@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from . import compat
 from .lower import compile_package
 
 FORMAT = 1
@@ -133,5 +134,4 @@ def load(path: str | os.PathLike, *, verify: bool = True) -> Artifact:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such package")
     manifest = verified_manifest(path) if verify else read_manifest(path)
-    import torch._inductor
-    return Artifact(path, manifest, torch._inductor.aoti_load_package(str(path)))
+    return Artifact(path, manifest, compat.aoti_load_package(str(path)))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import fx
 
-from . import artifact
+from . import artifact, compat
 
 PACKAGE = "model.pt2"
 
@@ -45,8 +45,7 @@ def cache_dir() -> Path:
     env = os.environ.get("MERGEPASS_CACHE_DIR")
     if env:
         return Path(env)
-    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
-    return Path(inductor_cache_dir()) / "mergepass"
+    return Path(compat.inductor_cache_dir()) / "mergepass"
 
 
 @functools.cache
@@ -101,17 +100,14 @@ def _describe(v: Any) -> str:
     return repr(v)
 
 
-_CUSTOM_PASSES = ("pre_grad_custom_pass", "post_grad_custom_pre_pass", "post_grad_custom_post_pass",
-                  "joint_custom_pre_pass", "joint_custom_post_pass", "_pre_fusion_custom_pass", "_post_fusion_custom_pass")
 _PER_BUILD = ("aot_inductor.metadata", "aot_inductor.output_path", "aot_inductor.serialized_in_spec",
               "aot_inductor.serialized_out_spec")
 
 
 def _identity(p: Any) -> Optional[str]:
-    from torch._inductor.custom_graph_pass import CustomGraphPass
     if p is None:
         return ""
-    return p.uuid() if isinstance(p, CustomGraphPass) and p.uuid() else None
+    return p.uuid() if isinstance(p, compat.custom_graph_pass()) and p.uuid() else None
 
 
 def _inductor_settings() -> Optional[str]:
@@ -119,7 +115,7 @@ def _inductor_settings() -> Optional[str]:
     without a stable identity is set, whose effect no key can capture."""
     from torch._inductor import config as inductor_config
     passes = {}
-    for name in _CUSTOM_PASSES:
+    for name in compat.INDUCTOR_CUSTOM_PASSES:
         value = getattr(inductor_config, name, None)
         ids = [_identity(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         if None in ids:

@@ -1,8 +1,19 @@
-"""Private torch APIs mergepass relies on, each with the torch version it was checked against.
-A torch upgrade starts by reading this file."""
+"""Every private torch, inductor and torchao API mergepass relies on, each with the version it was written
+for: a torch or torchao upgrade starts by reading this file (tests/test_architecture.py keeps it the only one).
+
+Documented by torch, so left at their call sites: torch._inductor.config, torch._dynamo.mark_dynamic, torch._dynamo.reset.
+
+Private modules are imported inside the functions: ``import mergepass`` loads no inductor or torchao
+module.
+"""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, ContextManager, Optional
+
+import torch
+
+# dynamo
 
 
 def frame_compiles() -> Optional[int]:
@@ -18,3 +29,141 @@ def recompile_limit() -> int:
     """dynamo's limit on compiles per frame (torch 2.14.1: ``torch._dynamo.config.recompile_limit``)."""
     import torch._dynamo
     return int(torch._dynamo.config.recompile_limit)
+
+
+def recompile_limit_patch(limit: int) -> ContextManager:
+    """A block in which dynamo's limit on compiles per frame is ``limit`` (torch 2.14.1:
+    ``torch._dynamo.config.patch(recompile_limit=...)``)."""
+    import torch._dynamo
+    return torch._dynamo.config.patch(recompile_limit=limit)
+
+
+def outside_tracing() -> ContextManager:
+    """A block with no dynamo tracing context, so that ``torch.export`` and AOTInductor called from a backend
+    trace on their own (torch 2.14.1: ``torch._guards.tracing(None)``)."""
+    from torch._guards import tracing
+    return tracing(None)
+
+
+def pattern_matcher_count() -> int:
+    """How many pattern matches inductor's passes have applied in this process (torch 2.14.1:
+    ``torch._dynamo.utils.counters["inductor"]["pattern_matcher_count"]``)."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["pattern_matcher_count"]
+
+
+def fake_mode():
+    """A fake-tensor mode that also accepts real tensors (torch 2.14.1:
+    ``torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+# ATen and the dispatcher
+
+# the C functions behind F.linear and F.scaled_dot_product_attention, as dynamo's graphs may name them
+# (torch 2.14.1: ``torch._C._nn``)
+C_LINEAR = torch._C._nn.linear
+C_SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+def assert_tensor_metadata_op():
+    """The op ``torch.export`` records its dtype checks as (torch 2.14.1: ``aten._assert_tensor_metadata``)."""
+    return torch.ops.aten._assert_tensor_metadata.default
+
+
+def has_cpu_kernel(op: str) -> bool:
+    """Whether the operator ``op`` (``"namespace::name"``) has a CPU kernel registered (torch 2.14.1:
+    ``torch._C._dispatch_has_kernel_for_dispatch_key``)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+
+
+def destroy_library(lib: torch.library.Library) -> None:
+    """Remove the kernels ``lib`` registered (torch 2.14.1: ``Library._destroy``)."""
+    lib._destroy()
+
+
+def amx_tiles() -> bool:
+    """Whether the CPU has AMX and the OS enables its tiles, asked as torchao 0.18.0's qsdpa lowering asks it
+    (torch 2.14.1: ``torch.cpu._is_amx_tile_supported``; ``torch._C._cpu``'s first where it exists)."""
+    cpu = getattr(torch._C, "_cpu", None)
+    check = getattr(cpu, "_is_amx_tile_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
+# inductor
+
+# the inductor settings that hold custom graph passes (torch 2.14.1; the last two are private)
+INDUCTOR_CUSTOM_PASSES = ("pre_grad_custom_pass", "post_grad_custom_pre_pass", "post_grad_custom_post_pass",
+                          "joint_custom_pre_pass", "joint_custom_post_pass", "_pre_fusion_custom_pass",
+                          "_post_fusion_custom_pass")
+
+
+def compile_fx(gm: torch.nn.Module, example_inputs: list) -> Callable:
+    """Inductor's compile of a dynamo graph (torch 2.14.1: ``torch._inductor.compile_fx.compile_fx``)."""
+    from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
+    return inductor_compile_fx(gm, example_inputs)
+
+
+def aoti_compile_and_package(exported: "torch.export.ExportedProgram", package_path: str) -> str:
+    """AOTInductor: compile ``exported`` into a ``.pt2`` package (torch 2.14.1:
+    ``torch._inductor.aoti_compile_and_package``)."""
+    import torch._inductor
+    return torch._inductor.aoti_compile_and_package(exported, package_path=package_path)
+
+
+def aoti_load_package(path: str) -> Callable:
+    """Load a ``.pt2`` package (torch 2.14.1: ``torch._inductor.aoti_load_package``)."""
+    import torch._inductor
+    return torch._inductor.aoti_load_package(path)
+
+
+def custom_graph_pass() -> type:
+    """The base class whose ``uuid()`` lets inductor's caches key on a custom pass (torch 2.14.1:
+    ``torch._inductor.custom_graph_pass.CustomGraphPass``)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    return CustomGraphPass
+
+
+def inductor_cache_dir() -> str:
+    """Inductor's cache directory (torch 2.14.1: ``torch._inductor.runtime.cache_dir_utils.cache_dir``)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    return cache_dir()
+
+
+# torchao
+
+
+def torchao_pt2e() -> tuple:
+    """``(prepare_pt2e, convert_pt2e, x86_inductor_quantizer)`` (torchao 0.18.0). Importing the quantizer
+    registers inductor's int8 fusion patterns and also sets inductor's global ``pre_grad_custom_pass``:
+    that is restored here, and :func:`torchao_x86_passes` sets it per compile instead."""
+    from torch._inductor import config as inductor_config
+    with inductor_config.patch(pre_grad_custom_pass=inductor_config.pre_grad_custom_pass):
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    return prepare_pt2e, convert_pt2e, xiq
+
+
+def annotate_not_quantize(node: torch.fx.Node) -> None:
+    """Mark ``node`` to stay in floating point, the mark ``set_module_name_qconfig(None)`` uses (torchao 0.18.0:
+    ``x86_inductor_quantizer._annotate_nodes_not_quantize``)."""
+    torchao_pt2e()[2]._annotate_nodes_not_quantize(node)
+
+
+def torchao_x86_passes() -> dict:
+    """The inductor settings torchao's x86 int8 lowering expects, which its import sets globally (torchao 0.18.0:
+    ``pre_grad_custom_pass = torchao.quantization.pt2e.inductor_passes.x86.quant_lift_up``)."""
+    from torchao.quantization.pt2e.inductor_passes.x86 import quant_lift_up
+    return {"pre_grad_custom_pass": quant_lift_up}
+
+
+@functools.cache
+def torchao_qsdpa_fusion() -> Callable:
+    """torchao's x86 quantized-SDPA fusion, as a post-grad pass holding only its patterns (torchao 0.18.0:
+    ``torchao.prototype.inductor.fx_passes.qsdpa_fusion``)."""
+    from torch._inductor import config as inductor_config
+    from torchao.prototype.inductor.fx_passes.qsdpa_fusion import _qsdpa_init, custom_pass
+    with inductor_config.patch(post_grad_custom_pre_pass=custom_pass):
+        _qsdpa_init()  # registers its patterns into the pass set while patched
+    return custom_pass

@@ -10,6 +10,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import compat
+
 LOWERINGS = ("inductor", "tensorrt", "eager")
 
 
@@ -26,7 +28,6 @@ def compile_graph(gm: torch.nn.Module, example_inputs: Sequence, how: str = "ind
         return gm
     if how == "inductor":
         from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
         ctx = contextlib.ExitStack()
         ctx.enter_context(inductor_config.patch({**({"freezing": True} if freezing else {}),
                                                  **(inductor_config_overrides or {})}))
@@ -35,7 +36,7 @@ def compile_graph(gm: torch.nn.Module, example_inputs: Sequence, how: str = "ind
         if autocast is not None:
             ctx.enter_context(torch.autocast("cpu", dtype=autocast))
         with ctx:
-            return compile_fx(gm, list(example_inputs))
+            return compat.compile_fx(gm, list(example_inputs))
     if how == "tensorrt":
         require_tensorrt()
         from torch_tensorrt.dynamo.backend import torch_tensorrt_backend
@@ -80,21 +81,21 @@ def compile_package(module: torch.nn.Module, example_inputs: Sequence, path: str
         _drop_dtype_asserts(module)
     dynamic = (tuple(dynamic_shapes),) if dynamic_shapes is not None and any(dynamic_shapes) else None
     # export and AOTInductor trace on their own, outside the dynamo frame this may be called from
-    with torch.no_grad(), torch._guards.tracing(None):
+    with torch.no_grad(), compat.outside_tracing():
         exported = torch.export.export(_Entry(module, autocast, output_dtypes), tuple(example_inputs),
                                        dynamic_shapes=dynamic, strict=False)
         # a copy for AOTInductor to fill in: it writes the build's metadata into inductor's global settings
         with inductor_config.patch({"freezing": freezing, "aot_inductor.metadata": dict(inductor_config.aot_inductor.metadata),
                                     **(inductor_config_overrides or {})}):
-            out = Path(torch._inductor.aoti_compile_and_package(exported, package_path=str(path)))
+            out = Path(compat.aoti_compile_and_package(exported, package_path=str(path)))
     return out, input_spec(exported)
 
 
 def _drop_dtype_asserts(gm: torch.fx.GraphModule) -> None:
     """Remove the dtype checks an earlier ``torch.export`` left in ``gm``: they state FP32, which autocast
     changes on purpose."""
-    asserts = [n for n in gm.graph.nodes if n.op == "call_function"
-               and n.target is torch.ops.aten._assert_tensor_metadata.default]
+    op = compat.assert_tensor_metadata_op()
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
     for n in asserts:
         gm.graph.erase_node(n)
     if asserts:

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 from torch import fx
 
+from .. import compat
 from .passes import expand_mha, fold_scalars, strip_noops
 
 
@@ -21,7 +22,7 @@ def capture_graphs(model: torch.nn.Module, example_input: torch.Tensor, *, dynam
     if dynamic_batch:
         example_input = example_input.detach().clone()  # the mark stays on the tensor: not on the user's
         torch._dynamo.mark_dynamic(example_input, 0)
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+    with torch.no_grad(), compat.recompile_limit_patch(64):
         torch.compile(model, backend=capture, dynamic=False)(example_input)
     return graphs
 

@@ -9,6 +9,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from .. import compat
 from .match import symbolic_dims
 
 _ROOT = re.compile(r"^[LG]\[[^\]]+\]\.?")
@@ -143,7 +144,7 @@ def linear_modules_graph(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[
             name = f"c{len(env)}"
             root.register_buffer(name, const[n].detach(), persistent=False)
             env[n] = graph.get_attr(name)
-        elif n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear) \
+        elif n.op == "call_function" and n.target in (compat.C_LINEAR, torch.nn.functional.linear) \
                 and len(n.args) >= 2 and n.args[1] in const and not n.kwargs:
             w = const[n.args[1]]
             b = const.get(n.args[2]) if len(n.args) > 2 and n.args[2] is not None else None

@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int, is_concrete_int
 
-SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+from .. import compat
+
+SDPA = {F.scaled_dot_product_attention, compat.C_SDPA}
 SOFTMAX_FN = {F.softmax, torch.softmax, torch.nn.functional.softmax}
 MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm}
 ADD_FN = {operator.add, torch.add, operator.iadd}
-LINEAR_FN = {F.linear, torch._C._nn.linear}
+LINEAR_FN = {F.linear, compat.C_LINEAR}
 TRANSPOSE_METHODS = {"transpose", "mT", "permute"}
 
 

@@ -9,7 +9,6 @@ Proportional attention's log-size bias is the additive mask the kernel accepts.
 """
 from __future__ import annotations
 
-import functools
 import operator
 import warnings
 from typing import Optional
@@ -17,12 +16,12 @@ from typing import Optional
 import torch
 from torch import fx
 
+from .. import compat
 from ..errors import MergepassWarning
 from ..graph.match import SDPA
 from ..merge import attn_bias
 
 OP = "torchao::qscaled_dot_product"
-COUNTER = "pattern_matcher_count"  # inductor counts each match as the pass applies it
 
 
 def fusable_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -79,35 +78,20 @@ def decompose_attention(gm: fx.GraphModule) -> tuple[int, int]:
     return done, len(nodes)
 
 
-@functools.cache
-def _torchao_fusion():
-    from torch._inductor import config as inductor_config
-    from torchao.prototype.inductor.fx_passes.qsdpa_fusion import _qsdpa_init, custom_pass
-    with inductor_config.patch(post_grad_custom_pre_pass=custom_pass):
-        _qsdpa_init()  # registers its patterns into the pass set while patched
-    return custom_pass
-
-
 def unavailable() -> Optional[str]:
     """Why int8 attention cannot run on this machine, or None where it can."""
     try:
         import torchao.ops  # noqa: F401  (defines the op)
-        _torchao_fusion()
+        compat.torchao_qsdpa_fusion()
     except Exception as e:  # noqa: BLE001 - an old or partial torchao
         return f"torchao's quantized-SDPA fusion is not importable ({type(e).__name__}: {e})"
-    if _amx():
+    # the question torchao's lowering asks (the OS must enable AMX tiles too), not cpu.int8_isa()'s flags
+    if compat.amx_tiles():
         return None  # inductor's template generates the kernel
-    if torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+    if compat.has_cpu_kernel(OP):
         return None
     return (f"this CPU has no AMX (inductor's int8 attention template needs it) and the installed torchao "
             f"has no compiled CPU kernel for {OP}")
-
-
-def _amx() -> bool:
-    # the question torchao's lowering asks (the OS must enable AMX tiles too), not cpu.int8_isa()'s flags
-    cpu = getattr(torch._C, "_cpu", None)
-    check = getattr(cpu, "_is_amx_tile_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
 
 
 def _sign_muls(graph: fx.Graph) -> None:
@@ -165,23 +149,20 @@ class FusionPass:
         self.expected = expected
 
     def __call__(self, graph: fx.Graph) -> None:
-        from torch._dynamo.utils import counters
-        before = counters["inductor"][COUNTER]
+        before = compat.pattern_matcher_count()  # inductor counts each match as the pass applies it
         _sign_muls(graph)
-        _torchao_fusion()(graph)  # a pass holding only the int8 attention patterns
-        fused = counters["inductor"][COUNTER] - before
+        compat.torchao_qsdpa_fusion()(graph)  # a pass holding only the int8 attention patterns
+        fused = compat.pattern_matcher_count() - before
         if fused < self.expected:
             warnings.warn(f"mergepass: int8 attention fused in {fused} of {self.expected} attention blocks; "
                           "the others run as matmuls on dequantized values", MergepassWarning, stacklevel=2)
 
     def uuid(self) -> bytes:
-        return _torchao_fusion().uuid() + f"mergepass-{self.expected}".encode()
+        return compat.torchao_qsdpa_fusion().uuid() + f"mergepass-{self.expected}".encode()
 
 
 def inductor_passes(expected: int) -> dict:
     """Inductor settings that run the fusion for this compile only."""
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    class Pass(FusionPass, CustomGraphPass):  # CustomGraphPass lets inductor's cache key on uuid()
+    class Pass(FusionPass, compat.custom_graph_pass()):  # CustomGraphPass lets inductor's cache key on uuid()
         pass
     return {"post_grad_custom_pre_pass": Pass(expected)}

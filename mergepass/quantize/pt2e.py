@@ -17,6 +17,7 @@ from torch import fx
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
+from .. import compat
 from ..cpu import bf16_isa, int8_isa
 from ..errors import MergepassWarning
 from ..stages import progress, stage
@@ -33,22 +34,10 @@ DYNAMIC_COST = ("slower, and each activation's scale is shared by the whole batc
 
 
 def _torchao_pt2e():
-    from torch._inductor import config as inductor_config
     try:
-        # importing the quantizer module registers inductor's int8 fusion patterns, and also sets
-        # inductor's global pre-grad pass: that is restored here and set per compile instead
-        with inductor_config.patch(pre_grad_custom_pass=inductor_config.pre_grad_custom_pass):
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+        return compat.torchao_pt2e()
     except ImportError as e:  # pragma: no cover - torchao is a dependency
         raise RuntimeError("int8 recipes need torchao (pip install torchao)") from e
-    return prepare_pt2e, convert_pt2e, xiq
-
-
-def _inductor_passes() -> dict:
-    """The inductor passes torchao's x86 int8 lowering expects (its own module-level setting)."""
-    from torchao.quantization.pt2e.inductor_passes.x86 import quant_lift_up
-    return {"pre_grad_custom_pass": quant_lift_up}
 
 
 def _excluder(patterns: Iterable[str]) -> Callable[[fx.Node], bool]:
@@ -154,7 +143,7 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
         def annotate(self, model):
             for n in model.graph.nodes:
                 if n.op == "call_function" and xiq.QUANT_ANNOTATION_KEY not in n.meta and skip(n):
-                    xiq._annotate_nodes_not_quantize(n)  # the mark set_module_name_qconfig(None) uses
+                    compat.annotate_not_quantize(n)
             return super().annotate(model)
 
     q = Quantizer()
@@ -201,7 +190,7 @@ class PT2E(QuantEngine):
             fused, _ = int8_attention.decompose_attention(gm)
         lifted = Lifted(gm, example_inputs).eval()
         # export traces on its own: guards it derives must not join those of dynamo's frame
-        with stage("int8: export and prepare"), torch.no_grad(), torch._guards.tracing(None):
+        with stage("int8: export and prepare"), torch.no_grad(), compat.outside_tracing():
             exported = torch.export.export(lifted, user_ex, dynamic_shapes=lifted.dynamic_shapes(),
                                            strict=False).module(check_guards=False)  # dynamo guards the inputs
             kept = list(q.keep_fp32)
@@ -217,7 +206,7 @@ class PT2E(QuantEngine):
         with stage("int8: convert"), torch.no_grad():
             m = convert_pt2e(m)
         return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept, autocast=rest_dtype(q.rest),
-                         inductor_config={**_inductor_passes(), **(int8_attention.inductor_passes(fused) if fused else {})},
+                         inductor_config={**compat.torchao_x86_passes(), **(int8_attention.inductor_passes(fused) if fused else {})},
                          int8_attention=fused)
 
 

@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from .. import compat
 from .int8_attention import OP
 
 
@@ -33,7 +34,7 @@ def qscaled_dot_product(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
 def reference_kernel() -> Iterator[None]:
     """Register :func:`qscaled_dot_product` as the op's CPU kernel while the block runs (compile and call)."""
     import torchao.ops  # noqa: F401  (defines the op)
-    if torch._C._dispatch_has_kernel_for_dispatch_key(OP, "CPU"):
+    if compat.has_cpu_kernel(OP):
         raise RuntimeError(f"{OP} already has a CPU kernel here; use that one")
     namespace, name = OP.split("::")
     lib = torch.library.Library(namespace, "IMPL")
@@ -41,4 +42,4 @@ def reference_kernel() -> Iterator[None]:
     try:
         yield
     finally:
-        lib._destroy()
+        compat.destroy_library(lib)

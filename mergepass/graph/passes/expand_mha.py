@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ... import compat
 
 _SIG = inspect.signature(F.multi_head_attention_forward)
 
@@ -78,7 +79,7 @@ def expand_mha(gm: fx.GraphModule, example_inputs: Sequence) -> int:
 
 def annotate_shapes(gm: fx.GraphModule, example_inputs: Sequence) -> None:
     """Fill ``meta['example_value']`` (fake tensors) for nodes that lack it."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = compat.fake_mode()
 
     class Prop(fx.Interpreter):
         def run_node(self, node):

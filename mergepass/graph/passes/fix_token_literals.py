@@ -13,9 +13,9 @@ from typing import Sequence
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int
 
+from ... import compat
 from ...merge import gather_positions
 from ..lift import is_state
 from .position_tables import table_reads
@@ -198,7 +198,7 @@ def fix_token_literals(gm: fx.GraphModule, example_inputs: Sequence, allowed_cha
     tables are read at merged positions; ``tokens``/``prefix``: the original and protected token counts.
     Returns the number of literals and tables changed. Graph outputs must keep their original shapes.
     """
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = compat.fake_mode()
     with mode:
         # symbolic sizes (a dynamic batch) run at their example values; scalar module state read with
         # .item() was folded into constants before (passes/fold_scalars.py)
