@@ -1,6 +1,7 @@
 """The torch.compile backend: match → schedule → merge → quantize → lower."""
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +12,14 @@ from torch import fx
 
 from . import artifact, cache
 from .compat import frame_compiles, recompile_limit
-from .errors import MergepassWarning, briefly, replay
+from .errors import MergepassWarning, briefly
 from .graph.passes.strip_noops import active_dropouts
-from .graph.capture import copy_graph_module
 from .graph.match import symbolic_dims
 from .graph.rewrite import RewriteResult
 from .lower import compile_graph
-from .pipeline import merge_stage
+from .pipeline import Int8Declined, graph_stages, int8_stage, training
 from .graph.lift import Inputs, Lifted, output_dtypes
-from .quantize import Quantized, fit_batches, quantize, read_calibration
+from .quantize import Quantized, fit_to_graph, read_calibration
 from .recipe import Recipe, load
 from .schedule import Schedule
 from .stages import stage
@@ -30,10 +30,6 @@ def _varying_size(gm: fx.GraphModule) -> bool:
     return any(set(symbolic_dims(n)) - {0} for n in gm.graph.nodes if n.op == "placeholder")
 
 
-def _training(example_inputs: Sequence) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
-
-
 def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
     """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph."""
     if recipe.merge_kernel == "reference" or recipe.lower == "tensorrt":  # TensorRT has no converter for it
@@ -41,7 +37,7 @@ def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
     why = None
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
         why = "the inputs are not on the CPU"
-    elif _training(example_inputs):
+    elif training(example_inputs):
         why = "the graph needs gradients and the kernel has no backward"
     else:
         from .merge import fused
@@ -56,23 +52,6 @@ def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
         raise RuntimeError(f"recipe field 'merge_kernel' is 'fused' but the fused merge kernel is unavailable: "
                            f"{why}; use merge_kernel='auto' or 'reference'")
     return why is None
-
-
-def _attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe) -> tuple[fx.GraphModule, int]:
-    """(graph, attentions now on one of mergepass's attention ops) for recipe field ``attention_kernel``.
-    ``gm`` itself is never modified."""
-    from .graph.passes.replace_attention import replace_attention, wanted
-    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
-    choice = recipe.attention_kernel
-    kind, why = wanted(choice, recipe.merges, recipe.quantize.enabled,
-                       recipe.quantize.enabled and recipe.quantize.attention == "int8", _training(example_inputs), on_cpu)
-    if choice not in ("auto", "sdpa") and kind is None:
-        raise RuntimeError(f"recipe field 'attention_kernel' is {choice!r} but mergepass's {choice} attention cannot "
-                           f"run here: {why}; use attention_kernel='auto' or 'sdpa'")
-    if kind is None:
-        return gm, 0
-    work = copy_graph_module(gm)
-    return work, replace_attention(work, kind)
 
 
 @dataclass
@@ -93,10 +72,6 @@ class GraphResult:
     def gm(self) -> fx.GraphModule:
         """The graph after merging (before quantization)."""
         return self.rewrite.gm
-
-
-class Int8Declined(Exception):
-    """Quantization failed for a graph, which then compiles in floating point."""
 
 
 class Backend:
@@ -147,33 +122,32 @@ class Backend:
         if batches is None or not self.quantized:
             return batches
         try:
-            fit_batches(batches, Inputs(gm, example_inputs).user_inputs(example_inputs))
+            fit_to_graph(batches, gm, example_inputs)
         except ValueError as e:
             self._warn_once(f"mergepass: the calibration batches do not fit this recompiled graph ({e}); its "
                             "activations are quantized per batch instead (dynamic scales: slower)")
             return None
         return batches
 
-    def _uses_cache(self, recipe: Recipe, example_inputs: Sequence) -> bool:
-        return recipe.lower == "inductor" and cache.serves(example_inputs, self.cache)
-
     def _lower_int8(self, graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe,
                     calibration: Optional[list[tuple]], done: GraphResult) -> tuple[Any, Quantized]:
         """Quantize and compile (or take from the compile cache): the compiled callable of the user's inputs."""
-        key = None
-        if self._uses_cache(recipe, example_inputs):
-            with stage("compile cache: key and lookup"):
-                key = cache.graph_key(graph, example_inputs, recipe.to_dict(), calibration)
-                hit = cache.lookup(key) if key is not None else None
-            if hit is not None:
-                done.cached, done.package = True, hit.path
-                for message in hit.meta.get("warnings", []):  # what the compile said, said again
-                    self._warn_once(message)
-                done.quantized = Quantized.from_cache(hit.meta["quantized"], ())
-                return hit.run, done.quantized
+        use_cache = recipe.lower == "inductor" and cache.serves(example_inputs, self.cache)
         dims = Lifted(graph, example_inputs).input_dims()
 
-        def lower(q: Quantized, said: list[str]):
+        def key_of(r: Recipe) -> Optional[str]:
+            return cache.graph_key(graph, example_inputs, r.to_dict(), calibration) if use_cache else None
+
+        def served(package: Path):
+            try:
+                run = artifact.load(package, verify=False).run
+            except (ValueError, RuntimeError, OSError):  # unloadable here: built anew in its place
+                shutil.rmtree(package.parent, ignore_errors=True)
+                return None
+            done.package = package
+            return run
+
+        def lower(q: Quantized, said: list[str], key: Optional[str]):
             if key is not None:
                 try:
                     with stage("inductor: AOTInductor package"):
@@ -193,28 +167,10 @@ class Backend:
                 return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing,
                                      trace_context=q.trace_context, autocast=q.autocast,
                                      inductor_config_overrides=q.inductor_config)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MergepassWarning)
-            try:
-                done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
-            except Exception as e:  # noqa: BLE001 - e.g. torchao's conv-BN fold on a CNN: decline, never fail
-                if isinstance(e, (ValueError, RuntimeError)) and "calibration" in str(e):
-                    raise  # the user's data, said as it is
-                raise Int8Declined(briefly(e)) from e
-        said = replay(caught, self._warn_once)
-        try:
-            return lower(q, said), q
-        except Exception as e:  # noqa: BLE001 - a prototype fusion must not cost the user the compile
-            if not q.int8_attention:
-                raise
-            said.append(f"mergepass: int8 attention did not compile ({type(e).__name__}: {e}); compiling "
-                        "with floating-point attention instead")
-            self._warn_once(said[-1])
-            recipe = recipe.replace(quantize={"attention": "float"})
-            if key is not None:
-                key = cache.graph_key(graph, example_inputs, recipe.to_dict(), calibration)
-            done.quantized = q = quantize(graph, example_inputs, recipe, calibration)
-            return lower(q, said), q
+
+        compiled, done.quantized, done.cached = int8_stage(graph, example_inputs, recipe, calibration, key_of=key_of,
+                                                           lower=lower, served=served, warn=self._warn_once)
+        return compiled, done.quantized
 
     def _declines(self, gm: fx.GraphModule, example_inputs: Sequence) -> Optional[str]:
         """Why this graph compiles unchanged without a word (None: it goes through the stages)."""
@@ -263,7 +219,7 @@ class Backend:
         if declined:
             self.results.append(GraphResult(RewriteResult(gm, None, None, [declined])))
             return compile_graph(gm, example_inputs, recipe.lower)
-        if recipe.quantize.enabled and _training(example_inputs):
+        if recipe.quantize.enabled and training(example_inputs):
             raise RuntimeError(f"recipe {recipe.name!r} quantizes to int8 and is inference-only: "
                                "call the compiled model under torch.no_grad() (or torch.inference_mode()) "
                                "in eval mode, or use a recipe without quantization for training")
@@ -278,19 +234,12 @@ class Backend:
         if recipe.lower == "tensorrt":
             from .lower import require_tensorrt
             require_tensorrt()  # before reading calibration data and calibrating, which take a while
-        if recipe.merges:
-            fused = _fused_merges(recipe, example_inputs)
-            with stage("match, schedule and merge"):
-                result = merge_stage(gm, example_inputs, recipe, calibration=self.calibration, model=self.model_name,
-                                     fused=fused, warn=self._warn_once)
-        else:
-            result = RewriteResult(gm, None, None)
-        done = GraphResult(result)
+        fused = recipe.merges and _fused_merges(recipe, example_inputs)
+        staged = graph_stages(gm, example_inputs, recipe, calibration=self.calibration if recipe.merges else None,
+                              model=self.model_name, warn=self._warn_once, fused=fused)
+        done = GraphResult(staged.rewrite, attention_ops=staged.attention_ops)
         self.results.append(done)
-        if result.schedule is not None:
-            recipe = result.schedule.recipe.replace(lower=recipe.lower)
-        with stage("attention ops"):
-            graph, done.attention_ops = _attention_stage(result.gm, example_inputs, recipe)
+        recipe, graph = staged.recipe, staged.graph
         if not recipe.quantize.enabled:
             with stage(f"{recipe.lower}: compile"):
                 return compile_graph(graph, example_inputs, recipe.lower)

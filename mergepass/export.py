@@ -17,11 +17,11 @@ import torch
 
 from . import artifact
 from . import cache as compile_cache
-from .errors import MergepassWarning, briefly, replay
+from .errors import MergepassWarning, briefly
 from .graph.capture import capture_graphs
 from .graph.lift import Lifted, output_dtypes
-from .pipeline import merge_stage
-from .quantize import quantize, read_calibration
+from .pipeline import Int8Declined, Staged, graph_stages, int8_stage
+from .quantize import Quantized, read_calibration
 from .recipe import Recipe, load
 
 
@@ -31,29 +31,46 @@ def merged_graph(model: torch.nn.Module, example_input: torch.Tensor, recipe: Re
     """Dynamo's graph of ``model`` with ``recipe``'s merges inserted (no quantization): the graph, its
     example inputs, the recipe as resolved and the schedule (None without merges). Raises ValueError
     when dynamo breaks the graph."""
+    gm, example_inputs, staged = _staged(model, example_input, recipe, batches, dynamic_batch=dynamic_batch)
+    return staged.graph, example_inputs, staged.recipe, staged.schedule
+
+
+def _staged(model, example_input, recipe, batches, *, dynamic_batch) -> tuple[torch.fx.GraphModule, list, Staged]:
     graphs = capture_graphs(model, example_input, dynamic_batch=dynamic_batch)
     if len(graphs) != 1:
         raise ValueError(f"export needs one graph without breaks; dynamo produced {len(graphs)}")
     gm, example_inputs = graphs[0]
-    schedule = None
-    if recipe.merges:
-        res = merge_stage(gm, example_inputs, recipe, calibration=batches, model=type(model).__name__)
-        gm, schedule = res.gm, res.schedule
-        if schedule is not None:
-            recipe = schedule.recipe
-    return gm, example_inputs, recipe, schedule
+    # torch's SDPA and the reference merge ops: a package must load where mergepass's own ops are not registered
+    return gm, example_inputs, graph_stages(gm, example_inputs, recipe, calibration=batches,
+                                            model=type(model).__name__, attention=False)
 
 
 def _capture(model, example_input, r, batches):
-    """The merged graph with a symbolic batch size; a static one (with a warning) where the model fixes it."""
+    """The staged graph with a symbolic batch size; a static one (with a warning) where the model fixes it."""
     if example_input.dim() and example_input.shape[0] == 1:  # dynamo specialises a size of 1
         example_input = example_input.repeat(2, *[1] * (example_input.dim() - 1))
     try:
-        return merged_graph(model, example_input, r, batches, dynamic_batch=True)
+        return _staged(model, example_input, r, batches, dynamic_batch=True)
     except Exception as e:  # noqa: BLE001 - e.g. a model whose code fixes the batch size
         warnings.warn(f"mergepass: export with a dynamic batch size failed ({briefly(e)}); the package serves "
                       f"batch size {example_input.shape[0]} only", MergepassWarning, stacklevel=3)
-        return merged_graph(model, example_input, r, batches)
+        return _staged(model, example_input, r, batches, dynamic_batch=False)
+
+
+def _usable_cache(cache: Optional[bool], example_inputs) -> bool:
+    if not compile_cache.serves(example_inputs, cache):
+        return False
+    try:
+        compile_cache.cache_dir().mkdir(parents=True, exist_ok=True)
+        return True
+    except OSError as e:
+        warnings.warn(f"mergepass: the compile cache at {compile_cache.cache_dir()} is not usable ({briefly(e)}); "
+                      "exporting without it", MergepassWarning, stacklevel=3)
+        return False
+
+
+def _say(message: str) -> None:
+    warnings.warn(message, MergepassWarning, stacklevel=4)
 
 
 def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
@@ -62,42 +79,47 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
     """Write an AOTInductor package of the merged (and, for int8 recipes, quantized) model, with its
     manifest beside it. One package serves every batch size where the model allows it. A package built
     before for the same graph, weights, recipe and calibration comes from the compile cache
-    (:mod:`mergepass.cache`; ``cache=False`` or ``MERGEPASS_CACHE=0`` builds it anew)."""
+    (:mod:`mergepass.cache`; ``cache=False`` or ``MERGEPASS_CACHE=0`` builds it anew). The stages are the
+    backend's (:mod:`mergepass.pipeline`), so the package runs the graph the backend runs with
+    ``attention_kernel="sdpa"``."""
     r = load(recipe, **overrides)
     batches = read_calibration(calibration, r.quantize.calibration_batches)
-    gm, example_inputs, r, _ = _capture(model, example_input, r, batches)
-    lifted = Lifted(gm, example_inputs)
-    dims = lifted.input_dims()
+    gm, example_inputs, staged = _capture(model, example_input, r, batches)
+    graph, r = staged.graph, staged.recipe
+    dims = Lifted(graph, example_inputs).input_dims()
+    use_cache = _usable_cache(cache, example_inputs)
 
-    def build(out: Path) -> Path:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MergepassWarning)
-            if r.quantize.enabled:
-                q = quantize(gm, example_inputs, r, batches)
-                module, inputs = q.module, q.inputs
-                options = dict(freezing=q.freezing, autocast=q.autocast, output_dtypes=output_dtypes(gm),
-                               inductor_config_overrides=q.inductor_config)
-            else:
-                module = lifted.eval()
-                inputs, options = module.user_inputs(example_inputs), {}
-        said = replay(caught)
-        return artifact.write(module, inputs, out, dynamic_shapes=dims, meta={"recipe": r.name, "warnings": said},
-                              **options)
+    def key_of(rr: Recipe) -> Optional[str]:
+        return (compile_cache.graph_key(graph, example_inputs, rr.to_dict(), batches, extra={"export": True})
+                if use_cache else None)
 
-    key = None
-    if compile_cache.serves(example_inputs, cache):
-        key = compile_cache.graph_key(gm, example_inputs, r.to_dict(), batches, extra={"export": True})
+    def write(q: Optional[Quantized], said: list[str], key: Optional[str]) -> Path:
+        if q is not None:
+            module, inputs = q.module, q.inputs
+            options = dict(freezing=q.freezing, autocast=q.autocast, output_dtypes=output_dtypes(gm),
+                           inductor_config_overrides=q.inductor_config)
+        else:
+            module = Lifted(graph, example_inputs).eval()
+            inputs, options = module.user_inputs(example_inputs), {}
+        meta = {"recipe": r.name, "warnings": said, "quantized": None if q is None else q.describe()}
+
+        def build(out: Path) -> Path:
+            return artifact.write(module, inputs, out, dynamic_shapes=dims, meta=meta, **options)
+        return compile_cache.store(key, build) if key is not None else build(Path(path))
+
+    if r.quantize.enabled:
         try:
-            compile_cache.cache_dir().mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            warnings.warn(f"mergepass: the compile cache at {compile_cache.cache_dir()} is not usable ({briefly(e)}); "
-                          "exporting without it", MergepassWarning, stacklevel=2)
-            key = None
-    if key is None:
-        return build(Path(path))
-    hit = compile_cache.verified(key)
-    if hit is not None:
-        for message in artifact.read_manifest(hit)["meta"].get("warnings", []):  # what the build said, said again
-            warnings.warn(message, MergepassWarning, stacklevel=2)
-    return artifact.copy(hit or compile_cache.store(key, build), path)
-
+            package, _, _ = int8_stage(graph, example_inputs, r, batches, key_of=key_of, lower=write,
+                                       served=lambda p: p, warn=_say)
+        except Int8Declined as e:
+            raise RuntimeError(f"mergepass: int8 quantization failed for this graph ({e}); export it with a "
+                               "recipe without quantization") from e
+    else:
+        key = key_of(r)
+        package = compile_cache.verified(key) if key is not None else None
+        if package is not None:
+            for message in artifact.read_manifest(package)["meta"].get("warnings", []):
+                _say(message)
+        else:
+            package = write(None, [], key)
+    return package if Path(package) == Path(path) else artifact.copy(package, path)

@@ -1,21 +1,32 @@
-"""The merge stage as one call (prepare → match → resolve ``auto`` → rewrite), and
-``mergepass.plan``: the schedule the backend would use, without compiling."""
+"""The one orchestration every entry point runs: capture → match → schedule → merge → attention ops →
+quantize → lower. ``backend``, ``export``, ``plan`` and ``search`` call these stages; none repeats them.
+
+* :func:`merge_stage`: prepare → match → resolve ``auto`` → rewrite (the merges).
+* :func:`graph_stages`: the merge stage, then mergepass's attention ops.
+* :func:`int8_stage`: quantize and lower, or take the result from the compile cache.
+* :class:`Planner` / :func:`plan`: the schedule the backend would use, without compiling.
+"""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import fx
 
+from . import artifact, cache
+from .errors import MergepassWarning, briefly, replay
 from .graph.capture import capture_graphs, copy_graph_module, prepare
-from .graph.lift import Lifted
 from .graph.match import find_blocks, summarize
 from .graph.rewrite import RewriteResult, rewrite
-from .quantize import fit_batches, read_calibration
+from .quantize import Quantized, fit_to_graph, quantize, read_calibration
 from .recipe import Recipe, load
 from .schedule import Schedule
 from .search.auto import choose
 from .search.score import graph_fidelity
+from .stages import stage
 
 
 def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
@@ -31,12 +42,118 @@ def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
         return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused)
     scorer = None
     if calibration is not None:
-        batches = fit_batches(calibration, Lifted(base, example_inputs).user_inputs(example_inputs))
+        batches = fit_to_graph(calibration, base, example_inputs)
         scorer = graph_fidelity(base, example_inputs, batches) if batches else None
     choice = choose(match, recipe, scorer)
     choice.schedule.model = model
     return rewrite(base, example_inputs, choice.recipe, schedule=choice.schedule, notes=[choice.note],
                    model=model, warn=warn, fused=fused)
+
+
+def training(example_inputs: Sequence) -> bool:
+    """Whether the graph is compiled for gradients (int8 and the fused kernels are inference-only)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+
+
+def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe) -> tuple[fx.GraphModule, int]:
+    """(graph, attentions now on one of mergepass's attention ops) for recipe field ``attention_kernel``.
+    ``gm`` itself is never modified."""
+    from .graph.passes.replace_attention import replace_attention, wanted
+    on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+    choice = recipe.attention_kernel
+    kind, why = wanted(choice, recipe.merges, recipe.quantize.enabled,
+                       recipe.quantize.enabled and recipe.quantize.attention == "int8", training(example_inputs), on_cpu)
+    if choice not in ("auto", "sdpa") and kind is None:
+        raise RuntimeError(f"recipe field 'attention_kernel' is {choice!r} but mergepass's {choice} attention cannot "
+                           f"run here: {why}; use attention_kernel='auto' or 'sdpa'")
+    if kind is None:
+        return gm, 0
+    work = copy_graph_module(gm)
+    return work, replace_attention(work, kind)
+
+
+@dataclass
+class Staged:
+    """A graph after match → schedule → merge → attention ops: what quantization and lowering take."""
+
+    rewrite: RewriteResult
+    recipe: Recipe                 # as the schedule resolved it
+    graph: fx.GraphModule          # merged, with mergepass's attention ops where chosen
+    attention_ops: int = 0
+
+    @property
+    def schedule(self) -> Optional[Schedule]:
+        return self.rewrite.schedule
+
+
+def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
+                 calibration: Optional[list[tuple]] = None, model: str = "", warn: Any = True, fused: bool = False,
+                 attention: bool = True) -> Staged:
+    """The merge stage, then mergepass's attention ops (``attention=False`` keeps torch's SDPA, as a package
+    that must load without mergepass needs). ``gm`` itself is never modified."""
+    if recipe.merges:
+        with stage("match, schedule and merge"):
+            result = merge_stage(gm, example_inputs, recipe, calibration=calibration, model=model, warn=warn,
+                                 fused=fused)
+    else:
+        result = RewriteResult(gm, None, None)
+    if result.schedule is not None:
+        recipe = result.schedule.recipe.replace(lower=recipe.lower)
+    graph, ops = result.gm, 0
+    if attention:
+        with stage("attention ops"):
+            graph, ops = attention_stage(result.gm, example_inputs, recipe)
+    return Staged(result, recipe, graph, ops)
+
+
+class Int8Declined(RuntimeError):
+    """The engine failed to quantize a graph (never the user's calibration data: that is said as it is)."""
+
+
+def _quantize(graph, example_inputs, recipe, calibration, warn) -> tuple[Quantized, list[str]]:
+    """The engine's result and what it warned (said through ``warn`` and returned, to keep with a cache entry)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MergepassWarning)
+        try:
+            q = quantize(graph, example_inputs, recipe, calibration)
+        except Exception as e:  # noqa: BLE001 - e.g. torchao's conv-BN fold on a CNN
+            if isinstance(e, (ValueError, RuntimeError)) and "calibration" in str(e):
+                raise
+            raise Int8Declined(briefly(e)) from e
+    return q, replay(caught, warn)
+
+
+def int8_stage(graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration: Optional[list[tuple]],
+               *, key_of: Callable[[Recipe], Optional[str]], lower: Callable[[Quantized, list, Optional[str]], Any],
+               served: Callable[[Path], Any], warn: Callable[[str], None]) -> tuple[Any, Quantized, bool]:
+    """Quantize ``graph`` and lower it, or take the result from the compile cache: (result, Quantized, cached).
+
+    ``key_of(recipe)``: the cache key (None: no cache). ``served(package)``: the result for a verified entry
+    (None: unusable, build anew). ``lower(q, said, key)``: the result of a build (``said``: what quantizing
+    warned). A fused int8 attention that fails to lower is built once more with float attention, with a warning.
+    """
+    key = key_of(recipe)
+    if key is not None:
+        with stage("compile cache: key and lookup"):
+            hit = cache.verified(key)
+            meta = artifact.read_manifest(hit)["meta"] if hit is not None else None
+            result = served(hit) if hit is not None else None
+        if result is not None:
+            for message in meta.get("warnings", []):  # what the build said, said again
+                warn(message)
+            return result, Quantized.from_cache(meta["quantized"], ()), True
+    q, said = _quantize(graph, example_inputs, recipe, calibration, warn)
+    try:
+        return lower(q, said, key), q, False
+    except Exception as e:  # noqa: BLE001 - a prototype fusion must not cost the user the compile
+        if not q.int8_attention:
+            raise
+        said.append(f"mergepass: int8 attention did not compile ({type(e).__name__}: {e}); compiling "
+                    "with floating-point attention instead")
+        warn(said[-1])
+    recipe = recipe.replace(quantize={"attention": "float"})
+    q, more = _quantize(graph, example_inputs, recipe, calibration, warn)
+    return lower(q, said + more, key_of(recipe)), q, False
 
 
 class Planner:

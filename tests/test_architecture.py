@@ -70,6 +70,76 @@ def test_imports_form_floors_without_cycles():
     assert not cycles, f"import cycles: {cycles}"
 
 
+# documented APIs under private module names, kept at their call sites (mergepass/compat.py says why)
+DOCUMENTED = ("torch._inductor.config", "torch._dynamo.mark_dynamic", "torch._dynamo.reset")
+
+
+def _is_private(dotted: str) -> bool:
+    for name in DOCUMENTED:
+        if dotted == name or dotted.startswith(name + "."):
+            dotted = dotted[len(name):]  # what follows a documented name must be public too
+            break
+    return (dotted + ".").startswith("torchao.prototype.") or any(
+        c.startswith("_") and not (c.startswith("__") and c.endswith("__")) for c in dotted.split("."))
+
+
+def _private_touches(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, name) for each torch or torchao name with a private component (or under ``torchao.prototype``)
+    that ``tree`` imports, reaches by an attribute chain (import aliases followed) or by getattr/hasattr."""
+    alias, found = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                top = a.name.split(".")[0]
+                if top in ("torch", "torchao"):
+                    alias[a.asname or top] = a.name if a.asname else top
+                    found += [(node.lineno, a.name)] if _is_private(a.name) else []
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module.split(".")[0] in ("torch", "torchao"):
+            for a in node.names:
+                alias[a.asname or a.name] = f"{node.module}.{a.name}"
+                found += [(node.lineno, f"{node.module}.{a.name}")] if _is_private(f"{node.module}.{a.name}") else []
+
+    def dotted(n):
+        parts = []
+        while isinstance(n, ast.Attribute):
+            parts.append(n.attr)
+            n = n.value
+        return ".".join([alias[n.id], *reversed(parts)]) if isinstance(n, ast.Name) and n.id in alias else None
+
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}  # report whole chains only
+    for node in ast.walk(tree):
+        name = None
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            name = dotted(node)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr")
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            base = dotted(node.args[0])
+            name = base and f"{base}.{node.args[1].value}"
+        if name and _is_private(name):
+            found.append((node.lineno, name))
+    return sorted(found)
+
+
+def test_private_torch_and_torchao_apis_are_touched_only_in_compat():
+    touches = [f"mergepass/{path.relative_to(PKG).as_posix()}:{line}: {name}" for path in sorted(PKG.rglob("*.py"))
+               if path.relative_to(PKG).as_posix() not in {"compat.py"}
+               for line, name in _private_touches(ast.parse(path.read_text()))]
+    assert not touches, "private torch/torchao APIs outside mergepass/compat.py:\n" + "\n".join(touches)
+
+
+def test_the_private_api_check_follows_aliases_and_spares_documented_names():
+    code = ("import torch\n"
+            "from torch import _C as C\n"                   # 2
+            "from torch._inductor import config as ic\n"
+            "from torchao.prototype.x import y\n"           # 4
+            "torch._guards.tracing(None)\n"                 # 5
+            "C._nn.linear\n"                                # 6
+            "getattr(torch.cpu, '_is_amx_tile_supported')\n"  # 7
+            "ic._post_fusion_custom_pass\n"                 # 8
+            "ic.patch(freezing=True)\ntorch._dynamo.reset()\ntorch.__version__\n")
+    assert [line for line, _ in _private_touches(ast.parse(code))] == [2, 4, 5, 6, 7, 8]
+
+
 def test_plan_stays_the_function_after_every_submodule_is_imported():
     code = ("import importlib, inspect, pkgutil, mergepass\n"
             "for m in pkgutil.walk_packages(mergepass.__path__, 'mergepass.'):\n"
@@ -137,3 +207,13 @@ def test_unknown_method_names_the_registered_ones():
         assert "'tome'" in str(e) and "did you mean" in str(e)
     else:
         raise AssertionError("an unknown method was accepted")
+
+
+def test_backend_and_export_share_one_orchestration():
+    """Both run mergepass.pipeline's stages and quantize nowhere else (their outputs agree:
+    test_artifacts.py::test_exported_int8_package_computes_what_the_backend_runs)."""
+    for name in ("backend.py", "export.py"):
+        imported = {(n.module, a.name) for n in ast.walk(ast.parse((PKG / name).read_text()))
+                    if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert {("pipeline", "graph_stages"), ("pipeline", "int8_stage")} <= imported, name
+        assert not {("quantize", "quantize"), ("pipeline", "merge_stage"), ("graph.rewrite", "rewrite")} & imported, name

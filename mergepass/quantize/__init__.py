@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from torch import fx
 
 from .base import QuantEngine, Quantized
-from .calibration import fit_batches, outlier_linears, read_calibration
+from .calibration import fit_batches, fit_to_graph, outlier_linears, read_calibration
 from .engines import engine_names, get_engine, register_engine, resolve_engine
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
 __all__ = ["quantize", "Quantized", "QuantEngine", "register_engine", "get_engine", "engine_names",
-           "resolve_engine", "read_calibration", "fit_batches", "outlier_linears"]
+           "resolve_engine", "read_calibration", "fit_batches", "fit_to_graph", "outlier_linears"]
 
 
 def quantize(gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",

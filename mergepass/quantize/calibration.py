@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import fx
 
-from ..graph.lift import module_names
+from ..graph.lift import Lifted, module_names
 
 
 def _linear_nodes(gm: fx.GraphModule):
@@ -130,3 +130,8 @@ def fit_batches(batches: Optional[list[tuple]], user_ex: tuple) -> Optional[list
                              "where the compiled input is floating point")
         out.append(tuple(t.to(e.device, e.dtype) if isinstance(e, torch.Tensor) else t for t, e in zip(b, user_ex)))
     return out
+
+
+def fit_to_graph(batches: Optional[list[tuple]], gm: fx.GraphModule, example_inputs: Sequence) -> Optional[list[tuple]]:
+    """:func:`fit_batches` for dynamo's graph ``gm``: the batches fitted to its user inputs."""
+    return fit_batches(batches, Lifted(gm, example_inputs).user_inputs(example_inputs))

@@ -100,18 +100,12 @@ def evolve(match, recipe, score: Callable[[object], float], max_macs_ratio: floa
 def search_schedule(model, batches: Sequence, recipe="tome", max_macs_ratio: float = 0.6, **kwargs) -> SearchResult:
     """Capture ``model``'s graph for the first batch and :func:`evolve` a schedule on ``batches``
     (input tensors of one shape: the calibration/search images, never the ones reported on)."""
-    from ..graph.capture import capture_graphs, copy_graph_module, prepare
-    from ..graph.lift import Lifted
-    from ..graph.match import find_blocks
-    from ..quantize import fit_batches
+    from ..graph.matched import first_match
+    from ..quantize import fit_to_graph
     from ..recipe import load
     from .score import graph_fidelity
     r = load(recipe)
     batches = [b if isinstance(b, (tuple, list)) else (b,) for b in batches]
-    for gm, ex in capture_graphs(model, batches[0][0]):
-        base = prepare(gm, ex)
-        match = find_blocks(copy_graph_module(base))
-        if match.ok:
-            fitted = fit_batches(batches, Lifted(base, ex).user_inputs(ex))
-            return evolve(match, r, graph_fidelity(base, ex, fitted), max_macs_ratio, **kwargs)
-    raise ValueError(f"no transformer blocks matched in {type(model).__name__}")
+    m = first_match(model, batches[0][0])
+    score = graph_fidelity(m.base, m.inputs, fit_to_graph(batches, m.base, m.inputs))
+    return evolve(m.match, r, score, max_macs_ratio, **kwargs)

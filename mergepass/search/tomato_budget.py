@@ -15,8 +15,7 @@ from typing import Iterable
 
 import torch
 
-from ..graph.capture import capture_graphs, prepare
-from ..graph.match import find_blocks
+from ..graph.matched import first_match
 from ..merge import key_metric, similarity_metric
 from ..merge.bipartite import normalize
 
@@ -68,24 +67,19 @@ def block_metric(model: torch.nn.Module, images: torch.Tensor, block: int = 0, s
     """(metric [B, N, D], prefix, grid) that ``similarity`` reads in a block, found structurally: the
     post-attention tokens (softmax) or the attention keys averaged over heads (cosine)."""
     tokens = similarity_metric(similarity) == "tokens"
-    for gm, ex in capture_graphs(model, images):
-        gm = prepare(gm, ex)
-        match = find_blocks(gm)
-        if not match.ok:
-            continue
-        b = match.blocks[block]
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        if tokens:
-            metric = b.x_mid
-        else:
-            with gm.graph.inserting_before(out):
-                metric = gm.graph.call_function(key_metric, (b.keys, b.x_in, b.keys_transposed))
-        out.args = (metric,)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        with torch.no_grad():
-            return gm(*ex), match.prefix, match.grid
-    raise ValueError("no transformer blocks matched")
+    m = first_match(model, images)
+    gm, b = m.graph, m.match.blocks[block]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    if tokens:
+        metric = b.x_mid
+    else:
+        with gm.graph.inserting_before(out):
+            metric = gm.graph.call_function(key_metric, (b.keys, b.x_in, b.keys_transposed))
+    out.args = (metric,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    with torch.no_grad():
+        return gm(*m.inputs), m.match.prefix, m.match.grid
 
 
 def block_keys(model: torch.nn.Module, images: torch.Tensor, block: int = 0):
