@@ -14,7 +14,7 @@ from . import artifact, cache
 from .compat import frame_compiles, recompile_limit
 from .errors import MergepassWarning, briefly
 from .graph.passes.strip_noops import active_dropouts
-from .graph.match import symbolic_dims
+from .graph.nodes import symbolic_dims
 from .graph.rewrite import RewriteResult
 from .lower import compile_graph
 from .pipeline import Int8Declined, graph_stages, int8_stage, training

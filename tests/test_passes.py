@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mergepass
+from mergepass.graph import cost, meta
 from mergepass.graph.capture import copy_graph_module, prepare
 from mergepass.graph.match import NO_ATTENTION, find_blocks
 from mergepass.graph.passes import RewriteError, expand_mha, fix_token_literals, fold_scalars, insert_merges, strip_noops
@@ -104,6 +105,9 @@ def test_matcher_finds_the_chain_grid_prefix_and_costs(attention, prefix):
         assert b.macs(10, 4) == 10 * b.lin_attn + 2 * 100 * b.attn_dim + 4 * b.lin_mlp
         assert b.x_mid in b.nodes and b.x_out in b.nodes and b.attn in b.nodes
     assert m.other_macs == 5 * dim  # the head, on one token per image
+    # the cost model prices what the matcher found, on its own
+    assert cost.other_macs(gm, set().union(*(b.nodes for b in m.blocks)), m.batch) == m.other_macs
+    assert cost.block_macs(3, 5, 7, n_in=10, n_out=4) == 10 * 3 + 2 * 100 * 5 + 4 * 7
 
 
 def test_matcher_leaves_the_graph_untouched():
@@ -137,20 +141,24 @@ def test_insert_merges_contract():
     g, gm, work, match, sched = _scheduled()
     old_nodes = set(work.graph.nodes)
     out = insert_merges(work, match, sched)
-    assert set(out) == {"region", "merges", "sources"}
-    assert out["region"] == 3 and len(out["merges"]) == 3
-    assert all(n.target is global_merge and n.kwargs["r"] == 3 and n.kwargs["prefix"] == 1 for n in out["merges"])
-    assert out["sources"][0] is None and all(out["sources"][i] is not None for i in (1, 2))
+    blocks_before = [set(b.nodes) for b in match.blocks]
+    assert out.region == 3 and len(out.merges) == 3
+    assert all(n.target is global_merge and n.kwargs["r"] == 3 and n.kwargs["prefix"] == 1 for n in out.merges)
+    assert out.sources[0] is None and all(out.sources[i] is not None for i in (1, 2))
+    assert [set(b.nodes) for b in match.blocks] == blocks_before  # the match is left as it was
+    # what it added inside blocks 1 and 2 (the attention bias) counts as theirs
+    assert not out.added.get(0) and out.added[1] and out.added[2]
+    assert out.allowed(match) == set().union(*blocks_before, *out.added.values())
     new = set(work.graph.nodes) - old_nodes
-    assert new and all(n.meta.get("mergepass") for n in new)  # failures in these are mergepass's own
-    assert not any(n.meta.get("mergepass") for n in old_nodes)
+    assert new and all(n.meta.get(meta.INSERTED) for n in new)  # failures in these are mergepass's own
+    assert not any(n.meta.get(meta.INSERTED) for n in old_nodes)
     # each merge reads key_metric of its own block's keys and replaces the attention residual downstream
-    for b, mnode in zip(match.blocks, out["merges"]):
+    for b, mnode in zip(match.blocks, out.merges):
         assert mnode.args[0] is b.x_mid and mnode.args[1].target is key_metric and mnode.args[1].args[0] is b.keys
     # proportional attention: a log-size bias into every attention after the first merge
     masks = [n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask") for n in _calls(work, torch._C._nn.scaled_dot_product_attention)]
     assert masks[0] is None and all(m is not None and m.target is attn_bias for m in masks[1:])
-    assert all(m.meta["unmerged_shape"] == (2, 1, 1, 17) for m in masks[1:])  # what position_tables compares with
+    assert all(m.meta[meta.UNMERGED_SHAPE] == (2, 1, 1, 17) for m in masks[1:])  # what position_tables compares with
     # one unmerge, where the stream leaves the last block, so the norm and head see 17 tokens
     (un,) = _calls(work, unmerge)
     assert un.args[0] is match.blocks[-1].x_out and all(u not in match.blocks[-1].nodes for u in un.users)
@@ -166,10 +174,6 @@ def test_insert_merges_without_proportional_attention_adds_no_bias():
 
 # -- fix_token_literals ------------------------------------------------------------------------------
 
-def _allowed(match, region):
-    return set().union(*(b.nodes for b in match.blocks[:region]))
-
-
 def _reshapes(gm):
     return [n.args[1:] for n in gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
 
@@ -177,8 +181,7 @@ def _reshapes(gm):
 def test_fix_token_literals_makes_reshapes_follow_the_merges():
     g, gm, work, match, sched = _scheduled()
     out = insert_merges(work, match, sched)
-    source_of = {n: s for i, s in out["sources"].items() if s is not None for n in match.blocks[i].nodes}
-    fixed = fix_token_literals(work, g.inputs, _allowed(match, out["region"]), source_of, match.tokens, match.prefix)
+    fixed = fix_token_literals(work, g.inputs, out.allowed(match), out.source_of(match), match.tokens, match.prefix)
     tokens = [n_in for n_in, _ in sched.token_counts()]
     assert tokens == [17, 14, 11]
     assert fixed == 2 * 2  # qkv and output reshapes of blocks 1 and 2
@@ -191,7 +194,7 @@ def test_fix_token_literals_refuses_a_change_outside_the_allowed_nodes():
     g, gm, work, match, sched = _scheduled()
     insert_merges(work, match, sched)
     with pytest.raises(RewriteError, match="outside the merged blocks|shape changed"):
-        fix_token_literals(work, g.inputs, _allowed(match, 1), {}, match.tokens, match.prefix)
+        fix_token_literals(work, g.inputs, match.blocks[0].nodes, {}, match.tokens, match.prefix)
 
 
 def _mean_over_tokens(g, h):
@@ -202,7 +205,7 @@ def test_a_reduction_over_merged_tokens_is_refused_and_rewrite_merges_only_the_b
     g, gm, work, match, sched = _scheduled(mlp_extra=_mean_over_tokens)
     out = insert_merges(work, match, sched)
     with pytest.raises(RewriteError, match="consumes the token axis") as e:
-        fix_token_literals(work, g.inputs, _allowed(match, out["region"]), {}, match.tokens, match.prefix)
+        fix_token_literals(work, g.inputs, out.allowed(match), {}, match.tokens, match.prefix)
     assert e.value.node in match.blocks[1].nodes
     # the driver declines block 1 and everything after it, with one note naming the block
     notes = []
@@ -215,10 +218,9 @@ def test_a_reduction_over_merged_tokens_is_refused_and_rewrite_merges_only_the_b
 def test_position_tables_are_read_at_the_merged_positions():
     g, gm, work, match, sched = _scheduled(attention="softmax", rel_bias=True)
     out = insert_merges(work, match, sched)
-    source_of = {n: s for i, s in out["sources"].items() if s is not None for n in match.blocks[i].nodes}
-    fix_token_literals(work, g.inputs, _allowed(match, out["region"]), source_of, match.tokens, match.prefix)
+    fix_token_literals(work, g.inputs, out.allowed(match), out.source_of(match), match.tokens, match.prefix)
     reads = _calls(work, gather_positions)
-    assert len(reads) == 2 and all(n.meta.get("mergepass") for n in reads)  # blocks 1 and 2 see merged tokens
+    assert len(reads) == 2 and all(n.meta.get(meta.INSERTED) for n in reads)  # blocks 1 and 2 see merged tokens
     assert all(n.args[0].target.startswith("L_self_blocks_") for n in reads)
     assert g.run(work).shape == (2, 5)
 

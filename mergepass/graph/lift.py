@@ -10,7 +10,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .. import compat
-from .match import symbolic_dims
+from .nodes import symbolic_dims
 
 _ROOT = re.compile(r"^[LG]\[[^\]]+\]\.?")
 

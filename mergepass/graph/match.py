@@ -16,45 +16,11 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int, is_concrete_int
 
-from .. import compat
-
-SDPA = {F.scaled_dot_product_attention, compat.C_SDPA}
-SOFTMAX_FN = {F.softmax, torch.softmax, torch.nn.functional.softmax}
-MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm}
-ADD_FN = {operator.add, torch.add, operator.iadd}
-LINEAR_FN = {F.linear, compat.C_LINEAR}
-TRANSPOSE_METHODS = {"transpose", "mT", "permute"}
-
+from . import cost
+from .nodes import MATMUL_FN, SDPA, SOFTMAX_FN, is_add, is_call, is_linear, shape, symbolic_dims
 
 NO_ATTENTION = "no attention (scaled_dot_product_attention or q@kᵀ→softmax→@v) found"
-
-
-def shape(node) -> Optional[tuple[int, ...]]:
-    """A node's shape, symbolic sizes (a dynamic batch) at their example values."""
-    v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    if isinstance(v, torch.Tensor):
-        return tuple(hint_int(d) if isinstance(d, torch.SymInt) else int(d) for d in v.shape)
-    return None
-
-
-def symbolic_dims(node) -> list[int]:
-    """Which dimensions of a node's value are symbolic (dynamic shapes)."""
-    v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    return [i for i, d in enumerate(v.shape) if not is_concrete_int(d)] if isinstance(v, torch.Tensor) else []
-
-
-def is_call(node: fx.Node, fns=(), methods=()) -> bool:
-    return (node.op == "call_function" and node.target in fns) or (node.op == "call_method" and node.target in methods)
-
-
-def is_add(node: fx.Node) -> bool:
-    return is_call(node, ADD_FN, {"add", "add_", "__add__"}) and len(node.args) >= 2
-
-
-def is_linear(node: fx.Node) -> bool:
-    return is_call(node, LINEAR_FN)
 
 
 @dataclass
@@ -74,8 +40,8 @@ class Block:
     attn_dim: int = 0             # heads * head_dim (attention cost is 2 * N^2 * attn_dim)
 
     def macs(self, n_in: int, n_out: int) -> int:
-        """Multiply-adds per image when ``n_in`` tokens enter and ``n_out`` leave (merged after attention)."""
-        return n_in * self.lin_attn + 2 * n_in * n_in * self.attn_dim + n_out * self.lin_mlp
+        """Multiply-adds per image when ``n_in`` tokens enter and ``n_out`` leave (:func:`.cost.block_macs`)."""
+        return cost.block_macs(self.lin_attn, self.attn_dim, self.lin_mlp, n_in, n_out)
 
 
 @dataclass
@@ -221,8 +187,70 @@ def _cone(g: nx.DiGraph, start: fx.Node, limit: int = 80) -> list[fx.Node]:
     return out
 
 
+def _residual_split(g: nx.DiGraph, core: fx.Node, out: fx.Node) -> tuple[Optional[fx.Node], Optional[fx.Node]]:
+    """(x_mid, x_in): the add after attention that joins the attention's output with the stream before it."""
+    anc_core = nx.ancestors(g, core)
+    down = nx.descendants(g, out) | {out}
+    for n in _cone(g, out):
+        if is_add(n):
+            a, b = n.args[0], n.args[1]
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                continue
+            if a in down and b not in down and b in anc_core:
+                return n, b
+            if b in down and a not in down and a in anc_core:
+                return n, a
+    return None, None
+
+
+def _mlp_residual(g: nx.DiGraph, x_mid: fx.Node) -> Optional[fx.Node]:
+    """x_out: the next add that joins ``x_mid`` with something computed from it (the MLP)."""
+    mid_down = nx.descendants(g, x_mid)
+    for n in _cone(g, x_mid):
+        if is_add(n) and x_mid in n.args:
+            other = n.args[1] if n.args[0] is x_mid else n.args[0]
+            if isinstance(other, fx.Node) and other in mid_down:
+                return n
+    return None
+
+
+def _match_block(gm: fx.GraphModule, g: nx.DiGraph, attns: list, core, kind, keys, kt, out) -> "Block | str":
+    """The block around one attention, or why there is none (structure only: no costs)."""
+    where = module_path(core) or core.name
+    x_mid, x_in = _residual_split(g, core, out)
+    if x_mid is None:
+        return f"{where}: attention has no residual add (post-norm or parallel block?)"
+    s_mid = shape(x_mid)
+    if s_mid is not None and len(s_mid) == 4:
+        return (f"{where}: the residual stream is a 2-D token map {s_mid} (windowed or hierarchical "
+                "attention, e.g. SAM, Swin, Hiera); merging needs a [batch, tokens, width] stream")
+    ks = shape(keys)
+    if ks and s_mid and len(s_mid) == 3 and (ks[-1] if kt else ks[-2]) != s_mid[1]:
+        return (f"{where}: the attention's keys ({ks[-1] if kt else ks[-2]}) are not the block's "
+                f"{s_mid[1]} tokens (windowed, pooled or class attention); left unmerged")
+    x_out = _mlp_residual(g, x_mid)
+    if x_out is None:
+        return f"{where}: no MLP residual add after the attention residual"
+    nodes = (nx.descendants(g, x_in) & nx.ancestors(g, x_out)) | {x_out}
+    if any(c is not core and c in nodes for c, *_ in attns):
+        return f"{where}: MLP path contains another attention"
+    mid_down = nx.descendants(g, x_mid)
+    if not any(is_linear(n) and n in mid_down for n in nodes):
+        return f"{where}: no linear layer between the residual adds (not an MLP)"
+    s_in, s_out = shape(x_in), shape(x_out)
+    if s_in is None or len(s_in) != 3 or s_in != s_mid or s_in != s_out:
+        return f"{where}: residual stream is not a [batch, tokens, width] tensor ({s_in})"
+    if set(symbolic_dims(x_in)) - {0}:
+        return (f"{where}: the token count is symbolic (dynamic image size); a static schedule "
+                "needs a fixed token count")
+    name = (module_path(x_out) or module_path(core)).rsplit(".attn", 1)[0].rsplit(".mlp", 1)[0]
+    lin_attn, lin_mlp, attn_dim = cost.block_costs(gm, nodes, mid_down, ks, kt, s_in[0])
+    return Block(0, name, x_in, core, kind, keys, kt, x_mid, x_out, nodes, lin_attn, lin_mlp, attn_dim)
+
+
 def find_blocks(gm: fx.GraphModule) -> MatchResult:
-    """Match the chain of transformer blocks in ``gm``; never raises for unmatched graphs."""
+    """Match the chain of transformer blocks in ``gm`` and price it (:mod:`.cost`); never raises for
+    unmatched graphs, and never changes ``gm``."""
     graph = gm.graph
     g = to_nx(graph)
     attns = _find_attention(graph)
@@ -230,74 +258,13 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
         return MatchResult([], problems=[NO_ATTENTION])
     blocks: list[Block] = []
     problems: list[str] = []
-    for core, kind, keys, kt, out in attns:
-        where = module_path(core) or core.name
-        anc_core = nx.ancestors(g, core)
-        down = nx.descendants(g, out) | {out}
-        x_mid = x_in = None
-        for n in _cone(g, out):
-            if is_add(n):
-                a, b = n.args[0], n.args[1]
-                if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-                    continue
-                if a in down and b not in down and b in anc_core:
-                    x_mid, x_in = n, b
-                elif b in down and a not in down and a in anc_core:
-                    x_mid, x_in = n, a
-                if x_mid is not None:
-                    break
-        if x_mid is None:
-            problems.append(f"{where}: attention has no residual add (post-norm or parallel block?)")
+    for found in attns:
+        b = _match_block(gm, g, attns, *found)
+        if isinstance(b, str):
+            problems.append(b)
             continue
-        s_mid = shape(x_mid)
-        if s_mid is not None and len(s_mid) == 4:
-            problems.append(f"{where}: the residual stream is a 2-D token map {s_mid} (windowed or hierarchical "
-                            "attention, e.g. SAM, Swin, Hiera); merging needs a [batch, tokens, width] stream")
-            continue
-        ks = shape(keys)
-        if ks and s_mid and len(s_mid) == 3 and (ks[-1] if kt else ks[-2]) != s_mid[1]:
-            problems.append(f"{where}: the attention's keys ({ks[-1] if kt else ks[-2]}) are not the block's "
-                            f"{s_mid[1]} tokens (windowed, pooled or class attention); left unmerged")
-            continue
-        x_out = None
-        mid_down = nx.descendants(g, x_mid)
-        for n in _cone(g, x_mid):
-            if is_add(n) and x_mid in n.args:
-                other = n.args[1] if n.args[0] is x_mid else n.args[0]
-                if isinstance(other, fx.Node) and other in mid_down:
-                    x_out = n
-                    break
-        if x_out is None:
-            problems.append(f"{where}: no MLP residual add after the attention residual")
-            continue
-        nodes = (nx.descendants(g, x_in) & nx.ancestors(g, x_out)) | {x_out}
-        if any(c is not core and c in nodes for c, *_ in attns):
-            problems.append(f"{where}: MLP path contains another attention")
-            continue
-        mlp = [n for n in nodes if is_linear(n) and n in mid_down]
-        if not mlp:
-            problems.append(f"{where}: no linear layer between the residual adds (not an MLP)")
-            continue
-        s_in, s_mid, s_out = shape(x_in), shape(x_mid), shape(x_out)
-        if s_in is None or len(s_in) != 3 or s_in != s_mid or s_in != s_out:
-            problems.append(f"{where}: residual stream is not a [batch, tokens, width] tensor ({s_in})")
-            continue
-        if set(symbolic_dims(x_in)) - {0}:
-            problems.append(f"{where}: the token count is symbolic (dynamic image size); a static schedule "
-                            "needs a fixed token count")
-            continue
-        name = module_path(x_out) or module_path(core) or f"block{len(blocks)}"
-        name = name.rsplit(".attn", 1)[0].rsplit(".mlp", 1)[0]
-        lin = [0, 0]
-        for n in nodes:
-            if is_linear(n):
-                lin[n in mid_down] += _linear_macs(gm, n)
-        attn_dim = 0
-        if ks:
-            lead = math.prod(ks[:-2]) // max(s_in[0], 1)
-            attn_dim = lead * (ks[-2] if kt else ks[-1])
-        blocks.append(Block(len(blocks), name, x_in, core, kind, keys, kt, x_mid, x_out, nodes, lin[0], lin[1], attn_dim))
-
+        b.name = b.name or f"block{len(blocks)}"
+        blocks.append(b)
     # keep the first chain of blocks (x_out of one is x_in of the next)
     chain: list[Block] = []
     for b in blocks:
@@ -315,25 +282,5 @@ def find_blocks(gm: fx.GraphModule) -> MatchResult:
         problems.append(problem)
         if prefix < 0:
             return MatchResult([], problems=problems)
-    block_nodes = set().union(*(b.nodes for b in chain))
-    other = 0
-    for n in graph.nodes:
-        if n not in block_nodes and is_linear(n) and shape(n):
-            other += math.prod(shape(n)[:-1]) * _linear_macs(gm, n) // max(bsz, 1)
+    other = cost.other_macs(gm, set().union(*(b.nodes for b in chain)), bsz)
     return MatchResult(chain, bsz, tokens, width, prefix, grid, problems, other)
-
-
-def _linear_macs(gm: fx.GraphModule, n: fx.Node) -> int:
-    """in_features * out_features of a linear node (per row of its input)."""
-    w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-    ws = shape(w) if isinstance(w, fx.Node) else None
-    if ws is None and isinstance(w, fx.Node) and w.op == "get_attr":
-        ws = tuple(_get_attr(gm, w.target).shape)
-    return ws[0] * ws[1] if ws and len(ws) == 2 else 0
-
-
-def _get_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

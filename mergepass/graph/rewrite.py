@@ -13,6 +13,7 @@ from ..schedule import Schedule, make_schedule
 from .capture import copy_graph_module
 from .match import NO_ATTENTION, MatchResult, find_blocks
 from .passes import RewriteError, fix_token_literals, insert_merges
+from .passes.insert_merges import Inserted
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -30,11 +31,22 @@ class RewriteResult:
         return self.schedule is not None and self.schedule.merging
 
 
-def _blame(match: MatchResult, region: int, err: RewriteError) -> int:
-    for b in match.blocks[:region]:
-        if err.node in b.nodes:
-            return b.index
-    return region - 1
+def _blame(match: MatchResult, inserted: Inserted, err: RewriteError) -> int:
+    """The block whose rewrite ``err`` is about (the last rewritten one when no block holds its node)."""
+    for i in range(inserted.region):
+        if err.node in inserted.block_nodes(match, i):
+            return i
+    return inserted.region - 1
+
+
+def _no_blocks(base: fx.GraphModule, match: MatchResult, notes: list[str], say) -> RewriteResult:
+    msg = f"mergepass: no transformer blocks matched ({match.summary()}); compiling unchanged"
+    if match.problems == [NO_ATTENTION]:
+        # with graph breaks, other graphs of the same model may hold its attention and merge
+        msg += " (where graph breaks split a model, its other graphs are still merged)"
+    if say:
+        say(msg)
+    return RewriteResult(base, None, match, notes + [msg])
 
 
 def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe", *, schedule: Optional[Schedule] = None,
@@ -43,23 +55,19 @@ def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe", *,
     """Insert the recipe's merges into a copy of ``base`` (a :func:`~.capture.prepare`-d graph).
 
     Never raises for graphs it cannot handle: those come back unchanged with a
-    :class:`MergepassWarning`. ``schedule``: the full schedule when the caller already computed it.
-    ``fused``: merges call the fused CPU kernel (:mod:`mergepass.merge.fused`). ``warn``: whether to
-    warn, or the function that does (the backend's says each thing once)."""
+    :class:`MergepassWarning`. A block whose token count cannot be followed is left unmerged with every
+    block after it: the rewrite starts again on a fresh copy with fewer blocks (at most once per block).
+    ``schedule``: the full schedule when the caller already computed it. ``fused``: merges call the fused
+    CPU kernel (:mod:`mergepass.merge.fused`). ``warn``: whether to warn, or the function that does (the
+    backend's says each thing once)."""
     notes = list(notes)
     say = warn if callable(warn) else (lambda m: warnings.warn(m, MergepassWarning, stacklevel=3)) if warn else None
     limit: Optional[int] = None
-    while True:
+    while limit is None or limit > 0:  # each failed attempt lowers the limit: at most one per block
         work = copy_graph_module(base)
         match = find_blocks(work)
         if not match.ok:
-            msg = f"mergepass: no transformer blocks matched ({match.summary()}); compiling unchanged"
-            if match.problems == [NO_ATTENTION]:
-                # with graph breaks, other graphs of the same model may hold its attention and merge
-                msg += " (where graph breaks split a model, its other graphs are still merged)"
-            if say:
-                say(msg)
-            return RewriteResult(base, None, match, notes + [msg])
+            return _no_blocks(base, match, notes, say)
         sched = schedule if (schedule is not None and limit is None) else make_schedule(match, recipe, limit, model)
         sched.notes.extend(n for n in notes if n not in sched.notes)
         if say and limit is None:
@@ -68,22 +76,18 @@ def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe", *,
         if not sched.merging:
             return RewriteResult(base, sched, match, notes)
         inserted = insert_merges(work, match, sched, fused=fused)
-        region = inserted["region"]
-        allowed = set().union(*(b.nodes for b in match.blocks[:region]))
-        source_of = {n: src for i, src in inserted["sources"].items() if src is not None for n in match.blocks[i].nodes}
         try:
-            fix_token_literals(work, example_inputs, allowed, source_of, match.tokens, sched.prefix)
+            fix_token_literals(work, example_inputs, inserted.allowed(match), inserted.source_of(match), match.tokens,
+                               sched.prefix)
         except RewriteError as e:
-            k = _blame(match, region, e)
-            limit = min(k, region - 1) if limit is None else min(k, limit - 1, region - 1)
-            name = match.blocks[k].name if k < len(match.blocks) else f"block {k}"
-            note = f"{name}: not merged because {e}"
+            k = _blame(match, inserted, e)
+            limit = min(k, inserted.region - 1, limit - 1 if limit is not None else k)
+            note = f"{match.blocks[k].name}: not merged because {e}"
             notes.append(note)
             if say:
                 say(f"mergepass: {note}; merging only the blocks before it")
-            if limit <= 0:
-                sched = make_schedule(match, recipe, limit=0, model=model)
-                sched.notes.extend(notes)
-                return RewriteResult(base, sched, match, notes)
             continue
         return RewriteResult(work, sched, match, notes)
+    sched = make_schedule(match, recipe, limit=0, model=model)
+    sched.notes.extend(notes)
+    return RewriteResult(base, sched, match, notes)

@@ -18,7 +18,7 @@ from torch import fx
 
 from .. import compat
 from ..errors import MergepassWarning
-from ..graph.match import SDPA
+from ..graph.nodes import SDPA
 from ..merge import attn_bias
 
 OP = "torchao::qscaled_dot_product"

@@ -22,7 +22,7 @@ from ..cpu import bf16_isa, int8_isa
 from ..errors import MergepassWarning
 from ..stages import progress, stage
 from ..graph.lift import Inputs, Lifted, module_names, path_matches
-from ..graph.match import SDPA
+from ..graph.nodes import SDPA
 from . import int8_attention
 from .base import QuantEngine, Quantized, register_engine
 from .calibration import fit_batches, outlier_linears

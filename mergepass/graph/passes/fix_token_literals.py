@@ -18,6 +18,7 @@ from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint
 from ... import compat
 from ...merge import gather_positions
 from ..lift import is_state
+from ..meta import INSERTED, UNMERGED_SHAPE
 from .position_tables import table_reads
 
 SHAPE_METHODS = {"reshape", "view", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
@@ -36,14 +37,14 @@ def _concrete(v):
 
 
 def _old_shape(node) -> tuple | None:
-    if isinstance(node, fx.Node) and "unmerged_shape" in node.meta:
-        return node.meta["unmerged_shape"]
+    if isinstance(node, fx.Node) and UNMERGED_SHAPE in node.meta:
+        return node.meta[UNMERGED_SHAPE]
     v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return tuple(_concrete(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _is_mergepass_op(n: fx.Node) -> bool:
-    return bool(n.meta.get("mergepass"))  # set by insert_merges
+    return bool(n.meta.get(INSERTED))
 
 
 def _shape_args(n: fx.Node):
@@ -100,7 +101,7 @@ class _Fixer(fx.Interpreter):
             with self.graph.inserting_before(n):
                 g = self.graph.call_function(gather_positions, (rd.table, self.source_of[n], rd.dims, rd.offset,
                                                                 rd.n, rd.ndim))
-            g.meta["mergepass"] = True
+            g.meta[INSERTED] = True
             self.env[g] = fx.Interpreter.run_node(self, g)  # inserted behind the walk: run it here
             self.allowed.add(g)
             if isinstance(rd.slot, int):

@@ -4,12 +4,39 @@ the merged blocks (unmerge), so everything downstream (norm, pooling, heads, out
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import fx
 
 from ...merge import attn_bias, key_metric, similarity_metric, unmerge
 from ...methods import get_op
-from ..match import Block, MatchResult, shape
+from ..match import Block, MatchResult
+from ..meta import INSERTED, UNMERGED_SHAPE
+from ..nodes import shape
+
+
+@dataclass
+class Inserted:
+    """What :func:`insert_merges` did to a graph."""
+
+    region: int                                 # blocks rewritten, from the first
+    merges: list[fx.Node]                       # the merge calls, in block order
+    sources: dict[int, Optional[fx.Node]]       # per rewritten block, the source map valid where it starts
+                                                # (None before the first merge)
+    added: dict[int, set] = field(default_factory=dict)  # per block, nodes added inside it (attention bias)
+
+    def block_nodes(self, match: MatchResult, i: int) -> set:
+        """Block ``i``'s nodes, those added inside it included."""
+        return match.blocks[i].nodes | self.added.get(i, set())
+
+    def allowed(self, match: MatchResult) -> set:
+        """The nodes whose token count may change: those of the rewritten blocks."""
+        return set().union(*(self.block_nodes(match, i) for i in range(self.region)))
+
+    def source_of(self, match: MatchResult) -> dict:
+        """For each node of a block entered by merged tokens, the source map valid there."""
+        return {n: src for i, src in self.sources.items() if src is not None for n in self.block_nodes(match, i)}
 
 
 def _unmerged_shape(bias: fx.Node, like: fx.Node, tokens: int) -> None:
@@ -17,10 +44,11 @@ def _unmerged_shape(bias: fx.Node, like: fx.Node, tokens: int) -> None:
     position tables added to it are recognised (passes/position_tables.py)."""
     s = shape(like)
     if s is not None:
-        bias.meta["unmerged_shape"] = (s[0], 1, 1, tokens) if len(s) == 4 else (s[0], 1, tokens)
+        bias.meta[UNMERGED_SHAPE] = (s[0], 1, 1, tokens) if len(s) == 4 else (s[0], 1, tokens)
 
 
-def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node, tokens: int) -> None:
+def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node, tokens: int) -> set:
+    """Add log(size) to the block's attention logits; returns the nodes added."""
     core = block.attn
     before = set(graph.nodes)
     with graph.inserting_before(core):
@@ -41,7 +69,7 @@ def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node, tokens: in
             _unmerged_shape(bias, logits, tokens)
             biased = graph.call_function(operator.add, (logits, bias))
             core.args = (biased,) + core.args[1:]
-    block.nodes |= set(graph.nodes) - before  # later passes treat the bias as part of the block
+    return set(graph.nodes) - before  # later passes treat the bias as part of the block
 
 
 def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused: bool):
@@ -53,17 +81,17 @@ def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused:
     return graph.call_function(fn, (block.x_mid, metric, size, source), dict(r=plan.r, prefix=sched.prefix, **plan.args))
 
 
-def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = False) -> dict:
-    """Rewrite ``gm`` in place; returns {'region': blocks rewritten, 'merges': merge nodes, 'sources':
-    {block index: the source map valid where the block starts, None before the first merge}}.
-    ``fused``: merges call the fused CPU kernel instead of the reference ops."""
+def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = False) -> Inserted:
+    """Rewrite ``gm`` (whose nodes ``match`` refers to) in place with ``sched``'s merges; ``match`` itself is
+    left as it was. ``fused``: merges call the fused CPU kernel instead of the reference ops."""
     graph = gm.graph
     existing = set(graph.nodes)
     size = source = None
     region = 0
     merges = []
     source_after = []  # the source map valid at each block's output
-    sources = {}
+    sources: dict = {}
+    added: dict = {}
     for plan in sched.blocks:
         if plan.kind == "off":
             break
@@ -71,7 +99,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
         region = plan.index + 1
         sources[plan.index] = source
         if size is not None and sched.recipe.prop_attn:
-            _add_attention_bias(graph, block, size, match.tokens)
+            added[plan.index] = _add_attention_bias(graph, block, size, match.tokens)
         if plan.merged == 0:
             source_after.append(source)
             continue
@@ -87,13 +115,13 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
     if source is None:
         _mark_new(graph, existing)
         gm.recompile()
-        return {"region": region, "merges": merges, "sources": sources}
+        return Inserted(region, merges, sources, added)
     blocks = match.blocks[:region]
     # where the merged token stream leaves the rewritten blocks, give it back its original length
     for i, block in enumerate(blocks):
         if source_after[i] is None:
             continue
-        inside_next = blocks[i + 1].nodes if i + 1 < len(blocks) else set()
+        inside_next = blocks[i + 1].nodes | added.get(i + 1, set()) if i + 1 < len(blocks) else set()
         outside = [u for u in block.x_out.users if u not in inside_next]
         if not outside:
             continue
@@ -103,11 +131,11 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
             u.replace_input_with(block.x_out, restored)
     _mark_new(graph, existing)
     gm.recompile()
-    return {"region": region, "merges": merges, "sources": sources}
+    return Inserted(region, merges, sources, added)
 
 
 def _mark_new(graph: fx.Graph, existing: set) -> None:
     """Tag the nodes this pass added: a failure in one of them is mergepass's, never the model's."""
     for n in graph.nodes:
         if n not in existing:
-            n.meta["mergepass"] = True
+            n.meta[INSERTED] = True

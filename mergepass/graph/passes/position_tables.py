@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import fx
 
-from ..match import SDPA
+from ..nodes import SDPA
 
 BINARY_FN = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
              torch.add, torch.sub, torch.mul, torch.div}

@@ -13,7 +13,8 @@ from torch import fx
 
 from ...kernels import attention
 from ...merge import attn_bias
-from ..match import SDPA
+from ..meta import INSERTED
+from ..nodes import SDPA
 
 _SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                          enable_gqa=False: None)
@@ -42,7 +43,7 @@ def _float_mask(node) -> bool:
     value = _value(node)
     if isinstance(value, torch.Tensor):
         return value.is_floating_point()
-    if isinstance(node, fx.Node) and node.meta.get("mergepass"):
+    if isinstance(node, fx.Node) and node.meta.get(INSERTED):
         return node.target is attn_bias or (node.target is operator.add and all(_float_mask(a) for a in node.args))
     return False
 
