@@ -119,3 +119,26 @@ def test_search_takes_any_registered_method_with_per_block_r(monkeypatch, planne
     assert searchable(recipe.replace(method="toy_per_block"), match).method == "toy_per_block"
     assert searchable(recipe.replace(method="toy_flat"), match).method == "tome"
     assert searchable(recipe.replace(method="tomato"), match).method == "tome"
+
+
+def test_auto_searches_a_registered_method_block_by_block(monkeypatch, planner):
+    """Recipe ``auto`` with images searches per-block r for the most faithful candidate's method, read from
+    the registry: a newly registered method that wins is the one searched."""
+    from mergepass.graph.capture import copy_graph_module, prepare
+    from mergepass.graph.match import find_blocks
+    from mergepass.methods import base
+    from mergepass.methods.tome import ToMe
+    from mergepass.search.auto import choose
+
+    class Toy(ToMe):
+        name = "toy_auto"
+        auto_rank = 5
+    monkeypatch.setitem(base._METHODS, "toy_auto", Toy())
+    gm, ex = planner(3, 64).graphs[0]
+    match = find_blocks(copy_graph_module(prepare(gm, ex)))
+    recipe = mergepass.load_recipe("auto", target_speedup=1.2, search_iterations=1)
+    choice = choose(match, recipe, lambda r: 0.9 if r.method == "toy_auto" else 0.5)
+    searched = [c for c in choice.candidates if c.method.endswith("(searched)")]
+    assert [c.method for c in searched] == ["toy_auto (searched)"] and searched[0].recipe.method == "toy_auto"
+    assert isinstance(searched[0].r, tuple) and len(searched[0].r) == len(match.blocks)
+

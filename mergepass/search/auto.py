@@ -2,7 +2,8 @@
 
 Targets: predicted speedup / MACs ratio (MACs model) and, with calibration images, a quality floor
 measured on the merged graph (eager, no compile). Candidates are the registered methods with an
-``auto_rank``, over their strength r. Without images the preference follows that rank (the papers'
+``auto_rank``, over their strength r; with images, the most faithful one that takes one r per block is
+also searched block by block (:mod:`.evolve`). Without images the preference follows that rank (the papers'
 quality ranking: DFE+LGTM, DFE, ToMe) at the weakest strength that meets the target; with images,
 each candidate's mean output cosine against the unmerged graph decides.
 """
@@ -70,12 +71,17 @@ def weakest_meeting(match: "MatchResult", recipe: "Recipe", method: MergeMethod)
     return None
 
 
-def _searched(match, recipe, fidelity) -> Candidate:
-    """Per-block r searched on the calibration images at the target's MACs budget."""
+def _searched(match, recipe, fidelity, considered: list[Candidate]) -> Optional[Candidate]:
+    """Per-block r searched on the calibration images at the target's MACs budget, for the method of the most
+    faithful candidate that takes one r per block (a registered method's capability, never a fixed name)."""
+    per_block = [c for c in considered if get_method(c.method).per_block_r]
+    if not per_block:
+        return None
+    method = get_method(max(per_block, key=lambda c: c.cosine).method)
     budget = min(recipe.max_macs_ratio or 1.0, 1.0 / (recipe.target_speedup or 1.0))
-    res = evolve(match, recipe.replace(method="tome", r=0, skip=0), fidelity, budget,
-                 iterations=recipe.search_iterations, children=4)
-    return Candidate("tome (searched)", res.recipe.r, res.recipe, res.schedule, res.score)
+    res = evolve(match, method.candidate(recipe, 0), fidelity, budget, iterations=recipe.search_iterations,
+                 children=4)
+    return Candidate(f"{method.name} (searched)", res.recipe.r, res.recipe, res.schedule, res.score)
 
 
 def _strongest_under_floor(match, recipe, method, fidelity) -> int:
@@ -105,8 +111,11 @@ def choose(match: "MatchResult", recipe: "Recipe", fidelity: Optional[Callable[[
                        key=lambda s: s.predicted_speedup)
             raise ValueError(f"impossible schedule: at most {best.predicted_speedup:.2f}x predicted speedup "
                              f"(MACs ratio {best.macs_ratio:.2f}) for this model and input")
+        searched = None
         if fidelity is not None and recipe.search_iterations:
-            considered.append(_searched(match, recipe, fidelity))
+            searched = _searched(match, recipe, fidelity, considered)
+        if searched is not None:
+            considered.append(searched)
         ok = [c for c in considered if c.cosine is None or c.cosine >= recipe.min_cosine]
         if not ok:
             raise ValueError(f"no schedule meets both the speed target and min_cosine={recipe.min_cosine}: "
