@@ -115,7 +115,7 @@ def _quantize(graph, example_inputs, recipe, calibration, warn) -> tuple[Quantiz
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MergepassWarning)
         try:
-            q = quantize(graph, example_inputs, recipe, calibration)
+            q = quantize(graph, example_inputs, recipe.quantize, recipe.lower, calibration)
         except Exception as e:  # noqa: BLE001 - e.g. torchao's conv-BN fold on a CNN
             if isinstance(e, (ValueError, RuntimeError)) and "calibration" in str(e):
                 raise

@@ -1,33 +1,38 @@
-"""Recipes: what to merge, how much, and whether to quantize. Plain data, loaded from TOML."""
+"""Recipes: what to merge, how much, whether to quantize, and how to lower. Plain data, loaded from TOML.
+
+A recipe composes the configs of the layers below it, each a frozen dataclass the layer owns::
+
+    name, description
+    [merge]     method = "tome", prop_attn, kernel, and the method's own fields (mergepass.methods: ToMeConfig, ...)
+    [quantize]  enabled, mode, engine, ... (mergepass.quantize.Quantize)
+    [search]    target_speedup, max_macs_ratio, min_cosine, search_iterations (recipe method "auto")
+    [lower]     target = "inductor" | "tensorrt" | "eager", attention_kernel
+
+A field the chosen method does not have is an error naming it. The older flat files (``method = "tome"``,
+``r = 16`` at the top) and flat keyword overrides (``r=8``, ``quantize_rest="fp32"``) map onto this shape.
+"""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import importlib.resources
-import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from .merge import SIMILARITIES
-from .methods import AUTO, RESERVED, method_names
-from .methods.tome import is_inflected
 from .lower import LOWERINGS
-from .quantize.engines import engine_names, get_engine
+from .methods import AUTO, RESERVED, MethodConfig, config_of, method_names
+from .methods.base import finite_number, unknown_field
+from .quantize import Quantize
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-QUANT_MODES = ("static", "dynamic")
 MERGE_KERNELS = ("auto", "fused", "reference")
 ATTENTION_KERNELS = ("auto", "sdpa", "bf16", "int8")
-PARTITIONS = ("patches", "sequence")
-REST_PRECISIONS = ("auto", "fp32", "bf16")
-ATTENTION_PRECISIONS = ("float", "int8")
-OBSERVERS = ("auto", "minmax", "histogram")
 
 
 def recipes_dir() -> Path:
@@ -37,76 +42,55 @@ def recipes_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class Quantize:
-    """int8 post-training quantization settings (see `mergepass.quantize`)."""
+class Search:
+    """The ``[search]`` table: the targets of recipe method ``auto`` (:mod:`mergepass.search.auto`)."""
 
-    enabled: bool = False
-    mode: str = "static"          # static: calibrated activation scales; dynamic: per-batch scales
-    keep_fp32: tuple[str, ...] = ()  # linears kept in fp32, by module path glob ("blocks.2.mlp.fc2", "*.fc2")
-    sensitivity: float = 0.0      # >0: also keep linears whose input max/p99.9 ratio exceeds this
-    calibration_batches: int = 8  # at most this many calibration batches are used
-    engine: str = "auto"          # pt2e (x86, CPU default) | torchao (CUDA default) | modelopt (TensorRT default)
-    rest: str = "auto"            # what runs outside the int8 GEMMs: bf16 | fp32 | auto (bf16 where the CPU
-                                  # has AVX512-BF16 or AMX)
-    attention: str = "float"      # float (the rest's precision) | int8 (torchao's fused int8 SDPA; costs fidelity)
-    observer: str = "auto"        # static activation ranges: minmax (calibration min/max) | histogram (torchao's
-                                  # default: least quantization error on a histogram) | auto (minmax for the
-                                  # linears' 8-bit activations; histogram for 7-bit ones and int8 attention)
+    target_speedup: float = 0.0        # predicted (MACs-model) speedup to reach
+    max_macs_ratio: float = 0.0        # merged/unmerged MACs at most this
+    min_cosine: float = 0.0            # quality floor (mean output cosine on calibration images)
+    search_iterations: int = 6         # with calibration images: steps of the per-block r search
 
-    def validate(self) -> None:
-        if self.mode not in QUANT_MODES:
-            raise ValueError(f"recipe field 'quantize.mode' must be one of {QUANT_MODES}, got {self.mode!r}")
-        engines = ("auto",) + engine_names()
-        if self.engine not in engines:
-            raise ValueError(f"recipe field 'quantize.engine' must be one of {engines}, got {self.engine!r}")
-        if not isinstance(self.calibration_batches, int) or self.calibration_batches < 1:
-            raise ValueError("recipe field 'quantize.calibration_batches' must be a positive integer, "
-                             f"got {self.calibration_batches!r}")
-        if not _finite_number(self.sensitivity) or self.sensitivity < 0:
-            raise ValueError(f"recipe field 'quantize.sensitivity' must be a number >= 0, got {self.sensitivity!r}")
-        if not isinstance(self.keep_fp32, (tuple, list)) or not all(isinstance(s, str) for s in self.keep_fp32):
-            raise ValueError(f"recipe field 'quantize.keep_fp32' must be a list of strings, got {self.keep_fp32!r}")
-        if self.rest not in REST_PRECISIONS:
-            raise ValueError(f"recipe field 'quantize.rest' must be one of {REST_PRECISIONS}, got {self.rest!r}")
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"recipe field 'quantize.observer' must be one of {OBSERVERS}, got {self.observer!r}")
-        if self.attention not in ATTENTION_PRECISIONS:
-            raise ValueError(f"recipe field 'quantize.attention' must be one of {ATTENTION_PRECISIONS}, "
-                             f"got {self.attention!r}")
+    def validate(self, method: str) -> None:
+        for name in ("target_speedup", "max_macs_ratio", "min_cosine"):
+            v = getattr(self, name)
+            if not finite_number(v) or v < 0:
+                raise ValueError(f"recipe field {name!r} must be a finite number >= 0, got {v!r}")
+        if self.max_macs_ratio > 1 or self.min_cosine > 1:
+            raise ValueError("recipe fields 'max_macs_ratio' and 'min_cosine' must be <= 1")
+        it = self.search_iterations
+        if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+            raise ValueError(f"recipe field 'search_iterations' must be an integer >= 0, got {it!r}")
+        if method == "auto" and not (self.target_speedup or self.max_macs_ratio or self.min_cosine):
+            raise ValueError("recipe method 'auto' needs 'target_speedup', 'max_macs_ratio' or 'min_cosine'")
+
+
+_SEARCH_FIELDS = tuple(f.name for f in fields(Search))
+_QUANT_FIELDS = tuple(f.name for f in fields(Quantize))
+# The flat layout's defaults: a flat file written before recipes had tables names every method's fields, the
+# chosen method's and the others' at these values; the others are dropped when they hold them.
+_FLAT_DEFAULTS = {"r": 16, "skip": 0, "window": AUTO, "transition": AUTO, "match_tome_r": 0, "budget": 0.2,
+                  "similarity": "softmax", "partition": "patches", "protect": 0}
+_MERGE_TABLE = {"method": "method", "prop_attn": "prop_attn", "kernel": "merge_kernel"}  # [merge] key -> field
+_LOWER_TABLE = {"target": "lower", "attention_kernel": "attention_kernel"}              # [lower] key -> field
 
 
 @dataclass(frozen=True)
 class Recipe:
     """A merge (and quantization) recipe.
 
-    Model-dependent fields accept ``"auto"`` and are resolved against the matched graph by
-    :func:`mergepass.schedule.make_schedule` (the resolved values are printed by ``mergepass.plan``).
+    ``merge`` holds the method's own fields (``recipe.r`` etc. read them); model-dependent ones accept
+    ``"auto"`` and are resolved against the matched graph by :func:`mergepass.schedule.make_schedule`
+    (the resolved values are printed by ``mergepass.plan``).
     """
 
     name: str = "custom"
     method: str = "tome"
-    r: Union[int, str, tuple] = 16     # tokens merged per merging block, one value per block, ToMe's
-                                       # [r, inflect] (inflect a float in [-1, 1]: r falls or rises
-                                       # linearly with depth), or "auto" (from match_tome_r)
-    skip: Union[int, str] = 0          # DFE: blocks left dense at the start ("auto": depth/6)
-    window: Union[int, str] = AUTO     # LGTM: initial window side, in tokens
-    transition: Union[int, str] = AUTO  # LGTM: number of local blocks ("auto": Algorithm 1's rule)
-    match_tome_r: int = 0              # r/budget="auto": the value whose MACs are closest to ToMe with this r
-    budget: Union[int, float, str] = 0.2  # ToMato: tokens removed (int), fraction of patch tokens, or "auto"
-    similarity: str = "softmax"        # ToMato: which 4-adjacent pairs merge: "softmax" (the paper's: row-softmax of
-                                       # the post-attention tokens' dot products) | "cosine" (of the keys, as ToMe)
+    merge: MethodConfig = None         # type: ignore[assignment]  # the method's config (None: its defaults)
     prop_attn: bool = True             # proportional attention: log(size) added to attention logits
-    partition: str = "patches"         # ToMe's A/B split: alternate over patch positions, or over
-                                       # sequence positions as official ToMe (differs for an odd prefix)
-    protect: Union[int, float] = 0     # ToMe steps: the mergeable tokens with the largest key norms never merge,
-                                       # this many per block (int) or this fraction of the patch tokens (float < 1)
-    quantize: Quantize = field(default_factory=Quantize)
-    target_speedup: float = 0.0        # auto: predicted (MACs-model) speedup to reach
-    max_macs_ratio: float = 0.0        # auto: merged/unmerged MACs at most this
-    min_cosine: float = 0.0            # auto: quality floor (mean output cosine on calibration images)
-    search_iterations: int = 6         # auto with calibration images: steps of the per-block r search
-    lower: str = "inductor"
     merge_kernel: str = "auto"         # fused: one C++ op per merge (CPU); reference: pure tensor ops
+    quantize: Quantize = field(default_factory=Quantize)
+    search: Search = field(default_factory=Search)
+    lower: str = "inductor"
     attention_kernel: str = "auto"     # bf16 | int8: mergepass's attention ops (AVX512-BF16 | AVX-512 VNNI, dynamic
                                        # scales); sdpa: torch's; auto: in merged or int8 graphs, the op that is
                                        # faster than SDPA on this CPU, if any (mergepass.kernels.attention)
@@ -115,13 +99,30 @@ class Recipe:
     def __post_init__(self):
         self.validate()
 
+    def __getattr__(self, name: str) -> Any:
+        """The method's and the search's fields by their flat names (``recipe.r``, ``recipe.target_speedup``)."""
+        merge, search = self.__dict__.get("merge"), self.__dict__.get("search")
+        if isinstance(merge, MethodConfig) and name in merge.field_names():
+            return getattr(merge, name)
+        if search is not None and name in _SEARCH_FIELDS:
+            return getattr(search, name)
+        raise AttributeError(f"recipe {self.__dict__.get('name')!r} has no field {name!r} (method "
+                             f"{self.__dict__.get('method')!r})")
+
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
         methods = RESERVED + method_names()
         if self.method not in methods:
-            close = difflib.get_close_matches(str(self.method), methods, n=3)
-            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise ValueError(f"recipe field 'method' must be one of {methods}, got {self.method!r}{hint}")
+            raise ValueError(f"recipe field 'method' must be one of {methods}, got {self.method!r}"
+                             + _did_you_mean(str(self.method), methods))
+        cls = config_of(self.method)
+        if self.merge is None:
+            object.__setattr__(self, "merge", cls())
+        elif isinstance(self.merge, Mapping):
+            object.__setattr__(self, "merge", cls.build(self.merge, self.method))
+        if type(self.merge) is not cls:
+            raise ValueError(f"recipe field 'merge' must be a {cls.__name__} for method {self.method!r}, "
+                             f"got {type(self.merge).__name__}")
         if self.lower not in LOWERINGS:
             raise ValueError(f"recipe field 'lower' must be one of {LOWERINGS}, got {self.lower!r}")
         if self.merge_kernel not in MERGE_KERNELS:
@@ -129,95 +130,58 @@ class Recipe:
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"recipe field 'attention_kernel' must be one of {ATTENTION_KERNELS}, "
                              f"got {self.attention_kernel!r}")
-        if is_inflected(self.r):
-            if isinstance(self.r[0], bool) or not isinstance(self.r[0], int) or self.r[0] < 0 \
-                    or not -1.0 <= self.r[1] <= 1.0:
-                raise ValueError("recipe field 'r' as ToMe's [r, inflect] needs an integer r >= 0 and a float inflect "
-                                 f"in [-1, 1], got {list(self.r)!r}")
-        elif isinstance(self.r, (tuple, list)):
-            if not self.r or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.r):
-                raise ValueError(f"recipe field 'r' as a list must hold one integer >= 0 per block, got {list(self.r)!r}")
-        else:
-            _int_or_auto("r", self.r)
-        if self.partition not in PARTITIONS:
-            raise ValueError(f"recipe field 'partition' must be one of {PARTITIONS}, got {self.partition!r}")
-        _int_or_auto("skip", self.skip)
-        _int_or_auto("window", self.window, minimum=2)
-        _int_or_auto("transition", self.transition)
-        if not isinstance(self.search_iterations, int) or isinstance(self.search_iterations, bool) \
-                or self.search_iterations < 0:
-            raise ValueError(f"recipe field 'search_iterations' must be an integer >= 0, got {self.search_iterations!r}")
-        if isinstance(self.protect, bool) or not (
-                (isinstance(self.protect, int) and self.protect >= 0)
-                or (isinstance(self.protect, float) and 0.0 <= self.protect < 1.0)):
-            raise ValueError("recipe field 'protect' must be an integer >= 0 (tokens) or a fraction in [0, 1) of the "
-                             f"patch tokens, got {self.protect!r}")
-        if not isinstance(self.match_tome_r, int) or isinstance(self.match_tome_r, bool) or self.match_tome_r < 0:
-            raise ValueError(f"recipe field 'match_tome_r' must be an integer >= 0, got {self.match_tome_r!r}")
-        if self.r == AUTO and self.match_tome_r <= 0:
-            raise ValueError("recipe field 'r' is 'auto' but 'match_tome_r' is not set (> 0)")
-        b = self.budget
-        if b == AUTO:
-            if self.match_tome_r <= 0:
-                raise ValueError("recipe field 'budget' is 'auto' but 'match_tome_r' is not set (> 0)")
-            b = 0
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise ValueError(f"recipe field 'budget' must be an int (tokens), a float in [0, 1) or 'auto', got {b!r}")
-        if isinstance(b, float) and not 0.0 <= b < 1.0:
-            raise ValueError(f"recipe field 'budget' as a fraction must be in [0, 1), got {b!r}")
-        if isinstance(b, int) and b < 0:
-            raise ValueError(f"recipe field 'budget' must be >= 0, got {b!r}")
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"recipe field 'similarity' must be one of {SIMILARITIES}, got {self.similarity!r}")
-        for name in ("target_speedup", "max_macs_ratio", "min_cosine"):
-            v = getattr(self, name)
-            if not _finite_number(v) or v < 0:
-                raise ValueError(f"recipe field {name!r} must be a finite number >= 0, got {v!r}")
-        if self.max_macs_ratio > 1 or self.min_cosine > 1:
-            raise ValueError("recipe fields 'max_macs_ratio' and 'min_cosine' must be <= 1")
-        if self.method == "auto" and not (self.target_speedup or self.max_macs_ratio or self.min_cosine):
-            raise ValueError("recipe method 'auto' needs 'target_speedup', 'max_macs_ratio' or 'min_cosine'")
         if not isinstance(self.prop_attn, bool):
             raise ValueError(f"recipe field 'prop_attn' must be true or false, got {self.prop_attn!r}")
         if not isinstance(self.quantize, Quantize):
             raise ValueError("recipe field 'quantize' must be a table")
-        self.quantize.validate()
+        if not isinstance(self.search, Search):
+            raise ValueError("recipe field 'search' must be a table")
+        self.search.validate(self.method)
+        self.quantize.validate(self.lower)
         if self.merge_kernel == "fused" and self.lower == "tensorrt":
             raise ValueError("recipe field 'merge_kernel' = 'fused' is a CPU kernel TensorRT cannot convert: "
                              "use merge_kernel='auto' (reference ops under TensorRT) or lower='inductor'")
-        if self.quantize.engine != "auto":
-            get_engine(self.quantize.engine).check(self)
 
     @property
     def merges(self) -> bool:
         return self.method != "none"
 
+    def with_merge(self, merge: MethodConfig) -> "Recipe":
+        """This recipe with another config of its method (a schedule's resolved one)."""
+        return dataclasses.replace(self, merge=merge)
+
+    def with_method(self, method: str, merge: MethodConfig) -> "Recipe":
+        """This recipe with another method and its config (what recipe ``auto`` chose)."""
+        return dataclasses.replace(self, method=method, merge=merge)
+
     def replace(self, **overrides: Any) -> "Recipe":
-        """A copy with some fields changed (``quantize`` may be a dict of its fields)."""
-        d = self.to_dict()
-        for k, v in _nest_overrides(overrides).items():
-            if k == "quantize" and isinstance(v, Mapping):
-                d["quantize"] = {**d["quantize"], **v}
-            elif k == "quantize" and isinstance(v, Quantize):
-                d["quantize"] = dataclasses.asdict(v)
-            else:
-                d[k] = v
-        return from_dict(d, name=self.name)
+        """A copy with some fields changed, by flat name (``r=8``, ``quantize_rest="fp32"``) or by table
+        (``quantize={...}``, ``merge={...}``, ``search={...}``). A new ``method`` keeps the fields its config
+        shares with the old one."""
+        return _build(_flat_overrides(overrides), base=self)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["quantize"]["keep_fp32"] = list(d["quantize"]["keep_fp32"])
-        if isinstance(d["r"], tuple):
-            d["r"] = list(d["r"])
-        return d
+        """The recipe as nested tables, the shape :func:`from_dict` and TOML files take."""
+        q = dataclasses.asdict(self.quantize)
+        q["keep_fp32"] = list(q["keep_fp32"])
+        return {"name": self.name, "description": self.description,
+                "merge": {"method": self.method, "prop_attn": self.prop_attn, "kernel": self.merge_kernel,
+                          **self.merge.to_dict()},
+                "quantize": q, "search": dataclasses.asdict(self.search),
+                "lower": {"target": self.lower, "attention_kernel": self.attention_kernel}}
 
     def to_toml(self) -> str:
         """The recipe as TOML that :func:`load` reads back into an equal recipe."""
         d = self.to_dict()
-        q = d.pop("quantize")
-        lines = [f"{k} = {_toml_value(v)}" for k, v in d.items()]
-        lines += ["", "[quantize]"] + [f"{k} = {_toml_value(v)}" for k, v in q.items()]
+        lines = [f"{k} = {_toml_value(d.pop(k))}" for k in ("name", "description")]
+        for table, values in d.items():
+            lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         return "\n".join(lines) + "\n"
+
+
+def _did_you_mean(name: str, allowed) -> str:
+    close = difflib.get_close_matches(name, list(allowed), n=3)
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
 
 
 def _toml_value(v: Any) -> str:
@@ -230,19 +194,8 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _finite_number(v: Any) -> bool:
-    """An int or float that is neither NaN nor infinite (NaN passes every ``<`` check unnoticed)."""
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _int_or_auto(name: str, value: Any, minimum: int = 0) -> None:
-    if value == AUTO:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"recipe field {name!r} must be an integer >= {minimum} or 'auto', got {value!r}")
-
-
-def _nest_overrides(overrides: Mapping[str, Any]) -> dict:
+def _flat_overrides(overrides: Mapping[str, Any]) -> dict:
+    """Keyword overrides as a recipe mapping: ``quantize_x`` into the quantize table."""
     out: dict = {}
     for k, v in overrides.items():
         if k.startswith("quantize_"):
@@ -252,36 +205,82 @@ def _nest_overrides(overrides: Mapping[str, Any]) -> dict:
     return out
 
 
-_RECIPE_FIELDS = {f.name for f in fields(Recipe)}
-_QUANT_FIELDS = {f.name for f in fields(Quantize)}
+def _table(d: dict, key: str) -> dict:
+    t = d.pop(key, None)
+    if t is None:
+        return {}
+    if dataclasses.is_dataclass(t):
+        return dataclasses.asdict(t)
+    if not isinstance(t, Mapping):
+        raise ValueError(f"recipe field {key!r} must be a table, got {t!r}")
+    return dict(t)
 
 
-def _check_keys(keys, allowed, where: str) -> None:
-    for k in keys:
-        if k not in allowed:
-            close = difflib.get_close_matches(k, sorted(allowed), n=3)
-            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise ValueError(f"unknown recipe field {where}{k!r}{hint}; allowed: {sorted(allowed)}")
+def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None = None) -> Recipe:
+    """A validated recipe from nested tables or flat fields, on top of ``base`` (default: the defaults)."""
+    d = dict(d)
+    top: dict = {}
+    given = d.pop("merge", None)
+    cfg_given = given if isinstance(given, MethodConfig) else None
+    merge = {} if cfg_given is not None else _table({"merge": given}, "merge")
+    for key, fname in _MERGE_TABLE.items():
+        if key in merge:
+            top[fname] = merge.pop(key)
+    lower = d.get("lower")
+    if isinstance(lower, Mapping):
+        d.pop("lower")
+        for key, value in lower.items():
+            if key not in _LOWER_TABLE:
+                raise unknown_field(key, _LOWER_TABLE, "table [lower]")
+            top[_LOWER_TABLE[key]] = value
+    search = _table(d, "search")
+    quantize = _table(d, "quantize")
+    for k in quantize:
+        if k not in _QUANT_FIELDS:
+            raise ValueError(f"unknown recipe field quantize.{k!r}{_did_you_mean(k, _QUANT_FIELDS)}; "
+                             f"allowed: {sorted(_QUANT_FIELDS)}")
+    top_fields = {f.name for f in fields(Recipe)} - {"merge", "quantize", "search"}
+    method = top.get("method", d.get("method", base.method if base is not None else Recipe.method))
+    if not isinstance(method, str) or method not in RESERVED + method_names():
+        Recipe(method=method)  # the error naming the method
+    cls = config_of(method)
+    for k in list(d):  # flat fields: the method's, the search's, or the recipe's own
+        if k in top_fields:
+            top[k] = d.pop(k)
+        elif k in _SEARCH_FIELDS:
+            search[k] = d.pop(k)
+        elif k in cls.field_names():
+            merge[k] = d.pop(k)
+        elif k in _FLAT_DEFAULTS and d[k] == _FLAT_DEFAULTS[k] and type(d[k]) is type(_FLAT_DEFAULTS[k]):
+            d.pop(k)  # another method's field at the flat layout's default: what an older file always holds
+        else:
+            known = set(top_fields) | set(_SEARCH_FIELDS) | set(cls.field_names()) | {"merge", "quantize", "search"}
+            raise ValueError(f"unknown recipe field {k!r}{_did_you_mean(k, known)} for method {method!r}; its "
+                             f"fields: {list(cls.field_names())}; the recipe's: {sorted(top_fields | set(_SEARCH_FIELDS))}")
+    if name is not None and "name" not in top:
+        top["name"] = name
+    if cfg_given is not None:
+        if type(cfg_given) is not cls:
+            raise ValueError(f"recipe field 'merge' must be a {cls.__name__} for method {method!r}, "
+                             f"got {type(cfg_given).__name__}")
+        base = base if base is not None else Recipe(method=method, merge=cfg_given)
+        base = dataclasses.replace(base, method=method, merge=cfg_given)
+    if base is None:
+        cfg = cls.build(merge, method)
+        q, srch = Quantize(**quantize), Search(**search)
+        return Recipe(merge=cfg, quantize=q, search=srch, **top)
+    old = base.merge.to_dict()
+    if method != base.method:
+        old = {k: v for k, v in old.items() if k in cls.field_names()}
+    cfg = cls.build({**old, **merge}, method)
+    q = dataclasses.replace(base.quantize, **quantize) if quantize else base.quantize
+    srch = dataclasses.replace(base.search, **search) if search else base.search
+    return dataclasses.replace(base, merge=cfg, quantize=q, search=srch, **top)
 
 
 def from_dict(d: Mapping[str, Any], name: str | None = None) -> Recipe:
-    """Build a validated recipe from a plain mapping (as read from TOML)."""
-    d = dict(d)
-    _check_keys(d, _RECIPE_FIELDS, "")
-    q = d.pop("quantize", {}) or {}
-    if isinstance(q, Quantize):
-        q = dataclasses.asdict(q)
-    if not isinstance(q, Mapping):
-        raise ValueError(f"recipe field 'quantize' must be a table, got {q!r}")
-    q = dict(q)
-    _check_keys(q, _QUANT_FIELDS, "quantize.")
-    if isinstance(q.get("keep_fp32"), list):  # TOML's array; anything else is refused by Quantize.validate
-        q["keep_fp32"] = tuple(q["keep_fp32"])
-    if name is not None and "name" not in d:
-        d["name"] = name
-    if isinstance(d.get("r"), list):
-        d["r"] = tuple(d["r"])
-    return Recipe(quantize=Quantize(**q), **d)
+    """Build a validated recipe from a plain mapping (as read from TOML): nested tables or flat fields."""
+    return _build(d, name=name)
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:

@@ -24,13 +24,15 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Modules of mergepass that ``path`` imports at run time (``if TYPE_CHECKING:`` blocks excluded)."""
+def _imports(path: Path, type_checking: bool = False) -> set[str]:
+    """Modules of mergepass that ``path`` imports at run time (``if TYPE_CHECKING:`` blocks excluded unless
+    ``type_checking``)."""
     me = _module_name(path)
     pkg = me if path.name == "__init__.py" else me.rpartition(".")[0]
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
+    skip = set() if type_checking else {
+        id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)}
     out = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -68,6 +70,25 @@ def test_imports_form_floors_without_cycles():
     assert not upward, f"imports that climb to a higher floor: {upward}"
     cycles = list(nx.simple_cycles(g.subgraph(n for n in g if n != "mergepass")))
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_layer_below_the_recipe_imports_it_even_for_type_checking():
+    """Methods, schedules, graph passes, quantization and lowering take their own configs, never the recipe."""
+    below = [p for p in PKG.rglob("*.py") if _floor(_module_name(p)) < _floor("mergepass.recipe")]
+    assert len(below) > 20
+    offenders = [_module_name(p) for p in below if "mergepass.recipe" in _imports(p, type_checking=True)]
+    assert not offenders, offenders
+
+
+def test_every_method_config_is_one_frozen_dataclass_in_the_methods_file():
+    import dataclasses
+    from mergepass.methods import MethodConfig, get_method, method_names
+    for name in method_names():
+        method = get_method(name)
+        cfg = method.config
+        assert issubclass(cfg, MethodConfig) and dataclasses.is_dataclass(cfg), name
+        assert cfg.__dataclass_params__.frozen and cfg.__module__ == type(method).__module__, name
+        assert set(method.fields) <= set(cfg.field_names()), name  # what the plan table reports
 
 
 # documented APIs under private module names, kept at their call sites (mergepass/compat.py says why)

@@ -38,11 +38,11 @@ def test_method_matches_reference_fullgraph(case):
     assert rel_err(out, plain) > 1e-3
 
 
-@pytest.mark.parametrize("recipe", ["dfe", "dfe_lgtm", "tomato"])
-def test_skip_equal_to_depth_merges_nothing(recipe):
+@pytest.mark.parametrize("recipe,strength", [("dfe", dict(r=4)), ("dfe_lgtm", dict(r=4)), ("tomato", dict(budget=5))])
+def test_skip_equal_to_depth_merges_nothing(recipe, strength):
     m = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
-    be = mergepass.backend(recipe, skip=3, r=4, budget=5, lower="eager")
+    be = mergepass.backend(recipe, skip=3, lower="eager", **strength)
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
         plain = m(x)

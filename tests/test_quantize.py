@@ -25,7 +25,8 @@ def _calib(n=3, b=4, size=64):
 def _float(m, x, recipe="tome"):
     """The same model and merges without int8, run eagerly: what int8 is compared with."""
     with torch.no_grad():
-        return torch.compile(m, backend=mergepass.backend(recipe, r=3, lower="eager"), dynamic=False)(x)
+        merge = {"r": 3} if recipe != "none" else {}
+        return torch.compile(m, backend=mergepass.backend(recipe, lower="eager", **merge), dynamic=False)(x)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +341,7 @@ def test_auto_engine_is_chosen_by_priority_not_registration_order(monkeypatch):
     from mergepass.quantize import base
     x = [torch.randn(1, 3, 64, 64)]
     recipe = mergepass.load_recipe("int8")
-    assert base.resolve_engine(recipe, x).name == "pt2e"
+    assert base.resolve_engine(recipe.quantize, recipe.lower, x).name == "pt2e"
 
     class Everywhere(base.QuantEngine):
         name = "everywhere"
@@ -351,9 +352,9 @@ def test_auto_engine_is_chosen_by_priority_not_registration_order(monkeypatch):
         engines = dict(base._ENGINES)
         engines = {"everywhere": Everywhere(), **engines} if first else {**engines, "everywhere": Everywhere()}
         monkeypatch.setattr(base, "_ENGINES", engines)
-        assert base.resolve_engine(recipe, x).name == "pt2e"  # the built-ins' priority is higher
+        assert base.resolve_engine(recipe.quantize, recipe.lower, x).name == "pt2e"  # the built-ins' priority is higher
         monkeypatch.setattr(Everywhere, "priority", base.get_engine("pt2e").priority)
-        assert base.resolve_engine(recipe, x).name == "everywhere"  # a tie goes by name
+        assert base.resolve_engine(recipe.quantize, recipe.lower, x).name == "everywhere"  # a tie goes by name
         monkeypatch.setattr(Everywhere, "priority", base.get_engine("pt2e").priority + 1)
-        assert base.resolve_engine(recipe, x).name == "everywhere"
+        assert base.resolve_engine(recipe.quantize, recipe.lower, x).name == "everywhere"
         monkeypatch.setattr(Everywhere, "priority", 0)

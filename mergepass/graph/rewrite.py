@@ -16,7 +16,7 @@ from .passes import RewriteError, fix_token_literals, insert_merges
 from .passes.insert_merges import Inserted
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
+    from ..methods import MergeSpec
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _no_blocks(base: fx.GraphModule, match: MatchResult, notes: list[str], say) 
     return RewriteResult(base, None, match, notes + [msg])
 
 
-def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe", *, schedule: Optional[Schedule] = None,
+def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "MergeSpec", *, schedule: Optional[Schedule] = None,
             notes: Sequence[str] = (), model: str = "", warn: Union[bool, Callable[[str], None]] = True,
             fused: bool = False) -> RewriteResult:
     """Insert the recipe's merges into a copy of ``base`` (a :func:`~.capture.prepare`-d graph).

@@ -5,22 +5,122 @@ CPU kernel with the same signature ``(x, metric, size, source, *, r, prefix, **a
 source)``. A :class:`MergeMethod` decides, offline, which blocks merge with which op and how much:
 it resolves its recipe fields against the matched graph and plans every block.
 
-Adding a method is one file that subclasses :class:`MergeMethod` and calls :func:`register_method`
-(and :func:`register_op` for a new op), plus a recipe TOML naming it.
+A method takes only its own config: a frozen :class:`MethodConfig` dataclass in the method's file (torchao's
+``quantize_(model, Config())`` pattern), which a recipe's ``[merge]`` table fills.
+
+Adding a method is one file with its config, a :class:`MergeMethod` subclass naming it, and calls to
+:func:`register_method` (and :func:`register_op` for a new op), plus a recipe TOML naming it.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Union
 
 
 if TYPE_CHECKING:
     from ..graph.match import Block, MatchResult
-    from ..recipe import Recipe
 
 
 AUTO = "auto"  # a recipe field resolved against the matched graph
+
+
+def unknown_field(name: str, allowed, where: str) -> ValueError:
+    """The error for a recipe field ``name`` that ``where`` does not have, with close matches."""
+    close = difflib.get_close_matches(name, sorted(allowed), n=3)
+    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+    return ValueError(f"unknown recipe field {name!r}{hint} for {where}; its fields: {sorted(allowed)}")
+
+
+def check_int_or_auto(name: str, value: Any, minimum: int = 0) -> None:
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"recipe field {name!r} must be an integer >= {minimum} or 'auto', got {value!r}")
+
+
+def is_inflected(r) -> bool:
+    """Whether a recipe's ``r`` is ToMe's ``(r, inflect)`` shorthand (the second item a float)."""
+    return isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[1], float) and not isinstance(r[0], float)
+
+
+def check_r(r: Any) -> None:
+    """``r``: one integer for every block, one per block, ToMe's ``[r, inflect]``, or "auto"."""
+    if is_inflected(r):
+        if isinstance(r[0], bool) or not isinstance(r[0], int) or r[0] < 0 or not -1.0 <= r[1] <= 1.0:
+            raise ValueError("recipe field 'r' as ToMe's [r, inflect] needs an integer r >= 0 and a float inflect "
+                             f"in [-1, 1], got {list(r)!r}")
+    elif isinstance(r, (tuple, list)):
+        if not r or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in r):
+            raise ValueError(f"recipe field 'r' as a list must hold one integer >= 0 per block, got {list(r)!r}")
+    else:
+        check_int_or_auto("r", r)
+
+
+def finite_number(v: Any) -> bool:
+    """An int or float that is neither NaN nor infinite (NaN passes every ``<`` check unnoticed)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A merge method's own recipe fields. Subclass it (frozen) per method; ``validate`` names a bad field."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # TOML arrays arrive as lists: configs hold tuples (hashable, frozen)
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field whose value this method cannot use."""
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any], method: str) -> "MethodConfig":
+        """From a mapping of this config's fields; a field it lacks is a ValueError naming it."""
+        for k in values:
+            if k not in cls.field_names():
+                raise unknown_field(k, cls.field_names(), f"method {method!r}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class NoConfig(MethodConfig):
+    """The fields of recipe methods ``none`` and ``auto`` (auto's targets are the recipe's ``[search]`` table)."""
+
+
+@dataclass(frozen=True)
+class RConfig(MethodConfig):
+    """The simplest method's fields: ``r`` tokens merged per merging block (one value, or one per block)."""
+
+    r: Union[int, str, tuple] = 16
+
+    def validate(self) -> None:
+        check_r(self.r)
+
+
+class MergeSpec(Protocol):
+    """What scheduling reads of a recipe (:class:`mergepass.recipe.Recipe` is one): the method, its config,
+    proportional attention; ``with_merge`` gives the same recipe with another config of the same method."""
+
+    name: str
+    method: str
+    merge: MethodConfig
+    prop_attn: bool
+
+    def with_merge(self, merge: MethodConfig) -> "MergeSpec": ...
 
 
 @dataclass(frozen=True)
@@ -72,31 +172,34 @@ class Merge:
 
 
 class MergeMethod:
-    """A merge method: subclasses set ``name`` and implement :meth:`decide` (or :meth:`plan_blocks`)."""
+    """A merge method: subclasses set ``name`` and ``config`` and implement :meth:`decide` (or :meth:`plan_blocks`).
+    Every hook takes the method's config (``cfg``), never the recipe."""
 
     name: ClassVar[str]
+    config: ClassVar[type[MethodConfig]] = RConfig   # the method's recipe fields
     needs_grid: ClassVar[bool] = False
-    fields: ClassVar[tuple[str, ...]] = ("r",)   # recipe fields the plan table reports as resolved
+    fields: ClassVar[tuple[str, ...]] = ("r",)   # config fields the plan table reports as resolved
     auto_rank: ClassVar[Optional[int]] = None     # order among recipe 'auto' candidates; None: not one
     per_block_r: ClassVar[bool] = False           # takes one r per block (what mergepass.search tunes)
 
-    def resolve(self, recipe: "Recipe", match: "MatchResult", limit: int) -> "Recipe":
-        """``recipe`` with this method's ``"auto"`` fields made concrete for ``match``."""
-        return recipe
+    def resolve(self, cfg: MethodConfig, match: "MatchResult", limit: int) -> MethodConfig:
+        """``cfg`` with its ``"auto"`` fields made concrete for ``match``."""
+        return cfg
 
-    def decide(self, recipe: "Recipe", block: "Block", tokens: int, match: "MatchResult",
+    def decide(self, cfg: MethodConfig, block: "Block", tokens: int, match: "MatchResult",
                state: dict) -> Optional[Merge]:
         """The merge for ``block`` entered by ``tokens`` tokens, or None to leave it dense.
         ``state`` persists across the blocks of one plan."""
         raise NotImplementedError
 
-    def plan_blocks(self, recipe: "Recipe", match: "MatchResult", limit: int) -> list[BlockSchedule]:
+    def plan_blocks(self, cfg: MethodConfig, match: "MatchResult", limit: int) -> list[BlockSchedule]:
         """Every block's schedule; blocks from ``limit`` on are left off."""
         state: dict = {}
-        return chain(match, limit, lambda b, n: self.decide(recipe, b, n, match, state))
+        return chain(match, limit, lambda b, n: self.decide(cfg, b, n, match, state))
 
-    def notes(self, asked: "Recipe", recipe: "Recipe", match: "MatchResult", plans: list[BlockSchedule]) -> list[str]:
-        """Where the plan (from ``recipe``, resolved) departs from what ``asked`` asked for (clamps, a
+    def notes(self, asked: MethodConfig, cfg: MethodConfig, match: "MatchResult",
+              plans: list[BlockSchedule]) -> list[str]:
+        """Where the plan (from ``cfg``, resolved) departs from what ``asked`` asked for (clamps, a
         changed merge); each is shown in the plan and given once as a warning."""
         clamped = [p for p in plans if "clamped" in p.detail]
         if not clamped:
@@ -105,9 +208,9 @@ class MergeMethod:
         return [f"{what} clamped to what the tokens allow in " + ", ".join(
             f"{p.name} ({p.detail['clamped'][0]}->{p.detail['clamped'][1]})" for p in clamped)]
 
-    def candidate(self, recipe: "Recipe", r: int) -> "Recipe":
-        """This method at strength ``r``, its other fields at their defaults (for recipe 'auto')."""
-        return recipe.replace(method=self.name, r=r, match_tome_r=0)
+    def candidate(self, r: int) -> MethodConfig:
+        """This method's config at strength ``r``, its other fields at their defaults (for recipe 'auto')."""
+        return self.config(r=r)
 
 
 def chain(match: "MatchResult", limit: int, decide: Callable[["Block", int], Optional[Merge]]) -> list[BlockSchedule]:
@@ -141,6 +244,11 @@ def closest(candidates, macs_of: Callable[[int], int], goal: int) -> int:
 _METHODS: dict[str, MergeMethod] = {}
 _OPS: dict[str, MergeOp] = {}
 RESERVED = ("none", "auto")  # recipe methods that are not merge methods: no merging, and search
+
+
+def config_of(method: str) -> type[MethodConfig]:
+    """The config dataclass of recipe method ``method`` (the reserved ones have no fields)."""
+    return NoConfig if method in RESERVED else get_method(method).config
 
 
 def register_method(method: MergeMethod) -> MergeMethod:

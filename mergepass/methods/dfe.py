@@ -2,8 +2,15 @@
 on), then ToMe; by default ``r`` is matched to ToMe's MACs at ``match_tome_r``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .base import register_method
-from .tome import ToMe
+from .tome import ToMe, ToMeConfig
+
+
+@dataclass(frozen=True)
+class DFEConfig(ToMeConfig):
+    """DFE's fields: ToMe's (``skip = "auto"`` is DFE's rule)."""
 
 
 def default_skip(depth: int) -> int:
@@ -13,13 +20,14 @@ def default_skip(depth: int) -> int:
 
 class DFE(ToMe):
     name = "dfe"
+    config = DFEConfig
     auto_rank = 1
 
     def default_skip(self, depth: int) -> int:
         return default_skip(depth)
 
-    def candidate(self, recipe, r):
-        return super().candidate(recipe, r).replace(skip="auto")
+    def candidate(self, r):
+        return self.config(r=r, skip="auto")
 
 
 register_method(DFE())

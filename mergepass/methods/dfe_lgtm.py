@@ -4,14 +4,29 @@ windows (or for ``transition`` blocks), then merge globally as ToMe does."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Union
 
 from ..merge import window_layout, window_merge
 from ..merge.fused import fused_window_merge
-from .base import AUTO, Merge, MergeOp, register_method, register_op
-from .dfe import DFE
+from .base import AUTO, Merge, MergeOp, check_int_or_auto, register_method, register_op
+from .dfe import DFE, DFEConfig
 from .tome import block_r, global_step, partition_offset, protect_count
 
 register_op(MergeOp("local", window_merge, fused_window_merge))
+
+
+@dataclass(frozen=True)
+class DFELGTMConfig(DFEConfig):
+    """DFE's fields, and LGTM's windows."""
+
+    window: Union[int, str] = AUTO      # initial window side, in tokens ("auto": the paper's rule)
+    transition: Union[int, str] = AUTO  # number of local blocks ("auto": Algorithm 1's rule)
+
+    def validate(self) -> None:
+        super().validate()
+        check_int_or_auto("window", self.window, minimum=2)
+        check_int_or_auto("transition", self.transition)
 
 
 def default_window(grid: tuple[int, int]) -> int:
@@ -30,6 +45,7 @@ def window_grid(tokens: int, grid: tuple[int, int], side: int) -> tuple[int, int
 
 class DFELGTM(DFE):
     name = "dfe_lgtm"
+    config = DFELGTMConfig
     needs_grid = True
     fields = ("r", "skip", "window", "transition", "protect")
     auto_rank = 0
@@ -76,8 +92,8 @@ class DFELGTM(DFE):
                            "2x1): the blocks merge globally (ToMe) instead")
         return out
 
-    def candidate(self, recipe, r):
-        return super().candidate(recipe, r).replace(window="auto", transition="auto")
+    def candidate(self, r):
+        return self.config(r=r, skip="auto")
 
 
 register_method(DFELGTM())

@@ -7,16 +7,63 @@ is dynamic; a static budget from its thresholds comes from
 ``tomato_tome`` stacks ToMe on it: the same one merge, then ToMe's ``r`` in every later block."""
 from __future__ import annotations
 
-from ..merge import adjacent_merge, checkerboard
+from dataclasses import dataclass
+from typing import Union
+
+from ..merge import SIMILARITIES, adjacent_merge, checkerboard
 from ..merge.fused import fused_adjacent_merge
-from .base import AUTO, Merge, MergeMethod, MergeOp, closest, register_method, register_op, total_macs
-from .tome import auto_r, global_step, tome_macs
+from .base import (AUTO, Merge, MergeMethod, MergeOp, MethodConfig, check_int_or_auto, check_r, closest,
+                   register_method, register_op, total_macs)
+from .tome import auto_r, check_match_tome_r, global_step, tome_macs
 
 register_op(MergeOp("adjacent", adjacent_merge, fused_adjacent_merge))
 
 
+@dataclass(frozen=True)
+class ToMatoConfig(MethodConfig):
+    """ToMato's fields."""
+
+    skip: Union[int, str] = 0             # the one merging block
+    budget: Union[int, float, str] = 0.2  # tokens removed (int), fraction of patch tokens, or "auto" (ToMe
+                                          # r=match_tome_r's MACs)
+    similarity: str = "softmax"           # which 4-adjacent pairs merge: "softmax" (the paper's: row-softmax of the
+                                          # post-attention tokens' dot products) | "cosine" (of the keys, as ToMe)
+    match_tome_r: int = 0                 # budget = "auto": the ToMe r whose MACs to match
+
+    def validate(self) -> None:
+        check_int_or_auto("skip", self.skip)
+        check_match_tome_r(self)
+        b = self.budget
+        if b == AUTO:
+            if self.match_tome_r <= 0:
+                raise ValueError("recipe field 'budget' is 'auto' but 'match_tome_r' is not set (> 0)")
+            b = 0
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ValueError(f"recipe field 'budget' must be an int (tokens), a float in [0, 1) or 'auto', got {b!r}")
+        if isinstance(b, float) and not 0.0 <= b < 1.0:
+            raise ValueError(f"recipe field 'budget' as a fraction must be in [0, 1), got {b!r}")
+        if isinstance(b, int) and b < 0:
+            raise ValueError(f"recipe field 'budget' must be >= 0, got {b!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"recipe field 'similarity' must be one of {SIMILARITIES}, got {self.similarity!r}")
+
+
+@dataclass(frozen=True)
+class ToMatoToMeConfig(ToMatoConfig):
+    """ToMato's fields, and ToMe's ``r`` in every later block."""
+
+    r: Union[int, str] = 16
+
+    def validate(self) -> None:
+        super().validate()
+        check_r(self.r)
+        if self.r == AUTO and self.match_tome_r <= 0:
+            raise ValueError("recipe field 'r' is 'auto' but 'match_tome_r' is not set (> 0)")
+
+
 class ToMato(MergeMethod):
     name = "tomato"
+    config = ToMatoConfig
     needs_grid = True
     fields = ("skip", "budget", "similarity")
 
@@ -58,6 +105,7 @@ class ToMatoToMe(ToMato):
     the r whose total MACs are closest to ToMe with ``match_tome_r``)."""
 
     name = "tomato_tome"
+    config = ToMatoToMeConfig
     fields = ("skip", "budget", "similarity", "r")
 
     def resolve(self, recipe, match, limit):

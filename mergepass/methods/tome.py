@@ -1,18 +1,51 @@
 """ToMe (Bolya et al., 2022): bipartite soft matching over all mergeable tokens, ``r`` per block."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from ..merge import global_merge
 from ..merge.fused import fused_global_merge
-from .base import AUTO, Merge, MergeMethod, MergeOp, chain, closest, register_method, register_op, total_macs
+from .base import (AUTO, Merge, MergeMethod, MergeOp, MethodConfig, chain, check_int_or_auto, check_r, closest,
+                   is_inflected, register_method, register_op, total_macs)
 
 register_op(MergeOp("global", global_merge, fused_global_merge))
 
+PARTITIONS = ("patches", "sequence")
 
-def is_inflected(r) -> bool:
-    """Whether a recipe's ``r`` is ToMe's ``(r, inflect)`` shorthand (the second item a float)."""
-    return isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[1], float) and not isinstance(r[0], float)
+
+def check_match_tome_r(cfg) -> None:
+    m = cfg.match_tome_r
+    if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+        raise ValueError(f"recipe field 'match_tome_r' must be an integer >= 0, got {m!r}")
+
+
+@dataclass(frozen=True)
+class ToMeConfig(MethodConfig):
+    """ToMe's fields (also DFE's, whose config subclasses this)."""
+
+    r: Union[int, str, tuple] = 16     # tokens merged per merging block: one value, one per block, ToMe's
+                                       # [r, inflect] (inflect in [-1, 1]: r falls or rises linearly with
+                                       # depth), or "auto" (the r whose MACs match ToMe r=match_tome_r's)
+    skip: Union[int, str] = 0          # blocks left dense at the start ("auto": depth/6, DFE's rule)
+    partition: str = "patches"         # ToMe's A/B split: alternate over patch positions, or over
+                                       # sequence positions as official ToMe (differs for an odd prefix)
+    protect: Union[int, float] = 0     # the mergeable tokens with the largest key norms never merge,
+                                       # this many per block (int) or this fraction of the patch tokens (float < 1)
+    match_tome_r: int = 0              # r = "auto": the ToMe r whose MACs to match
+
+    def validate(self) -> None:
+        check_r(self.r)
+        check_int_or_auto("skip", self.skip)
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"recipe field 'partition' must be one of {PARTITIONS}, got {self.partition!r}")
+        p = self.protect
+        if isinstance(p, bool) or not ((isinstance(p, int) and p >= 0) or (isinstance(p, float) and 0.0 <= p < 1.0)):
+            raise ValueError("recipe field 'protect' must be an integer >= 0 (tokens) or a fraction in [0, 1) of the "
+                             f"patch tokens, got {p!r}")
+        check_match_tome_r(self)
+        if self.r == AUTO and self.match_tome_r <= 0:
+            raise ValueError("recipe field 'r' is 'auto' but 'match_tome_r' is not set (> 0)")
 
 
 def inflected(r: int, inflect: float, depth: int) -> tuple[int, ...]:
@@ -73,6 +106,7 @@ def auto_r(method, recipe, match, limit):
 
 class ToMe(MergeMethod):
     name = "tome"
+    config = ToMeConfig
     fields = ("r", "skip", "partition", "protect")
     auto_rank = 2
     per_block_r = True
@@ -100,8 +134,8 @@ class ToMe(MergeMethod):
             out.append(f"skip={asked.skip} leaves all {len(match.blocks)} blocks dense: nothing merges")
         return out
 
-    def candidate(self, recipe, r):
-        return super().candidate(recipe, r).replace(skip=0)
+    def candidate(self, r):
+        return self.config(r=r, skip=0)
 
 
 register_method(ToMe())

@@ -12,22 +12,22 @@ kernels see. Every engine returns a :class:`Quantized`; :mod:`mergepass.lower` c
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 from torch import fx
 
 from .base import QuantEngine, Quantized
+from .config import Quantize
 from .calibration import fit_batches, fit_to_graph, outlier_linears, read_calibration
 from .engines import engine_names, get_engine, register_engine, resolve_engine
 
-if TYPE_CHECKING:
-    from ..recipe import Recipe
 
-__all__ = ["quantize", "Quantized", "QuantEngine", "register_engine", "get_engine", "engine_names",
+__all__ = ["quantize", "Quantize", "Quantized", "QuantEngine", "register_engine", "get_engine", "engine_names",
            "resolve_engine", "read_calibration", "fit_batches", "fit_to_graph", "outlier_linears"]
 
 
-def quantize(gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+def quantize(gm: fx.GraphModule, example_inputs: Sequence, q: Quantize, lower: str,
              batches: Optional[list[tuple]] = None) -> Quantized:
-    """Quantize the (merged) graph with the recipe's engine; ``batches`` from :func:`read_calibration`."""
-    return resolve_engine(recipe, example_inputs).quantize(gm, example_inputs, recipe, batches)
+    """Quantize the (merged) graph with ``q``'s engine (``lower``: where it is lowered, which ``engine = "auto"``
+    follows); ``batches`` from :func:`read_calibration`."""
+    return resolve_engine(q, lower, example_inputs).quantize(gm, example_inputs, q, batches)

@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
+    from .config import Quantize
 
 
 @dataclass
@@ -57,10 +57,10 @@ class QuantEngine:
         """Whether ``quantize.engine = "auto"`` picks this engine for the lowering and device."""
         return False
 
-    def check(self, recipe: "Recipe") -> None:
-        """Raise ValueError for recipes this engine cannot serve (called at recipe validation)."""
+    def check(self, q: "Quantize", lower: str) -> None:
+        """Raise ValueError for settings this engine cannot serve (called at recipe validation)."""
 
-    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, q: "Quantize",
                  batches: Optional[list[tuple]]) -> Quantized:
         raise NotImplementedError
 
@@ -87,13 +87,13 @@ def get_engine(name: str) -> QuantEngine:
     return _ENGINES[name]
 
 
-def resolve_engine(recipe: "Recipe", example_inputs: Sequence) -> QuantEngine:
+def resolve_engine(q: "Quantize", lower: str, example_inputs: Sequence) -> QuantEngine:
     """``quantize.engine``, or for ``auto`` the engine of highest ``priority`` (then first by name) among those
     that are the default here: the choice never depends on the order engines were registered in."""
-    if recipe.quantize.engine != "auto":
-        return get_engine(recipe.quantize.engine)
+    if q.engine != "auto":
+        return get_engine(q.engine)
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    defaults = [e for e in _ENGINES.values() if e.is_default(recipe.lower, on_cuda)]
+    defaults = [e for e in _ENGINES.values() if e.is_default(lower, on_cuda)]
     if defaults:
         return min(defaults, key=lambda e: (-e.priority, e.name))
-    raise ValueError(f"no quantization engine serves lower={recipe.lower!r} on {'CUDA' if on_cuda else 'CPU'}")
+    raise ValueError(f"no quantization engine serves lower={lower!r} on {'CUDA' if on_cuda else 'CPU'}")

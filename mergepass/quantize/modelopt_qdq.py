@@ -23,7 +23,7 @@ from .base import QuantEngine, Quantized, register_engine
 from .calibration import fit_batches, tail_ratio_tracker
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
+    from .config import Quantize
 
 
 def _modelopt():
@@ -64,15 +64,14 @@ class ModelOptQDQ(QuantEngine):
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         return lower == "tensorrt"
 
-    def check(self, recipe: "Recipe") -> None:
-        if recipe.lower == "inductor":
+    def check(self, q: "Quantize", lower: str) -> None:
+        if lower == "inductor":
             raise ValueError("recipe field 'quantize.engine' = 'modelopt' makes Q/DQ nodes for TensorRT: "
                              "use lower='tensorrt' (or lower='eager' to run them in PyTorch)")
 
-    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, q: "Quantize",
                  batches: Optional[list[tuple]]) -> Quantized:
         mtq, _ = _modelopt()
-        q = recipe.quantize
         if q.mode != "static":
             raise ValueError("quantize.engine='modelopt' (TensorRT explicit Q/DQ) needs static activation "
                              f"scales: set quantize.mode='static', got {q.mode!r}")

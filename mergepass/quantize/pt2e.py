@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
+    from .config import Quantize
 
 from .. import compat
 from ..cpu import bf16_isa, int8_isa
@@ -164,10 +164,9 @@ class PT2E(QuantEngine):
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         return lower != "tensorrt" and not on_cuda
 
-    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, q: "Quantize",
                  batches: Optional[list[tuple]]) -> Quantized:
         prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
-        q = recipe.quantize
         user_ex = Inputs(gm, example_inputs).user_inputs(example_inputs)
         batches = fit_batches(batches, user_ex) if q.mode == "static" else None
         mode = q.mode

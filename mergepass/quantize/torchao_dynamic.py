@@ -10,7 +10,7 @@ from ..graph.lift import linear_modules_graph, path_matches
 from .base import QuantEngine, Quantized, register_engine
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
+    from .config import Quantize
 
 
 class TorchaoDynamic(QuantEngine):
@@ -22,11 +22,11 @@ class TorchaoDynamic(QuantEngine):
     def is_default(self, lower: str, on_cuda: bool) -> bool:
         return lower != "tensorrt" and on_cuda
 
-    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, recipe: "Recipe",
+    def quantize(self, gm: fx.GraphModule, example_inputs: Sequence, q: "Quantize",
                  batches: Optional[list[tuple]]) -> Quantized:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
         module, user_idx, names = linear_modules_graph(gm, example_inputs)
-        keep = list(recipe.quantize.keep_fp32)
+        keep = list(q.keep_fp32)
 
         def wanted(mod, fqn):
             return isinstance(mod, torch.nn.Linear) and not path_matches(names.get(fqn, fqn), keep)

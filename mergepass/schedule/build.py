@@ -9,11 +9,12 @@ from .schedule import Schedule
 
 if TYPE_CHECKING:
     from ..graph.match import MatchResult
-    from ..recipe import Recipe
+    from ..methods import MergeSpec
 
 
-def make_schedule(match: "MatchResult", recipe: "Recipe", limit: Optional[int] = None, model: str = "") -> Schedule:
-    """Resolve the recipe's model-dependent fields and plan every block.
+def make_schedule(match: "MatchResult", recipe: "MergeSpec", limit: Optional[int] = None, model: str = "") -> Schedule:
+    """Resolve the method config's model-dependent fields and plan every block (``recipe``: what the method
+    and its config are, a :class:`mergepass.recipe.Recipe` for one).
 
     ``limit``: blocks from this index on are not merged (used when a block cannot be rewritten).
     """
@@ -23,10 +24,10 @@ def make_schedule(match: "MatchResult", recipe: "Recipe", limit: Optional[int] =
     method = get_method(recipe.method)
     if method.needs_grid and match.grid is None:
         raise ValueError(f"recipe method {recipe.method!r} needs the patch grid, which was not found in the graph")
-    resolved = method.resolve(recipe, match, limit)
+    resolved = method.resolve(recipe.merge, match, limit)
     plans = method.plan_blocks(resolved, match, limit)
     base = total_macs(match, chain(match, 0, lambda b, n: None))
-    adjusted = method.notes(recipe, resolved, match, plans)
-    return Schedule(resolved, plans, match.batch, match.tokens, match.prefix, match.grid, match.width,
-                    base, total_macs(match, plans), list(match.problems) + adjusted, model,
+    adjusted = method.notes(recipe.merge, resolved, match, plans)
+    return Schedule(recipe.with_merge(resolved), plans, match.batch, match.tokens, match.prefix, match.grid,
+                    match.width, base, total_macs(match, plans), list(match.problems) + adjusted, model,
                     {k: getattr(resolved, k) for k in method.fields}, adjusted)

@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from ..methods import BlockSchedule
-    from ..recipe import Recipe
+    from ..methods import BlockSchedule, MergeSpec
 
 
 @dataclass
 class Schedule:
-    recipe: "Recipe"               # with model-dependent fields resolved
+    recipe: "MergeSpec"            # the recipe, its method config's model-dependent fields resolved
     blocks: list["BlockSchedule"]
     batch: int
     tokens: int

@@ -55,8 +55,13 @@ def _speed_ok(s: Schedule, recipe: "Recipe") -> bool:
     return not (recipe.max_macs_ratio and s.macs_ratio > recipe.max_macs_ratio)
 
 
+def _at(recipe: "Recipe", method: MergeMethod, r: int) -> "Recipe":
+    """``recipe`` with ``method`` at strength ``r`` (its other fields at their defaults)."""
+    return recipe.with_method(method.name, method.candidate(r))
+
+
 def _candidate(match, recipe, method: MergeMethod, r: int, fidelity) -> Candidate:
-    cand = method.candidate(recipe, r)
+    cand = _at(recipe, method, r)
     c = Candidate(method.name, r, cand, make_schedule(match, cand))
     if fidelity is not None:
         c.cosine = fidelity(cand)
@@ -66,7 +71,7 @@ def _candidate(match, recipe, method: MergeMethod, r: int, fidelity) -> Candidat
 def weakest_meeting(match: "MatchResult", recipe: "Recipe", method: MergeMethod) -> Optional[int]:
     """The smallest r of ``method`` whose schedule meets the speed target (None if none does)."""
     for r in range((match.tokens - match.prefix) // 2 + 1):
-        if _speed_ok(make_schedule(match, method.candidate(recipe, r)), recipe):
+        if _speed_ok(make_schedule(match, _at(recipe, method, r)), recipe):
             return r
     return None
 
@@ -79,7 +84,7 @@ def _searched(match, recipe, fidelity, considered: list[Candidate]) -> Optional[
         return None
     method = get_method(max(per_block, key=lambda c: c.cosine).method)
     budget = min(recipe.max_macs_ratio or 1.0, 1.0 / (recipe.target_speedup or 1.0))
-    res = evolve(match, method.candidate(recipe, 0), fidelity, budget, iterations=recipe.search_iterations,
+    res = evolve(match, _at(recipe, method, 0), fidelity, budget, iterations=recipe.search_iterations,
                  children=4)
     return Candidate(f"{method.name} (searched)", res.recipe.r, res.recipe, res.schedule, res.score)
 
@@ -89,7 +94,7 @@ def _strongest_under_floor(match, recipe, method, fidelity) -> int:
     lo, hi = 0, (match.tokens - match.prefix) // 2
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fidelity(method.candidate(recipe, mid)) >= recipe.min_cosine:
+        if fidelity(_at(recipe, method, mid)) >= recipe.min_cosine:
             lo = mid
         else:
             hi = mid - 1
@@ -107,7 +112,7 @@ def choose(match: "MatchResult", recipe: "Recipe", fidelity: Optional[Callable[[
                 considered.append(_candidate(match, recipe, method, r, fidelity))
         if not considered:
             most = (match.tokens - match.prefix) // 2
-            best = max((make_schedule(match, m.candidate(recipe, most)) for m in methods),
+            best = max((make_schedule(match, _at(recipe, m, most)) for m in methods),
                        key=lambda s: s.predicted_speedup)
             raise ValueError(f"impossible schedule: at most {best.predicted_speedup:.2f}x predicted speedup "
                              f"(MACs ratio {best.macs_ratio:.2f}) for this model and input")

@@ -34,8 +34,11 @@ def searchable(recipe, match):
     depth = len(match.blocks)
     if recipe.method not in method_names() or not get_method(recipe.method).per_block_r:
         recipe = recipe.replace(method="tome", skip=0)
-    resolved = get_method(recipe.method).resolve(recipe.replace(r=(0,) * depth, match_tome_r=0), match, depth)
-    return resolved.replace(transition=recipe.transition)
+    asked = recipe.merge
+    resolved = get_method(recipe.method).resolve(asked.replace(r=(0,) * depth, match_tome_r=0), match, depth)
+    if "transition" in asked.field_names():
+        resolved = resolved.replace(transition=asked.transition)
+    return recipe.with_merge(resolved)
 
 
 def fit_budget(match, recipe, weights: Sequence[float], max_macs_ratio: float) -> tuple[int, ...]:
@@ -43,13 +46,14 @@ def fit_budget(match, recipe, weights: Sequence[float], max_macs_ratio: float) -
     ``max_macs_ratio``: bisection on the scale (MACs fall monotonically as r grows)."""
     method = get_method(recipe.method)
     depth = len(match.blocks)
-    base = total_macs(match, method.plan_blocks(recipe.replace(r=(0,) * depth), match, depth))
+    cfg = recipe.merge
+    base = total_macs(match, method.plan_blocks(cfg.replace(r=(0,) * depth), match, depth))
 
     def r_for(scale: float) -> tuple[int, ...]:
         return tuple(max(0, int(round(scale * w))) for w in weights)
 
     def ratio(r: tuple[int, ...]) -> float:
-        return total_macs(match, method.plan_blocks(recipe.replace(r=r), match, depth)) / base
+        return total_macs(match, method.plan_blocks(cfg.replace(r=r), match, depth)) / base
 
     lo, hi = 0.0, float(match.tokens) / max(min(weights), 1e-3)
     for _ in range(50):
