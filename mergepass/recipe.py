@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from .config import check_choice
 from .lower import LOWERINGS
 from .methods import AUTO, RESERVED, MethodConfig, config_of, method_names
 from .methods.base import finite_number, unknown_field
@@ -65,7 +66,6 @@ class Search:
 
 
 _SEARCH_FIELDS = tuple(f.name for f in fields(Search))
-_QUANT_FIELDS = tuple(f.name for f in fields(Quantize))
 # The flat layout's defaults: a flat file written before recipes had tables names every method's fields, the
 # chosen method's and the others' at these values; the others are dropped when they hold them.
 _FLAT_DEFAULTS = {"r": 16, "skip": 0, "window": AUTO, "transition": AUTO, "match_tome_r": 0, "budget": 0.2,
@@ -123,13 +123,9 @@ class Recipe:
         if type(self.merge) is not cls:
             raise ValueError(f"recipe field 'merge' must be a {cls.__name__} for method {self.method!r}, "
                              f"got {type(self.merge).__name__}")
-        if self.lower not in LOWERINGS:
-            raise ValueError(f"recipe field 'lower' must be one of {LOWERINGS}, got {self.lower!r}")
-        if self.merge_kernel not in MERGE_KERNELS:
-            raise ValueError(f"recipe field 'merge_kernel' must be one of {MERGE_KERNELS}, got {self.merge_kernel!r}")
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise ValueError(f"recipe field 'attention_kernel' must be one of {ATTENTION_KERNELS}, "
-                             f"got {self.attention_kernel!r}")
+        check_choice("lower", self.lower, LOWERINGS)
+        check_choice("merge_kernel", self.merge_kernel, MERGE_KERNELS)
+        check_choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         if not isinstance(self.prop_attn, bool):
             raise ValueError(f"recipe field 'prop_attn' must be true or false, got {self.prop_attn!r}")
         if not isinstance(self.quantize, Quantize):
@@ -162,8 +158,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The recipe as nested tables, the shape :func:`from_dict` and TOML files take."""
-        q = dataclasses.asdict(self.quantize)
-        q["keep_fp32"] = list(q["keep_fp32"])
+        q = self.quantize.to_dict()
         return {"name": self.name, "description": self.description,
                 "merge": {"method": self.method, "prop_attn": self.prop_attn, "kernel": self.merge_kernel,
                           **self.merge.to_dict()},
@@ -175,7 +170,9 @@ class Recipe:
         d = self.to_dict()
         lines = [f"{k} = {_toml_value(d.pop(k))}" for k in ("name", "description")]
         for table, values in d.items():
-            lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+            for sub, inner in ((k, v) for k, v in values.items() if isinstance(v, dict)):
+                lines += ["", f"[{table}.{sub}]"] + [f"{k} = {_toml_value(v)}" for k, v in inner.items()]
         return "\n".join(lines) + "\n"
 
 
@@ -234,11 +231,8 @@ def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None 
                 raise unknown_field(key, _LOWER_TABLE, "table [lower]")
             top[_LOWER_TABLE[key]] = value
     search = _table(d, "search")
-    quantize = _table(d, "quantize")
-    for k in quantize:
-        if k not in _QUANT_FIELDS:
-            raise ValueError(f"unknown recipe field quantize.{k!r}{_did_you_mean(k, _QUANT_FIELDS)}; "
-                             f"allowed: {sorted(_QUANT_FIELDS)}")
+    given_q = d.pop("quantize", None)
+    quantize = given_q if isinstance(given_q, Quantize) else _table({"quantize": given_q}, "quantize")
     top_fields = {f.name for f in fields(Recipe)} - {"merge", "quantize", "search"}
     method = top.get("method", d.get("method", base.method if base is not None else Recipe.method))
     if not isinstance(method, str) or method not in RESERVED + method_names():
@@ -267,13 +261,14 @@ def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None 
         base = dataclasses.replace(base, method=method, merge=cfg_given)
     if base is None:
         cfg = cls.build(merge, method)
-        q, srch = Quantize(**quantize), Search(**search)
+        q = quantize if isinstance(quantize, Quantize) else Quantize().updated(quantize)
+        srch = Search(**search)
         return Recipe(merge=cfg, quantize=q, search=srch, **top)
     old = base.merge.to_dict()
     if method != base.method:
         old = {k: v for k, v in old.items() if k in cls.field_names()}
     cfg = cls.build({**old, **merge}, method)
-    q = dataclasses.replace(base.quantize, **quantize) if quantize else base.quantize
+    q = quantize if isinstance(quantize, Quantize) else base.quantize.updated(quantize)
     srch = dataclasses.replace(base.search, **search) if search else base.search
     return dataclasses.replace(base, merge=cfg, quantize=q, search=srch, **top)
 

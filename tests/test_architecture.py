@@ -15,7 +15,7 @@ from reference import _assemble, reference_forward
 
 PKG = Path(mergepass.__file__).parent
 # lowest first; a module may import from its own floor or below, never above
-FLOORS = [{"errors", "cpu", "fidelity", "kernels", "merge", "stages", "compat"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
+FLOORS = [{"errors", "cpu", "fidelity", "kernels", "merge", "stages", "compat", "config"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
           {"recipe"}, {"search"}, {"pipeline", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "infer", "__init__"}]
 
 
@@ -80,7 +80,7 @@ def test_no_layer_below_the_recipe_imports_it_even_for_type_checking():
     assert not offenders, offenders
 
 
-def test_every_method_config_is_one_frozen_dataclass_in_the_methods_file():
+def test_every_method_and_engine_config_is_one_frozen_dataclass_in_its_file():
     import dataclasses
     from mergepass.methods import MethodConfig, get_method, method_names
     for name in method_names():
@@ -89,6 +89,13 @@ def test_every_method_config_is_one_frozen_dataclass_in_the_methods_file():
         assert issubclass(cfg, MethodConfig) and dataclasses.is_dataclass(cfg), name
         assert cfg.__dataclass_params__.frozen and cfg.__module__ == type(method).__module__, name
         assert set(method.fields) <= set(cfg.field_names()), name  # what the plan table reports
+    from mergepass.quantize import get_engine, engine_names
+    from mergepass.quantize.base import EngineConfig
+    for name in engine_names():
+        engine = get_engine(name)
+        cfg = engine.config
+        assert issubclass(cfg, EngineConfig) and cfg.__dataclass_params__.frozen, name
+        assert cfg.__module__ == type(engine).__module__, name
 
 
 # documented APIs under private module names, kept at their call sites (mergepass/compat.py says why)

@@ -154,8 +154,22 @@ def test_quantize_fields_are_validated():
         mergepass.load_recipe("int8", quantize_mode="weird")
     with pytest.raises(ValueError, match="quantize.observer"):
         mergepass.load_recipe("int8", quantize_observer="percentile")
-    with pytest.raises(ValueError, match="unknown recipe field quantize.'scale'"):
+    with pytest.raises(ValueError, match="unknown recipe field 'quantize.scale'"):
         mergepass.load_recipe({"method": "none", "quantize": {"scale": 1}})
+
+
+def test_each_engine_takes_its_own_fields():
+    """[quantize.<engine>] sets one engine's fields; a field in [quantize] itself sets it for every engine that has
+    it; one the chosen engine lacks is an error naming the engine."""
+    r = mergepass.load_recipe("int8", quantize={"pt2e": {"observer": "minmax"}}, quantize_keep_fp32=["head"])
+    assert r.quantize.options("pt2e").observer == "minmax" and r.quantize.observer == "minmax"
+    assert all(r.quantize.options(e).keep_fp32 == ("head",) for e in ("pt2e", "torchao", "modelopt"))
+    with pytest.raises(ValueError, match=r"unknown recipe field 'rest' for engine 'torchao'; its fields: \['keep_fp32'\]"):
+        mergepass.load_recipe("int8", quantize_engine="torchao", quantize_rest="bf16")
+    with pytest.raises(ValueError, match=r"'obsrver' \(did you mean 'observer'\?\) for engine 'pt2e'"):
+        mergepass.load_recipe("int8", quantize={"pt2e": {"obsrver": "minmax"}})
+    import tomllib
+    assert mergepass.recipe.from_dict(tomllib.loads(r.to_toml()), name=r.name) == r
 
 
 def test_torchao_engine_gives_int8_matmuls():

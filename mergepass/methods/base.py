@@ -13,11 +13,11 @@ Adding a method is one file with its config, a :class:`MergeMethod` subclass nam
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Union
+
+from ..config import Config, finite_number, unknown_field  # noqa: F401  (re-exported)
 
 
 if TYPE_CHECKING:
@@ -25,13 +25,6 @@ if TYPE_CHECKING:
 
 
 AUTO = "auto"  # a recipe field resolved against the matched graph
-
-
-def unknown_field(name: str, allowed, where: str) -> ValueError:
-    """The error for a recipe field ``name`` that ``where`` does not have, with close matches."""
-    close = difflib.get_close_matches(name, sorted(allowed), n=3)
-    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-    return ValueError(f"unknown recipe field {name!r}{hint} for {where}; its fields: {sorted(allowed)}")
 
 
 def check_int_or_auto(name: str, value: Any, minimum: int = 0) -> None:
@@ -59,41 +52,13 @@ def check_r(r: Any) -> None:
         check_int_or_auto("r", r)
 
 
-def finite_number(v: Any) -> bool:
-    """An int or float that is neither NaN nor infinite (NaN passes every ``<`` check unnoticed)."""
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
 @dataclass(frozen=True)
-class MethodConfig:
-    """A merge method's own recipe fields. Subclass it (frozen) per method; ``validate`` names a bad field."""
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):  # TOML arrays arrive as lists: configs hold tuples (hashable, frozen)
-            if isinstance(getattr(self, f.name), list):
-                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field whose value this method cannot use."""
-
-    def replace(self, **changes: Any) -> "MethodConfig":
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+class MethodConfig(Config):
+    """A merge method's own recipe fields (the ``[merge]`` table). Subclass it (frozen) per method."""
 
     @classmethod
     def build(cls, values: Mapping[str, Any], method: str) -> "MethodConfig":
-        """From a mapping of this config's fields; a field it lacks is a ValueError naming it."""
-        for k in values:
-            if k not in cls.field_names():
-                raise unknown_field(k, cls.field_names(), f"method {method!r}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return super().build(values, f"method {method!r}")
 
 
 @dataclass(frozen=True)

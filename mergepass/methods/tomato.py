@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from ..config import check_choice
 from ..merge import SIMILARITIES, adjacent_merge, checkerboard
 from ..merge.fused import fused_adjacent_merge
 from .base import (AUTO, Merge, MergeMethod, MergeOp, MethodConfig, check_int_or_auto, check_r, closest,
@@ -44,8 +45,7 @@ class ToMatoConfig(MethodConfig):
             raise ValueError(f"recipe field 'budget' as a fraction must be in [0, 1), got {b!r}")
         if isinstance(b, int) and b < 0:
             raise ValueError(f"recipe field 'budget' must be >= 0, got {b!r}")
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"recipe field 'similarity' must be one of {SIMILARITIES}, got {self.similarity!r}")
+        check_choice("similarity", self.similarity, SIMILARITIES)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from ..config import check_choice
 from ..merge import global_merge
 from ..merge.fused import fused_global_merge
 from .base import (AUTO, Merge, MergeMethod, MergeOp, MethodConfig, chain, check_int_or_auto, check_r, closest,
@@ -37,8 +38,7 @@ class ToMeConfig(MethodConfig):
     def validate(self) -> None:
         check_r(self.r)
         check_int_or_auto("skip", self.skip)
-        if self.partition not in PARTITIONS:
-            raise ValueError(f"recipe field 'partition' must be one of {PARTITIONS}, got {self.partition!r}")
+        check_choice("partition", self.partition, PARTITIONS)
         p = self.protect
         if isinstance(p, bool) or not ((isinstance(p, int) and p >= 0) or (isinstance(p, float) and 0.0 <= p < 1.0)):
             raise ValueError("recipe field 'protect' must be an integer >= 0 (tokens) or a fraction in [0, 1) of the "

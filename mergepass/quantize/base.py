@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence
 import torch
 from torch import fx
 
+from ..config import Config, finite_number
+
 if TYPE_CHECKING:
     from .config import Quantize
 
@@ -47,10 +49,27 @@ class Quantized:
         return [example_inputs[i] for i in self.user_idx]
 
 
+@dataclass(frozen=True)
+class EngineConfig(Config):
+    """An engine's own recipe fields (its ``[quantize.<engine>]`` table). Subclass it (frozen) per engine."""
+
+
+def check_keep_fp32(value) -> None:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(s, str) for s in value):
+        raise ValueError(f"recipe field 'quantize.keep_fp32' must be a list of strings, got {value!r}")
+
+
+def check_sensitivity(value) -> None:
+    if not finite_number(value) or value < 0:
+        raise ValueError(f"recipe field 'quantize.sensitivity' must be a number >= 0, got {value!r}")
+
+
 class QuantEngine:
-    """An int8 engine: subclasses set ``name`` and implement :meth:`quantize`."""
+    """An int8 engine: subclasses set ``name`` and ``config`` and implement :meth:`quantize`, which reads its
+    own config (``q.options(self.name)``) and the settings every engine shares (``q.mode``)."""
 
     name: ClassVar[str]
+    config: ClassVar[type[EngineConfig]] = EngineConfig   # the engine's own fields
     priority: ClassVar[int] = 0   # among engines that are the default here, "auto" takes the highest (then by name)
 
     def is_default(self, lower: str, on_cuda: bool) -> bool:

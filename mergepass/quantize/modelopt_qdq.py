@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch import fx
 
 from ..errors import MergepassWarning
 from ..graph.lift import linear_modules_graph, path_matches
-from .base import QuantEngine, Quantized, register_engine
+from .base import EngineConfig, QuantEngine, Quantized, check_keep_fp32, check_sensitivity, register_engine
 from .calibration import fit_batches, tail_ratio_tracker
 
 if TYPE_CHECKING:
@@ -55,10 +56,23 @@ def _outlier_modules(module: fx.GraphModule, linears: list[str], batches, ratio:
     return flagged(ratio)
 
 
+@dataclass(frozen=True)
+class ModelOptConfig(EngineConfig):
+    """The ModelOpt (TensorRT) engine's fields."""
+
+    keep_fp32: tuple[str, ...] = ()  # linears kept in floating point, by module path glob
+    sensitivity: float = 0.0         # >0: also keep linears whose input max/p99.9 ratio exceeds this
+
+    def validate(self) -> None:
+        check_keep_fp32(self.keep_fp32)
+        check_sensitivity(self.sensitivity)
+
+
 class ModelOptQDQ(QuantEngine):
     """TensorRT's default: explicit Q/DQ with static scales, calibrated on the merged graph."""
 
     name = "modelopt"
+    config = ModelOptConfig
     priority = 10  # built in: a registered engine needs a higher priority to take "auto" over
 
     def is_default(self, lower: str, on_cuda: bool) -> bool:
@@ -85,9 +99,10 @@ class ModelOptQDQ(QuantEngine):
                           MergepassWarning, stacklevel=3)
             batches = [user_ex]
         linears = [k for k, mod in module.named_children() if isinstance(mod, torch.nn.Linear)]
-        kept = [k for k in linears if path_matches(names.get(k, k), q.keep_fp32)]
-        if q.sensitivity > 0:
-            kept += [k for k in _outlier_modules(module, linears, batches, q.sensitivity) if k not in kept]
+        own = q.options(self.name)
+        kept = [k for k in linears if path_matches(names.get(k, k), own.keep_fp32)]
+        if own.sensitivity > 0:
+            kept += [k for k in _outlier_modules(module, linears, batches, own.sensitivity) if k not in kept]
 
         def forward_loop(mod):
             for b in batches:

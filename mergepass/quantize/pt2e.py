@@ -18,13 +18,14 @@ if TYPE_CHECKING:
     from .config import Quantize
 
 from .. import compat
+from ..config import check_choice
 from ..cpu import bf16_isa, int8_isa
 from ..errors import MergepassWarning
 from ..stages import progress, stage
 from ..graph.lift import Inputs, Lifted, module_names, path_matches
 from ..graph.nodes import SDPA
 from . import int8_attention
-from .base import QuantEngine, Quantized, register_engine
+from .base import EngineConfig, QuantEngine, Quantized, check_keep_fp32, check_sensitivity, register_engine
 from .calibration import fit_batches, outlier_linears
 
 
@@ -155,10 +156,37 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
     return q
 
 
+REST_PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTION_PRECISIONS = ("float", "int8")
+OBSERVERS = ("auto", "minmax", "histogram")
+
+
+@dataclasses.dataclass(frozen=True)
+class PT2EConfig(EngineConfig):
+    """The pt2e (x86) engine's fields."""
+
+    keep_fp32: tuple[str, ...] = ()  # linears kept in fp32, by module path glob ("blocks.2.mlp.fc2", "*.fc2")
+    sensitivity: float = 0.0      # >0: also keep linears whose input max/p99.9 ratio exceeds this
+    rest: str = "auto"            # what runs outside the int8 GEMMs: bf16 | fp32 | auto (bf16 where the CPU
+                                  # has AVX512-BF16 or AMX)
+    attention: str = "float"      # float (the rest's precision) | int8 (torchao's fused int8 SDPA; costs fidelity)
+    observer: str = "auto"        # static activation ranges: minmax (calibration min/max) | histogram (torchao's
+                                  # default: least quantization error on a histogram) | auto (minmax for the
+                                  # linears' 8-bit activations; histogram for 7-bit ones and int8 attention)
+
+    def validate(self) -> None:
+        check_keep_fp32(self.keep_fp32)
+        check_sensitivity(self.sensitivity)
+        check_choice("quantize.rest", self.rest, REST_PRECISIONS)
+        check_choice("quantize.observer", self.observer, OBSERVERS)
+        check_choice("quantize.attention", self.attention, ATTENTION_PRECISIONS)
+
+
 class PT2E(QuantEngine):
     """The x86 CPU default: static (calibrated) or dynamic activation scales, oneDNN ``qlinear``."""
 
     name = "pt2e"
+    config = PT2EConfig
     priority = 10  # built in: a registered engine needs a higher priority to take "auto" over
 
     def is_default(self, lower: str, on_cuda: bool) -> bool:
@@ -168,6 +196,7 @@ class PT2E(QuantEngine):
                  batches: Optional[list[tuple]]) -> Quantized:
         prepare_pt2e, convert_pt2e, _ = _torchao_pt2e()
         user_ex = Inputs(gm, example_inputs).user_inputs(example_inputs)
+        own = q.options(self.name)
         batches = fit_batches(batches, user_ex) if q.mode == "static" else None
         mode = q.mode
         if mode == "static" and not batches:
@@ -179,8 +208,8 @@ class PT2E(QuantEngine):
         elif mode == "dynamic":
             warnings.warn(f"mergepass: quantize.mode = 'dynamic': {DYNAMIC_COST}; static scales (calibration=...) "
                           "have neither cost", MergepassWarning, stacklevel=3)
-        why_float = attention_unavailable(q.attention, mode)
-        if why_float and q.attention == "int8":
+        why_float = attention_unavailable(own.attention, mode)
+        if why_float and own.attention == "int8":
             warnings.warn(f"mergepass: quantize.attention = 'int8' cannot run here: {why_float}; attention runs in "
                           "floating point", MergepassWarning, stacklevel=3)
         fused = 0
@@ -192,19 +221,19 @@ class PT2E(QuantEngine):
         with stage("int8: export and prepare"), torch.no_grad(), compat.outside_tracing():
             exported = torch.export.export(lifted, user_ex, dynamic_shapes=lifted.dynamic_shapes(),
                                            strict=False).module(check_guards=False)  # dynamo guards the inputs
-            kept = list(q.keep_fp32)
-            if q.sensitivity > 0:
-                kept += outlier_linears(exported, batches or [user_ex], q.sensitivity)
+            kept = list(own.keep_fp32)
+            if own.sensitivity > 0:
+                kept += outlier_linears(exported, batches or [user_ex], own.sensitivity)
             explicit_conv_padding(exported)
             m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None,
-                                                      matmuls=fused > 0, observer=q.observer))
+                                                      matmuls=fused > 0, observer=own.observer))
         runs = batches if mode == "static" else [user_ex]
         with stage("int8: calibrate"), torch.no_grad():
             for b in progress(runs, "calibrating", total=len(runs)):
                 m(*b)
         with stage("int8: convert"), torch.no_grad():
             m = convert_pt2e(m)
-        return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept, autocast=rest_dtype(q.rest),
+        return Quantized(m, lifted.user_idx, user_ex, self.name, mode, kept, autocast=rest_dtype(own.rest),
                          inductor_config={**compat.torchao_x86_passes(), **(int8_attention.inductor_passes(fused) if fused else {})},
                          int8_attention=fused)
 

@@ -1,22 +1,34 @@
 """int8 with torchao ``quantize_`` on ``nn.Linear`` modules rebuilt from the graph (the CUDA default)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import fx
 
 from ..graph.lift import linear_modules_graph, path_matches
-from .base import QuantEngine, Quantized, register_engine
+from .base import EngineConfig, QuantEngine, Quantized, check_keep_fp32, register_engine
 
 if TYPE_CHECKING:
     from .config import Quantize
+
+
+@dataclass(frozen=True)
+class TorchaoConfig(EngineConfig):
+    """The torchao engine's fields (its activation scales are always dynamic)."""
+
+    keep_fp32: tuple[str, ...] = ()  # linears kept in floating point, by module path glob
+
+    def validate(self) -> None:
+        check_keep_fp32(self.keep_fp32)
 
 
 class TorchaoDynamic(QuantEngine):
     """Dynamic per-token activations, int8 weights: ``torch._int_mm`` on CUDA, oneDNN qlinear on CPU."""
 
     name = "torchao"
+    config = TorchaoConfig
     priority = 10  # built in: a registered engine needs a higher priority to take "auto" over
 
     def is_default(self, lower: str, on_cuda: bool) -> bool:
@@ -26,7 +38,7 @@ class TorchaoDynamic(QuantEngine):
                  batches: Optional[list[tuple]]) -> Quantized:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
         module, user_idx, names = linear_modules_graph(gm, example_inputs)
-        keep = list(q.keep_fp32)
+        keep = list(q.options(self.name).keep_fp32)
 
         def wanted(mod, fqn):
             return isinstance(mod, torch.nn.Linear) and not path_matches(names.get(fqn, fqn), keep)
