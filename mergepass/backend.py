@@ -1,7 +1,6 @@
 """The torch.compile backend: match → schedule → merge → quantize → lower."""
 from __future__ import annotations
 
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from .graph.passes.strip_noops import active_dropouts
 from .graph.nodes import symbolic_dims
 from .graph.rewrite import RewriteResult
 from .lower import compile_graph
-from .pipeline import Int8Declined, graph_stages, int8_stage, training
+from .pipeline import Int8Declined, graph_stages, lower_stage, training
 from .graph.lift import Inputs, Lifted, output_dtypes
 from .quantize import Quantized, fit_to_graph, read_calibration
 from .recipe import Recipe, load
@@ -139,13 +138,10 @@ class Backend:
             return cache.graph_key(graph, example_inputs, r.to_dict(), calibration) if use_cache else None
 
         def served(package: Path):
-            try:
-                run = artifact.load(package, verify=False).run
-            except (ValueError, RuntimeError, OSError):  # unloadable here: built anew in its place
-                shutil.rmtree(package.parent, ignore_errors=True)
-                return None
-            done.package = package
-            return run
+            entry = cache.loaded(package)
+            if entry is not None:
+                done.package = package
+            return None if entry is None else entry.run
 
         def lower(q: Quantized, said: list[str], key: Optional[str]):
             if key is not None:
@@ -168,8 +164,8 @@ class Backend:
                                      trace_context=q.trace_context, autocast=q.autocast,
                                      inductor_config_overrides=q.inductor_config)
 
-        compiled, done.quantized, done.cached = int8_stage(graph, example_inputs, recipe, calibration, key_of=key_of,
-                                                           lower=lower, served=served, warn=self._warn_once)
+        compiled, done.quantized, done.cached = lower_stage(graph, example_inputs, recipe, calibration, key_of=key_of,
+                                                            lower=lower, served=served, warn=self._warn_once)
         return compiled, done.quantized
 
     def _declines(self, gm: fx.GraphModule, example_inputs: Sequence) -> Optional[str]:

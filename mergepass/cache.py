@@ -166,16 +166,20 @@ def verified(key: str) -> Optional[Path]:
         return None
 
 
-def lookup(key: str) -> Optional[artifact.Artifact]:
-    """The entry for ``key``, verified and loaded; None when there is none (or it fails verification)."""
-    path = verified(key)
-    if path is None:
-        return None
+def loaded(path: Path) -> Optional[artifact.Artifact]:
+    """The verified entry whose package is ``path``, loaded; None (and the entry deleted, so it is built anew)
+    when this process cannot load it."""
     try:
         return artifact.load(path, verify=False)
     except (ValueError, RuntimeError, OSError):
         shutil.rmtree(path.parent, ignore_errors=True)
         return None
+
+
+def lookup(key: str) -> Optional[artifact.Artifact]:
+    """The entry for ``key``, verified and loaded; None when there is none (or it fails verification)."""
+    path = verified(key)
+    return None if path is None else loaded(path)
 
 
 def store(key: str, build: Callable[[Path], Path]) -> Path:

@@ -9,11 +9,16 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 
+def did_you_mean(name: str, allowed) -> str:
+    """`` (did you mean 'x'?)`` for the names in ``allowed`` close to ``name``; empty when none is."""
+    close = difflib.get_close_matches(name, sorted(allowed), n=3)
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+
+
 def unknown_field(name: str, allowed, where: str) -> ValueError:
     """The error for a recipe field ``name`` that ``where`` does not have, with close matches."""
-    close = difflib.get_close_matches(name, sorted(allowed), n=3)
-    hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-    return ValueError(f"unknown recipe field {name!r}{hint} for {where}; its fields: {sorted(allowed)}")
+    return ValueError(f"unknown recipe field {name!r}{did_you_mean(name, allowed)} for {where}; "
+                      f"its fields: {sorted(allowed)}")
 
 
 def check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -20,7 +20,7 @@ from . import cache as compile_cache
 from .errors import MergepassWarning, briefly
 from .graph.capture import capture_graphs
 from .graph.lift import Lifted, output_dtypes
-from .pipeline import Int8Declined, Staged, graph_stages, int8_stage
+from .pipeline import Int8Declined, Staged, graph_stages, lower_stage
 from .quantize import Quantized, read_calibration
 from .recipe import Recipe, load
 
@@ -107,19 +107,10 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
             return artifact.write(module, inputs, out, dynamic_shapes=dims, meta=meta, **options)
         return compile_cache.store(key, build) if key is not None else build(Path(path))
 
-    if r.quantize.enabled:
-        try:
-            package, _, _ = int8_stage(graph, example_inputs, r, batches, key_of=key_of, lower=write,
-                                       served=lambda p: p, warn=_say)
-        except Int8Declined as e:
-            raise RuntimeError(f"mergepass: int8 quantization failed for this graph ({e}); export it with a "
-                               "recipe without quantization") from e
-    else:
-        key = key_of(r)
-        package = compile_cache.verified(key) if key is not None else None
-        if package is not None:
-            for message in artifact.read_manifest(package)["meta"].get("warnings", []):
-                _say(message)
-        else:
-            package = write(None, [], key)
+    try:
+        package, _, _ = lower_stage(graph, example_inputs, r, batches, key_of=key_of, lower=write,
+                                    served=lambda p: p, warn=_say)
+    except Int8Declined as e:
+        raise RuntimeError(f"mergepass: int8 quantization failed for this graph ({e}); export it with a "
+                           "recipe without quantization") from e
     return package if Path(package) == Path(path) else artifact.copy(package, path)

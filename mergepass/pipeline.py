@@ -3,7 +3,7 @@ quantize → lower. ``backend``, ``export``, ``plan`` and ``search`` call these 
 
 * :func:`merge_stage`: prepare → match → resolve ``auto`` → rewrite (the merges).
 * :func:`graph_stages`: the merge stage, then mergepass's attention ops.
-* :func:`int8_stage`: quantize and lower, or take the result from the compile cache.
+* :func:`lower_stage`: quantize (int8 recipes) and lower, or take the result from the compile cache.
 * :class:`Planner` / :func:`plan`: the schedule the backend would use, without compiling.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
     else:
         result = RewriteResult(gm, None, None)
     if result.schedule is not None:
-        recipe = result.schedule.recipe.replace(lower=recipe.lower)
+        recipe = result.schedule.recipe
     graph, ops = result.gm, 0
     if attention:
         with stage("attention ops"):
@@ -123,14 +123,17 @@ def _quantize(graph, example_inputs, recipe, calibration, warn) -> tuple[Quantiz
     return q, replay(caught, warn)
 
 
-def int8_stage(graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration: Optional[list[tuple]],
-               *, key_of: Callable[[Recipe], Optional[str]], lower: Callable[[Quantized, list, Optional[str]], Any],
-               served: Callable[[Path], Any], warn: Callable[[str], None]) -> tuple[Any, Quantized, bool]:
-    """Quantize ``graph`` and lower it, or take the result from the compile cache: (result, Quantized, cached).
+def lower_stage(graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration: Optional[list[tuple]],
+                *, key_of: Callable[[Recipe], Optional[str]],
+                lower: Callable[[Optional[Quantized], list, Optional[str]], Any], served: Callable[[Path], Any],
+                warn: Callable[[str], None]) -> tuple[Any, Optional[Quantized], bool]:
+    """Quantize ``graph`` (int8 recipes) and lower it, or take the result from the compile cache:
+    (result, Quantized or None, cached).
 
     ``key_of(recipe)``: the cache key (None: no cache). ``served(package)``: the result for a verified entry
     (None: unusable, build anew). ``lower(q, said, key)``: the result of a build (``said``: what quantizing
-    warned). A fused int8 attention that fails to lower is built once more with float attention, with a warning.
+    warned; ``q`` None without int8). A fused int8 attention that fails to lower is built once more with float
+    attention, with a warning.
     """
     key = key_of(recipe)
     if key is not None:
@@ -141,7 +144,10 @@ def int8_stage(graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, 
         if result is not None:
             for message in meta.get("warnings", []):  # what the build said, said again
                 warn(message)
-            return result, Quantized.from_cache(meta["quantized"], ()), True
+            quantized = meta.get("quantized")
+            return result, None if quantized is None else Quantized.from_cache(quantized, ()), True
+    if not recipe.quantize.enabled:
+        return lower(None, [], key), None, False
     q, said = _quantize(graph, example_inputs, recipe, calibration, warn)
     try:
         return lower(q, said, key), q, False

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from .config import check_choice
+from .config import check_choice, did_you_mean
 from .lower import LOWERINGS
 from .methods import AUTO, RESERVED, MethodConfig, config_of, method_names
 from .methods.base import finite_number, unknown_field
@@ -111,10 +111,7 @@ class Recipe:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        methods = RESERVED + method_names()
-        if self.method not in methods:
-            raise ValueError(f"recipe field 'method' must be one of {methods}, got {self.method!r}"
-                             + _did_you_mean(str(self.method), methods))
+        _check_method(self.method)
         cls = config_of(self.method)
         if self.merge is None:
             object.__setattr__(self, "merge", cls())
@@ -176,9 +173,11 @@ class Recipe:
         return "\n".join(lines) + "\n"
 
 
-def _did_you_mean(name: str, allowed) -> str:
-    close = difflib.get_close_matches(name, list(allowed), n=3)
-    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+def _check_method(method: Any) -> None:
+    methods = RESERVED + method_names()
+    if method not in methods:
+        raise ValueError(f"recipe field 'method' must be one of {methods}, got {method!r}"
+                         + did_you_mean(str(method), methods))
 
 
 def _toml_value(v: Any) -> str:
@@ -235,8 +234,7 @@ def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None 
     quantize = given_q if isinstance(given_q, Quantize) else _table({"quantize": given_q}, "quantize")
     top_fields = {f.name for f in fields(Recipe)} - {"merge", "quantize", "search"}
     method = top.get("method", d.get("method", base.method if base is not None else Recipe.method))
-    if not isinstance(method, str) or method not in RESERVED + method_names():
-        Recipe(method=method)  # the error naming the method
+    _check_method(method)
     cls = config_of(method)
     for k in list(d):  # flat fields: the method's, the search's, or the recipe's own
         if k in top_fields:
@@ -249,7 +247,7 @@ def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None 
             d.pop(k)  # another method's field at the flat layout's default: what an older file always holds
         else:
             known = set(top_fields) | set(_SEARCH_FIELDS) | set(cls.field_names()) | {"merge", "quantize", "search"}
-            raise ValueError(f"unknown recipe field {k!r}{_did_you_mean(k, known)} for method {method!r}; its "
+            raise ValueError(f"unknown recipe field {k!r}{did_you_mean(k, known)} for method {method!r}; its "
                              f"fields: {list(cls.field_names())}; the recipe's: {sorted(top_fields | set(_SEARCH_FIELDS))}")
     if name is not None and "name" not in top:
         top["name"] = name
@@ -257,8 +255,8 @@ def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None 
         if type(cfg_given) is not cls:
             raise ValueError(f"recipe field 'merge' must be a {cls.__name__} for method {method!r}, "
                              f"got {type(cfg_given).__name__}")
-        base = base if base is not None else Recipe(method=method, merge=cfg_given)
-        base = dataclasses.replace(base, method=method, merge=cfg_given)
+        base = Recipe(method=method, merge=cfg_given) if base is None else \
+            dataclasses.replace(base, method=method, merge=cfg_given)
     if base is None:
         cfg = cls.build(merge, method)
         q = quantize if isinstance(quantize, Quantize) else Quantize().updated(quantize)

@@ -243,5 +243,5 @@ def test_backend_and_export_share_one_orchestration():
     for name in ("backend.py", "export.py"):
         imported = {(n.module, a.name) for n in ast.walk(ast.parse((PKG / name).read_text()))
                     if isinstance(n, ast.ImportFrom) for a in n.names}
-        assert {("pipeline", "graph_stages"), ("pipeline", "int8_stage")} <= imported, name
+        assert {("pipeline", "graph_stages"), ("pipeline", "lower_stage")} <= imported, name
         assert not {("quantize", "quantize"), ("pipeline", "merge_stage"), ("graph.rewrite", "rewrite")} & imported, name
