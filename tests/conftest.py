@@ -46,6 +46,23 @@ def planner():
     return get
 
 
+@pytest.fixture(scope="session")
+def tome_package(tmp_path_factory):
+    """One FP32 ``tome`` package (r=3, depth 1), exported at batch 2 with an empty compile cache of its own:
+    ``(model, package path, that cache's directory)``. The tests that use it carry ``xdist_group("tome_package")``
+    so that one worker exports it once."""
+    import mergepass
+    root = tmp_path_factory.mktemp("tome_package")
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
+        mp.setenv("MERGEPASS_CACHE_DIR", str(root / "cache"))
+        mp.delenv("MERGEPASS_CACHE", raising=False)
+        torch.manual_seed(0)
+        m = tiny_vit(depth=1)
+        path = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=root / "m.pt2", r=3)
+    torch._dynamo.reset()
+    return m, path, root / "cache"
+
+
 def compile_with(model, backend):
     return torch.compile(model, backend=backend, dynamic=False)
 

@@ -1,4 +1,5 @@
 """Merge-map visualisation and the exported AOTInductor package."""
+import shutil
 import subprocess
 import sys
 
@@ -43,20 +44,10 @@ def _eager(m, x, recipe="tome", **kw):
         return torch.compile(m, backend=mergepass.backend(recipe, lower="eager", **kw), dynamic=False)(x)
 
 
-@pytest.fixture(scope="module")
-def tome_package(tmp_path_factory):
-    """One FP32 ``tome`` package (r=3, depth 1), exported at batch 2, shared by the tests that load it."""
-    torch.manual_seed(0)
-    m = tiny_vit(depth=1)
-    path = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path_factory.mktemp("pkg") / "m.pt2", r=3)
-    torch._dynamo.reset()
-    return m, path
-
-
 @pytest.mark.xdist_group("tome_package")
 def test_export_serves_every_batch_size_without_mergepass(tmp_path, tome_package):
     """Exported at batch 2, the package gives the right rows at batch 1 and 4 through torch's own loader."""
-    m, path = tome_package
+    m, path, _ = tome_package
     x = torch.randn(4, 3, 64, 64)
     for b in (1, 4):
         torch.save(x[:b], tmp_path / f"x{b}.pt")
@@ -79,7 +70,7 @@ def test_export_serves_every_batch_size_without_mergepass(tmp_path, tome_package
 
 @pytest.mark.xdist_group("tome_package")
 def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path, tome_package):
-    _, path = tome_package
+    _, path, _ = tome_package
     x = torch.randn(3, 3, 64, 64)
     f = mergepass.load(path)
     out = f(x)
@@ -103,8 +94,9 @@ def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path, 
 
 @pytest.mark.xdist_group("tome_package")
 def test_a_second_export_of_the_same_graph_comes_from_the_compile_cache(tmp_path, tome_package, monkeypatch):
-    m, path = tome_package
+    m, path, cache_dir = tome_package
     monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
+    monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(shutil.copytree(cache_dir, tmp_path / "cache")))
     first = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "first.pt2", r=3)
 
     def build(*a, **k):

@@ -1,5 +1,6 @@
 """The compile cache (mergepass.cache): int8 graphs served from disk to later compiles, never a stale or
 foreign entry; and how often a dynamic-batch compile runs the backend."""
+import shutil
 import sys
 
 import pytest
@@ -11,8 +12,6 @@ from reference import reference_forward
 from mergepass import cache
 from mergepass.graph.capture import capture_graphs, prepare
 
-pytestmark = pytest.mark.xdist_group("cache")
-
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
@@ -21,15 +20,15 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_an_entry_is_written_on_a_miss_and_a_damaged_one_is_never_served(cache_dir, capsys):
-    m = tiny_vit(depth=1)
-    first = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=cache_dir.parent / "a.pt2", r=3)
+@pytest.mark.xdist_group("tome_package")
+def test_an_entry_is_written_on_a_miss_and_a_damaged_one_is_never_served(cache_dir, tome_package, capsys):
+    _, first, written = tome_package  # exported with an empty cache: a miss
+    shutil.copytree(written, cache_dir)  # this test damages and clears the entries: a copy of them
     [entry] = cache.entries()  # the miss wrote one entry, whose package was copied out
     package = entry / cache.PACKAGE
     assert package.read_bytes() == first.read_bytes()
     assert cache.main([]) == 0 and f"{cache_dir}: 1 entries" in capsys.readouterr().out
 
-    import shutil
     damaged = shutil.copytree(entry, cache_dir / ("0" * 64)) / package.name
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2] ^= 0xFF
