@@ -2,6 +2,10 @@
 
     python benchmarks/attention_op.py --threads 2
 
+Where the CPU has native bf16 (AVX512-BF16 or AMX), ``sdpa_bf16`` times torch's SDPA on bf16 inputs: what
+attention runs in an int8 recipe whose rest is bf16 (``quantize.rest``), and on AMX what ``attention_kernel =
+"auto"`` leaves it to.
+
 Shapes [batch, heads, tokens, head dim]: ViT-S/14 (DINOv2) and ViT-B/16 at 224 px, batch 8, and
 ViT-S/14 at 518 px, batch 1, each with proportional attention's [B, 1, 1, N] bias. Per-call cosine
 is against FP32 SDPA. Prints the CPU line (int8 and bf16 instructions) with the table.
@@ -15,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mergepass.cpu import machine
+from mergepass.cpu import bf16_isa, machine
 from mergepass.eval.timing import interleaved, ratios
 from mergepass.kernels import attention
 
@@ -23,12 +27,15 @@ SHAPES = {"ViT-S/14 224px b8": (8, 6, 257, 64), "ViT-B/16 224px b8": (8, 12, 197
           "ViT-S/14 518px b1": (1, 6, 1370, 64)}
 
 
-def time_shape(shape, kinds, rounds: int, iters: int) -> dict:
+def time_shape(shape, kinds, rounds: int, iters: int, bf16_sdpa: bool) -> dict:
     """{contender: (median ms, speedup over SDPA, (min, max) per-round speedup, cosine to SDPA)}."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(*shape) for _ in range(3))
     bias = torch.rand(shape[0], 1, 1, shape[2]).add(0.5).log()
     fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, bias)}
+    if bf16_sdpa:
+        qb, kb, vb, biasb = (t.bfloat16() for t in (q, k, v, bias))
+        fns["sdpa_bf16"] = lambda: F.scaled_dot_product_attention(qb, kb, vb, biasb)
     fns.update({kind: (lambda kind=kind: attention.attention(kind, q, k, v, bias)) for kind in kinds})
     want = fns["sdpa"]().flatten().double()
     per = interleaved(fns, rounds, iters)
@@ -53,10 +60,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"{machine()}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds x {args.iters}; "
           f"attention_kernel='auto' picks: {attention.preferred() or 'sdpa'}")
-    print(f"{'shape':<20}{'[B, H, N, D]':<19}{'contender':<10}{'ms':>8}{'x SDPA':>8}{'spread':>13}{'cosine':>11}")
+    print(f"{'shape':<20}{'[B, H, N, D]':<19}{'contender':<11}{'ms':>8}{'x SDPA':>8}{'spread':>13}{'cosine':>11}")
     for name, shape in SHAPES.items():
-        for who, (ms, speedup, spread, cos) in time_shape(shape, kinds, args.rounds, args.iters).items():
-            print(f"{name:<20}{str(list(shape)):<19}{who:<10}{ms:>8.2f}{speedup:>7.2f}x"
+        for who, (ms, speedup, spread, cos) in time_shape(shape, kinds, args.rounds, args.iters, bf16_isa() != "none").items():
+            print(f"{name:<20}{str(list(shape)):<19}{who:<11}{ms:>8.2f}{speedup:>7.2f}x"
                   f"{spread[0]:>7.2f}-{spread[1]:<5.2f}{cos:>11.6f}", flush=True)
     return 0
 

@@ -113,6 +113,29 @@ def test_a_second_export_of_the_same_graph_comes_from_the_compile_cache(tmp_path
         mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "third.pt2", r=3)
 
 
+@pytest.mark.xdist_group("tome_package")
+def test_a_loaded_package_runs_on_constants_in_aligned_memory(tome_package):
+    """AOTInductor leaves a CPU package's constants at 16 mod 64 bytes, which slows AMX int8 GEMMs; mergepass's
+    loader moves them to 64-byte-aligned memory, with the same outputs (that the package reads that memory is
+    checked on a frozen int8 package below)."""
+    from mergepass import compat
+    _, path, _ = tome_package
+    x = torch.randn(2, 3, 64, 64)
+    plain = torch._inductor.aoti_load_package(str(path))
+    run = mergepass.load(path).run
+    constants = run._mergepass_aligned_constants
+    dense = [t for t in constants.values() if t.layout == torch.strided and t.numel()]
+    assert dense and all(t.data_ptr() % compat.ALIGNMENT == 0 for t in dense)
+    with torch.no_grad():
+        want, got = plain(x), run(x)
+        want, got = (want[0], got[0]) if isinstance(got, (list, tuple)) else (want, got)
+        assert torch.equal(got, want)
+    assert not compat.align_cpu_constants(plain, str(path.parent / "missing.pt2"))  # a failed step keeps it as loaded
+    with torch.no_grad():
+        again = plain(x)
+    assert torch.equal(again[0] if isinstance(again, (list, tuple)) else again, want)
+
+
 def test_exported_int8_package_computes_what_the_backend_runs(tmp_path):
     """Same recipe and calibration: the package and the backend run the same quantized graph (bf16 rest included;
     packages keep torch's SDPA, which the backend is asked to keep too)."""
@@ -125,3 +148,17 @@ def test_exported_int8_package_computes_what_the_backend_runs(tmp_path):
         out = mergepass.load(path)(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
     assert torch.nn.functional.cosine_similarity(out.float(), ref).min() > 0.9999
+    # the package reads the aligned copies of its frozen constants that mergepass.load gave it: a change shows
+    run = mergepass.load(path).run
+    dense = sorted((t for t in run._mergepass_aligned_constants.values()
+                    if t.layout == torch.strided and t.is_floating_point() and t.numel() > 1), key=lambda t: -t.numel())
+    with torch.no_grad():
+        for t in dense:
+            saved = t.clone()
+            t.zero_()
+            changed = run(x)
+            t.copy_(saved)
+            if not torch.allclose(changed[0] if isinstance(changed, (list, tuple)) else changed, out):
+                break
+        else:
+            pytest.fail("no change to the aligned constants reached the package's output")
