@@ -39,6 +39,11 @@ def test_source_maps_follow_the_schedule():
         assert src[0, 0] == 0  # the class token stays put
 
 
+def _tensor(out):
+    """A package's output: its one tensor (AOTInductor returns a list)."""
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
 def _eager(m, x, recipe="tome", **kw):
     with torch.no_grad():
         return torch.compile(m, backend=mergepass.backend(recipe, lower="eager", **kw), dynamic=False)(x)
@@ -73,8 +78,7 @@ def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path, 
     _, path, _ = tome_package
     x = torch.randn(3, 3, 64, 64)
     f = mergepass.load(path)
-    out = f(x)
-    out = out[0] if isinstance(out, (list, tuple)) else out
+    out = _tensor(f(x))
     assert out.shape == (3, 1000)
     with pytest.raises(ValueError, match=r"input 0 must be float32 of shape \(any, 3, 64, 64\).*\(2, 3, 80, 80\)"):
         f(torch.randn(2, 3, 80, 80))
@@ -127,13 +131,11 @@ def test_a_loaded_package_runs_on_constants_in_aligned_memory(tome_package):
     dense = [t for t in constants.values() if t.layout == torch.strided and t.numel()]
     assert dense and all(t.data_ptr() % compat.ALIGNMENT == 0 for t in dense)
     with torch.no_grad():
-        want, got = plain(x), run(x)
-        want, got = (want[0], got[0]) if isinstance(got, (list, tuple)) else (want, got)
-        assert torch.equal(got, want)
+        want = _tensor(plain(x))
+        assert torch.equal(_tensor(run(x)), want)
     assert not compat.align_cpu_constants(plain, str(path.parent / "missing.pt2"))  # a failed step keeps it as loaded
     with torch.no_grad():
-        again = plain(x)
-    assert torch.equal(again[0] if isinstance(again, (list, tuple)) else again, want)
+        assert torch.equal(_tensor(plain(x)), want)
 
 
 def test_exported_int8_package_computes_what_the_backend_runs(tmp_path):
@@ -145,20 +147,20 @@ def test_exported_int8_package_computes_what_the_backend_runs(tmp_path):
     with torch.no_grad():
         be = mergepass.backend("tome_int8", r=3, calibration=calib, attention_kernel="sdpa")
         ref = torch.compile(m, backend=be, dynamic=False)(x)
-        out = mergepass.load(path)(x)
-    out = out[0] if isinstance(out, (list, tuple)) else out
+        loaded = mergepass.load(path)
+        out = _tensor(loaded(x))
+    run = loaded.run
     assert torch.nn.functional.cosine_similarity(out.float(), ref).min() > 0.9999
     # the package reads the aligned copies of its frozen constants that mergepass.load gave it: a change shows
-    run = mergepass.load(path).run
     dense = sorted((t for t in run._mergepass_aligned_constants.values()
                     if t.layout == torch.strided and t.is_floating_point() and t.numel() > 1), key=lambda t: -t.numel())
     with torch.no_grad():
         for t in dense:
             saved = t.clone()
             t.zero_()
-            changed = run(x)
+            changed = _tensor(run(x))
             t.copy_(saved)
-            if not torch.allclose(changed[0] if isinstance(changed, (list, tuple)) else changed, out):
+            if not torch.allclose(changed, out):
                 break
         else:
             pytest.fail("no change to the aligned constants reached the package's output")
