@@ -11,6 +11,7 @@ from torch import fx
 
 from . import artifact, cache
 from .compat import frame_compiles, recompile_limit
+from .decide import Decision
 from .errors import MergepassWarning, briefly
 from .graph.passes.strip_noops import active_dropouts
 from .graph.nodes import symbolic_dims
@@ -29,10 +30,11 @@ def _varying_size(gm: fx.GraphModule) -> bool:
     return any(set(symbolic_dims(n)) - {0} for n in gm.graph.nodes if n.op == "placeholder")
 
 
-def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
-    """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph."""
+def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:
+    """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph, and the
+    measurement behind ``merge_kernel = "auto"``."""
     if recipe.merge_kernel == "reference" or recipe.lower == "tensorrt":  # TensorRT has no converter for it
-        return False
+        return False, None
     why = None
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
         why = "the inputs are not on the CPU"
@@ -47,10 +49,14 @@ def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> bool:
             if recipe.merge_kernel == "auto":
                 warnings.warn(f"mergepass: fused merge kernel unavailable, {why}; using the reference merge "
                               "ops (same results, slower)", MergepassWarning, stacklevel=3)
+        elif recipe.merge_kernel == "auto":
+            with stage("merge kernel: measure or read the kept decision"):
+                decision = fused.choose()
+            return decision.choice == "fused", decision
     if why is not None and recipe.merge_kernel == "fused":
         raise RuntimeError(f"recipe field 'merge_kernel' is 'fused' but the fused merge kernel is unavailable: "
                            f"{why}; use merge_kernel='auto' or 'reference'")
-    return why is None
+    return why is None, None
 
 
 @dataclass
@@ -60,6 +66,7 @@ class GraphResult:
     rewrite: RewriteResult
     quantized: Optional[Quantized] = None
     attention_ops: int = 0  # attentions running on one of mergepass's attention ops (recipe field attention_kernel)
+    attention_decision: Optional[Decision] = None  # what attention_kernel = "auto" measured (int8 graphs)
     package: Optional[Path] = None  # the compile cache's package this graph runs (mergepass.cache)
     cached: bool = False  # ... taken from the cache rather than built by this compile
 
@@ -230,10 +237,13 @@ class Backend:
         if recipe.lower == "tensorrt":
             from .lower import require_tensorrt
             require_tensorrt()  # before reading calibration data and calibrating, which take a while
-        fused = recipe.merges and _fused_merges(recipe, example_inputs)
+        fused, merge_decision = _fused_merges(recipe, example_inputs) if recipe.merges else (False, None)
         staged = graph_stages(gm, example_inputs, recipe, calibration=self.calibration if recipe.merges else None,
                               model=self.model_name, warn=self._warn_once, fused=fused)
-        done = GraphResult(staged.rewrite, attention_ops=staged.attention_ops)
+        if merge_decision is not None and staged.schedule is not None:
+            staged.schedule.kernels.insert(0, merge_decision.line())
+        done = GraphResult(staged.rewrite, attention_ops=staged.attention_ops,
+                           attention_decision=staged.attention_decision)
         self.results.append(done)
         recipe, graph = staged.recipe, staged.graph
         if not recipe.quantize.enabled:

@@ -27,6 +27,7 @@ import torch
 from torch import fx
 
 from . import artifact, compat
+from . import decide
 
 PACKAGE = "model.pt2"
 
@@ -218,12 +219,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--clear", action="store_true", help="delete every entry")
     args = p.parse_args(argv)
     if args.clear:
-        print(f"removed {clear()} entries from {cache_dir()}")
+        print(f"removed {clear()} entries from {cache_dir()} and {decide.forget()} kernel decisions from "
+              f"{decide.decisions_dir()}")
         return 0
     found = entries()
     size = sum(f.stat().st_size for e in found for f in e.iterdir())
     print(f"{cache_dir()}: {len(found)} entries, {size / 2**20:.1f} MiB"
           + ("" if enabled() else " (turned off by MERGEPASS_CACHE)"))
+    decisions = decide.kept()
+    print(f"{decide.decisions_dir()}: {len(decisions)} kernel decisions, measured on this machine")
+    for d in decisions:
+        print(f"  {d.line()}")
     return 0
 
 

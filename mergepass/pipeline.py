@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from . import artifact, cache
+from .decide import Decision
 from .errors import MergepassWarning, briefly, replay
 from .graph.capture import capture_graphs, copy_graph_module, prepare
 from .graph.match import find_blocks, summarize
@@ -55,21 +56,33 @@ def training(example_inputs: Sequence) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
-def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe) -> tuple[fx.GraphModule, int]:
-    """(graph, attentions now on one of mergepass's attention ops) for recipe field ``attention_kernel``.
-    ``gm`` itself is never modified."""
-    from .graph.passes.replace_attention import replace_attention, wanted
+def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
+                    ) -> tuple[fx.GraphModule, int, Optional[Decision]]:
+    """(graph, attentions now on one of mergepass's attention ops, the measured decision behind ``auto`` or
+    None) for recipe field ``attention_kernel``. ``gm`` itself is never modified."""
+    from .graph.passes.replace_attention import replace_attention, shapes, wanted
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
     choice = recipe.attention_kernel
-    kind, why = wanted(choice, recipe.merges, recipe.quantize.enabled,
-                       recipe.quantize.enabled and recipe.quantize.attention == "int8", training(example_inputs), on_cpu)
+    int8_attention = recipe.quantize.enabled and recipe.quantize.attention == "int8"
+    kind, why = wanted(choice, recipe.quantize.enabled, int8_attention, training(example_inputs), on_cpu)
     if choice not in ("auto", "sdpa") and kind is None:
         raise RuntimeError(f"recipe field 'attention_kernel' is {choice!r} but mergepass's {choice} attention cannot "
                            f"run here: {why}; use attention_kernel='auto' or 'sdpa'")
+    decision = None
+    if kind == "measure":
+        found = shapes(gm)
+        if found is None:
+            return gm, 0, None
+        from .kernels.attention import choose
+        from .quantize.pt2e import rest_dtype
+        with stage("attention kernel: measure or read the kept decision"):
+            decision = choose(*found, dtype=rest_dtype(recipe.quantize.rest) or torch.float32,
+                              tolerance=recipe.attention_tolerance)
+        kind = None if decision.choice == "sdpa" else decision.choice
     if kind is None:
-        return gm, 0
+        return gm, 0, decision
     work = copy_graph_module(gm)
-    return work, replace_attention(work, kind)
+    return work, replace_attention(work, kind), decision
 
 
 @dataclass
@@ -80,6 +93,7 @@ class Staged:
     recipe: Recipe                 # as the schedule resolved it
     graph: fx.GraphModule          # merged, with mergepass's attention ops where chosen
     attention_ops: int = 0
+    attention_decision: Optional[Decision] = None  # what attention_kernel = "auto" measured
 
     @property
     def schedule(self) -> Optional[Schedule]:
@@ -99,11 +113,15 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
         result = RewriteResult(gm, None, None)
     if result.schedule is not None:
         recipe = result.schedule.recipe
-    graph, ops = result.gm, 0
+    graph, ops, decision = result.gm, 0, None
     if attention:
         with stage("attention ops"):
-            graph, ops = attention_stage(result.gm, example_inputs, recipe)
-    return Staged(result, recipe, graph, ops)
+            graph, ops, decision = attention_stage(result.gm, example_inputs, recipe)
+        if result.schedule is not None:
+            from .quantize.pt2e import rest_decision
+            rest = rest_decision(recipe.quantize.rest) if recipe.quantize.enabled else None
+            result.schedule.kernels += [d.line() for d in (decision, rest) if d is not None]
+    return Staged(result, recipe, graph, ops, decision)
 
 
 class Int8Declined(RuntimeError):

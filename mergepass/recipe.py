@@ -71,7 +71,8 @@ _SEARCH_FIELDS = tuple(f.name for f in fields(Search))
 _FLAT_DEFAULTS = {"r": 16, "skip": 0, "window": AUTO, "transition": AUTO, "match_tome_r": 0, "budget": 0.2,
                   "similarity": "softmax", "partition": "patches", "protect": 0}
 _MERGE_TABLE = {"method": "method", "prop_attn": "prop_attn", "kernel": "merge_kernel"}  # [merge] key -> field
-_LOWER_TABLE = {"target": "lower", "attention_kernel": "attention_kernel"}              # [lower] key -> field
+_LOWER_TABLE = {"target": "lower", "attention_kernel": "attention_kernel",              # [lower] key -> field
+                "attention_tolerance": "attention_tolerance"}
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,9 @@ class Recipe:
     search: Search = field(default_factory=Search)
     lower: str = "inductor"
     attention_kernel: str = "auto"     # bf16 | int8: mergepass's attention ops (AVX512-BF16 | AVX-512 VNNI, dynamic
-                                       # scales); sdpa: torch's; auto: in merged or int8 graphs, the op that is
-                                       # faster than SDPA on this CPU, if any (mergepass.kernels.attention)
+                                       # scales); sdpa: torch's; auto: SDPA in floating-point graphs, and in int8
+                                       # graphs the fastest of the three as timed on this CPU, within
+    attention_tolerance: float = 5e-4  # ... this per-call error (1 - cosine against FP32 SDPA)
     description: str = ""
 
     def __post_init__(self):
@@ -123,6 +125,9 @@ class Recipe:
         check_choice("lower", self.lower, LOWERINGS)
         check_choice("merge_kernel", self.merge_kernel, MERGE_KERNELS)
         check_choice("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
+        tol = self.attention_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
+            raise ValueError(f"recipe field 'attention_tolerance' must be a number in [0, 1], got {tol!r}")
         if not isinstance(self.prop_attn, bool):
             raise ValueError(f"recipe field 'prop_attn' must be true or false, got {self.prop_attn!r}")
         if not isinstance(self.quantize, Quantize):
@@ -160,7 +165,8 @@ class Recipe:
                 "merge": {"method": self.method, "prop_attn": self.prop_attn, "kernel": self.merge_kernel,
                           **self.merge.to_dict()},
                 "quantize": q, "search": dataclasses.asdict(self.search),
-                "lower": {"target": self.lower, "attention_kernel": self.attention_kernel}}
+                "lower": {"target": self.lower, "attention_kernel": self.attention_kernel,
+                          "attention_tolerance": self.attention_tolerance}}
 
     def to_toml(self) -> str:
         """The recipe as TOML that :func:`load` reads back into an equal recipe."""

@@ -15,7 +15,7 @@ from reference import _assemble, reference_forward
 
 PKG = Path(mergepass.__file__).parent
 # lowest first; a module may import from its own floor or below, never above
-FLOORS = [{"errors", "cpu", "fidelity", "kernels", "merge", "stages", "compat", "config"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
+FLOORS = [{"errors", "cpu", "decide", "fidelity", "kernels", "merge", "stages", "compat", "config"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
           {"recipe"}, {"search"}, {"pipeline", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "infer", "__init__"}]
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import mergepass
 from mergepass.graph.passes import replace_attention
 from mergepass.kernels import attention
-from conftest import tiny_vit
+from conftest import rel_err, tiny_vit
 from fxgraphs import GraphBuilder
 
 needs_op = pytest.mark.skipif(attention.unavailable("bf16") is not None,
@@ -171,37 +171,47 @@ def test_int8_graphs_quantize_around_the_op(model_and_input, recipe, kind):
     assert F.cosine_similarity(out, ref).min() > 0.98
 
 
-def test_auto_picks_the_op_only_where_it_is_the_faster_one(monkeypatch):
-    monkeypatch.setattr(attention, "unavailable", lambda kind="bf16": None)
-    for vendor, flags, want in (("AuthenticAMD", {"avx512_bf16", "avx512_vnni"}, "bf16"),
-                                ("GenuineIntel", {"avx512_bf16", "avx512_vnni"}, "int8"),
-                                ("AuthenticAMD", {"avx512_bf16", "amx_bf16"}, None),
-                                ("GenuineIntel", {"avx512_vnni", "amx_int8", "amx_bf16"}, None)):
-        monkeypatch.setattr(attention, "vendor", lambda v=vendor: v)
-        monkeypatch.setattr(attention, "cpu_flags", lambda f=flags: frozenset(f))
-        assert attention.preferred() == want, (vendor, flags)
+def test_auto_keeps_sdpa_in_float_graphs_and_measures_in_int8_graphs():
     from mergepass.graph.passes.replace_attention import wanted
-    for kind in ("bf16", "int8"):
-        monkeypatch.setattr(attention, "preferred", lambda k=kind: k)
-        assert wanted("auto", True, True, False, False, True) == (kind, "")   # int8 graphs: the faster op
-        assert wanted("auto", False, False, False, False, True) == (None, "")  # recipe "none" stays exact
-    assert wanted("auto", True, False, False, False, True) == (None, "")  # merged FP32: int8 attention only if asked
-    monkeypatch.setattr(attention, "preferred", lambda: "bf16")
-    assert wanted("auto", True, False, False, False, True) == ("bf16", "")
-    assert wanted("sdpa", True, True, False, False, True)[0] is None
-    assert "int8" in wanted("auto", True, True, True, False, True)[1]
-    assert "gradients" in wanted("bf16", True, False, False, True, True)[1]
-    assert "CPU" in wanted("int8", True, False, False, False, False)[1]
+    assert wanted("auto", False, False, False, True) == (None, "")        # FP32 recipes keep FP32 attention
+    assert wanted("auto", True, False, False, True) == ("measure", "")    # int8 graphs: timed on this CPU
+    assert wanted("sdpa", True, False, False, True)[0] is None
+    assert "int8" in wanted("auto", True, True, False, True)[1]
+    assert "gradients" in wanted("bf16", False, False, True, True)[1]
+    assert "CPU" in wanted("int8", False, False, False, False)[1]
+
+
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512_vnni"}, {"avx2", "avx512_vnni", "avx512_bf16"},
+                                   {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}])
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_fp32_recipes_at_r0_reproduce_the_model_on_every_cpu(monkeypatch, vendor, flags):
+    """r=0 is the original model under attention_kernel = "auto", whatever the CPU says it has."""
+    from mergepass import cpu
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda key: {"vendor_id": vendor, "flags": " ".join(sorted(flags))}.get(key, ""))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset(flags))
+    m = tiny_vit(depth=2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = m(x)
+        for recipe, zero in (("tome", {"r": 0}), ("dfe", {"r": 0}), ("dfe_lgtm", {"r": 0, "transition": 0}),
+                             ("tomato", {"budget": 0.0})):
+            torch._dynamo.reset()
+            be = mergepass.backend(recipe, lower="eager", **zero)
+            out = torch.compile(m, backend=be, dynamic=False)(x)
+            assert be.results[-1].attention_ops == 0, recipe
+            assert rel_err(out, want) <= 1e-5, recipe
 
 
 def test_a_cpu_without_the_op_declines_auto_and_refuses_bf16(monkeypatch, model_and_input):
     m, x = model_and_input
     monkeypatch.setattr(attention, "unavailable", lambda kind="bf16": "the CPU has no AVX512-BF16 (bf16: none)")
-    monkeypatch.setattr(attention, "preferred", lambda: None)
-    be = mergepass.backend("tome", r=3, lower="eager")
+    be = mergepass.backend("tome_int8", r=3, lower="eager", calibration=[x])
     with torch.no_grad():
         torch.compile(m, backend=be, dynamic=False)(x)
     assert be.results[-1].attention_ops == 0
+    decision = be.results[-1].attention_decision
+    assert decision.choice == "sdpa" and not decision.measured and "bf16" in decision.declined
     torch._dynamo.reset()
     with torch.no_grad(), pytest.raises(Exception, match="attention_kernel' is 'bf16'.*no AVX512-BF16"):
         torch.compile(m, backend=mergepass.backend("tome", r=3, lower="eager", attention_kernel="bf16"),

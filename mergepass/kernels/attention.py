@@ -7,7 +7,7 @@ attention and its bf16 variant is no faster (its GEMMs need AMX):
   query row and per key row for q kᵀ; probabilities as u8 of the row max and per-channel v scales for
   p v), fp32 softmax.
 
-Which is faster depends on the core, not only on its instructions (:func:`preferred`). The ops are
+Which is faster depends on the core, not only on its instructions: :func:`choose` times them on the machine. The ops are
 opaque to inductor (custom ops with a fake implementation), so inductor cannot fuse them back into
 SDPA. They take SDPA's float ``attn_mask`` (proportional attention's log-size bias, masks) as
 ``bias``; dropout, causal and boolean masks are left to SDPA by the pass that inserts them
@@ -16,13 +16,15 @@ SDPA. They take SDPA's float ``attn_mask`` (proportional attention's log-size bi
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..cpu import bf16_isa, cpu_flags, int8_isa, vendor
+from ..cpu import bf16_isa, cpu_flags, int8_isa
+from ..decide import Candidate, Decision, decide
 from .build import build_extension
 
 _SRC = Path(__file__).with_name("csrc") / "attention.cpp"
@@ -58,23 +60,32 @@ def unavailable(kind: str = "bf16") -> Optional[str]:
     return f"its build failed ({err})" if err else None
 
 
-def preferred() -> Optional[str]:
-    """The op ``attention_kernel = "auto"`` picks on this CPU, or None for torch's SDPA.
+def _source_digest() -> str:
+    return hashlib.sha256(_SRC.read_bytes()).hexdigest()[:16]
 
-    - AMX: None; torch's own bf16 and int8 kernels use the tile units.
-    - AMD with AVX512-BF16 (Zen 4, Zen 5): "bf16"; vdpbf16ps does twice the multiply-adds of an fp32
-      FMA at the same rate.
-    - Intel with AVX-512 VNNI: "int8"; these cores issue vpdpbusd at the FMA rate with four times its
-      multiply-adds, and vdpbf16ps at half the FMA rate (``benchmarks/attention_op.py`` measures both).
-    - Otherwise None."""
-    flags = cpu_flags()
-    if "amx_bf16" in flags or "amx_int8" in flags:
-        return None
-    if vendor() == "AuthenticAMD" and unavailable("bf16") is None:
-        return "bf16"
-    if vendor() == "GenuineIntel" and unavailable("int8") is None:
-        return "int8"
-    return None
+
+def choose(q_shape, k_shape, v_shape, bias_shape=None, dtype: torch.dtype = torch.float32, tolerance: float = 5e-4,
+           timer=None, keep: bool = True) -> Decision:
+    """The attention ``attention_kernel = "auto"`` runs in an int8 graph on this CPU, by measurement.
+
+    Times torch's SDPA (at ``dtype``, the precision of the graph's rest) and each op that can run here on
+    inputs of the graph's own shapes, and picks the fastest whose per-call error (1 - cosine against FP32
+    SDPA) is at most ``tolerance``. The decision is kept on disk (:mod:`mergepass.decide`), so a later
+    compile on this machine times nothing."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g) for s in (q_shape, k_shape, v_shape))
+    bias = None if bias_shape is None else torch.rand(*bias_shape, generator=g).add(0.5).log()
+    low = [t.to(dtype) if t is not None else None for t in (q, k, v, bias)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    candidates = {"sdpa": Candidate(lambda: sdpa(*low[:3], low[3]))}
+    for kind in KINDS:
+        why = unavailable(kind)
+        candidates[kind] = Candidate(None if why else (lambda kind=kind: attention(kind, q, k, v, bias)), why or "")
+    facts = {"q": list(q_shape), "k": list(k_shape), "v": list(v_shape), "bias": bias_shape and list(bias_shape),
+             "dtype": str(dtype), "tolerance": tolerance, "kernels": _source_digest()}
+    with torch.no_grad():
+        return decide("attention kernel", facts, candidates, default="sdpa", reference=lambda: sdpa(q, k, v, bias),
+                      budget=tolerance, timer=timer, keep=keep)
 
 
 def attention(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -126,4 +137,4 @@ def int8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
 
 
 __all__ = ["KINDS", "attention", "bf16_attention", "int8_attention", "reference", "int8_reference", "unavailable",
-           "preferred", "op"]
+           "choose", "op"]

@@ -19,11 +19,13 @@ When it cannot be built, :func:`kernel_error` says why and callers use the refer
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..decide import Candidate, Decision, decide
 from ..kernels.build import build_extension
 from .ops import adjacent_merge, checkerboard, largest_norms, similarity_metric, window_perm
 from .tokens import init_state
@@ -98,3 +100,38 @@ def fused_window_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[tor
 
 
 __all__ = ["kernel_error", "fused_global_merge", "fused_adjacent_merge", "fused_window_merge"]
+
+
+# ViT-S/14 at 224 px, batch 8, ToMe r=16 in its first block: one shape for every model, so that this CPU is
+# timed once (an inductor compile of the reference ops takes seconds), not once per graph
+_SHAPE = {"batch": 8, "tokens": 257, "width": 384, "metric": 384, "r": 16, "prefix": 1}
+
+
+def choose(timer=None, keep: bool = True) -> Decision:
+    """``merge_kernel = "auto"`` on this CPU, by measurement: this kernel against the reference ops compiled by
+    inductor, at one representative shape (``_SHAPE``). The decision is kept on disk (:mod:`mergepass.decide`)."""
+    from .ops import global_merge
+    s = _SHAPE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s["batch"], s["tokens"], s["width"], generator=g)
+    metric = torch.randn(s["batch"], s["tokens"], s["metric"], generator=g)
+    kw = {"r": s["r"], "prefix": s["prefix"]}
+    why = kernel_error() or ""
+    candidates = {"fused": Candidate(None if why else lambda: fused_global_merge(x, metric, None, None, **kw), why)}
+    compiled = []
+
+    def reference():  # compiled on first call: only when a measurement is made
+        if not compiled:
+            compiled.append(torch.compile(lambda x, m: global_merge(x, m, None, None, **kw), dynamic=False,
+                                          fullgraph=True))
+        return compiled[0](x, metric)
+
+    candidates["reference"] = Candidate(reference)
+    digest = hashlib.sha256(_SRC.read_bytes()).hexdigest()[:16]
+    try:
+        from ..compat import outside_tracing
+        with torch.no_grad(), outside_tracing():
+            return decide("merge kernel", {**s, "kernels": digest}, candidates, default="fused" if not why
+                          else "reference", timer=timer, keep=keep)
+    finally:
+        compiled.clear()

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 from .. import compat
 from ..config import check_choice
-from ..cpu import bf16_isa, int8_isa
+from ..cpu import bf16_isa, int8_isa, machine
+from ..decide import Decision
 from ..errors import MergepassWarning
 from ..stages import progress, stage
 from ..graph.lift import Inputs, Lifted, module_names, path_matches
@@ -55,6 +56,17 @@ def rest_dtype(rest: str) -> Optional[torch.dtype]:
     if rest == "bf16" or (rest == "auto" and bf16_isa() not in ("none", "?")):
         return torch.bfloat16
     return None
+
+
+def rest_decision(rest: str) -> Optional[Decision]:
+    """What ``quantize.rest = "auto"`` chose, said as what it is: a default by instruction set, not measured
+    (timing it takes two int8 compiles of the model; ``benchmarks/speed.py`` times ``int8`` against
+    ``int8:quantize_rest=fp32``)."""
+    if rest != "auto":
+        return None
+    choice = "bf16" if rest_dtype(rest) is not None else "fp32"
+    return Decision("rest precision", choice, measured=False, machine=machine(),
+                    declined={"rule": f"bf16 where the CPU has native bf16 (here: {bf16_isa()})"})
 
 
 @functools.cache

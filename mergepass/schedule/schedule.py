@@ -26,6 +26,7 @@ class Schedule:
     model: str = ""
     resolved: dict = field(default_factory=dict)  # the method's recipe fields, as resolved
     adjusted: list[str] = field(default_factory=list)  # where the plan departs from the recipe (warned once)
+    kernels: list[str] = field(default_factory=list)   # the kernels chosen for this graph, and on what evidence
 
     @property
     def merging(self) -> bool:
@@ -62,6 +63,6 @@ class Schedule:
         tail = [f"total GMACs (batch {self.batch}): {self.macs * self.batch / 1e9:.3f} merged vs "
                 f"{self.base_macs * self.batch / 1e9:.3f} unmerged; MACs ratio {self.macs_ratio:.3f}; "
                 f"predicted speedup {self.predicted_speedup:.2f}x (MACs model)"]
-        tail += [f"note: {p}" for p in self.notes]
+        tail += [f"note: {p}" for p in self.notes] + list(self.kernels)
         return "\n".join(head + rows + tail)
 

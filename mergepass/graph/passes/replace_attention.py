@@ -48,19 +48,24 @@ def _float_mask(node) -> bool:
     return False
 
 
+def _bound(n: fx.Node) -> Optional[dict]:
+    """An SDPA call's arguments by name, defaults filled in (None for any other node)."""
+    if n.op != "call_function" or n.target not in SDPA:
+        return None
+    try:
+        a = _SIG.bind(*n.args, **n.kwargs)
+    except TypeError:
+        return None
+    a.apply_defaults()
+    return dict(a.arguments)
+
+
 def replace_attention(gm: fx.GraphModule, kind: str = "bf16") -> int:
     """Rewrite in place; returns how many attentions now call the ``kind`` op."""
     count = 0
     for n in list(gm.graph.nodes):
-        if n.op != "call_function" or n.target not in SDPA:
-            continue
-        try:
-            a = _SIG.bind(*n.args, **n.kwargs)
-        except TypeError:
-            continue
-        a.apply_defaults()
-        a = dict(a.arguments)
-        if not _replaceable(a):
+        a = _bound(n)
+        if a is None or not _replaceable(a):
             continue
         q = _value(a["query"])
         scale = float(a["scale"]) if a["scale"] is not None else q.shape[-1] ** -0.5
@@ -76,9 +81,27 @@ def replace_attention(gm: fx.GraphModule, kind: str = "bf16") -> int:
     return count
 
 
-def wanted(choice: str, merges: bool, quantizes: bool, int8_attention: bool, training: bool,
-           on_cpu: bool) -> tuple[Optional[str], str]:
-    """(the op to use or None, why none) for recipe field ``attention_kernel`` = ``choice`` in this graph."""
+def shapes(gm: fx.GraphModule) -> Optional[tuple]:
+    """(q, k, v, mask or None) shapes of the first attention :func:`replace_attention` would rewrite (the
+    largest in a merged graph: token counts only fall with depth), or None where there is none."""
+    for n in gm.graph.nodes:
+        a = _bound(n)
+        if a is None or not _replaceable(a):
+            continue
+        mask = _value(a["attn_mask"])
+        q, k, v = (tuple(_value(a[x]).shape) for x in ("query", "key", "value"))
+        if a["attn_mask"] is None:
+            return q, k, v, None
+        # mergepass's log-size bias carries no recorded value: one value per key, broadcast over heads and rows
+        return q, k, v, tuple(mask.shape) if isinstance(mask, torch.Tensor) else (q[0], 1, 1, k[2])
+    return None
+
+
+def wanted(choice: str, quantizes: bool, int8_attention: bool, training: bool, on_cpu: bool) -> tuple[Optional[str], str]:
+    """(the op to use, None, or "measure"; why none) for recipe field ``attention_kernel`` = ``choice``.
+
+    ``auto`` keeps SDPA in floating-point graphs (an FP32 recipe keeps FP32 numerics; the ops are asked
+    for by name) and, in int8 graphs, asks for a measurement (:func:`mergepass.kernels.attention.choose`)."""
     if choice == "sdpa":
         return None, ""
     why = ("the graph needs gradients and the op has no backward" if training else
@@ -89,9 +112,7 @@ def wanted(choice: str, merges: bool, quantizes: bool, int8_attention: bool, tra
     if choice != "auto":
         why = attention.unavailable(choice) or ""
         return (None, why) if why else (choice, "")
-    # auto: the faster op in int8 graphs; in merged FP32 graphs only bf16 (its per-call error is ~10x smaller)
-    kind = attention.preferred()
-    return (kind if quantizes or (merges and kind == "bf16") else None), ""
+    return ("measure" if quantizes else None), ""
 
 
-__all__ = ["replace_attention", "wanted"]
+__all__ = ["replace_attention", "shapes", "wanted"]

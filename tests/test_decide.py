@@ -1,0 +1,127 @@
+"""Choices by measurement (mergepass/decide.py): the fastest candidate inside the error budget, kept on disk,
+reused without timing, timed again on another CPU or version, never a candidate that cannot run."""
+import pytest
+import torch
+
+from mergepass import cpu, decide
+from mergepass.decide import Candidate
+from mergepass.kernels import attention
+
+
+@pytest.fixture(autouse=True)
+def _own_decisions(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEPASS_DECISIONS_DIR", str(tmp_path / "decisions"))
+
+
+def _timer(ms: dict, calls: list):
+    def time(fns):
+        calls.append(sorted(fns))
+        return {name: ms[name] / 1e3 for name in fns}
+    return time
+
+
+EXACT = torch.arange(8.0)
+
+
+def _candidates(noisy: float = 0.0, broken: str = ""):
+    return {"exact": Candidate(lambda: EXACT.clone()),
+            "close": Candidate(lambda: EXACT + 1e-4),
+            "noisy": Candidate(lambda: EXACT + torch.linspace(-noisy, noisy, 8)),
+            "broken": Candidate(None, broken) if broken else Candidate(lambda: EXACT.clone())}
+
+
+def test_the_fastest_candidate_inside_the_budget_is_chosen():
+    calls = []
+    ms = {"exact": 3.0, "close": 2.0, "noisy": 1.0, "broken": 0.5}
+    d = decide.decide("q", {"n": 1}, _candidates(noisy=4.0, broken="no such instruction"), default="exact",
+                      reference=lambda: EXACT, budget=1e-3, timer=_timer(ms, calls))
+    assert d.choice == "close" and d.measured and not d.reused
+    assert "over the budget" in d.declined["noisy"] and d.declined["broken"] == "no such instruction"
+    assert calls == [["close", "exact", "noisy"]]  # a candidate that cannot run is never timed
+    assert d.errors["noisy"] > 1e-3 >= d.errors["close"]
+    assert "close" in d.line() and "measured" in d.line()
+    # with a wider budget the fastest one wins
+    d = decide.decide("q", {"n": 2}, _candidates(noisy=4.0), default="exact", reference=lambda: EXACT, budget=1.0,
+                      timer=_timer(ms, []))
+    assert d.choice == "broken"
+
+
+def test_a_kept_decision_is_reused_without_timing_again():
+    calls = []
+    ms = {"exact": 3.0, "close": 2.0, "noisy": 1.0, "broken": 5.0}
+    first = decide.decide("q", {"n": 1}, _candidates(), default="exact", timer=_timer(ms, calls))
+    assert first.choice == "noisy" and len(calls) == 1
+
+    def must_not_time(fns):
+        raise AssertionError("timed again")
+    again = decide.decide("q", {"n": 1}, _candidates(), default="exact", timer=must_not_time)
+    assert again.reused and again.choice == "noisy" and again.times_ms == first.times_ms
+    assert [d.choice for d in decide.kept()] == ["noisy"]
+    # other facts (another shape) are another question
+    decide.decide("q", {"n": 2}, _candidates(), default="exact", timer=_timer(ms, calls))
+    assert len(calls) == 2 and decide.forget() == 2 and decide.kept() == []
+
+
+@pytest.mark.parametrize("change", ["cpu flags", "torch version", "threads"])
+def test_another_cpu_or_version_times_again(monkeypatch, change):
+    calls = []
+    ms = {"exact": 3.0, "close": 2.0, "noisy": 1.0, "broken": 5.0}
+    decide.decide("q", {"n": 1}, _candidates(), default="exact", timer=_timer(ms, calls))
+    if change == "cpu flags":
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2"}))
+    elif change == "torch version":
+        monkeypatch.setattr(torch, "__version__", "9.9.9")
+    else:
+        threads = torch.get_num_threads()
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    again = decide.decide("q", {"n": 1}, _candidates(), default="exact", timer=_timer(ms, calls))
+    assert len(calls) == 2 and not again.reused
+
+
+def test_a_kept_choice_that_cannot_run_now_is_never_used():
+    calls = []
+    decide.decide("q", {"n": 1}, _candidates(), default="exact",
+                  timer=_timer({"exact": 3.0, "close": 2.0, "noisy": 4.0, "broken": 1.0}, calls))
+    d = decide.decide("q", {"n": 1}, _candidates(broken="its build failed"), default="exact",
+                      timer=_timer({"exact": 3.0, "close": 2.0, "noisy": 4.0}, calls))
+    assert d.choice == "close" and len(calls) == 2
+
+
+def test_one_runnable_candidate_is_a_default_not_a_measurement():
+    d = decide.decide("q", {}, {"exact": Candidate(lambda: EXACT), "op": Candidate(None, "the CPU has no VNNI")},
+                      default="exact", timer=lambda fns: pytest.fail("nothing to compare"))
+    assert d.choice == "exact" and not d.measured and "default" in d.line() and "no VNNI" in d.line()
+    with pytest.raises(ValueError, match="default 'op' cannot run"):
+        decide.decide("q", {}, {"exact": Candidate(lambda: EXACT), "op": Candidate(None, "no VNNI")}, default="op")
+
+
+def test_a_damaged_or_linked_decision_file_is_measured_again(tmp_path):
+    calls = []
+    ms = {"exact": 3.0, "close": 2.0, "noisy": 1.0, "broken": 5.0}
+    decide.decide("q", {"n": 1}, _candidates(), default="exact", timer=_timer(ms, calls))
+    (path,) = decide.decisions_dir().glob("*.json")
+    path.write_text("{not json")
+    decide.decide("q", {"n": 1}, _candidates(), default="exact", timer=_timer(ms, calls))
+    assert len(calls) == 2
+    elsewhere = tmp_path / "planted.json"
+    elsewhere.write_text(path.read_text().replace('"noisy"', '"broken"'))
+    path.unlink()
+    path.symlink_to(elsewhere)
+    d = decide.decide("q", {"n": 1}, _candidates(), default="exact", timer=_timer(ms, calls))
+    assert len(calls) == 3 and d.choice == "noisy"
+
+
+def test_attention_choice_times_every_runnable_kernel_on_the_graphs_shape():
+    calls = []
+    fake = {"sdpa": 3.0, "bf16": 2.0, "int8": 1.0}
+    shape = (2, 3, 17, 64)
+    d = attention.choose(shape, shape, shape, (2, 1, 1, 17), timer=_timer(fake, calls))
+    runnable = ["sdpa"] + [k for k in attention.KINDS if attention.unavailable(k) is None]
+    assert calls == [sorted(runnable)]
+    assert d.choice == min(runnable, key=fake.get)
+    for k in attention.KINDS:
+        if attention.unavailable(k) is not None:
+            assert d.declined[k] == attention.unavailable(k)
+    if attention.unavailable("int8") is None:  # its real per-call error (~1e-4) is over a budget of 1e-6
+        strict = attention.choose(shape, shape, shape, None, tolerance=1e-6, timer=_timer(fake, []))
+        assert strict.choice != "int8" and "over the budget" in strict.declined["int8"]
