@@ -67,6 +67,7 @@ class GraphResult:
     quantized: Optional[Quantized] = None
     attention_ops: int = 0  # attentions running on one of mergepass's attention ops (recipe field attention_kernel)
     attention_decision: Optional[Decision] = None  # what attention_kernel = "auto" measured (int8 graphs)
+    merge_kernel: str = ""  # the merges' kernel: "fused" or "reference" ("" without merges)
     package: Optional[Path] = None  # the compile cache's package this graph runs (mergepass.cache)
     cached: bool = False  # ... taken from the cache rather than built by this compile
 
@@ -243,7 +244,8 @@ class Backend:
         if merge_decision is not None and staged.schedule is not None:
             staged.schedule.kernels.insert(0, merge_decision.line())
         done = GraphResult(staged.rewrite, attention_ops=staged.attention_ops,
-                           attention_decision=staged.attention_decision)
+                           attention_decision=staged.attention_decision,
+                           merge_kernel=("fused" if fused else "reference") if recipe.merges else "")
         self.results.append(done)
         recipe, graph = staged.recipe, staged.graph
         if not recipe.quantize.enabled:

@@ -37,7 +37,9 @@ for _kind in KINDS:
 
     @torch.library.register_fake(f"mergepass::{_kind}_attention")
     def _shape(q, k, v, bias, scale):
-        return q.new_empty(*q.shape[:-1], v.shape[-1])
+        # written as [B, N, H, dv] (csrc/attention.cpp): the transpose back to tokens is a view
+        b, h, n, _ = q.shape
+        return q.new_empty(b, n, h, v.shape[-1]).permute(0, 2, 1, 3)
 
 
 def op(kind: str):

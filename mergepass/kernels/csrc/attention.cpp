@@ -108,6 +108,21 @@ inline float logits_row(float* row, const Dims& s, __m512 scale, const float* br
   return mx == NEG_INF ? 0.f : mx;
 }
 
+// 16 values of a row as fp32 lanes (masked lanes 0): fp32 as it is, bf16 (raw uint16_t) widened exactly
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store16(float* p, __mmask16 m, __m512 x) { _mm512_mask_storeu_ps(p, m, x); }
+inline void store16(uint16_t* p, __mmask16 m, __m512 x) {
+  // round to nearest even, as at::BFloat16 does; NaN stays NaN
+  __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
 inline float normaliser(float sum) { return sum > 0.f ? 1.f / sum : (std::isnan(sum) ? sum : 0.f); }
 
 #endif  // MERGEPASS_AVX512
@@ -311,11 +326,12 @@ namespace i8 {
 // Symmetric int8 of n contiguous floats, written as ceil(n / 4) * 4 bytes (zero padded): returns the scale
 // (max |x| / 127; 1 for an all-zero row; NaN, with zeros written, for a row holding NaN or inf, so that
 // the result is NaN as SDPA's would be) and, in *sum, the sum of the int8 values.
-inline float quantize_row(const float* x, int64_t n, int8_t* out, int32_t* sum) {
+template <typename T>
+inline float quantize_row(const T* x, int64_t n, int8_t* out, int32_t* sum) {
   __m512 vmax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t i = 0; i < n; i += L) {
-    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(n - i), x + i));
+    const __m512 a = _mm512_abs_ps(load16(x + i, lanes(n - i)));
     bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);  // inf, NaN
     vmax = _mm512_max_ps(vmax, a);
   }
@@ -331,7 +347,7 @@ inline float quantize_row(const float* x, int64_t n, int8_t* out, int32_t* sum) 
   __m512i acc = _mm512_setzero_si512();
   for (int64_t i = 0; i < padded; i += L) {
     const __mmask16 m = lanes(n - i);
-    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + i, m), inv));
     v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
     acc = _mm512_add_epi32(acc, v);
     _mm_mask_storeu_epi8(out + i, lanes(padded - i), _mm512_cvtepi32_epi8(v));
@@ -346,7 +362,8 @@ struct Head {
   std::vector<int32_t> ksum128;    // 128 * sum_d k8[j][d]: undoes q's +128 offset (u8 x s8 products)
 };
 
-void pack_head(const float* k, int64_t ks, const float* v, int64_t vs, const Dims& s, Head& h) {
+template <typename T>
+void pack_head(const T* k, int64_t ks, const T* v, int64_t vs, const Dims& s, Head& h) {
   std::vector<int8_t> row(s.d4 * 4 + 64, 0);
   h.kq.assign(s.nkb * s.d4 * L, 0u);
   h.kscale.assign(s.nkb * L, 0.f);
@@ -366,7 +383,7 @@ void pack_head(const float* k, int64_t ks, const float* v, int64_t vs, const Dim
     __m512 vmax = _mm512_setzero_ps();
     __mmask16 bad = 0;
     for (int64_t j = 0; j < s.nk; ++j) {
-      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, v + j * vs + db * L));
+      const __m512 a = _mm512_abs_ps(load16(v + j * vs + db * L, m));
       bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
       vmax = _mm512_max_ps(vmax, a);
     }
@@ -387,7 +404,7 @@ void pack_head(const float* k, int64_t ks, const float* v, int64_t vs, const Dim
       for (int e = 0; e < 4; ++e) {
         const int64_t j = 4 * u + e;
         __m512i x = _mm512_setzero_si512();
-        if (j < s.nk) x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, v + j * vs + db * L), iv));
+        if (j < s.nk) x = _mm512_cvtps_epi32(_mm512_mul_ps(load16(v + j * vs + db * L, m), iv));
         x = _mm512_max_epi32(_mm512_min_epi32(x, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
         b[e] = _mm512_cvtepi32_epi8(x);
       }
@@ -433,8 +450,8 @@ void scores_block(const uint32_t* qp, const float* qscale, const Head& h, const 
 }
 
 // out rows = (p8 . v8) * v scale / sum(p8), for DB dv blocks starting at db0
-template <int DB>
-void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, const float* inv, float* out,
+template <int DB, typename T>
+void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, const float* inv, T* out,
               int64_t os, int rows) {
   __m512i acc[MR][DB];
   for (int r = 0; r < MR; ++r)
@@ -451,16 +468,18 @@ void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, con
     for (int c = 0; c < DB; ++c) {
       const int64_t c0 = (db0 + c) * L;
       const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(h.vscale.data() + c0), _mm512_set1_ps(inv[r]));
-      _mm512_mask_storeu_ps(out + r * os + c0, lanes(s.dv - c0), _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][c]), sc));
+      store16(out + r * os + c0, lanes(s.dv - c0), _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][c]), sc));
     }
 }
 
-void pv_rows(const uint32_t* pp, const Head& h, const Dims& s, const float* inv, float* out, int64_t os, int rows) {
+template <typename T>
+void pv_rows(const uint32_t* pp, const Head& h, const Dims& s, const float* inv, T* out, int64_t os, int rows) {
   in_chunks<4>(s.dvb, [&](auto n, int64_t db) { pv_block<decltype(n)::value>(pp, h, s, db, inv, out, os, rows); });
 }
 
-void attend_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs,
-                 const float* bias, int64_t bi, float scale, const Dims& s, float* out, int64_t os) {
+template <typename T>
+void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int64_t vs,
+                 const float* bias, int64_t bi, float scale, const Dims& s, T* out, int64_t os) {
   Head h;
   pack_head(k, ks, v, vs, s, h);
   const int64_t stride = s.nkb * L, dpad = s.d4 * 4;
@@ -514,11 +533,15 @@ void attend_head(const float* q, int64_t qs, const float* k, int64_t ks, const f
 #endif  // MERGEPASS_INT8_ATTENTION
 
 // ---------------------------------------------------------------------------------------------------
-using HeadFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, int64_t, const float*, int64_t,
-                        float, const Dims&, float*, int64_t);
+template <typename T>
+using HeadFn = void (*)(const T*, int64_t, const T*, int64_t, const T*, int64_t, const float*, int64_t, float,
+                        const Dims&, T*, int64_t);
 
-at::Tensor run(const char* name, HeadFn head, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const c10::optional<at::Tensor>& bias, double scale) {
+// The output is written as [B, N, H, dv] and returned as its [B, H, N, dv] view: the transpose and reshape
+// back to [B, N, H * dv] that follow attention in a ViT are then free views, not a copy.
+template <typename T>
+at::Tensor run(const char* name, HeadFn<T> head, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const c10::optional<at::Tensor>& bias, double scale, at::ScalarType work) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, name, ": q, k and v must be 4-D [B, H, N, D]");
   TORCH_CHECK(q.is_floating_point() && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               name, ": q, k and v must share one floating dtype");
@@ -528,10 +551,10 @@ at::Tensor run(const char* name, HeadFn head, const at::Tensor& q, const at::Ten
                   v.size(2) == nk,
               name, ": shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
   TORCH_CHECK(nk > 0 && d > 0 && dv > 0, name, ": empty keys or head dimension");
-  // fp32 views with unit stride in the head dimension are read in place (q, k, v are usually views of one
-  // qkv projection); anything else is converted once
-  auto rows = [](const at::Tensor& t) {
-    auto f = t.to(at::kFloat);
+  // views with unit stride in the head dimension are read in place (q, k, v are usually views of one qkv
+  // projection); anything else, or another dtype than the kernel reads, is converted once
+  auto rows = [work](const at::Tensor& t) {
+    auto f = t.to(work);
     return f.stride(3) == 1 ? f : f.contiguous();
   };
   auto qf = rows(q), kf = rows(k), vf = rows(v);
@@ -541,30 +564,30 @@ at::Tensor run(const char* name, HeadFn head, const at::Tensor& q, const at::Ten
     bf = bias->to(at::kFloat).expand({B, H, nq, nk});
     if (bf.stride(3) != 1) bf = bf.contiguous();
   }
-  auto out = at::empty({B, H, nq, dv}, qf.options());
+  auto out = at::empty({B, nq, H, dv}, qf.options()).permute({0, 2, 1, 3});
   if (B * H * nq == 0) return out.to(q.scalar_type());
   Dims s{nq, nk, d, dv, (d + 1) / 2, (nk + L - 1) / L, (nk + 1) / 2, (dv + L - 1) / L, (d + 3) / 4, (nk + 3) / 4};
-  const float* qd = qf.data_ptr<float>();
-  const float* kd = kf.data_ptr<float>();
-  const float* vd = vf.data_ptr<float>();
+  const T* qd = static_cast<const T*>(qf.data_ptr());
+  const T* kd = static_cast<const T*>(kf.data_ptr());
+  const T* vd = static_cast<const T*>(vf.data_ptr());
   const float* bd = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  float* od = out.data_ptr<float>();
+  T* od = static_cast<T*>(out.data_ptr());
   at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const float* brow = bd ? bd + b * bf.stride(0) + h * bf.stride(1) : nullptr;
       head(qd + b * qf.stride(0) + h * qf.stride(1), qf.stride(2), kd + b * kf.stride(0) + h * kf.stride(1),
            kf.stride(2), vd + b * vf.stride(0) + h * vf.stride(1), vf.stride(2), brow, bd ? bf.stride(2) : 0,
-           static_cast<float>(scale), s, od + bh * nq * dv, dv);
+           static_cast<float>(scale), s, od + b * out.stride(0) + h * out.stride(1), out.stride(2));
     }
   });
-  return out.to(q.scalar_type());
+  return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
 }
 
 at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const c10::optional<at::Tensor>& bias, double scale) {
 #ifdef MERGEPASS_BF16_ATTENTION
-  return run("bf16_attention", &bf16::attend_head, q, k, v, bias, scale);
+  return run<float>("bf16_attention", &bf16::attend_head, q, k, v, bias, scale, at::kFloat);
 #else
   TORCH_CHECK(false, "bf16_attention: this build has no AVX512-BF16 (the CPU lacks the instructions)");
 #endif
@@ -573,7 +596,10 @@ at::Tensor bf16_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 at::Tensor int8_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const c10::optional<at::Tensor>& bias, double scale) {
 #ifdef MERGEPASS_INT8_ATTENTION
-  return run("int8_attention", &i8::attend_head, q, k, v, bias, scale);
+  // bf16 inputs (an int8 graph whose rest is bf16) are read as they are: no fp32 copies of q, k, v
+  if (q.scalar_type() == at::kBFloat16)
+    return run<uint16_t>("int8_attention", &i8::attend_head<uint16_t>, q, k, v, bias, scale, at::kBFloat16);
+  return run<float>("int8_attention", &i8::attend_head<float>, q, k, v, bias, scale, at::kFloat);
 #else
   TORCH_CHECK(false, "int8_attention: this build has no AVX-512 VNNI (the CPU lacks the instructions)");
 #endif
