@@ -123,19 +123,23 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
 
 def int8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    scale: Optional[float] = None) -> torch.Tensor:
-    """What the int8 kernel computes, written plainly: symmetric int8 of each q and k row and of each v
-    channel (max |x| / 127), probabilities as round(255 * exp(s - max)), normalised by their sum."""
+    """What the int8 kernel computes, written plainly: k and v centred on their means over the keys (exact:
+    softmax ignores q . mean(k), and mean(v) is added back); symmetric int8 of each q and k row and of each v
+    channel (max |x| / 127); probabilities as round(255 * exp(s - max)), normalised by the sum of the
+    unrounded values, so that the mass that rounds to 0 is given mean(v)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
     def fake_quant(t, dim):
-        sc = t.abs().amax(dim, keepdim=True).float() / 127
+        sc = t.abs().amax(dim, keepdim=True) / 127
         sc = torch.where(sc > 0, sc, torch.ones_like(sc))
-        return (t.float() / sc).round().clamp(-127, 127) * sc
-    s = fake_quant(q, -1) @ fake_quant(k, -1).transpose(-2, -1) * scale
+        return (t / sc).round().clamp(-127, 127) * sc
+    qf, kf, vf = q.float(), k.float(), v.float()
+    vm = vf.mean(-2, keepdim=True)
+    s = fake_quant(qf, -1) @ fake_quant(kf - kf.mean(-2, keepdim=True), -1).transpose(-2, -1) * scale
     if bias is not None:
         s = s + bias.float()
-    p = (torch.exp(s - s.amax(-1, keepdim=True)) * 255).round()
-    return ((p @ fake_quant(v, -2)) / p.sum(-1, keepdim=True)).to(q.dtype)
+    e = torch.exp(s - s.amax(-1, keepdim=True)) * 255
+    return ((e.round() @ fake_quant(vf - vm, -2)) / e.sum(-1, keepdim=True) + vm).to(q.dtype)
 
 
 __all__ = ["KINDS", "attention", "bf16_attention", "int8_attention", "reference", "int8_reference", "unavailable",

@@ -360,7 +360,24 @@ struct Head {
   std::vector<uint32_t> kq, vq;   // kq[key block][d quad][16 keys], vq[key quad][dv block][16 dims]
   std::vector<float> kscale, vscale;
   std::vector<int32_t> ksum128;    // 128 * sum_d k8[j][d]: undoes q's +128 offset (u8 x s8 products)
+  std::vector<float> vmean;        // the mean of v over the keys, per channel: added back to every output row
 };
+
+// The mean over n rows of x (row stride xs) for each of the first `width` channels, in out[ceil(width / 16) * 16]
+// (padding 0); a channel holding inf or NaN gets 0, so that smoothing never spreads one bad value over the head.
+template <typename T>
+void channel_means(const T* x, int64_t xs, int64_t n, int64_t width, float* out) {
+  const __m512 inv = _mm512_set1_ps(1.f / static_cast<float>(n));
+  for (int64_t c = 0; c < width; c += L) {
+    const __mmask16 m = lanes(width - c);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) acc = _mm512_add_ps(acc, load16(x + j * xs + c, m));
+    const __m512 mean = _mm512_mul_ps(acc, inv);
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(mean), _mm512_set1_ps(std::numeric_limits<float>::max()),
+                                                _CMP_LE_OQ);
+    _mm512_storeu_ps(out + c, _mm512_maskz_mov_ps(finite & m, mean));
+  }
+}
 
 template <typename T>
 void pack_head(const T* k, int64_t ks, const T* v, int64_t vs, const Dims& s, Head& h) {
@@ -368,22 +385,36 @@ void pack_head(const T* k, int64_t ks, const T* v, int64_t vs, const Dims& s, He
   h.kq.assign(s.nkb * s.d4 * L, 0u);
   h.kscale.assign(s.nkb * L, 0.f);
   h.ksum128.assign(s.nkb * L, 0);
+  // k smoothing: q . (k_j - mean k) differs from q . k_j by one constant per query row, which softmax ignores;
+  // centred rows quantize with smaller steps where a head's keys share a large offset
+  const int64_t dpad = (s.d + L - 1) / L * L;
+  std::vector<float> kmean(dpad), centred(dpad);
+  channel_means(k, ks, s.nk, s.d, kmean.data());
   for (int64_t j = 0; j < s.nk; ++j) {
     int32_t sum = 0;
-    h.kscale[j] = quantize_row(k + j * ks, s.d, row.data(), &sum);
+    for (int64_t c = 0; c < s.d; c += L) {
+      const __mmask16 m = lanes(s.d - c);
+      _mm512_mask_storeu_ps(centred.data() + c, m, _mm512_sub_ps(load16(k + j * ks + c, m), _mm512_loadu_ps(kmean.data() + c)));
+    }
+    h.kscale[j] = quantize_row(centred.data(), s.d, row.data(), &sum);
     h.ksum128[j] = 128 * sum;
     uint32_t* dst = h.kq.data() + (j / L) * s.d4 * L + j % L;
     for (int64_t t = 0; t < s.d4; ++t) std::memcpy(dst + t * L, row.data() + 4 * t, 4);
   }
-  // v: one scale per channel (column) over the keys, then 4 keys' bytes interleaved per channel
+  // v, centred on its mean over the keys (added back to the output): one scale per channel (column) over
+  // the keys, then 4 keys' bytes interleaved per channel. With the normaliser taken from the unrounded
+  // probabilities, the mass that rounds to 0 in u8 is then given the mean of v rather than the row's peaks.
   h.vscale.assign(s.dvb * L, 1.f);
+  h.vmean.assign(s.dvb * L, 0.f);
+  channel_means(v, vs, s.nk, s.dv, h.vmean.data());
   std::vector<float> inv(s.dvb * L, 0.f);
   for (int64_t db = 0; db < s.dvb; ++db) {
     const __mmask16 m = lanes(s.dv - db * L);
+    const __m512 vm = _mm512_loadu_ps(h.vmean.data() + db * L);
     __m512 vmax = _mm512_setzero_ps();
     __mmask16 bad = 0;
     for (int64_t j = 0; j < s.nk; ++j) {
-      const __m512 a = _mm512_abs_ps(load16(v + j * vs + db * L, m));
+      const __m512 a = _mm512_abs_ps(_mm512_sub_ps(load16(v + j * vs + db * L, m), vm));
       bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);
       vmax = _mm512_max_ps(vmax, a);
     }
@@ -400,11 +431,12 @@ void pack_head(const T* k, int64_t ks, const T* v, int64_t vs, const Dims& s, He
     for (int64_t db = 0; db < s.dvb; ++db) {
       const __mmask16 m = lanes(s.dv - db * L);
       const __m512 iv = _mm512_loadu_ps(inv.data() + db * L);
+      const __m512 vm = _mm512_loadu_ps(h.vmean.data() + db * L);
       __m128i b[4];
       for (int e = 0; e < 4; ++e) {
         const int64_t j = 4 * u + e;
         __m512i x = _mm512_setzero_si512();
-        if (j < s.nk) x = _mm512_cvtps_epi32(_mm512_mul_ps(load16(v + j * vs + db * L, m), iv));
+        if (j < s.nk) x = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(load16(v + j * vs + db * L, m), vm), iv));
         x = _mm512_max_epi32(_mm512_min_epi32(x, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
         b[e] = _mm512_cvtepi32_epi8(x);
       }
@@ -468,7 +500,9 @@ void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, con
     for (int c = 0; c < DB; ++c) {
       const int64_t c0 = (db0 + c) * L;
       const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(h.vscale.data() + c0), _mm512_set1_ps(inv[r]));
-      store16(out + r * os + c0, lanes(s.dv - c0), _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][c]), sc));
+      // a row with no finite score (normaliser 0) stays 0, as before smoothing
+      const __m512 vm = inv[r] != 0.f ? _mm512_loadu_ps(h.vmean.data() + c0) : _mm512_setzero_ps();
+      store16(out + r * os + c0, lanes(s.dv - c0), _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][c]), sc, vm));
     }
 }
 
@@ -512,18 +546,17 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
       }
       const float mx = logits_row(row, s, one, bias ? bias + (i0 + r) * bi : nullptr);
       const __m512 vm = _mm512_set1_ps(mx);
-      // probabilities as u8 (255 = the row max); the sum is of the rounded values, so the weights sum to 1
-      __m512i vsum = _mm512_setzero_si512();
-      __m512 nan = _mm512_setzero_ps();
+      // probabilities as u8 (255 = the row max), normalised by the sum of the unrounded values: with v
+      // centred, what rounds away is given the mean of v (see pack_head)
+      __m512 vsum = _mm512_setzero_ps();
       for (int64_t j = 0; j < stride; j += L) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm));
-        nan = _mm512_add_ps(nan, _mm512_mul_ps(e, _mm512_setzero_ps()));  // NaN if any e is NaN
-        const __m512i p = _mm512_cvtps_epi32(_mm512_mul_ps(e, _mm512_set1_ps(255.f)));
-        vsum = _mm512_add_epi32(vsum, p);
+        const __m512 e = _mm512_mul_ps(exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm)), _mm512_set1_ps(255.f));
+        vsum = _mm512_add_ps(vsum, e);  // NaN if any e is NaN
+        const __m512i p = _mm512_cvtps_epi32(e);
         const int64_t n = std::min<int64_t>(L, s.nk4 * 4 - j);
         if (n > 0) _mm_mask_storeu_epi8(prow + j, static_cast<__mmask16>(lanes(n)), _mm512_cvtusepi32_epi8(p));
       }
-      inv[r] = normaliser(static_cast<float>(_mm512_reduce_add_epi32(vsum)) + _mm512_reduce_add_ps(nan));
+      inv[r] = normaliser(_mm512_reduce_add_ps(vsum));
     }
     pv_rows(pp.data(), h, s, inv, out + i0 * os, os, rows);
   }
