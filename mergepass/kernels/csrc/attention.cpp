@@ -532,7 +532,10 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
         continue;
       }
       qscale[r] = quantize_row(q + (i0 + r) * qs, s.d, q8.data(), nullptr) * scale;
-      for (int64_t t = 0; t < s.d4 * 4; ++t) dst[t] = static_cast<uint8_t>(q8[t] ^ 0x80);  // q8 + 128: vpdpbusd's u8
+      for (int64_t t = 0; t < s.d4 * 4; t += 64) {  // q8 + 128: vpdpbusd's u8
+        const __mmask64 m = s.d4 * 4 - t >= 64 ? ~__mmask64(0) : (__mmask64(1) << (s.d4 * 4 - t)) - 1;
+        _mm512_mask_storeu_epi8(dst + t, m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q8.data() + t), _mm512_set1_epi8(-128)));
+      }
     }
     scores_block(qp.data(), qscale, h, s, sc.data());
     float inv[MR];
