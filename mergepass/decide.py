@@ -75,25 +75,26 @@ class Decision:
         return "; ".join(out)
 
 
-def interleaved_medians(fns: Mapping[str, Callable[[], object]], budget_s: float = 1.0,
-                        rounds: int = 7) -> dict[str, float]:
-    """Seconds per call of each function: one warm-up call, then ``rounds`` rounds that call every function in
-    turn (so machine noise hits each alike), each round sized to fit ``budget_s`` in all."""
-    first = {}
-    for name, fn in fns.items():
-        fn()  # warm-up: one-time packing, allocator, page faults
-        t0 = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - t0
-    iters = max(1, int(budget_s / rounds / max(sum(first.values()), 1e-6)))
-    per: dict[str, list[float]] = {name: [] for name in fns}
+def interleaved(fns: Mapping[str, Callable[[], object]], rounds: int, iters: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument function, one value per round; every round calls every function
+    in turn, so machine noise hits each alike."""
+    per_round: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
-            per[name].append((time.perf_counter() - t0) / iters)
-    return {name: statistics.median(v) for name, v in per.items()}
+            per_round[name].append((time.perf_counter() - t0) / iters)
+    return per_round
+
+
+def interleaved_medians(fns: Mapping[str, Callable[[], object]], budget_s: float = 1.0,
+                        rounds: int = 7) -> dict[str, float]:
+    """Median seconds per call of each function: one warm-up call (one-time packing, allocation, page faults),
+    then :func:`interleaved` rounds sized to fit ``budget_s`` in all."""
+    first = interleaved(fns, 2)  # the warm-up round, then one timed call each
+    iters = max(1, int(budget_s / rounds / max(sum(v[-1] for v in first.values()), 1e-6)))
+    return {name: statistics.median(v) for name, v in interleaved(fns, rounds, iters).items()}
 
 
 def _error(out, want) -> float:
@@ -193,4 +194,4 @@ def forget() -> int:
     return n
 
 
-__all__ = ["Candidate", "Decision", "decide", "decisions_dir", "forget", "interleaved_medians", "key_of", "kept"]
+__all__ = ["Candidate", "Decision", "decide", "decisions_dir", "forget", "interleaved", "interleaved_medians", "key_of", "kept"]

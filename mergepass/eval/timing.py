@@ -2,20 +2,8 @@
 from __future__ import annotations
 
 import statistics
-import time
-from typing import Callable
 
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, iters: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each zero-argument function, one value per round."""
-    per_round: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            per_round[name].append((time.perf_counter() - t0) / iters)
-    return per_round
+from ..decide import interleaved  # noqa: F401  (re-exported: the benchmarks time with it)
 
 
 def medians(per_round: dict[str, list[float]]) -> dict[str, float]:
