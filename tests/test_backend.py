@@ -259,15 +259,15 @@ def test_fused_merge_kernel_is_used_on_cpu_and_matches_the_reference_ops(recipe,
     m = tiny_vit(depth=2, img_size=96)
     x = torch.randn(2, 3, 96, 96)
     outs = {}
-    for kernel, lower in (("auto", "inductor"), ("reference", "eager")):  # inductor + fused op against plain ops
+    for kernel, lower in (("fused", "inductor"), ("reference", "eager")):  # inductor + fused op against plain ops
         torch._dynamo.reset()
         be = mergepass.backend(recipe, merge_kernel=kernel, lower=lower, **overrides)
         with torch.no_grad():
             outs[kernel] = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
-        assert (getattr(fused, fn) in _targets(be)) == (kernel == "auto")
-    assert rel_err(outs["auto"], outs["reference"]) <= 1e-5
+        assert (getattr(fused, fn) in _targets(be)) == (kernel == "fused")
+    assert rel_err(outs["fused"], outs["reference"]) <= 1e-5
     with torch.no_grad():
-        assert rel_err(outs["auto"], reference_forward(m, x, be.schedule)) <= 1e-4
+        assert rel_err(outs["fused"], reference_forward(m, x, be.schedule)) <= 1e-4
 
 
 def test_fused_kernel_build_failure_warns_and_uses_reference_ops(monkeypatch):

@@ -81,6 +81,16 @@ def replace_attention(gm: fx.GraphModule, kind: str = "bf16") -> int:
     return count
 
 
+def _concrete(shape) -> tuple[int, ...]:
+    """A shape to time on: a symbolic size (a dynamic batch) at the size dynamo saw, else 8."""
+    def size(d):
+        if isinstance(d, int):
+            return d
+        hint = getattr(getattr(d, "node", None), "hint", None)
+        return int(hint) if isinstance(hint, int) else 8
+    return tuple(size(d) for d in shape)
+
+
 def shapes(gm: fx.GraphModule) -> Optional[tuple]:
     """(q, k, v, mask or None) shapes of the first attention :func:`replace_attention` would rewrite (the
     largest in a merged graph: token counts only fall with depth), or None where there is none."""
@@ -89,11 +99,11 @@ def shapes(gm: fx.GraphModule) -> Optional[tuple]:
         if a is None or not _replaceable(a):
             continue
         mask = _value(a["attn_mask"])
-        q, k, v = (tuple(_value(a[x]).shape) for x in ("query", "key", "value"))
+        q, k, v = (_concrete(_value(a[x]).shape) for x in ("query", "key", "value"))
         if a["attn_mask"] is None:
             return q, k, v, None
         # mergepass's log-size bias carries no recorded value: one value per key, broadcast over heads and rows
-        return q, k, v, tuple(mask.shape) if isinstance(mask, torch.Tensor) else (q[0], 1, 1, k[2])
+        return q, k, v, _concrete(mask.shape) if isinstance(mask, torch.Tensor) else (q[0], 1, 1, k[2])
     return None
 
 
