@@ -93,3 +93,28 @@ def test_protected_high_norm_tokens_match_the_reference(recipe, over):
     m = tiny_vit("vit_small_patch14_reg4_dinov2", img_size=84, embed_dim=96, num_heads=2)
     be = _check(m, torch.randn(2, 3, 84, 84), recipe, protect=2, **over)
     assert any(b.args.get("protect") == 2 for b in be.schedule.blocks)
+
+
+@pytest.mark.parametrize("tower", ["ViTModel", "CLIPVisionModel", "SiglipVisionModel"])
+def test_huggingface_towers_at_r0_reproduce_the_model_on_an_amd_cpu_with_bf16(monkeypatch, tower):
+    """attention_kernel = "auto" keeps FP32 attention in FP32 graphs, on the CPU where it once chose bf16."""
+    transformers = pytest.importorskip("transformers")
+    from mergepass import cpu
+    from mergepass.kernels import attention
+    flags = frozenset({"avx2", "avx512_vnni", "avx512_bf16"})
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda key: {"vendor_id": "AuthenticAMD", "flags": " ".join(flags)}.get(key, ""))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(attention, "cpu_flags", lambda: flags)
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                patch_size=16)
+    cfg = {"ViTModel": transformers.ViTConfig, "CLIPVisionModel": transformers.CLIPVisionConfig,
+           "SiglipVisionModel": transformers.SiglipVisionConfig}[tower](**size)
+    torch.manual_seed(0)
+    m = getattr(transformers, tower)(cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    be = mergepass.backend("tome", r=0, lower="eager", merge_kernel="reference")
+    with torch.no_grad():
+        want = m(x).last_hidden_state
+        out = torch.compile(m, backend=be, dynamic=False)(x).last_hidden_state
+    assert all(r.attention_ops == 0 for r in be.results)
+    assert rel_err(out, want) <= 1e-5
