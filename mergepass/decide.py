@@ -1,6 +1,6 @@
 """Choices that depend on the CPU, made by measuring on the machine that runs them.
 
-Each candidate is timed once (interleaved rounds, median) on the caller's own shapes; the fastest one whose
+Each candidate is timed once (interleaved rounds, fastest round) on the caller's own shapes; the fastest one whose
 measured error stays inside the caller's budget is chosen, and the decision is kept on disk, keyed by the
 question, the shapes, the CPU (model and flags), the thread count and the versions. A later compile reads it
 back and times nothing, so its choice is deterministic. Where nothing can be measured (one candidate can run,
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,7 +53,7 @@ class Decision:
 
     question: str
     choice: str
-    times_ms: dict[str, float] = field(default_factory=dict)   # median per call, by candidate
+    times_ms: dict[str, float] = field(default_factory=dict)   # fastest round's time per call, by candidate
     errors: dict[str, float] = field(default_factory=dict)     # 1 - cosine against the reference
     declined: dict[str, str] = field(default_factory=dict)     # candidate -> why it was not chosen
     measured: bool = True
@@ -88,13 +87,14 @@ def interleaved(fns: Mapping[str, Callable[[], object]], rounds: int, iters: int
     return per_round
 
 
-def interleaved_medians(fns: Mapping[str, Callable[[], object]], budget_s: float = 1.0,
+def interleaved_best(fns: Mapping[str, Callable[[], object]], budget_s: float = 1.0,
                         rounds: int = 7) -> dict[str, float]:
-    """Median seconds per call of each function: one warm-up call (one-time packing, allocation, page faults),
-    then :func:`interleaved` rounds sized to fit ``budget_s`` in all."""
+    """Fastest round's seconds per call of each function: one warm-up call (one-time packing, allocation, page
+    faults), then :func:`interleaved` rounds sized to fit ``budget_s`` in all. The minimum, not the median:
+    another process on the machine only ever adds time, and a decision is kept for every later compile."""
     first = interleaved(fns, 2)  # the warm-up round, then one timed call each
     iters = max(1, int(budget_s / rounds / max(sum(v[-1] for v in first.values()), 1e-6)))
-    return {name: statistics.median(v) for name, v in interleaved(fns, rounds, iters).items()}
+    return {name: min(v) for name, v in interleaved(fns, rounds, iters).items()}
 
 
 def _error(out, want) -> float:
@@ -159,7 +159,7 @@ def decide(question: str, facts: Mapping, candidates: Mapping[str, Candidate], *
         for name, err in errors.items():
             if not err <= budget:
                 declined[name] = f"error {err:.1e} over the budget {budget:.1e}"
-    seconds = (timer or interleaved_medians)(runnable)
+    seconds = (timer or interleaved_best)(runnable)
     times = {name: 1e3 * s for name, s in seconds.items()}
     eligible = [n for n in times if n not in declined]
     choice = min(eligible, key=lambda n: times[n]) if eligible else default
@@ -194,4 +194,4 @@ def forget() -> int:
     return n
 
 
-__all__ = ["Candidate", "Decision", "decide", "decisions_dir", "forget", "interleaved", "interleaved_medians", "key_of", "kept"]
+__all__ = ["Candidate", "Decision", "decide", "decisions_dir", "forget", "interleaved", "interleaved_best", "key_of", "kept"]
