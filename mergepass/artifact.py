@@ -15,18 +15,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import compat
+from .decide import version  # re-exported: manifests and the compile cache name it
 from .lower import compile_package
 
 FORMAT = 1
-
-
-def version() -> str:
-    """mergepass's installed version."""
-    from importlib.metadata import PackageNotFoundError, version as installed
-    try:
-        return installed("mergepass")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def manifest_path(path: str | os.PathLike) -> Path:

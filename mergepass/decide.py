@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,15 @@ from . import cpu
 
 Timer = Callable[[Mapping[str, Callable[[], object]]], Mapping[str, float]]
 FORMAT = 1
+
+
+def version() -> str:
+    """mergepass's installed version (part of every key: decisions and compile-cache entries alike)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        return installed("mergepass")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def decisions_dir() -> Path:
@@ -88,7 +98,7 @@ def interleaved(fns: Mapping[str, Callable[[], object]], rounds: int, iters: int
 
 
 def interleaved_best(fns: Mapping[str, Callable[[], object]], budget_s: float = 1.0,
-                        rounds: int = 7) -> dict[str, float]:
+                     rounds: int = 7) -> dict[str, float]:
     """Fastest round's seconds per call of each function: one warm-up call (one-time packing, allocation, page
     faults), then :func:`interleaved` rounds sized to fit ``budget_s`` in all. The minimum, not the median:
     another process on the machine only ever adds time, and a decision is kept for every later compile."""
@@ -106,13 +116,8 @@ def _error(out, want) -> float:
 
 def key_of(question: str, facts: Mapping) -> str:
     """The on-disk key: the question, the caller's facts (shapes, dtypes, sources), the CPU, threads, versions."""
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        mine = version("mergepass")
-    except PackageNotFoundError:
-        mine = "unknown"
     what = {"format": FORMAT, "question": question, "facts": dict(facts), "cpu": cpu.cpu_id(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "mergepass": mine}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "mergepass": version()}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -189,9 +194,8 @@ def kept() -> list[Decision]:
 def forget() -> int:
     """Delete every kept decision; returns how many there were."""
     n = len(kept())
-    import shutil
     shutil.rmtree(decisions_dir(), ignore_errors=True)
     return n
 
 
-__all__ = ["Candidate", "Decision", "decide", "decisions_dir", "forget", "interleaved", "interleaved_best", "key_of", "kept"]
+__all__ = ["Candidate", "Decision", "decide", "decisions_dir", "forget", "interleaved", "interleaved_best", "key_of", "kept", "version"]

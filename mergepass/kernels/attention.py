@@ -3,12 +3,12 @@ attention and its bf16 variant is no faster (its GEMMs need AMX):
 
 - ``torch.ops.mergepass.bf16_attention``: bf16 dot products with fp32 accumulation, fp32 softmax
   (AVX512-BF16);
-- ``torch.ops.mergepass.int8_attention``: u8 x s8 dot products (AVX-512 VNNI) with dynamic scales (per
-  query row and per key row for q kᵀ; probabilities as u8 of the row max and per-channel v scales for
-  p v), fp32 softmax.
+- ``torch.ops.mergepass.int8_attention``: u8 x s8 dot products (AVX-512 VNNI) with dynamic scales (k and
+  v centred on their means over the keys; per query row and per key row for q kᵀ; probabilities as u8 of
+  the row max, normalised by their unrounded sum, and per-channel v scales for p v), fp32 softmax.
 
-Which is faster depends on the core, not only on its instructions: :func:`choose` times them on the machine. The ops are
-opaque to inductor (custom ops with a fake implementation), so inductor cannot fuse them back into
+Which is faster depends on the core, not only on its instructions: :func:`choose` times them on the
+machine that runs them. The ops are opaque to inductor (custom ops with a fake implementation), so inductor cannot fuse them back into
 SDPA. They take SDPA's float ``attn_mask`` (proportional attention's log-size bias, masks) as
 ``bias``; dropout, causal and boolean masks are left to SDPA by the pass that inserts them
 (:mod:`mergepass.graph.passes.replace_attention`).
@@ -16,7 +16,6 @@ SDPA. They take SDPA's float ``attn_mask`` (proportional attention's log-size bi
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ import torch
 
 from ..cpu import bf16_isa, cpu_flags, int8_isa
 from ..decide import Candidate, Decision, decide
-from .build import build_extension
+from .build import build_extension, source_digest
 
 _SRC = Path(__file__).with_name("csrc") / "attention.cpp"
 KINDS = ("bf16", "int8")
@@ -62,10 +61,6 @@ def unavailable(kind: str = "bf16") -> Optional[str]:
     return f"its build failed ({err})" if err else None
 
 
-def _source_digest() -> str:
-    return hashlib.sha256(_SRC.read_bytes()).hexdigest()[:16]
-
-
 def choose(q_shape, k_shape, v_shape, bias_shape=None, dtype: torch.dtype = torch.float32, tolerance: float = 5e-4,
            timer=None, keep: bool = True) -> Decision:
     """The attention ``attention_kernel = "auto"`` runs in an int8 graph on this CPU, by measurement.
@@ -84,7 +79,7 @@ def choose(q_shape, k_shape, v_shape, bias_shape=None, dtype: torch.dtype = torc
         why = unavailable(kind)
         candidates[kind] = Candidate(None if why else (lambda kind=kind: attention(kind, q, k, v, bias)), why or "")
     facts = {"q": list(q_shape), "k": list(k_shape), "v": list(v_shape), "bias": bias_shape and list(bias_shape),
-             "dtype": str(dtype), "tolerance": tolerance, "kernels": _source_digest()}
+             "dtype": str(dtype), "tolerance": tolerance, "kernels": source_digest(_SRC)}
     with torch.no_grad():
         return decide("attention kernel", facts, candidates, default="sdpa", reference=lambda: sdpa(q, k, v, bias),
                       budget=tolerance, timer=timer, keep=keep)

@@ -8,6 +8,14 @@ from typing import Optional, Sequence
 from ..cpu import cpu_id
 
 
+def source_digest(*sources: Path) -> str:
+    """A short digest of kernel sources: a decision timed on one version of a kernel is not kept for another."""
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(Path(s).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build_extension(stem: str, sources: Sequence[Path]) -> Optional[str]:
     """Compile and load ``sources`` as library ``stem``; ``None`` when loaded, else why not (no compiler,
     no headers, a build error: the caller then uses its reference path)."""

@@ -19,14 +19,13 @@ When it cannot be built, :func:`kernel_error` says why and callers use the refer
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..decide import Candidate, Decision, decide
-from ..kernels.build import build_extension
+from ..kernels.build import build_extension, source_digest
 from .ops import adjacent_merge, checkerboard, largest_norms, similarity_metric, window_perm
 from .tokens import init_state
 
@@ -127,11 +126,10 @@ def choose(timer=None, keep: bool = True) -> Decision:
         return compiled[0](x, metric)
 
     candidates["reference"] = Candidate(reference)
-    digest = hashlib.sha256(_SRC.read_bytes()).hexdigest()[:16]
     try:
         from ..compat import outside_tracing
         with torch.no_grad(), outside_tracing():
-            return decide("merge kernel", {**s, "kernels": digest}, candidates, default="fused" if not why
+            return decide("merge kernel", {**s, "kernels": source_digest(_SRC)}, candidates, default="fused" if not why
                           else "reference", timer=timer, keep=keep)
     finally:
         compiled.clear()

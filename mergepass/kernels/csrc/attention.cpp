@@ -1,13 +1,12 @@
 // Attention for x86 CPUs without AMX: softmax(scale * q kᵀ + bias) v in one pass per (batch, head).
 //
 // torch's CPU flash attention runs fp32 micro-GEMMs here; its bf16 variant goes through cpublas, which
-// without AMX is no faster. Two kernels, chosen per CPU by mergepass/kernels/attention.py:
-//   bf16_attention: bf16 dot products (vdpbf16ps, fp32 accumulation) for q kᵀ and p v. AMD Zen 4/5 run
-//     vdpbf16ps at the rate of an fp32 FMA with twice its multiply-adds.
-//   int8_attention: u8 x s8 dot products (vpdpbusd) with dynamic scales: per query row and per key row
-//     for q kᵀ, probabilities as u8 (0..255 of the row max) and per-channel v scales for p v. Intel
-//     cores without AMX run vpdpbusd at the FMA rate with four times its multiply-adds, and vdpbf16ps
-//     at half that rate.
+// without AMX is no faster. Two kernels; mergepass/kernels/attention.py times both against SDPA on the
+// machine that runs them and keeps the faster (which one wins depends on the core, not only on its ISA):
+//   bf16_attention: bf16 dot products (vdpbf16ps, fp32 accumulation) for q kᵀ and p v.
+//   int8_attention: u8 x s8 dot products (vpdpbusd) with dynamic scales: k and v centred on their means
+//     over the keys, per query row and per key row scales for q kᵀ, probabilities as u8 (0..255 of the
+//     row max) normalised by their unrounded sum, per-channel v scales for p v. Reads fp32 or bf16.
 // Both pack k and v of one head once, then walk the queries MR rows at a time: a row block of scores,
 // its fp32 softmax (vectorised exp), and its share of the output.
 // the narrow headers, not <ATen/ATen.h>: a first-use build takes seconds less
@@ -481,7 +480,7 @@ void scores_block(const uint32_t* qp, const float* qscale, const Head& h, const 
   in_chunks<3>(s.nkb, [&](auto n, int64_t jb) { scores_blocks<decltype(n)::value>(qp, qscale, h, s, jb, sc); });
 }
 
-// out rows = (p8 . v8) * v scale / sum(p8), for DB dv blocks starting at db0
+// out rows = (p8 . v8) * v scale / (unrounded sum of p) + mean(v), for DB dv blocks starting at db0
 template <int DB, typename T>
 void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, const float* inv, T* out,
               int64_t os, int rows) {
