@@ -296,7 +296,7 @@ def test_tensorrt_int8_lowering():
 
 @pytest.mark.xdist_group("tome_int8")
 def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges(tome_int8):
-    """docs/benchmarks.md suggests inductor's C++ wrapper for small batches: it must give the same model."""
+    """docs/how-it-works.md suggests inductor's C++ wrapper for small batches: it must give the same model."""
     from torch._inductor import config as inductor_config
     m, x, calib, _, out_py, _ = tome_int8
     with inductor_config.patch(cpp_wrapper=True):

@@ -145,7 +145,7 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
     ``observer = "auto"``: on DINOv2 the rare large activations carry the features, so the linears'
     8-bit activations keep their min/max range; 7-bit ones have too few levels for that, and attention's
     q/k/v and probabilities lose more to min/max than to clipping, so both take the histogram
-    (``docs/benchmarks.md``)."""
+    (``docs/archive/benchmarks-history.md``, "Activation ranges")."""
     _, _, xiq = _torchao_pt2e()
 
     def skip(n: fx.Node) -> bool:
