@@ -122,6 +122,32 @@ inline void store16(uint16_t* p, __mmask16 m, __m512 x) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
 
+// acc += a . b (u8 x s8 quads; bf16 pairs). GCC 12 gives the intrinsics' tied accumulator a fresh register
+// and copies it back every iteration (and spills it when the accumulators are an array): the "+v" operand
+// keeps each accumulator in one register.
+inline __m512i dot_u8s8(__m512i acc, __m512i a, __m512i b) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512VNNI__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+#elif defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, a, b);
+#else
+  (void)a; (void)b;
+  return acc;
+#endif
+}
+
+#ifdef __AVX512BF16__
+inline __m512 dot_bf16(__m512 acc, __m512bh a, __m512bh b) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+#else
+  return _mm512_dpbf16_ps(acc, a, b);
+#endif
+}
+#endif
+
 inline float normaliser(float sum) { return sum > 0.f ? 1.f / sum : (std::isnan(sum) ? sum : 0.f); }
 
 #endif  // MERGEPASS_AVX512
@@ -209,8 +235,8 @@ void scores_block(const uint32_t* qp, const uint32_t* kp, const Dims& s, float* 
       const __m512bh b1 = as_bh(_mm512_loadu_si512(k1 + t * L));
       for (int r = 0; r < MR; ++r) {
         const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(qp[r * s.d2 + t])));
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+        acc[r][0] = dot_bf16(acc[r][0], a, b0);
+        acc[r][1] = dot_bf16(acc[r][1], a, b1);
       }
     }
     for (int r = 0; r < MR; ++r) {
@@ -225,7 +251,7 @@ void scores_block(const uint32_t* qp, const uint32_t* kp, const Dims& s, float* 
     for (int64_t t = 0; t < s.d2; ++t) {
       const __m512bh b0 = as_bh(_mm512_loadu_si512(k0 + t * L));
       for (int r = 0; r < MR; ++r)
-        acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(_mm512_set1_epi32(static_cast<int>(qp[r * s.d2 + t]))), b0);
+        acc[r] = dot_bf16(acc[r], as_bh(_mm512_set1_epi32(static_cast<int>(qp[r * s.d2 + t]))), b0);
     }
     for (int r = 0; r < MR; ++r) _mm512_storeu_ps(sc + r * stride + jb * L, acc[r]);
   }
@@ -243,10 +269,11 @@ void pv_block(const uint32_t* pp, const uint32_t* vp, const Dims& s, int64_t db0
     for (int c = 0; c < DB; ++c) b[c] = as_bh(_mm512_loadu_si512(vp + (u * s.dvb + db0 + c) * L));
     for (int r = 0; r < MR; ++r) {
       const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(pp[r * s.nk2 + u])));
-      for (int c = 0; c < DB; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+      for (int c = 0; c < DB; ++c) acc[r][c] = dot_bf16(acc[r][c], a, b[c]);
     }
   }
-  for (int r = 0; r < rows; ++r) {
+  for (int r = 0; r < MR; ++r) {
+    if (r >= rows) break;  // bounded by MR: the accumulators stay in registers
     const __m512 scale = _mm512_set1_ps(inv[r]);
     for (int c = 0; c < DB; ++c) {
       const int64_t c0 = (db0 + c) * L;
@@ -324,19 +351,26 @@ namespace i8 {
 
 // Symmetric int8 of n contiguous floats, written as ceil(n / 4) * 4 bytes (zero padded): returns the scale
 // (max |x| / 127; 1 for an all-zero row; NaN, with zeros written, for a row holding NaN or inf, so that
-// the result is NaN as SDPA's would be) and, in *sum, the sum of the int8 values.
-template <typename T>
-inline float quantize_row(const T* x, int64_t n, int8_t* out, int32_t* sum) {
+// the result is NaN as SDPA's would be) and, in *sum, the sum of the int8 values. U8: written as
+// x8 + 128 (vpdpbusd's unsigned operand; padding 128 too, as it multiplies zero padding). centre: quantize
+// x - centre (ceil(n / 16) * 16 values, 0 past n), subtracted in registers.
+template <bool U8 = false, typename T>
+inline float quantize_row(const T* x, int64_t n, void* out_, int32_t* sum, const float* centre = nullptr) {
+  int8_t* out = static_cast<int8_t*>(out_);
+  auto at = [&](int64_t i, __mmask16 m) {
+    const __m512 a = load16(x + i, m);
+    return centre ? _mm512_sub_ps(a, _mm512_loadu_ps(centre + i)) : a;
+  };
   __m512 vmax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int64_t i = 0; i < n; i += L) {
-    const __m512 a = _mm512_abs_ps(load16(x + i, lanes(n - i)));
+    const __m512 a = _mm512_abs_ps(at(i, lanes(n - i)));
     bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ);  // inf, NaN
     vmax = _mm512_max_ps(vmax, a);
   }
   const int64_t padded = (n + 3) / 4 * 4;
   if (bad) {
-    std::memset(out, 0, padded);
+    std::memset(out, U8 ? 128 : 0, padded);
     if (sum) *sum = 0;
     return std::numeric_limits<float>::quiet_NaN();
   }
@@ -346,10 +380,15 @@ inline float quantize_row(const T* x, int64_t n, int8_t* out, int32_t* sum) {
   __m512i acc = _mm512_setzero_si512();
   for (int64_t i = 0; i < padded; i += L) {
     const __mmask16 m = lanes(n - i);
-    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + i, m), inv));
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(at(i, m), inv));
     v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
     acc = _mm512_add_epi32(acc, v);
-    _mm_mask_storeu_epi8(out + i, lanes(padded - i), _mm512_cvtepi32_epi8(v));
+    const __m128i b = U8 ? _mm512_cvtepi32_epi8(_mm512_add_epi32(v, _mm512_set1_epi32(128))) : _mm512_cvtepi32_epi8(v);
+    // a full 16 bytes as a plain store: a masked store does not forward to the dot products' loads
+    if (padded - i >= L)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), b);
+    else
+      _mm_mask_storeu_epi8(out + i, lanes(padded - i), b);
   }
   if (sum) *sum = _mm512_reduce_add_epi32(acc);
   return sc;
@@ -387,15 +426,11 @@ void pack_head(const T* k, int64_t ks, const T* v, int64_t vs, const Dims& s, He
   // k smoothing: q . (k_j - mean k) differs from q . k_j by one constant per query row, which softmax ignores;
   // centred rows quantize with smaller steps where a head's keys share a large offset
   const int64_t dpad = (s.d + L - 1) / L * L;
-  std::vector<float> kmean(dpad), centred(dpad);
+  std::vector<float> kmean(dpad);
   channel_means(k, ks, s.nk, s.d, kmean.data());
   for (int64_t j = 0; j < s.nk; ++j) {
     int32_t sum = 0;
-    for (int64_t c = 0; c < s.d; c += L) {
-      const __mmask16 m = lanes(s.d - c);
-      _mm512_mask_storeu_ps(centred.data() + c, m, _mm512_sub_ps(load16(k + j * ks + c, m), _mm512_loadu_ps(kmean.data() + c)));
-    }
-    h.kscale[j] = quantize_row(centred.data(), s.d, row.data(), &sum);
+    h.kscale[j] = quantize_row(k + j * ks, s.d, row.data(), &sum, kmean.data());
     h.ksum128[j] = 128 * sum;
     uint32_t* dst = h.kq.data() + (j / L) * s.d4 * L + j % L;
     for (int64_t t = 0; t < s.d4; ++t) std::memcpy(dst + t * L, row.data() + 4 * t, 4);
@@ -463,7 +498,7 @@ void scores_blocks(const uint32_t* qp, const float* qscale, const Head& h, const
     for (int c = 0; c < NB; ++c) b[c] = _mm512_loadu_si512(k0 + (c * s.d4 + t) * L);
     for (int r = 0; r < MR; ++r) {
       const __m512i a = _mm512_set1_epi32(static_cast<int>(qp[r * s.d4 + t]));
-      for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], a, b[c]);
+      for (int c = 0; c < NB; ++c) acc[r][c] = dot_u8s8(acc[r][c], a, b[c]);
     }
   }
   for (int c = 0; c < NB; ++c) {
@@ -492,10 +527,11 @@ void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, con
     for (int c = 0; c < DB; ++c) b[c] = _mm512_loadu_si512(h.vq.data() + (u * s.dvb + db0 + c) * L);
     for (int r = 0; r < MR; ++r) {
       const __m512i a = _mm512_set1_epi32(static_cast<int>(pp[r * s.nk4 + u]));
-      for (int c = 0; c < DB; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], a, b[c]);
+      for (int c = 0; c < DB; ++c) acc[r][c] = dot_u8s8(acc[r][c], a, b[c]);
     }
   }
-  for (int r = 0; r < rows; ++r)
+  for (int r = 0; r < MR; ++r) {
+    if (r >= rows) break;  // r bounded by MR, not rows: the accumulators stay in registers
     for (int c = 0; c < DB; ++c) {
       const int64_t c0 = (db0 + c) * L;
       const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(h.vscale.data() + c0), _mm512_set1_ps(inv[r]));
@@ -503,6 +539,7 @@ void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, con
       const __m512 vm = inv[r] != 0.f ? _mm512_loadu_ps(h.vmean.data() + c0) : _mm512_setzero_ps();
       store16(out + r * os + c0, lanes(s.dv - c0), _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][c]), sc, vm));
     }
+  }
 }
 
 template <typename T>
@@ -515,10 +552,9 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
                  const float* bias, int64_t bi, float scale, const Dims& s, T* out, int64_t os) {
   Head h;
   pack_head(k, ks, v, vs, s, h);
-  const int64_t stride = s.nkb * L, dpad = s.d4 * 4;
+  const int64_t stride = s.nkb * L;
   std::vector<uint32_t> qp(MR * s.d4), pp(MR * s.nk4 + L);
   std::vector<float> sc(MR * stride);
-  std::vector<int8_t> q8(dpad + 64);
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i0 = 0; i0 < s.nq; i0 += MR) {
     const int rows = static_cast<int>(std::min<int64_t>(MR, s.nq - i0));
@@ -530,11 +566,7 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
         qscale[r] = 0.f;
         continue;
       }
-      qscale[r] = quantize_row(q + (i0 + r) * qs, s.d, q8.data(), nullptr) * scale;
-      for (int64_t t = 0; t < s.d4 * 4; t += 64) {  // q8 + 128: vpdpbusd's u8
-        const __mmask64 m = s.d4 * 4 - t >= 64 ? ~__mmask64(0) : (__mmask64(1) << (s.d4 * 4 - t)) - 1;
-        _mm512_mask_storeu_epi8(dst + t, m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q8.data() + t), _mm512_set1_epi8(-128)));
-      }
+      qscale[r] = quantize_row<true>(q + (i0 + r) * qs, s.d, dst, nullptr) * scale;
     }
     scores_block(qp.data(), qscale, h, s, sc.data());
     float inv[MR];
@@ -556,7 +588,10 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
         vsum = _mm512_add_ps(vsum, e);  // NaN if any e is NaN
         const __m512i p = _mm512_cvtps_epi32(e);
         const int64_t n = std::min<int64_t>(L, s.nk4 * 4 - j);
-        if (n > 0) _mm_mask_storeu_epi8(prow + j, static_cast<__mmask16>(lanes(n)), _mm512_cvtusepi32_epi8(p));
+        if (n == L)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(prow + j), _mm512_cvtusepi32_epi8(p));
+        else if (n > 0)
+          _mm_mask_storeu_epi8(prow + j, static_cast<__mmask16>(lanes(n)), _mm512_cvtusepi32_epi8(p));
       }
       inv[r] = normaliser(_mm512_reduce_add_ps(vsum));
     }
