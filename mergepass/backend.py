@@ -201,14 +201,7 @@ class Backend:
         user_idx = Inputs(gm, example_inputs).user_idx
 
         def checked(*args):
-            for i in user_idx:
-                t = args[i]
-                # a finite sum settles it in one reduction; only a non-finite one (or an overflow) needs the full check
-                if (isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.sum()))
-                        and not bool(torch.isfinite(t).all())):
-                    raise ValueError(f"mergepass: input {user_idx.index(i)} holds NaN or inf values "
-                                     "(check_inputs=True); static int8 would have returned finite, meaningless "
-                                     "outputs for them")
+            artifact.check_finite([args[i] for i in user_idx])
             return fn(*args)
         return checked
 

@@ -121,6 +121,18 @@ def aoti_load_package(path: str) -> Callable:
     return model
 
 
+def aoti_input_count(model) -> Optional[int]:
+    """How many inputs a loaded package takes, as AOTInductor's call spec records it (torch 2.14.1:
+    ``AOTIModelPackageLoader.get_call_spec``, a ``torch.utils._pytree`` spec of ``(args, kwargs)``); None where
+    it cannot be read."""
+    from torch.utils import _pytree
+    try:
+        args, kwargs = _pytree.treespec_loads(model.loader.get_call_spec()[0]).children()
+        return args.num_leaves + kwargs.num_leaves
+    except Exception:  # noqa: BLE001 - a spec this torch writes otherwise: no count, not an error
+        return None
+
+
 ALIGNMENT = 64
 
 

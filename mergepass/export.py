@@ -4,7 +4,10 @@ The merged (and int8) graph is exported with ``torch.export`` and compiled ahead
 AOTInductor into a ``.pt2`` package, with a dynamic batch size where the model allows one. It loads with
 ``torch._inductor.aoti_load_package(path)`` in a process that never imports mergepass. The manifest beside
 it (``<path>.json``) holds its SHA-256 and input shapes: :func:`mergepass.load` checks both, which
-``aoti_load_package`` does not.
+``aoti_load_package`` does not. Nor does ``aoti_load_package`` look at an input's strides: it reads a slice
+or a ``channels_last`` tensor as if it were contiguous (as the package was compiled), so pass contiguous
+inputs, or set ``AOTI_RUNTIME_CHECK_INPUTS=1`` to have the package refuse other strides (and shapes);
+:func:`mergepass.load` copies such an input into the compiled layout.
 """
 from __future__ import annotations
 
@@ -57,16 +60,15 @@ def _capture(model, example_input, r, batches):
         return _staged(model, example_input, r, batches, dynamic_batch=False)
 
 
-def _usable_cache(cache: Optional[bool], example_inputs) -> bool:
-    if not compile_cache.serves(example_inputs, cache):
-        return False
-    try:
-        compile_cache.cache_dir().mkdir(parents=True, exist_ok=True)
-        return True
-    except OSError as e:
-        warnings.warn(f"mergepass: the compile cache at {compile_cache.cache_dir()} is not usable ({briefly(e)}); "
-                      "exporting without it", MergepassWarning, stacklevel=3)
-        return False
+def _check_example(example_input: Any) -> None:
+    """ValueError, in one line, for an example input no package can be built from."""
+    if not isinstance(example_input, torch.Tensor):
+        raise ValueError(f"mergepass.export: example_input must be a tensor (a batch of images), got "
+                         f"{type(example_input).__name__}")
+    if example_input.dim() == 0 or 0 in example_input.shape:
+        what = "batch size 0" if example_input.dim() and example_input.shape[0] == 0 else "no elements"
+        raise ValueError(f"mergepass.export: example_input has {what} (shape {tuple(example_input.shape)}); "
+                         "export traces the model on it, so give it at least one image")
 
 
 def _say(message: str) -> None:
@@ -82,12 +84,13 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
     (:mod:`mergepass.cache`; ``cache=False`` or ``MERGEPASS_CACHE=0`` builds it anew). The stages are the
     backend's (:mod:`mergepass.pipeline`), so the package runs the graph the backend runs with
     ``attention_kernel="sdpa"``."""
+    _check_example(example_input)
     r = load(recipe, **overrides)
     batches = read_calibration(calibration, r.quantize.calibration_batches)
     gm, example_inputs, staged = _capture(model, example_input, r, batches)
     graph, r = staged.graph, staged.recipe
     dims = Lifted(graph, example_inputs).input_dims()
-    use_cache = _usable_cache(cache, example_inputs)
+    use_cache = compile_cache.serves(example_inputs, cache)
 
     def key_of(rr: Recipe) -> Optional[str]:
         return (compile_cache.graph_key(graph, example_inputs, rr.to_dict(), batches, extra={"export": True})

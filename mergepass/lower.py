@@ -3,6 +3,7 @@ freezing, or ahead of time with AOTInductor) or Torch-TensorRT (lazy, optional).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -86,11 +87,16 @@ def compile_package(module: torch.nn.Module, example_inputs: Sequence, path: str
     with torch.no_grad(), compat.outside_tracing():
         exported = torch.export.export(_Entry(module, autocast, output_dtypes), tuple(example_inputs),
                                        dynamic_shapes=dynamic, strict=False)
-        # a copy for AOTInductor to fill in: it writes the build's metadata into inductor's global settings
-        with inductor_config.patch({"freezing": freezing, "aot_inductor.metadata": dict(inductor_config.aot_inductor.metadata),
-                                    **(inductor_config_overrides or {})}):
+        spec = input_spec(exported)
+        # a copy for AOTInductor to fill in (it writes the build's metadata into inductor's global settings),
+        # holding the inputs' record that mergepass.load checks a manifest against
+        metadata = {**inductor_config.aot_inductor.metadata, INPUTS_KEY: json.dumps(spec)}
+        # check_lowerbound off: the package's own input guard (AOTI_RUNTIME_CHECK_INPUTS=1) would refuse a batch
+        # of 1, which a dynamic batch serves (dynamo only specialises that size, so the bound reads 2)
+        with inductor_config.patch({"freezing": freezing, "aot_inductor.metadata": metadata,
+                                    "aot_inductor.check_lowerbound": False, **(inductor_config_overrides or {})}):
             out = Path(compat.aoti_compile_and_package(exported, package_path=str(path)))
-    return out, input_spec(exported)
+    return out, spec
 
 
 def _drop_dtype_asserts(gm: torch.fx.GraphModule) -> None:
@@ -104,14 +110,20 @@ def _drop_dtype_asserts(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+# the key of a package's AOTInductor metadata that holds its inputs' record (input_spec)
+INPUTS_KEY = "mergepass_inputs"
+
+
 def input_spec(exported: "torch.export.ExportedProgram") -> list[dict]:
-    """The user inputs of an exported program: shape (``None`` where the size is symbolic), dtype, device."""
+    """The user inputs of an exported program: shape and strides (``None`` where symbolic), dtype, device.
+    The compiled kernels index an input by these strides, whatever the strides of the tensor passed."""
     names = set(exported.graph_signature.user_inputs)
     spec = []
     for n in exported.graph.nodes:
         if n.op == "placeholder" and n.name in names:
             v = n.meta["val"]
             spec.append({"shape": [d if isinstance(d, int) else None for d in v.shape],
+                         "stride": [s if isinstance(s, int) else None for s in v.stride()],
                          "dtype": str(v.dtype).removeprefix("torch."), "device": v.device.type})
     return spec
 

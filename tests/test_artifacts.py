@@ -1,4 +1,5 @@
 """Merge-map visualisation and the exported AOTInductor package."""
+import os
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def _eager(m, x, recipe="tome", **kw):
 
 @pytest.mark.xdist_group("tome_package")
 def test_export_serves_every_batch_size_without_mergepass(tmp_path, tome_package):
-    """Exported at batch 2, the package gives the right rows at batch 1 and 4 through torch's own loader."""
+    """Exported at batch 2, the package gives the right rows at batch 1 and 4 through torch's own loader, with
+    the package's own input guard on (AOTI_RUNTIME_CHECK_INPUTS=1), which refuses an input of other strides."""
     m, path, _ = tome_package
     x = torch.randn(4, 3, 64, 64)
     for b in (1, 4):
@@ -66,11 +68,113 @@ def test_export_serves_every_batch_size_without_mergepass(tmp_path, tome_package
         "    out = f(x); out = out[0] if isinstance(out, (list, tuple)) else out\n"
         "    assert out.shape == ref.shape, (out.shape, ref.shape)\n"
         "    print(float((out - ref).abs().max() / ref.abs().max()))\n"
+        "try:\n"
+        "    f(x.to(memory_format=torch.channels_last))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'stride' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('an input of other strides was run')\n"
         "assert 'mergepass' not in sys.modules\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     errs = [float(v) for v in res.stdout.split()]
     assert len(errs) == 2 and max(errs) <= 1e-5, errs
+
+
+@pytest.mark.xdist_group("tome_package")
+def test_load_lays_out_inputs_of_other_strides_as_the_package_was_compiled(tome_package):
+    """The kernels index an input by the strides the package was compiled for: a slice of a larger image and a
+    channels_last tensor give the rows of their contiguous copies, and a batch checks for NaN on request."""
+    _, path, _ = tome_package
+    f = mergepass.load(path)
+    image = torch.randn(4, 3, 80, 96)
+    sliced = image[:, :, 8:72, 16:80]
+    channels_last = sliced.contiguous(memory_format=torch.channels_last)
+    assert not sliced.is_contiguous() and not channels_last.is_contiguous()
+    with torch.no_grad():
+        want = _tensor(f(sliced.contiguous()))
+        for x in (sliced, channels_last, sliced[1:3]):
+            torch.testing.assert_close(_tensor(f(x)), want[:x.shape[0]] if x.shape[0] == 4 else want[1:3])
+    checked = mergepass.load(path, check_inputs=True)
+    bad = sliced.clone()
+    bad[2, 1, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="input 0 holds NaN or inf"):
+        checked(bad)
+    _tensor(checked(sliced))  # a finite one runs
+
+
+def _tampered(tmp_path, path, edit, name="t.pt2"):
+    """A copy of the package at ``path`` whose manifest ``edit(manifest)`` changed (its SHA-256 still matches)."""
+    import json
+    copy = mergepass.artifact.copy(path, tmp_path / name)
+    manifest = json.loads(mergepass.artifact.manifest_path(copy).read_text())
+    edit(manifest)
+    mergepass.artifact.manifest_path(copy).write_text(json.dumps(manifest))
+    return copy
+
+
+def _set(key, value, at=None):
+    def edit(manifest):
+        target = manifest["inputs"][0] if at == "input" else manifest
+        if value is KeyError:
+            del target[key]
+        else:
+            target[key] = value(target[key]) if callable(value) else value
+    return edit
+
+
+@pytest.mark.xdist_group("tome_package")
+@pytest.mark.parametrize("edit,match", [
+    (_set("shape", lambda s: s[:2] + [32, 32], "input"), r"input 0 is float32 of shape \(any, 3, 32, 32\).*compiled "
+                                                          r"for float32 of shape \(any, 3, 64, 64\)"),
+    (_set("shape", lambda s: s[:2] + [128, 128], "input"), r"shape \(any, 3, 128, 128\).*compiled for"),
+    (_set("dtype", "float16", "input"), r"float16 of shape .*compiled for float32"),
+    (_set("stride", lambda s: [s[0], 1, 192, 3], "input"), r"strides \(12288, 1, 192, 3\) on cpu, but the "
+                                                            r"package was compiled for .*strides \(12288, 4096, 64, 1\)"),
+    (_set("inputs", 5), r"'inputs' must be a list of input specs, got 5"),
+    (_set("inputs", lambda i: i + i), r"lists 2 input\(s\), but the package was compiled for 1"),
+    (_set("dtype", KeyError, "input"), r"inputs\[0\]: missing 'dtype'"),
+    (_set("dtype", "float99", "input"), r"'dtype' must name a torch dtype, got \"float99\""),
+    (_set("shape", [None, 3, -64, 64], "input"), r"'shape' and 'stride' must be lists"),
+    (_set("sha256", 7), r"'sha256' must be a SHA-256 digest"),
+    (_set("format", 1), r"format 1, where this mergepass reads format 2"),
+], ids=["shape32", "shape128", "dtype", "stride", "inputs5", "two_inputs", "no_dtype", "bad_dtype", "bad_shape",
+        "sha_type", "format"])
+def test_load_refuses_a_manifest_the_package_contradicts(tmp_path, tome_package, edit, match):
+    """A manifest is checked for its structure and against the record of its inputs the package carries: an
+    edited shape would make the package read past or short of its input. One line names the problem."""
+    _, path, _ = tome_package
+    with pytest.raises(ValueError, match=match) as e:
+        mergepass.load(_tampered(tmp_path, path, edit))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.xdist_group("tome_package")
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_load_refuses_an_archive_member_that_leads_outside_its_folder(tmp_path, tome_package, where):
+    """torch's loader extracts every member under the model's folder into a temporary folder, joining the names
+    as they are: ``..`` would write outside it. Refused before anything is extracted."""
+    import zipfile
+    _, path, _ = tome_package
+    escaped = tmp_path / "outside" / "escaped.txt"
+    escaped.parent.mkdir()
+    copy = mergepass.artifact.copy(path, tmp_path / "z.pt2")
+    with zipfile.ZipFile(copy, "a") as z:
+        folder = next(n for n in z.namelist() if n.endswith(".so")).rsplit("/", 1)[0]
+        z.writestr(f"{folder}/{'../' * 40}{str(escaped).lstrip('/')}" if where == "relative" else str(escaped), "x")
+    copy = _tampered(tmp_path, copy, lambda m: m.update(sha256=mergepass.artifact.file_digest(copy)), "z2.pt2")
+    with pytest.raises(ValueError, match=r"archive member .*escaped\.txt' would be written outside the folder"):
+        mergepass.load(copy)
+    assert not escaped.exists()
+
+
+def test_export_of_an_empty_batch_is_refused_in_one_line(tmp_path):
+    m = tiny_vit(depth=1)
+    with pytest.raises(ValueError, match=r"^mergepass.export: example_input has batch size 0 "
+                                         r"\(shape \(0, 3, 64, 64\)\)"):
+        mergepass.export(m, torch.randn(0, 3, 64, 64), "tome", path=tmp_path / "e.pt2", r=3, cache=False)
+    assert not (tmp_path / "e.pt2").exists()
 
 
 @pytest.mark.xdist_group("tome_package")
