@@ -33,6 +33,16 @@
 #define MERGEPASS_INT8_ATTENTION 1
 #endif
 
+// The dot-product micro-kernels keep their MR x NB accumulators in registers only when every loop over
+// them is unrolled (#pragma GCC unroll: clang reads it too; GCC 12 misplaces it when written as _Pragma
+// in a macro) and GCC does not coalesce them with their copies: GCC 12 otherwise moves each accumulator
+// through a scratch register around every vpdpbusd, or keeps them on the stack.
+#if defined(__GNUC__) && !defined(__clang__)
+#define MERGEPASS_DOT_KERNEL __attribute__((optimize("no-tree-coalesce-vars")))
+#else
+#define MERGEPASS_DOT_KERNEL
+#endif
+
 namespace {
 
 constexpr int MR = 4;  // query rows per block
@@ -148,6 +158,13 @@ inline __m512 dot_bf16(__m512 acc, __m512bh a, __m512bh b) {
 }
 #endif
 
+// Asks for the n bytes at p (a strided q, k or v row) ahead of their use: rows of a qkv projection lie
+// thousands of bytes apart, too far apart for the hardware prefetcher to run ahead of the row loops.
+inline void prefetch_row(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
 inline float normaliser(float sum) { return sum > 0.f ? 1.f / sum : (std::isnan(sum) ? sum : 0.f); }
 
 #endif  // MERGEPASS_AVX512
@@ -222,23 +239,26 @@ void pack_v(const float* v, int64_t vs, const Dims& s, uint32_t* vp) {
 }
 
 // scores[MR][nkb * 16] = (q rows qp) . kp, in fp32
-void scores_block(const uint32_t* qp, const uint32_t* kp, const Dims& s, float* sc) {
+MERGEPASS_DOT_KERNEL void scores_block(const uint32_t* qp, const uint32_t* kp, const Dims& s, float* sc) {
   const int64_t stride = s.nkb * L;
   int64_t jb = 0;
   for (; jb + 2 <= s.nkb; jb += 2) {
     __m512 acc[MR][2];
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const uint32_t* k0 = kp + jb * s.d2 * L;
     const uint32_t* k1 = k0 + s.d2 * L;
     for (int64_t t = 0; t < s.d2; ++t) {
       const __m512bh b0 = as_bh(_mm512_loadu_si512(k0 + t * L));
       const __m512bh b1 = as_bh(_mm512_loadu_si512(k1 + t * L));
+#pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
         const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(qp[r * s.d2 + t])));
         acc[r][0] = dot_bf16(acc[r][0], a, b0);
         acc[r][1] = dot_bf16(acc[r][1], a, b1);
       }
     }
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       _mm512_storeu_ps(sc + r * stride + jb * L, acc[r][0]);
       _mm512_storeu_ps(sc + r * stride + (jb + 1) * L, acc[r][1]);
@@ -246,35 +266,45 @@ void scores_block(const uint32_t* qp, const uint32_t* kp, const Dims& s, float* 
   }
   for (; jb < s.nkb; ++jb) {
     __m512 acc[MR];
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
     const uint32_t* k0 = kp + jb * s.d2 * L;
     for (int64_t t = 0; t < s.d2; ++t) {
       const __m512bh b0 = as_bh(_mm512_loadu_si512(k0 + t * L));
+#pragma GCC unroll 16
       for (int r = 0; r < MR; ++r)
         acc[r] = dot_bf16(acc[r], as_bh(_mm512_set1_epi32(static_cast<int>(qp[r * s.d2 + t]))), b0);
     }
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) _mm512_storeu_ps(sc + r * stride + jb * L, acc[r]);
   }
 }
 
 // out rows += pp . vp for DB dv blocks starting at db0; fp32 accumulators, scaled by inv[r] on store
 template <int DB>
-void pv_block(const uint32_t* pp, const uint32_t* vp, const Dims& s, int64_t db0, const float* inv, float* out,
+MERGEPASS_DOT_KERNEL void pv_block(const uint32_t* pp, const uint32_t* vp, const Dims& s, int64_t db0, const float* inv, float* out,
               int64_t os, int rows) {
   __m512 acc[MR][DB];
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
     for (int c = 0; c < DB; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t u = 0; u < s.nk2; ++u) {
     __m512bh b[DB];
+#pragma GCC unroll 16
     for (int c = 0; c < DB; ++c) b[c] = as_bh(_mm512_loadu_si512(vp + (u * s.dvb + db0 + c) * L));
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int>(pp[r * s.nk2 + u])));
+#pragma GCC unroll 16
       for (int c = 0; c < DB; ++c) acc[r][c] = dot_bf16(acc[r][c], a, b[c]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     if (r >= rows) break;  // bounded by MR: the accumulators stay in registers
     const __m512 scale = _mm512_set1_ps(inv[r]);
+#pragma GCC unroll 16
     for (int c = 0; c < DB; ++c) {
       const int64_t c0 = (db0 + c) * L;
       _mm512_mask_storeu_ps(out + r * os + c0, lanes(s.dv - c0), _mm512_mul_ps(acc[r][c], scale));
@@ -409,7 +439,10 @@ void channel_means(const T* x, int64_t xs, int64_t n, int64_t width, float* out)
   for (int64_t c = 0; c < width; c += L) {
     const __mmask16 m = lanes(width - c);
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) acc = _mm512_add_ps(acc, load16(x + j * xs + c, m));
+    for (int64_t j = 0; j < n; ++j) {
+      if (c == 0 && j + 8 < n) prefetch_row(x + (j + 8) * xs, width * sizeof(T));
+      acc = _mm512_add_ps(acc, load16(x + j * xs + c, m));
+    }
     const __m512 mean = _mm512_mul_ps(acc, inv);
     const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(mean), _mm512_set1_ps(std::numeric_limits<float>::max()),
                                                 _CMP_LE_OQ);
@@ -487,51 +520,81 @@ void pack_head(const T* k, int64_t ks, const T* v, int64_t vs, const Dims& s, He
 // scores[MR][16 * NB keys from block jb] in fp32 = (q8 . k8) * q scale * k scale, from u8 (q8 + 128) x s8
 // products; NB key blocks at once keep 4 * NB independent accumulators (vpdpbusd's latency is 5 cycles)
 template <int NB>
-void scores_blocks(const uint32_t* qp, const float* qscale, const Head& h, const Dims& s, int64_t jb, float* sc) {
+MERGEPASS_DOT_KERNEL void scores_blocks(const uint32_t* qp, const float* qscale, const float* const* brows, const Head& h,
+                                        const Dims& s, int64_t jb, float* sc, __m512* vmax) {
   const int64_t stride = s.nkb * L;
   __m512i acc[MR][NB];
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
     for (int c = 0; c < NB; ++c) acc[r][c] = _mm512_setzero_si512();
   const uint32_t* k0 = h.kq.data() + jb * s.d4 * L;
   for (int64_t t = 0; t < s.d4; ++t) {
     __m512i b[NB];
+#pragma GCC unroll 16
     for (int c = 0; c < NB; ++c) b[c] = _mm512_loadu_si512(k0 + (c * s.d4 + t) * L);
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512i a = _mm512_set1_epi32(static_cast<int>(qp[r * s.d4 + t]));
+#pragma GCC unroll 16
       for (int c = 0; c < NB; ++c) acc[r][c] = dot_u8s8(acc[r][c], a, b[c]);
     }
   }
+#pragma GCC unroll 16
   for (int c = 0; c < NB; ++c) {
-    const __m512i corr = _mm512_loadu_si512(h.ksum128.data() + (jb + c) * L);
-    const __m512 ksc = _mm512_loadu_ps(h.kscale.data() + (jb + c) * L);
+    const int64_t j = (jb + c) * L;
+    const __mmask16 m = lanes(s.nk - j);
+    const __m512i corr = _mm512_loadu_si512(h.ksum128.data() + j);
+    const __m512 ksc = _mm512_loadu_ps(h.kscale.data() + j);
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][c], corr));
-      _mm512_storeu_ps(sc + r * stride + (jb + c) * L, _mm512_mul_ps(_mm512_mul_ps(dot, ksc), _mm512_set1_ps(qscale[r])));
+      __m512 x = _mm512_mul_ps(_mm512_mul_ps(dot, ksc), _mm512_set1_ps(qscale[r]));
+      if (brows[r]) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, brows[r] + j));
+      x = _mm512_mask_mov_ps(_mm512_set1_ps(NEG_INF), m, x);
+      _mm512_storeu_ps(sc + r * stride + j, x);
+      vmax[r] = _mm512_max_ps(vmax[r], x);
     }
   }
 }
 
-void scores_block(const uint32_t* qp, const float* qscale, const Head& h, const Dims& s, float* sc) {
-  in_chunks<3>(s.nkb, [&](auto n, int64_t jb) { scores_blocks<decltype(n)::value>(qp, qscale, h, s, jb, sc); });
+// The logits of MR query rows (bias added, keys past nk at -inf) and each row's max (0 for a row with no
+// finite logit, so that its exps are 0 rather than NaN).
+void logits_block(const uint32_t* qp, const float* qscale, const float* const* brows, const Head& h, const Dims& s,
+                  float* sc, float* mx) {
+  __m512 vmax[MR];
+  for (int r = 0; r < MR; ++r) vmax[r] = _mm512_set1_ps(NEG_INF);
+  in_chunks<3>(s.nkb, [&](auto n, int64_t jb) { scores_blocks<decltype(n)::value>(qp, qscale, brows, h, s, jb, sc, vmax); });
+  for (int r = 0; r < MR; ++r) {
+    const float m = _mm512_reduce_max_ps(vmax[r]);
+    mx[r] = m == NEG_INF ? 0.f : m;
+  }
 }
 
 // out rows = (p8 . v8) * v scale / (unrounded sum of p) + mean(v), for DB dv blocks starting at db0
 template <int DB, typename T>
-void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, const float* inv, T* out,
+MERGEPASS_DOT_KERNEL void pv_block(const uint32_t* pp, const Head& h, const Dims& s, int64_t db0, const float* inv, T* out,
               int64_t os, int rows) {
   __m512i acc[MR][DB];
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
     for (int c = 0; c < DB; ++c) acc[r][c] = _mm512_setzero_si512();
   for (int64_t u = 0; u < s.nk4; ++u) {
     __m512i b[DB];
+#pragma GCC unroll 16
     for (int c = 0; c < DB; ++c) b[c] = _mm512_loadu_si512(h.vq.data() + (u * s.dvb + db0 + c) * L);
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512i a = _mm512_set1_epi32(static_cast<int>(pp[r * s.nk4 + u]));
+#pragma GCC unroll 16
       for (int c = 0; c < DB; ++c) acc[r][c] = dot_u8s8(acc[r][c], a, b[c]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     if (r >= rows) break;  // r bounded by MR, not rows: the accumulators stay in registers
+#pragma GCC unroll 16
     for (int c = 0; c < DB; ++c) {
       const int64_t c0 = (db0 + c) * L;
       const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(h.vscale.data() + c0), _mm512_set1_ps(inv[r]));
@@ -555,9 +618,9 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
   const int64_t stride = s.nkb * L;
   std::vector<uint32_t> qp(MR * s.d4), pp(MR * s.nk4 + L);
   std::vector<float> sc(MR * stride);
-  const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i0 = 0; i0 < s.nq; i0 += MR) {
     const int rows = static_cast<int>(std::min<int64_t>(MR, s.nq - i0));
+    for (int64_t i = i0 + MR; i < std::min<int64_t>(i0 + 2 * MR, s.nq); ++i) prefetch_row(q + i * qs, s.d * sizeof(T));
     float qscale[MR];
     for (int r = 0; r < MR; ++r) {
       uint8_t* dst = reinterpret_cast<uint8_t*>(qp.data() + r * s.d4);
@@ -568,8 +631,10 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
       }
       qscale[r] = quantize_row<true>(q + (i0 + r) * qs, s.d, dst, nullptr) * scale;
     }
-    scores_block(qp.data(), qscale, h, s, sc.data());
-    float inv[MR];
+    const float* brows[MR];
+    for (int r = 0; r < MR; ++r) brows[r] = bias && r < rows ? bias + (i0 + r) * bi : nullptr;
+    float mx[MR], inv[MR];
+    logits_block(qp.data(), qscale, brows, h, s, sc.data(), mx);
     for (int r = 0; r < MR; ++r) {
       float* row = sc.data() + r * stride;
       uint8_t* prow = reinterpret_cast<uint8_t*>(pp.data() + r * s.nk4);
@@ -578,13 +643,12 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
         inv[r] = 0.f;
         continue;
       }
-      const float mx = logits_row(row, s, one, bias ? bias + (i0 + r) * bi : nullptr);
-      const __m512 vm = _mm512_set1_ps(mx);
-      // probabilities as u8 (255 = the row max), normalised by the sum of the unrounded values: with v
-      // centred, what rounds away is given the mean of v (see pack_head)
+      // probabilities as u8 (255 = the row max: exp(x - max + ln 255)), normalised by the sum of the
+      // unrounded values: with v centred, what rounds away is given the mean of v (see pack_head)
+      const __m512 vm = _mm512_set1_ps(mx[r] - 5.54126354515843f);
       __m512 vsum = _mm512_setzero_ps();
       for (int64_t j = 0; j < stride; j += L) {
-        const __m512 e = _mm512_mul_ps(exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm)), _mm512_set1_ps(255.f));
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), vm));
         vsum = _mm512_add_ps(vsum, e);  // NaN if any e is NaN
         const __m512i p = _mm512_cvtps_epi32(e);
         const int64_t n = std::min<int64_t>(L, s.nk4 * 4 - j);
