@@ -87,6 +87,22 @@ def test_nan_and_inf_reach_the_outputs_they_touch(kind, where):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf")])
+def test_an_infinite_key_element_spoils_only_the_logits_it_makes_infinite(kind, bad):
+    """A key element at ±inf gives that key a logit of -inf (dropped) or +inf (NaN row) by the sign of each
+    query's element there, as in SDPA: the other rows stay finite and close (int8 used to turn the head NaN)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 64) for _ in range(3))
+    k[0, 1, 5, 7] = bad
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    got = attention.attention(kind, q, k, v)
+    finite = want.isfinite()
+    assert 0 < finite[0, 1].float().mean() < 1  # rows of both kinds in the spoilt head
+    assert torch.equal(got.isfinite(), finite)
+    assert torch.nn.functional.cosine_similarity(got[finite].double(), want[finite].double(), 0) > 0.9995
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("args,match", [
     ((torch.randn(2, 5, 8),) * 3, "4-D"),
     ((torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 8)), "shapes do not match"),

@@ -449,7 +449,16 @@ struct Head {
   std::vector<float> kscale, vscale;
   std::vector<int32_t> ksum128;    // 128 * sum_d k8[j][d]: undoes q's +128 offset (u8 x s8 products)
   std::vector<float> vmean;        // the mean of v over the keys, per channel: added back to every output row
+  std::vector<int64_t> nonfinite;  // keys holding inf or NaN: their logits are computed exactly (see exact_logits)
 };
+
+inline float scalar(const float* p) { return *p; }
+inline float scalar(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 
 // The mean over n rows of x (row stride xs) for each of the first `width` channels, in out[ceil(width / 16) * 16]
 // (padding 0); a channel holding inf or NaN gets 0, so that smoothing never spreads one bad value over the head.
@@ -484,6 +493,10 @@ void pack_head(const T* k, int64_t ks, const T* v, int64_t vs, const Dims& s, He
   for (int64_t j = 0; j < s.nk; ++j) {
     int32_t sum = 0;
     h.kscale[j] = quantize_row(k + j * ks, s.d, row.data(), &sum, kmean.data());
+    if (std::isnan(h.kscale[j])) {  // a key holding inf or NaN: logit 0 here, replaced by its exact value
+      h.kscale[j] = 0.f;
+      h.nonfinite.push_back(j);
+    }
     h.ksum128[j] = 128 * sum;
     uint32_t* dst = h.kq.data() + (j / L) * s.d4 * L + j % L;
     for (int64_t t = 0; t < s.d4; ++t) std::memcpy(dst + t * L, row.data() + 4 * t, 4);
@@ -630,6 +643,25 @@ void pv_rows(const uint32_t* pp, const Head& h, const Dims& s, const float* inv,
   in_chunks<4>(s.dvb, [&](auto n, int64_t db) { pv_block<decltype(n)::value>(pp, h, s, db, inv, out, os, rows); });
 }
 
+// The logits of the keys holding inf or NaN, as SDPA computes them (a key with a -inf element gets logit -inf
+// from a query whose element there is positive, so that key alone drops out, where int8 would make the
+// whole head NaN), then each row's max again.
+template <typename T>
+void exact_logits(const T* q, int64_t qs, const T* k, int64_t ks, const float* const* brows, float scale,
+                  const Head& h, const Dims& s, int rows, float* sc, float* mx) {
+  const int64_t stride = s.nkb * L;
+  for (int r = 0; r < rows; ++r) {
+    for (const int64_t j : h.nonfinite) {
+      float dot = 0.f;
+      for (int64_t c = 0; c < s.d; ++c) dot += scalar(q + r * qs + c) * scalar(k + j * ks + c);
+      sc[r * stride + j] = dot * scale * LOG2E + (brows[r] ? brows[r][j] * LOG2E : 0.f);
+    }
+    float m = NEG_INF;
+    for (int64_t j = 0; j < s.nk; ++j) m = sc[r * stride + j] > m ? sc[r * stride + j] : m;
+    mx[r] = m == NEG_INF ? 0.f : m;
+  }
+}
+
 template <typename T>
 void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int64_t vs,
                  const float* bias, int64_t bi, float scale, const Dims& s, T* out, int64_t os) {
@@ -655,6 +687,7 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
     for (int r = 0; r < MR; ++r) brows[r] = bias && r < rows ? bias + (i0 + r) * bi : nullptr;
     float mx[MR], inv[MR];
     logits_block(qp.data(), qscale, brows, h, s, sc.data(), mx);
+    if (!h.nonfinite.empty()) exact_logits(q + i0 * qs, qs, k, ks, brows, scale, h, s, rows, sc.data(), mx);
     for (int r = 0; r < MR; ++r) {
       float* row = sc.data() + r * stride;
       uint8_t* prow = reinterpret_cast<uint8_t*>(pp.data() + r * s.nk4);
