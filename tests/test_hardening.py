@@ -572,7 +572,9 @@ def test_decompression_bomb_image_exits_2_in_viz_and_is_skipped_with_a_warning_i
 
 @pytest.mark.parametrize("csv,match", [("name,class_index\n0.png,1\n", "has no 'file' column"),
                                        ("file,class_index\n0.png,1\n1.png,cat\n", "line 3: class_index 'cat'"),
-                                       ("file,class_index\n0.png,-7\n", "line 2: class_index '-7'")])
+                                       ("file,class_index\n0.png,-7\n", "line 2: class_index '-7'"),
+                                       ("file,class_index\n0.png,1\n,2\n", "line 3: no file named"),
+                                       ("class_index,file\n1\n", "line 2: no file named")])
 def test_bad_labels_csv_exits_2_naming_it(tmp_path, capsys, csv, match):
     from PIL import Image
     for i in range(2):
