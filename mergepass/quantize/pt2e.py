@@ -110,15 +110,14 @@ def _batch_norm_affine(gm: fx.GraphModule, bn: fx.Node, i: int) -> None:
     eps = bn.args[7]
     scale = torch.rsqrt(var + eps) * (w if w is not None else 1)
     shift = (b if b is not None else 0) - mean * scale
-    val = bn.meta.get("val")
-    view = (-1,) + (1,) * (val.dim() - 2 if val is not None else 0)
+    val = bn.meta["val"]
+    view = (-1,) + (1,) * (val.dim() - 2)  # channels on dim 1
     with gm.graph.inserting_before(bn):
         consts = []
         for name, t in ((f"bn_scale{i}", scale), (f"bn_shift{i}", shift)):
             gm.register_buffer(name, t.reshape(view).detach().clone(), persistent=False)
             consts.append(gm.graph.get_attr(name))
-            if val is not None:
-                consts[-1].meta["val"] = val.fake_mode.from_tensor(getattr(gm, name), static_shapes=True)
+            consts[-1].meta["val"] = val.fake_mode.from_tensor(getattr(gm, name), static_shapes=True)
         mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (bn.args[0], consts[0]))
         add = gm.graph.call_function(torch.ops.aten.add.Tensor, (mul, consts[1]))
     for n in (mul, add):
@@ -136,6 +135,8 @@ def affine_batch_norms(gm: fx.GraphModule) -> int:
     bns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.batch_norm.default]
     for i, bn in enumerate(bns):
         consts = bn.args[1:5]  # weight, bias, running mean, running var
+        if "val" not in bn.meta:
+            raise ValueError(f"the batch norm {bn.name} has no recorded shape, so its channels cannot be told apart")
         if bn.args[5] or consts[2] is None or not all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr")
                                                       for a in consts):
             where = [s for s in module_names(bn) if s]
