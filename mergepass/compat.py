@@ -59,6 +59,23 @@ def fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
+def module_state_input(node: torch.fx.Node) -> Optional[bool]:
+    """Whether dynamo lifted the placeholder ``node`` from module state or a global rather than from the
+    frame's own arguments, read from where dynamo found it (torch 2.14.1: ``node.meta["grapharg"].source``,
+    ``torch._dynamo.source``); None when the graph carries no such record."""
+    from torch._dynamo.source import NNModuleSource, ParamBufferSource, is_from_local_source
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is None:
+        return None
+    chain = []
+    while source is not None:
+        chain.append(source)
+        source = getattr(source, "base", None)
+    if any(isinstance(s, (NNModuleSource, ParamBufferSource)) for s in chain):
+        return True
+    return not is_from_local_source(chain[0], only_allow_input=True)
+
+
 # ATen and the dispatcher
 
 # the C functions behind F.linear and F.scaled_dot_product_attention, as dynamo's graphs may name them

@@ -134,7 +134,7 @@ def _quantize(graph, example_inputs, recipe, calibration, warn) -> tuple[Quantiz
         warnings.simplefilter("always", MergepassWarning)
         try:
             q = quantize(graph, example_inputs, recipe.quantize, recipe.lower, calibration)
-        except Exception as e:  # noqa: BLE001 - e.g. torchao's conv-BN fold on a CNN
+        except Exception as e:  # noqa: BLE001 - an op or pattern the engine cannot quantize
             if isinstance(e, (ValueError, RuntimeError)) and "calibration" in str(e):
                 raise
             raise Int8Declined(briefly(e)) from e

@@ -236,6 +236,9 @@ def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None 
                 raise unknown_field(key, _LOWER_TABLE, "table [lower]")
             top[_LOWER_TABLE[key]] = value
     search = _table(d, "search")
+    for key in search:
+        if key not in _SEARCH_FIELDS:
+            raise unknown_field(key, _SEARCH_FIELDS, "table [search]")
     given_q = d.pop("quantize", None)
     quantize = given_q if isinstance(given_q, Quantize) else _table({"quantize": given_q}, "quantize")
     top_fields = {f.name for f in fields(Recipe)} - {"merge", "quantize", "search"}

@@ -226,6 +226,20 @@ def test_a_field_the_method_does_not_have_is_named_with_its_fields():
     assert r.merge == type(r.merge)(skip=1) and r.replace(method="dfe").merge.skip == 1
 
 
+@pytest.mark.parametrize("table,where", [("search", r"table \[search\]"), ("lower", r"table \[lower\]"),
+                                         ("merge", "method 'tome'"), ("quantize", r"\[quantize\]"),
+                                         ("quantize.pt2e", r"engine 'pt2e' \(\[quantize.pt2e\]\)")])
+def test_an_unknown_field_in_any_table_of_a_recipe_file_is_named(tmp_path, table, where):
+    path = tmp_path / "bogus.toml"
+    path.write_text(f'[{table}]\nbogus = 1\n')
+    with pytest.raises(ValueError, match=rf"recipe file .*bogus.toml: unknown recipe field '(quantize.)?bogus'.* for {where}"):
+        mergepass.load_recipe(path)
+    if table == "search":
+        with pytest.raises(ValueError, match=r"unknown recipe field 'min_cosin' \(did you mean 'min_cosine'\?\) for "
+                                             r"table \[search\]"):
+            mergepass.load_recipe("tome").replace(search={"min_cosin": 0.9})
+
+
 def test_flat_recipes_and_overrides_map_onto_the_nested_shape(tmp_path):
     """A flat recipe file (older layout) loads to the recipe its nested form gives, and to_toml writes the nested
     form, which loads back equal."""

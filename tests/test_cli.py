@@ -88,6 +88,15 @@ def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, monkeypatch, c
     _one_line_error(run_cli(capsys, command, *args), said)
 
 
+def test_demo_with_fewer_images_than_one_batch_says_so(tmp_path, capsys):
+    from PIL import Image
+    import torch
+    for i in range(3):
+        Image.fromarray((torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / f"{i}.png")
+    res = run_cli(capsys, "demo", *TINY, "--depth", "1", "--batch", "4", "--images", tmp_path)
+    _one_line_error(res, f"--images {tmp_path} has 3 readable images, fewer than one --batch of 4")
+
+
 def test_viz_out_under_a_regular_file_exits_2_before_tracing(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     out = tmp_path / "file" / "merged.png"

@@ -250,6 +250,7 @@ def test_calibration_generator_is_read_once_and_used_for_int8():
     ([torch.randn(2, 3, 64, 64), torch.full((2, 3, 64, 64), float("nan"))], "batch 1 holds non-finite values"),
     ([torch.randn(2, 3, 64, 64).index_fill(0, torch.tensor([1]), float("inf"))], "batch 0 holds non-finite"),
     (5, "calibration must be an iterable of batches .* not int 5"),
+    ([torch.randn(2, 3, 64, 64).to(torch.float8_e4m3fn)], "batch 0 holds a tensor of dtype float8_e4m3fn.*not an 8-bit"),
 ])
 def test_bad_calibration_data_gets_a_clear_error(calibration, match):
     be = mergepass.backend("int8", calibration=calibration)
@@ -263,6 +264,30 @@ def test_calibration_keeps_integer_labels_but_not_integer_inputs():
     assert len(read_calibration([(x, labels)], 8)[0]) == 2  # a DataLoader's labels trail the input
     with pytest.raises(ValueError, match="dtype int64 where the compiled input is floating point"):
         fit_batches([(x, labels[:, None].expand(2, 4))], (torch.randn(2, 4), torch.randn(2, 4)))
+
+
+class _Normalised(torch.nn.Module):
+    """A normalising layer in front of a model, with a ``forward`` whose first argument is not named ``self``."""
+
+    def __init__(this, model):
+        super().__init__()
+        this.bn, this.model = torch.nn.BatchNorm1d(4), model
+
+    def forward(this, x):
+        return this.model(this.bn(x))
+
+
+@pytest.mark.parametrize("wrap", [lambda m: torch.nn.Sequential(torch.nn.BatchNorm1d(4), m), _Normalised])
+def test_calibration_fits_a_wrapped_model_whose_buffers_dynamo_names_otherwise(wrap):
+    """dynamo names a compiled ``nn.Sequential``'s buffers after ``fn`` (and a module's after its ``forward``'s
+    first argument): they are module state, not inputs the calibration batches must supply."""
+    from mergepass.graph.capture import capture_graphs
+    from mergepass.graph.lift import Inputs
+    from mergepass.quantize import fit_to_graph
+    x = torch.randn(2, 4)
+    (gm, ex), = capture_graphs(wrap(torch.nn.Linear(4, 3)).eval(), x)
+    assert [tuple(t.shape) for t in Inputs(gm, ex).user_inputs(ex)] == [(2, 4)]
+    assert [b[0].shape for b in fit_to_graph([(torch.randn(2, 4),)], gm, ex)] == [(2, 4)]
 
 
 def test_wrong_calibration_shape_names_the_expected_one():
@@ -312,7 +337,10 @@ def test_an_empty_batch_gives_an_empty_output(recipe):
     assert out.shape == (0, 1000) and be.results[-1].schedule is None
 
 
-def test_int8_on_a_cnn_declines_with_one_warning():
+def test_int8_quantizes_a_cnn_and_declines_a_batch_statistics_norm_in_words():
+    """A CNN's batch norms become per-channel affines before torchao sees them (its own conv-BN fold failed on
+    mergepass's constants with a KeyError), so resnet18 quantizes; a batch norm without running statistics
+    has no constant scale: one warning says so, and the model runs in floating point."""
     import torchvision
     torch.manual_seed(0)
     m = torchvision.models.resnet18(weights=None).eval()
@@ -322,9 +350,18 @@ def test_int8_on_a_cnn_declines_with_one_warning():
         warnings.simplefilter("always")
         out = torch.compile(m, backend=be, dynamic=False)(x)
         ref = m(x)
-    said = [str(w.message) for w in caught if issubclass(w.category, mergepass.MergepassWarning)]
-    assert sum("int8 quantization failed" in w for w in said) == 1, said
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert not [w for w in caught if issubclass(w.category, mergepass.MergepassWarning)]
+    assert [q.mode for q in be.quantized] == ["static"]
+    assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.98
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(torch.nn.BatchNorm2d(3, track_running_stats=False), tiny_vit(depth=2)).eval()
+    be = mergepass.backend("int8", lower="eager", calibration=[torch.randn(2, 3, 64, 64)])
+    with torch.no_grad(), pytest.warns(mergepass.MergepassWarning, match=r"int8 quantization failed .*the batch norm "
+                                       r"0 normalises by each batch's own statistics") as caught:
+        out = torch.compile(m, backend=be, dynamic=False)(x)
+    assert len([w for w in caught if "int8" in str(w.message)]) == 1 and not be.quantized
+    # floating point, with the recipe's attention kernel (bf16 where the CPU has it)
+    assert torch.nn.functional.cosine_similarity(out, m(x)).min() > 0.999
 
 
 def test_the_last_compile_dynamo_allows_is_warned():
@@ -535,7 +572,9 @@ def test_decompression_bomb_image_exits_2_in_viz_and_is_skipped_with_a_warning_i
 
 @pytest.mark.parametrize("csv,match", [("name,class_index\n0.png,1\n", "has no 'file' column"),
                                        ("file,class_index\n0.png,1\n1.png,cat\n", "line 3: class_index 'cat'"),
-                                       ("file,class_index\n0.png,-7\n", "line 2: class_index '-7'")])
+                                       ("file,class_index\n0.png,-7\n", "line 2: class_index '-7'"),
+                                       ("file,class_index\n0.png,1\n,2\n", "line 3: no file named"),
+                                       ("class_index,file\n1\n", "line 2: no file named")])
 def test_bad_labels_csv_exits_2_naming_it(tmp_path, capsys, csv, match):
     from PIL import Image
     for i in range(2):

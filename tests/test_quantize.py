@@ -1,6 +1,12 @@
 """int8 (torchao pt2e, x86 inductor): real int8 kernels in the generated code, calibration, fallbacks."""
 import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,6 +361,54 @@ def test_int8_on_a_tower_with_string_conv_padding():
         ref = c.run(model, x)[0]
     assert be.quantized and be.schedule.merging
     assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.9
+
+
+_BN_IN_FRONT = textwrap.dedent("""
+    import json, sys, warnings
+    import torch
+    import mergepass
+    from conftest import tiny_vit
+
+    class Normalised(torch.nn.Module):
+        def __init__(self, vit):
+            super().__init__()
+            self.bn, self.vit = torch.nn.BatchNorm2d(3), vit
+
+        def forward(self, x):
+            return self.vit(self.bn(x))
+
+    torch.manual_seed(0)
+    vit = tiny_vit(depth=2)
+    said, cos, modes = [], [], []
+    for model, mode in ((Normalised(vit), "static"), (torch.nn.Sequential(torch.nn.BatchNorm2d(3), vit), "dynamic")):
+        bn = model.bn if mode == "static" else model[0]
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+        model.eval()
+        x = torch.randn(2, 3, 64, 64)
+        be = mergepass.backend("int8", lower="eager", quantize_mode=mode, calibration=[torch.randn(2, 3, 64, 64)])
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = torch.compile(model, backend=be, dynamic=False)(x)
+            cos.append(torch.nn.functional.cosine_similarity(out, model(x)).min().item())
+        torch._dynamo.reset()
+        said += [str(w.message) for w in caught if issubclass(w.category, mergepass.MergepassWarning)]
+        modes += [q.mode for q in be.quantized]
+    print(json.dumps({"said": said, "cos": cos, "modes": modes}))
+""")
+
+
+def test_int8_quantizes_a_vit_behind_a_batch_norm():
+    """A BatchNorm2d in front of the ViT (in a module, or an ``nn.Sequential`` whose buffers dynamo names after
+    ``fn``): its batch norm becomes a per-channel affine, so torchao never re-traces inside the compile (which
+    crashed the process), and the model quantizes. In a child process: the failure was a crash."""
+    tests = Path(__file__).parent
+    res = subprocess.run([sys.executable, "-c", _BN_IN_FRONT], capture_output=True, text=True, timeout=600,
+                         cwd=tests, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])})
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["modes"] == ["static", "dynamic"], got
+    assert not [w for w in got["said"] if "int8 quantization failed" in w], got["said"]
+    assert min(got["cos"]) > 0.98, got["cos"]
 
 
 def test_auto_engine_is_chosen_by_priority_not_registration_order(monkeypatch):

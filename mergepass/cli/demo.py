@@ -64,6 +64,9 @@ def _run(args) -> int:
         cfg = data.data_config(model, args.img_size, crop_pct=0.875 if "dinov2" in args.model else None)
         x_all, _, skipped = data.load_images(images, limit=max(args.eval_images, 2 * args.batch), **cfg)
         src = f"{len(x_all)} images from {images}" + (f" ({skipped} unreadable skipped)" if skipped else "")
+        if len(x_all) < args.batch:  # a static-shape compile needs one full batch
+            raise ValueError(f"--images {images} has {len(x_all)} readable image{'s' if len(x_all) > 1 else ''}, "
+                             f"fewer than one --batch of {args.batch}: pass --batch {len(x_all)} or more images")
     else:
         x_all = torch.randn(max(args.eval_images, 2 * args.batch), 3, args.img_size, args.img_size)
         src = "random inputs"

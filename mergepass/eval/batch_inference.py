@@ -43,7 +43,7 @@ def build_package(model: torch.nn.Module, recipe: str, path: str | os.PathLike, 
     return export(net.eval(), example, recipe, path=path, calibration=calibration, **overrides)
 
 
-def _read(files: Sequence[str], prep: dict) -> tuple[list[str], torch.Tensor, list[str]]:
+def read_images(files: Sequence[str], prep: dict) -> tuple[list[str], torch.Tensor, list[str]]:
     """(files read, their images, files skipped): an unreadable image is skipped, not fatal."""
     ok, xs, skipped = [], [], []
     for f in files:
@@ -55,18 +55,29 @@ def _read(files: Sequence[str], prep: dict) -> tuple[list[str], torch.Tensor, li
     return ok, (torch.stack(xs) if xs else torch.empty(0)), skipped
 
 
-class Predictor:
-    """Loads a package once; maps ``{"file": [...]}`` batches to ``{"file", "output"}`` (a Ray Data callable class)."""
+def check_finite(files: Sequence[str], x: torch.Tensor) -> None:
+    """ValueError naming the first image whose preprocessed values include NaN or inf."""
+    bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero()
+    if len(bad):
+        raise ValueError(f"image {files[int(bad[0])]} holds NaN or inf values once preprocessed (--check-inputs): "
+                         "check the model's mean and std")
 
-    def __init__(self, package: str, prep: dict):
+
+class Predictor:
+    """Loads a package once; maps ``{"file": [...]}`` batches to ``{"file", "output"}`` (a Ray Data callable class).
+    ``check_inputs``: refuse an image that preprocesses to NaN or inf, as ``mergepass.backend(check_inputs=True)``."""
+
+    def __init__(self, package: str, prep: dict, check_inputs: bool = False):
         from .. import artifact
         torch.set_num_threads(int(os.environ.get("MERGEPASS_WORKER_THREADS", torch.get_num_threads())))
-        self.model, self.prep = artifact.load(package), prep
+        self.model, self.prep, self.check_inputs = artifact.load(package), prep, check_inputs
 
     def __call__(self, batch: dict) -> dict:
-        files, x, _ = _read(list(batch["file"]), self.prep)
+        files, x, _ = read_images(list(batch["file"]), self.prep)
         if not files:
             return {"file": [], "output": []}
+        if self.check_inputs:
+            check_finite(files, x)
         with torch.no_grad():
             out = self.model(x)
         out = out[0] if isinstance(out, (tuple, list)) else out
@@ -74,10 +85,10 @@ class Predictor:
 
 
 def run_local(package: str | os.PathLike, files: Sequence[str], prep: dict, batch_size: int,
-              progress: bool = True) -> tuple[list[str], list]:
+              progress: bool = True, check_inputs: bool = False) -> tuple[list[str], list]:
     """(files, output rows) in this process, with a progress bar."""
     from tqdm import tqdm
-    predict = Predictor(str(package), prep)
+    predict = Predictor(str(package), prep, check_inputs)
     names, rows = [], []
     chunks = range(0, len(files), batch_size)
     for i in tqdm(chunks, desc="images", unit="batch", disable=not progress):
@@ -88,7 +99,7 @@ def run_local(package: str | os.PathLike, files: Sequence[str], prep: dict, batc
 
 
 def run_ray(package: str | os.PathLike, files: Sequence[str], prep: dict, batch_size: int,
-            workers: int) -> tuple[list[str], list]:
+            workers: int, check_inputs: bool = False) -> tuple[list[str], list]:
     """(files, output rows) from a Ray Data actor pool of ``workers`` actors, each loading the package once."""
     try:
         import ray
@@ -98,8 +109,9 @@ def run_ray(package: str | os.PathLike, files: Sequence[str], prep: dict, batch_
     if not ray.is_initialized():
         ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
     ds = ray.data.from_items([{"file": str(f)} for f in files])
-    out = ds.map_batches(Predictor, fn_constructor_kwargs={"package": str(package), "prep": prep},
-                         batch_size=batch_size, batch_format="numpy", concurrency=workers)
+    kwargs = {"package": str(package), "prep": prep, "check_inputs": check_inputs}
+    out = ds.map_batches(Predictor, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
+                         concurrency=workers)
     rows = out.take_all()
     order = {str(f): i for i, f in enumerate(files)}
     rows.sort(key=lambda r: order[str(r["file"])])

@@ -1,8 +1,9 @@
 """Image folders for calibration and evaluation (no downloads): a flat folder with ``labels.csv``
-(``file,class_index,...``) or ImageNet-style class subfolders."""
+(``file,class_index,...``) or ImageNet-style class subfolders. Hidden files and folders are never read."""
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -27,28 +28,65 @@ def data_config(model, img_size: int = 224, mean=None, std=None, crop_pct=None) 
                 mean=tuple(mean or cfg.get("mean") or IMAGENET_MEAN), std=tuple(std or cfg.get("std") or IMAGENET_STD))
 
 
-def list_images(folder: str | Path) -> list[tuple[Path, int]]:
-    """(path, label) pairs; label -1 when unknown. Missing folder: FileNotFoundError naming it."""
+def _hidden(p: Path) -> bool:
+    """A name starting with ``.``: tool state such as ``.ipynb_checkpoints`` or ``.git``, never data."""
+    return p.name.startswith(".")
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in EXTS and not _hidden(p) and p.is_file()
+
+
+def _folder(folder: str | Path) -> Path:
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
+    return root
+
+
+def no_images(folder: str | Path) -> ValueError:
+    """The error for a folder holding no image: what was looked for, and where."""
+    labels = Path(folder) / "labels.csv"
+    if labels.exists():
+        return ValueError(f"no images in {folder}: {labels} lists no files")
+    return ValueError(f"no images in {folder}: looked for {', '.join(sorted(EXTS))} files in it and its "
+                      "subfolders (hidden ones, such as .ipynb_checkpoints, are ignored)")
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Every image in ``folder`` and its subfolders, at any depth, sorted by path; hidden files and folders
+    are ignored. Missing folder: FileNotFoundError naming it."""
+    found = []
+    for where, dirs, files in os.walk(_folder(folder)):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [p for p in (Path(where) / f for f in files) if _is_image(p)]
+    return sorted(found)
+
+
+def list_images(folder: str | Path) -> list[tuple[Path, int]]:
+    """(path, label) pairs; label -1 when unknown. The files ``labels.csv`` lists, else class subfolders
+    (label: the subfolder's index, its images at any depth) and the images beside them (label -1); hidden
+    files and folders are ignored. Missing folder: FileNotFoundError naming it."""
+    root = _folder(folder)
     labels = root / "labels.csv"
     if labels.exists():
         return _read_labels(labels)
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
-    if subdirs:
-        return [(p, i) for i, d in enumerate(subdirs) for p in sorted(d.iterdir()) if p.suffix.lower() in EXTS]
-    return [(p, -1) for p in sorted(root.iterdir()) if p.suffix.lower() in EXTS]
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not _hidden(d))
+    loose = [(p, -1) for p in root.iterdir() if _is_image(p)]
+    return sorted(loose + [(p, i) for i, d in enumerate(classes) for p in find_images(d)])
 
 
 def _read_labels(labels: Path) -> list[tuple[Path, int]]:
-    """``labels.csv``'s (path, class index) rows; ValueError naming the file, and the line of a bad index."""
+    """``labels.csv``'s (path, class index) rows; ValueError naming the file, and the line of a bad row."""
     with open(labels, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if "file" not in (reader.fieldnames or []):
             raise ValueError(f"{labels} has no 'file' column (columns: {', '.join(reader.fieldnames or []) or 'none'})")
         out = []
         for row in reader:
+            name = (row.get("file") or "").strip()
+            if not name:
+                raise ValueError(f"{labels} line {reader.line_num}: no file named in the 'file' column")
             text = (row.get("class_index") or "-1").strip() if "class_index" in reader.fieldnames else "-1"
             try:
                 label = int(text)
@@ -57,7 +95,7 @@ def _read_labels(labels: Path) -> list[tuple[Path, int]]:
             if label < -1:
                 raise ValueError(f"{labels} line {reader.line_num}: class_index {text!r} is not a class number "
                                  "(an integer >= 0, or -1 for unknown)")
-            out.append((labels.parent / row["file"], label))
+            out.append((labels.parent / name, label))
     return out
 
 
@@ -102,6 +140,8 @@ def load_images(folder: str | Path, limit: Optional[int] = None, size: int = 224
     if limit is not None and limit < 1:
         raise ValueError(f"image limit must be >= 1, got {limit}")
     items = list_images(folder)[:limit]
+    if not items:
+        raise no_images(folder)
     xs, ys, skipped = [], [], 0
     for path, label in items:
         try:

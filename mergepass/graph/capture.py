@@ -7,6 +7,7 @@ import torch
 from torch import fx
 
 from .. import compat
+from .lift import keep_state_marks
 from .passes import expand_mha, fold_scalars, strip_noops
 
 
@@ -16,6 +17,7 @@ def capture_graphs(model: torch.nn.Module, example_input: torch.Tensor, *, dynam
     graphs = []
 
     def capture(gm, example_inputs):
+        keep_state_marks(gm, example_inputs)
         graphs.append((gm, list(example_inputs)))
         return gm.forward
 

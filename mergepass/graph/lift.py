@@ -31,11 +31,30 @@ def path_matches(path: str, patterns) -> bool:
     return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, "*." + p) for p in patterns)
 
 
+_STATE = "mergepass_state"  # placeholder meta: is_state as dynamo's record said while it compiled
+
+
 def is_state(node: fx.Node, value) -> bool:
     """Module state rather than a user input: parameters, buffers, and module attributes dynamo
-    lifted as inputs (unspecialised floats such as a dropout p under ``dynamic=True``)."""
-    return isinstance(value, torch.nn.Parameter) or (isinstance(value, torch.Tensor) and str(node.target).startswith(
-        ("L_self_", "G_")))
+    lifted as inputs (unspecialised floats such as a dropout p under ``dynamic=True``).
+
+    Where dynamo found the tensor settles it: a compiled ``nn.Sequential`` or a ``forward`` whose first
+    argument is not named ``self`` lifts its buffers under other names. dynamo drops that record when its
+    compile ends (:func:`keep_state_marks` keeps the answer for a graph used later); the names are the fallback."""
+    if isinstance(value, torch.nn.Parameter):
+        return True
+    if not isinstance(value, torch.Tensor):
+        return False
+    from_state = compat.module_state_input(node)
+    if from_state is None:
+        from_state = node.meta.get(_STATE)
+    return from_state if from_state is not None else str(node.target).startswith(("L_self_", "G_"))
+
+
+def keep_state_marks(gm: fx.GraphModule, example_inputs: Sequence) -> None:
+    """Record on each placeholder whether it is module state, while dynamo's record of where it came from lasts."""
+    for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs):
+        n.meta[_STATE] = is_state(n, v)
 
 
 def _symbol_source(node: fx.Node, users: list[fx.Node]):

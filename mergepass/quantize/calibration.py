@@ -54,17 +54,22 @@ def outlier_linears(m: fx.GraphModule, batches: Sequence[tuple], ratio: float) -
 
 
 def _check_batch(b: tuple, i: int) -> None:
-    """Raise ValueError naming batch ``i`` when its input is not floating point or holds NaN/inf.
+    """Raise ValueError naming batch ``i`` when its input is not floating point (or is an 8-bit float)
+    or holds NaN/inf.
 
     The first entry is the model's input; later ones may be a DataLoader's integer labels, which are
     dropped (:func:`fit_batches`), so only uint8 (raw images) is refused there."""
     for k, t in enumerate(b):
         if not isinstance(t, torch.Tensor):
             continue
+        dtype = str(t.dtype).removeprefix("torch.")
         if t.dtype == torch.uint8 or (k == 0 and not t.is_floating_point()):
             raw = " (raw images?)" if t.dtype == torch.uint8 else ""
-            raise ValueError(f"calibration batch {i} holds a tensor of dtype {str(t.dtype).removeprefix('torch.')}"
-                             f"{raw}: pass the model's input as it is called, normalised to floating point")
+            raise ValueError(f"calibration batch {i} holds a tensor of dtype {dtype}{raw}: pass the model's input "
+                             "as it is called, normalised to floating point")
+        if t.is_floating_point() and t.element_size() == 1:  # float8: no model takes it, and torch has few ops for it
+            raise ValueError(f"calibration batch {i} holds a tensor of dtype {dtype}: pass the model's input as it "
+                             "is called (float32, float16 or bfloat16), not an 8-bit float")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"calibration batch {i} holds non-finite values (NaN or inf): int8 scales need "
                              "finite activations")
@@ -73,7 +78,7 @@ def _check_batch(b: tuple, i: int) -> None:
 def read_calibration(calibration, limit: int) -> Optional[list[tuple]]:
     """Read a calibration iterable once (a generator is used up by reading): at most ``limit``
     batches, each as a tuple of inputs. Raises ValueError for an empty or non-iterable one, and for a
-    batch whose input is not floating point (uint8 images, int64, bool) or holds NaN/inf."""
+    batch whose input is not floating point (uint8 images, int64, bool), is an 8-bit float or holds NaN/inf."""
     if calibration is None:
         return None
     if isinstance(calibration, torch.Tensor):
