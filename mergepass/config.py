@@ -9,10 +9,20 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 
-def did_you_mean(name: str, allowed) -> str:
-    """`` (did you mean 'x'?)`` for the names in ``allowed`` close to ``name``; empty when none is."""
-    close = difflib.get_close_matches(name, sorted(allowed), n=3)
-    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+def close_names(name: str, allowed, n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The names in ``allowed`` closest to ``name``, best first (difflib's ratio at least ``cutoff``)."""
+    return difflib.get_close_matches(name, sorted(allowed), n=n, cutoff=cutoff)
+
+
+def did_you_mean(name: str, allowed, *, aside: bool = True, show=repr) -> str:
+    """The hint for an unknown ``name``: `` (did you mean 'x'?)``, or ``; did you mean 'x'?`` with
+    ``aside=False`` (for a message that goes on in parentheses); empty when no name in ``allowed`` is
+    close. ``show`` writes each name."""
+    close = close_names(name, allowed)
+    if not close:
+        return ""
+    hint = f"did you mean {', '.join(map(show, close))}?"
+    return f" ({hint})" if aside else f"; {hint}"
 
 
 def unknown_field(name: str, allowed, where: str) -> ValueError:

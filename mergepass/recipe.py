@@ -14,7 +14,6 @@ A field the chosen method does not have is an error naming it. The older flat fi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.resources
 import os
 from dataclasses import dataclass, field, fields
@@ -340,8 +339,7 @@ def load(spec: Union[str, os.PathLike, Mapping, Recipe], **overrides: Any) -> Re
                 raise ValueError(f"recipe file not found: {path}")
             else:
                 names = available()
-                close = difflib.get_close_matches(str(spec), names, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                hint = did_you_mean(str(spec), names, aside=False, show=str)
                 raise ValueError(f"unknown recipe {str(spec)!r}{hint} (shipped: {', '.join(names)})")
         data = _read_toml(path)
         try:

@@ -1,11 +1,12 @@
 """Build models by name without downloading anything (timm first; torchvision as ``tv:NAME``)."""
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..config import close_names
 
 
 def create(name: str, img_size: Optional[int] = None, checkpoint: Optional[str] = None, **kwargs) -> torch.nn.Module:
@@ -25,7 +26,7 @@ def _create(name: str, img_size: Optional[int], **kwargs) -> torch.nn.Module:
         return _torchvision(name[3:], img_size, **kwargs)
     import timm
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
+        close = close_names(name, timm.list_models(), n=5, cutoff=0.5)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown model {name!r}{hint}")
     if img_size is not None:
@@ -36,7 +37,7 @@ def _create(name: str, img_size: Optional[int], **kwargs) -> torch.nn.Module:
 def _torchvision(name: str, img_size: Optional[int], **kwargs) -> torch.nn.Module:
     import torchvision.models as tvm
     if name not in tvm.list_models():
-        close = difflib.get_close_matches(name, tvm.list_models(), n=5, cutoff=0.5)
+        close = close_names(name, tvm.list_models(), n=5, cutoff=0.5)
         raise ValueError(f"unknown torchvision model {name!r}" + (f"; close matches: {', '.join(close)}" if close else ""))
     if img_size is not None:
         kwargs["image_size"] = img_size

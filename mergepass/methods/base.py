@@ -13,11 +13,10 @@ Adding a method is one file with its config, a :class:`MergeMethod` subclass nam
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Union
 
-from ..config import Config, finite_number, unknown_field  # noqa: F401  (re-exported)
+from ..config import Config, did_you_mean, finite_number, unknown_field  # noqa: F401  (re-exported)
 
 
 if TYPE_CHECKING:
@@ -234,9 +233,8 @@ def register_op(op: MergeOp) -> MergeOp:
 
 def _lookup(table: dict, name: str, what: str):
     if name not in table:
-        close = difflib.get_close_matches(name, sorted(table), n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown {what} {name!r}{hint} (registered: {', '.join(sorted(table))})")
+        raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, table, aside=False)} "
+                         f"(registered: {', '.join(sorted(table))})")
     return table[name]
 
 

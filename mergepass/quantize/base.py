@@ -1,7 +1,6 @@
 """The quantization-engine registry and what every engine returns."""
 from __future__ import annotations
 
-import difflib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence
@@ -9,7 +8,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence
 import torch
 from torch import fx
 
-from ..config import Config, finite_number
+from ..config import Config, did_you_mean, finite_number
 
 if TYPE_CHECKING:
     from .config import Quantize
@@ -100,9 +99,8 @@ def engine_names() -> tuple[str, ...]:
 
 def get_engine(name: str) -> QuantEngine:
     if name not in _ENGINES:
-        close = difflib.get_close_matches(name, list(_ENGINES), n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown quantization engine {name!r}{hint} (registered: {', '.join(_ENGINES)})")
+        raise ValueError(f"unknown quantization engine {name!r}{did_you_mean(name, _ENGINES, aside=False)} "
+                         f"(registered: {', '.join(_ENGINES)})")
     return _ENGINES[name]
 
 
