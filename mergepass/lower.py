@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import compat
+from .graph.nodes import exported_value
 
 LOWERINGS = ("inductor", "tensorrt", "eager")
 
@@ -121,7 +122,7 @@ def input_spec(exported: "torch.export.ExportedProgram") -> list[dict]:
     spec = []
     for n in exported.graph.nodes:
         if n.op == "placeholder" and n.name in names:
-            v = n.meta["val"]
+            v = exported_value(n)
             spec.append({"shape": [d if isinstance(d, int) else None for d in v.shape],
                          "stride": [s if isinstance(s, int) else None for s in v.stride()],
                          "dtype": str(v.dtype).removeprefix("torch."), "device": v.device.type})

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 from typing import Optional, Sequence
 
 import torch
@@ -10,21 +9,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .. import compat
-from .nodes import symbolic_dims
-
-_ROOT = re.compile(r"^[LG]\[[^\]]+\]\.?")
-
-
-def module_names(node: fx.Node) -> list[str]:
-    """Module paths in a node's nn_module_stack, dynamo's root stripped ('blocks.0.mlp.fc2')."""
-    out = []
-    for v in (node.meta.get("nn_module_stack") or {}).values():
-        path = v[0] if isinstance(v, tuple) else str(v)
-        path = _ROOT.sub("", path)
-        path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-        out.append(re.sub(r"\[(\d+)\]", r".\1", path).strip("."))
-    return out
-
+from .nodes import module_paths, symbolic_dims, traced_value
 
 def path_matches(path: str, patterns) -> bool:
     """Glob match on '.' boundaries: the root differs when a wrapper module is compiled."""
@@ -59,9 +44,9 @@ def keep_state_marks(gm: fx.GraphModule, example_inputs: Sequence) -> None:
 
 def _symbol_source(node: fx.Node, users: list[fx.Node]):
     """(position among ``users``, dim) of a user tensor whose size is the SymInt placeholder ``node``."""
-    sym = node.meta.get("example_value")
+    sym = traced_value(node)
     for pos, u in enumerate(users):
-        v = u.meta.get("example_value")
+        v = traced_value(u)
         for d, size in enumerate(getattr(v, "shape", ())):
             if not is_concrete_int(size) and isinstance(sym, torch.SymInt) and size.node.expr == sym.node.expr:
                 return pos, d
@@ -140,7 +125,7 @@ def output_dtypes(gm: fx.GraphModule) -> list:
     """The dtype of each output of dynamo's graph (None for a non-tensor)."""
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     outs = out if isinstance(out, (tuple, list)) else [out]
-    return [getattr(o.meta.get("example_value"), "dtype", None) if isinstance(o, fx.Node) else None for o in outs]
+    return [getattr(traced_value(o), "dtype", None) for o in outs]
 
 
 def linear_modules_graph(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[fx.GraphModule, list, dict]:
@@ -173,7 +158,7 @@ def linear_modules_graph(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[
                 lin.bias = torch.nn.Parameter(b.detach(), requires_grad=False)
             name = f"lin{len(names)}"
             root.add_module(name, lin)
-            paths = [p for p in module_names(n) if p]
+            paths = [p for p in module_paths(n) if p]
             names[name] = paths[-1] if paths else n.name
             env[n] = graph.call_module(name, (env[n.args[0]],))
         else:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from . import cost
-from .nodes import MATMUL_FN, SDPA, SOFTMAX_FN, is_add, is_call, is_linear, shape, symbolic_dims
+from .nodes import MATMUL_FN, SDPA, SOFTMAX_FN, is_add, is_call, is_linear, module_path, shape, symbolic_dims
 
 NO_ATTENTION = "no attention (scaled_dot_product_attention or q@kᵀ→softmax→@v) found"
 
@@ -85,19 +85,6 @@ def to_nx(graph: fx.Graph) -> nx.DiGraph:
         for u in n.all_input_nodes:
             g.add_edge(u, n)
     return g
-
-
-def module_path(node: fx.Node) -> str:
-    """Best-effort module path of a node (for naming only, never for matching)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    import re
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.strip(".")
 
 
 def _strip_through(node: fx.Node, ok) -> fx.Node:

@@ -6,7 +6,8 @@ from typing import Optional, Sequence
 import torch
 from torch import fx
 
-from ..graph.lift import Lifted, module_names
+from ..graph.lift import Lifted
+from ..graph.nodes import module_paths
 
 
 def _linear_nodes(gm: fx.GraphModule):
@@ -48,7 +49,7 @@ def outlier_linears(m: fx.GraphModule, batches: Sequence[tuple], ratio: float) -
             Rec(m).run(*b)
     out = []
     for n in flagged(ratio):
-        names = [s for s in module_names(n) if s]
+        names = [s for s in module_paths(n) if s]
         out.append(names[-1] if names else n.name)
     return out
 

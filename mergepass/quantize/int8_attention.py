@@ -18,7 +18,7 @@ from torch import fx
 
 from .. import compat
 from ..errors import MergepassWarning
-from ..graph.nodes import SDPA
+from ..graph.nodes import SDPA, exported_value, set_exported_value, traced_value
 from ..merge import attn_bias
 
 OP = "torchao::qscaled_dot_product"
@@ -50,7 +50,7 @@ def _mask_ok(mask) -> bool:
         return True
     if not isinstance(mask, fx.Node):
         return False
-    val = mask.meta.get("example_value")
+    val = traced_value(mask)
     if isinstance(val, torch.Tensor):
         return val.is_floating_point() and val.dim() in (2, 4)
     # proportional attention's bias (4-D by construction), possibly added to the model's own mask
@@ -58,7 +58,7 @@ def _mask_ok(mask) -> bool:
 
 
 def _fusable(n: fx.Node) -> bool:
-    qkv = [a.meta.get("example_value") if isinstance(a, fx.Node) else None for a in n.args[:3]]
+    qkv = [traced_value(a) for a in n.args[:3]]
     return (_arg(n, 4, "dropout_p", 0.0) == 0 and not _arg(n, 5, "is_causal", False)
             and not n.kwargs.get("enable_gqa", False)
             and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in qkv)
@@ -107,13 +107,14 @@ def _sign_muls(graph: fx.Graph) -> None:
         subs = [u for u in x.users if u.target == aten.sub.Tensor and u.args == (x, amax)]
         if len(x.users) != 2 or len(subs) != 1:
             continue
-        val = x.meta.get("val")
+        val = exported_value(x)
         reduced = isinstance(val, torch.Tensor) and val.dtype != torch.float32
         src = x
         with graph.inserting_after(x):
             if reduced:
                 src = graph.call_function(prims.convert_element_type.default, (x, torch.float32))
-                src.meta = {**x.meta, "val": val.float()}
+                src.meta = dict(x.meta)
+                set_exported_value(src, val.float())
         with graph.inserting_after(src):
             one = graph.call_function(aten.mul.Tensor, (src, 1))
         one.meta = dict(src.meta)

@@ -23,8 +23,8 @@ from ..cpu import bf16_isa, int8_isa, machine
 from ..decide import Decision
 from ..errors import MergepassWarning
 from ..stages import progress, stage
-from ..graph.lift import Inputs, Lifted, module_names, path_matches
-from ..graph.nodes import SDPA
+from ..graph.lift import Inputs, Lifted, path_matches
+from ..graph.nodes import SDPA, copy_exported_meta, exported_value, module_paths, set_exported_value
 from . import int8_attention
 from .base import EngineConfig, QuantEngine, Quantized, check_keep_fp32, check_sensitivity, register_engine
 from .calibration import fit_batches, outlier_linears
@@ -46,7 +46,7 @@ def _excluder(patterns: Iterable[str]) -> Callable[[fx.Node], bool]:
     pats = list(patterns)
 
     def exclude(n: fx.Node) -> bool:
-        return any(path_matches(name, pats) for name in module_names(n))
+        return any(path_matches(name, pats) for name in module_paths(n))
     return exclude
 
 
@@ -91,7 +91,7 @@ def explicit_conv_padding(gm: fx.GraphModule) -> int:
         if padding == "valid":
             pad = [0, 0]
         else:
-            k = w.meta["val"].shape[-2:]
+            k = exported_value(w).shape[-2:]
             dil = list(dilation) * (2 // len(dilation))
             if any(d * (kk - 1) % 2 for d, kk in zip(dil, k)):
                 continue
@@ -110,18 +110,18 @@ def _batch_norm_affine(gm: fx.GraphModule, bn: fx.Node, i: int) -> None:
     eps = bn.args[7]
     scale = torch.rsqrt(var + eps) * (w if w is not None else 1)
     shift = (b if b is not None else 0) - mean * scale
-    val = bn.meta["val"]
+    val = exported_value(bn)
     view = (-1,) + (1,) * (val.dim() - 2)  # channels on dim 1
     with gm.graph.inserting_before(bn):
         consts = []
         for name, t in ((f"bn_scale{i}", scale), (f"bn_shift{i}", shift)):
             gm.register_buffer(name, t.reshape(view).detach().clone(), persistent=False)
             consts.append(gm.graph.get_attr(name))
-            consts[-1].meta["val"] = val.fake_mode.from_tensor(getattr(gm, name), static_shapes=True)
+            set_exported_value(consts[-1], val.fake_mode.from_tensor(getattr(gm, name), static_shapes=True))
         mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (bn.args[0], consts[0]))
         add = gm.graph.call_function(torch.ops.aten.add.Tensor, (mul, consts[1]))
     for n in (mul, add):
-        n.meta.update({k: v for k, v in bn.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        copy_exported_meta(n, bn)
     bn.replace_all_uses_with(add)
     gm.graph.erase_node(bn)
 
@@ -135,11 +135,11 @@ def affine_batch_norms(gm: fx.GraphModule) -> int:
     bns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.batch_norm.default]
     for i, bn in enumerate(bns):
         consts = bn.args[1:5]  # weight, bias, running mean, running var
-        if "val" not in bn.meta:
+        if exported_value(bn) is None:
             raise ValueError(f"the batch norm {bn.name} has no recorded shape, so its channels cannot be told apart")
         if bn.args[5] or consts[2] is None or not all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr")
                                                       for a in consts):
-            where = [s for s in module_names(bn) if s]
+            where = [s for s in module_paths(bn) if s]
             raise ValueError(f"the batch norm {where[-1] if where else bn.name} normalises by each batch's own "
                              "statistics (training mode or track_running_stats=False): int8 needs constant scales")
         _batch_norm_affine(gm, bn, i)

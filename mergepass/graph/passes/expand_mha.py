@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ... import compat
+from ..nodes import copy_module_stack, record_traced_value, traced_value
 
 _SIG = inspect.signature(F.multi_head_attention_forward)
 
@@ -49,7 +50,7 @@ def expand_mha(gm: fx.GraphModule, example_inputs: Sequence) -> int:
         a = _bound(n)
         if not _expandable(n, a):
             continue
-        shape = a["query"].meta.get("example_value")
+        shape = traced_value(a["query"])
         if shape is None or shape.dim() != 3:
             continue
         seq, bsz, dim = (int(d) for d in shape.shape)
@@ -65,7 +66,7 @@ def expand_mha(gm: fx.GraphModule, example_inputs: Sequence) -> int:
             o = g.call_method("reshape", (o, seq, bsz, dim))
             o = g.call_function(F.linear, (o, a["out_proj_weight"], a["out_proj_bias"]))
         for new in (qkv, o):
-            new.meta["nn_module_stack"] = n.meta.get("nn_module_stack", {})
+            copy_module_stack(new, n)
         for u in list(n.users):
             u.replace_all_uses_with(o)
             g.erase_node(u)
@@ -84,8 +85,7 @@ def annotate_shapes(gm: fx.GraphModule, example_inputs: Sequence) -> None:
     class Prop(fx.Interpreter):
         def run_node(self, node):
             out = super().run_node(node)
-            if "example_value" not in node.meta:
-                node.meta["example_value"] = out
+            record_traced_value(node, out)
             return out
 
     with mode:

@@ -19,6 +19,7 @@ from ... import compat
 from ...merge import gather_positions
 from ..lift import is_state
 from ..meta import INSERTED, UNMERGED_SHAPE
+from ..nodes import traced_value
 from .position_tables import table_reads
 
 SHAPE_METHODS = {"reshape", "view", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
@@ -39,7 +40,7 @@ def _concrete(v):
 def _old_shape(node) -> tuple | None:
     if isinstance(node, fx.Node) and UNMERGED_SHAPE in node.meta:
         return node.meta[UNMERGED_SHAPE]
-    v = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    v = traced_value(node)
     return tuple(_concrete(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
 
 

@@ -14,14 +14,14 @@ from torch import fx
 from ...kernels import attention
 from ...merge import attn_bias
 from ..meta import INSERTED
-from ..nodes import SDPA
+from ..nodes import SDPA, fake_value
 
 _SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                          enable_gqa=False: None)
 
 
 def _value(n):
-    return n.meta.get("example_value", n.meta.get("val")) if isinstance(n, fx.Node) else n
+    return fake_value(n) if isinstance(n, fx.Node) else n
 
 
 def _replaceable(a: dict) -> bool:
