@@ -125,6 +125,20 @@ def check(arch: Arch, method: str, over: dict, seed: int = 0) -> str:
     return "merged"
 
 
+def expected_outcome(arch: Arch, method: str, over: dict) -> str:
+    """What ``check`` must return for a fuzzed timm ViT (a family the matcher supports): 'unmerged' for a
+    recipe that asks for no merging, 'declined' (noted) for a ``skip`` past the last block, else 'merged'."""
+    amount = over.get("budget" if method == "tomato" else "r", 0)
+    if isinstance(amount, float):  # ToMato's fraction of the patch tokens, rounded as it rounds it
+        amount = int(round(amount * arch.grid * arch.grid))
+    skip = over.get("skip", 0)
+    if not amount:
+        return "unmerged"
+    if skip != "auto" and skip >= arch.depth:
+        return "declined"
+    return "merged"
+
+
 def run_case(seed: int) -> str:
     arch, method, over = random_case(seed)
     return check(arch, method, over, seed)

@@ -10,7 +10,7 @@ import torch
 
 import mergepass
 from mergepass.methods import base
-from conftest import rel_err, tiny_vit
+from helpers import rel_err, tiny_vit
 from reference import _assemble, reference_forward
 
 PKG = Path(mergepass.__file__).parent

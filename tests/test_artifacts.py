@@ -9,7 +9,7 @@ import torch
 
 import mergepass
 from mergepass.eval import merge_maps as viz
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 
 def _image(path, size=80):

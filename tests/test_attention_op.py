@@ -9,13 +9,11 @@ import torch.nn.functional as F
 import mergepass
 from mergepass.graph.passes import replace_attention
 from mergepass.kernels import attention
-from conftest import rel_err, tiny_vit
+from helpers import attention_skip, rel_err, tiny_vit
 from fxgraphs import GraphBuilder
 
-needs_op = pytest.mark.skipif(attention.unavailable("bf16") is not None,
-                              reason=f"bf16 attention op unavailable: {attention.unavailable('bf16')}")
-KINDS = [pytest.param(k, marks=pytest.mark.skipif(attention.unavailable(k) is not None,
-                                                  reason=f"{k} attention op unavailable: {attention.unavailable(k)}"))
+needs_op = pytest.mark.skipif(attention_skip("bf16") is not None, reason=str(attention_skip("bf16")))
+KINDS = [pytest.param(k, marks=pytest.mark.skipif(attention_skip(k) is not None, reason=str(attention_skip(k))))
          for k in attention.KINDS]
 REFERENCE = {"bf16": attention.reference, "int8": attention.int8_reference}
 # the plain references compute exp exactly; the kernels' polynomial may round a bf16 probability, or a u8

@@ -3,7 +3,7 @@ or in a Ray Data actor pool, the outputs written as Parquet with the file names.
 import pytest
 import torch
 
-from conftest import run_cli, tiny_vit
+from helpers import run_cli, tiny_vit
 from mergepass.eval import batch_inference as bi
 from mergepass.eval import data
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mergepass
-from conftest import tiny_vit
+from helpers import tiny_vit
 from reference import reference_forward
 from mergepass import cache
 from mergepass.graph.capture import capture_graphs, prepare

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mergepass
-from conftest import rel_err
+from helpers import rel_err
 from mergepass.eval.zoo import CASES
 from reference import _family, reference_forward
 

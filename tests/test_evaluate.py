@@ -6,7 +6,7 @@ import torch
 
 import mergepass
 from mergepass.eval import data, evaluate
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 
 def _folder(tmp_path, n=6, corrupt=1, size=40):

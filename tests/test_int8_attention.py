@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mergepass
-from conftest import INT8_GEMM, run_and_get_code, tiny_vit
+from helpers import INT8_GEMM, run_and_get_code, tiny_vit
 from mergepass.errors import MergepassWarning
 from mergepass.quantize import int8_attention
 from mergepass.quantize.qsdpa_reference import reference_kernel

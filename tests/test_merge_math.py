@@ -11,13 +11,13 @@ import torch
 
 from mergepass.merge import adjacent_merge, checkerboard, global_merge, unmerge, window_merge
 from mergepass.merge import fused
+from helpers import require_fused_merge
 from reference import merge_tokens_adjacent, merge_tokens_adjacent_paper, merge_tokens_global, merge_tokens_windows
 
 
 def _fused(fn):
     def call(*args, **kw):
-        if fused.kernel_error() is not None:
-            pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+        require_fused_merge()
         return fn(*args, **kw)
     call.__name__ = fn.__name__
     return call
@@ -198,8 +198,7 @@ def test_checkerboard_adjacency():
 def test_fused_kernel_equals_reference_functions_chained(dtype):
     """LGTM's schedule shape on ViT-like widths (two window merges with padding, then global ones):
     the fused kernel gives the reference path's tokens, sizes and source maps (same matching)."""
-    if fused.kernel_error() is not None:
-        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    require_fused_merge()
     x = torch.randn(4, 1 + 14 * 14, 96, dtype=dtype)
     ref = fus = (x, None, None)
     steps = [(window_merge, fused.fused_window_merge, dict(r=6, windows=(2, 2), grid=(14, 14)))] * 2
@@ -216,8 +215,7 @@ def test_fused_kernel_equals_reference_functions_chained(dtype):
 
 
 def test_fused_kernel_rejects_inconsistent_sets():
-    if fused.kernel_error() is not None:
-        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    require_fused_merge()
     x, k = torch.randn(1, 9, 4), torch.randn(1, 9, 4)
     size, src = torch.ones(1, 9, 1), torch.arange(9)[None]
     op = torch.ops.mergepass.bipartite_merge
@@ -238,8 +236,8 @@ def test_sequence_partition_reproduces_official_tome(prefix, use_fused):
     for an even prefix (class + distillation token)."""
     from mergepass.merge import global_merge
     from reference import tome_official_merge
-    if use_fused and fused.kernel_error() is not None:
-        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    if use_fused:
+        require_fused_merge()
     fn = fused.fused_global_merge if use_fused else global_merge
     torch.manual_seed(prefix)
     x, metric = torch.randn(2, 48 + prefix, 16), torch.randn(2, 48 + prefix, 8)
@@ -299,9 +297,8 @@ def test_protected_tokens_neither_merge_away_nor_absorb_others():
 
 def test_fused_kernel_protects_the_same_tokens_as_the_reference():
     from mergepass.merge import global_merge
-    from mergepass.merge.fused import fused_global_merge, kernel_error
-    if kernel_error():
-        pytest.skip(f"fused kernel unavailable: {kernel_error()}")
+    from mergepass.merge.fused import fused_global_merge
+    require_fused_merge()
     torch.manual_seed(2)
     x, metric = torch.randn(3, 30, 8), torch.randn(3, 30, 6)
     for offset in (0, 1):
@@ -321,8 +318,7 @@ def _nan_row(x, k, token):
 def test_nan_metric_row_has_no_partner_in_kernel_and_reference(r):
     """A token whose metric is NaN has no permitted partner: it ranks last, stays unmerged when it can
     (r = 3) and, when all 5 A tokens must leave (r = 5), is dropped rather than averaged into a token."""
-    if fused.kernel_error() is not None:
-        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    require_fused_merge()
     x, k = _nan_row(torch.randn(2, 11, 8), torch.randn(2, 11, 6), 1)  # token 1: the first A token
     ref = global_merge(x, k, None, None, r=r, prefix=1)
     got = fused.fused_global_merge(x, k, None, None, r=r, prefix=1)
@@ -341,8 +337,7 @@ def test_nan_metric_row_has_no_partner_in_kernel_and_reference(r):
 def test_all_false_allowed_row_never_merges_in_kernel_and_reference(monkeypatch, r):
     """An A token that ``allowed`` forbids every partner is not merged into B[0] (r = 2), and when every
     A token must leave (r = 6) it is dropped; the kernel and the reference agree."""
-    if fused.kernel_error() is not None:
-        pytest.skip(f"fused merge kernel unavailable: {fused.kernel_error()}")
+    require_fused_merge()
     a_ids, b_ids, adj = checkerboard((3, 4))
     adj[0] = False
     from mergepass.merge import ops

@@ -5,7 +5,7 @@ import torch
 import mergepass
 from mergepass.methods.dfe import default_skip
 from mergepass.methods.dfe_lgtm import default_window
-from conftest import rel_err, tiny_vit
+from helpers import rel_err, tiny_vit
 from reference import reference_forward
 
 CASES = {

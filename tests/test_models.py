@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mergepass
-from conftest import DINO_CKPT, IMAGES, rel_err, tiny_vit
+from helpers import DINO_CKPT, IMAGES, rel_err, tiny_vit
 from reference import reference_forward
 
 TIMM = {

@@ -7,7 +7,7 @@ import mergepass
 from mergepass.eval import peers
 from mergepass.eval.evaluate import compile_spec
 from mergepass.fidelity import cosine
-from conftest import compile_with, tiny_vit
+from helpers import compile_with, tiny_vit
 
 @pytest.fixture(scope="module")
 def setup():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mergepass
-from conftest import INT8_GEMM, int8_linears, run_and_get_code, tiny_vit
+from helpers import INT8_GEMM, int8_linears, run_and_get_code, tiny_vit
 
 DEPTH = 2
 LINEARS = 4 * DEPTH + 1  # qkv, proj, fc1, fc2 per block + head
@@ -367,7 +367,7 @@ _BN_IN_FRONT = textwrap.dedent("""
     import json, sys, warnings
     import torch
     import mergepass
-    from conftest import tiny_vit
+    from helpers import tiny_vit
 
     class Normalised(torch.nn.Module):
         def __init__(self, vit):

@@ -9,7 +9,7 @@ from mergepass.graph.capture import capture_graphs, copy_graph_module, prepare
 from mergepass.graph.match import find_blocks
 from mergepass.schedule import make_schedule
 from mergepass.search.evolve import evolve, fit_budget
-from conftest import DINO_CKPT, IMAGES, rel_err, tiny_vit
+from helpers import DINO_CKPT, IMAGES, rel_err, tiny_vit
 from reference import reference_forward
 
 

@@ -51,12 +51,18 @@ def _build() -> Optional[str]:
     return build_extension("mergepass_attention", [_SRC])
 
 
+def missing_instructions(kind: str = "bf16") -> Optional[str]:
+    """Why this CPU cannot run the ``kind`` op (it lacks the instructions), else None."""
+    flag, name = _NEEDS[kind]
+    return None if flag in cpu_flags() else f"the CPU has no {name} (int8 ISA: {int8_isa()}, bf16: {bf16_isa()})"
+
+
 @functools.cache
 def unavailable(kind: str = "bf16") -> Optional[str]:
     """None when the ``kind`` op runs here, else why it does not."""
-    flag, name = _NEEDS[kind]
-    if flag not in cpu_flags():
-        return f"the CPU has no {name} (int8 ISA: {int8_isa()}, bf16: {bf16_isa()})"
+    missing = missing_instructions(kind)
+    if missing:
+        return missing
     err = _build()
     return f"its build failed ({err})" if err else None
 
