@@ -145,6 +145,7 @@ class MergeMethod:
     fields: ClassVar[tuple[str, ...]] = ("r",)   # config fields the plan table reports as resolved
     auto_rank: ClassVar[Optional[int]] = None     # order among recipe 'auto' candidates; None: not one
     per_block_r: ClassVar[bool] = False           # takes one r per block (what mergepass.search tunes)
+    search_keeps: ClassVar[tuple[str, ...]] = ()  # fields a per-block search keeps as asked (they follow r)
 
     def resolve(self, cfg: MethodConfig, match: "MatchResult", limit: int) -> MethodConfig:
         """``cfg`` with its ``"auto"`` fields made concrete for ``match``."""
@@ -244,6 +245,14 @@ def get_method(name: str) -> MergeMethod:
 
 def get_op(name: str) -> MergeOp:
     return _lookup(_OPS, name, "merge op")
+
+
+def search_method(name: str) -> str:
+    """The method a per-block r search runs for recipe method ``name``: itself where it takes per-block r,
+    else the first registered method that does (ToMe, among the built-in ones)."""
+    if name in _METHODS and _METHODS[name].per_block_r:
+        return name
+    return next(n for n, m in _METHODS.items() if m.per_block_r)
 
 
 def method_names() -> tuple[str, ...]:

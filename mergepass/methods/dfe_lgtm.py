@@ -48,6 +48,7 @@ class DFELGTM(DFE):
     config = DFELGTMConfig
     needs_grid = True
     fields = ("r", "skip", "window", "transition", "protect")
+    search_keeps = ("transition",)  # "auto" follows the searched r, so it is resolved per candidate
     auto_rank = 0
 
     def resolve(self, recipe, match, limit):

@@ -4,9 +4,10 @@ A candidate is a shape, one positive weight per block; its schedule is the per-b
 ``round(scale * weight)`` with the largest scale whose MACs ratio stays within the budget, so every
 candidate spends the whole budget. A (1 + lambda) evolution strategy mutates the weights and keeps a
 child when its score (mean output cosine against the unmerged model, CLS token for token features)
-beats its parent's; a generation without improvement narrows the mutations. Deterministic for a fixed seed. The result is an ordinary recipe (the base
-recipe's method, ToMe for methods without per-block r, and ``r = [...]``) that can be written as
-TOML, reviewed and shipped.
+beats its parent's; a generation without improvement narrows the mutations. Deterministic for a fixed seed.
+The result is an ordinary recipe (the base recipe's method, or for a method without per-block r the
+registry's :func:`~mergepass.methods.base.search_method`, and ``r = [...]``) that can be written as TOML,
+reviewed and shipped.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-from ..methods import get_method, method_names
-from ..methods.base import total_macs
+from ..methods import get_method
+from ..methods.base import search_method, total_macs
 from ..schedule import Schedule, make_schedule
 
 
@@ -29,16 +30,18 @@ class SearchResult:
 
 
 def searchable(recipe, match):
-    """``recipe`` ready for a per-block search: a registered method that takes per-block r (ToMe otherwise),
-    its skip and window resolved for ``match``; LGTM's transition stays as asked (it follows r)."""
+    """``recipe`` ready for a per-block search: a registered method that takes per-block r (the registry's
+    :func:`~mergepass.methods.base.search_method` otherwise), its fields resolved for ``match`` except those the
+    method's ``search_keeps`` names (they follow r: LGTM's transition)."""
     depth = len(match.blocks)
-    if recipe.method not in method_names() or not get_method(recipe.method).per_block_r:
-        recipe = recipe.replace(method="tome", skip=0)
+    name = search_method(recipe.method)
+    if name != recipe.method:
+        recipe = recipe.replace(method=name, skip=0)
+    method = get_method(name)
     asked = recipe.merge
-    resolved = get_method(recipe.method).resolve(asked.replace(r=(0,) * depth, match_tome_r=0), match, depth)
-    if "transition" in asked.field_names():
-        resolved = resolved.replace(transition=asked.transition)
-    return recipe.with_merge(resolved)
+    resolved = method.resolve(asked.replace(r=(0,) * depth, match_tome_r=0), match, depth)
+    kept = {f: getattr(asked, f) for f in method.search_keeps}
+    return recipe.with_merge(resolved.replace(**kept) if kept else resolved)
 
 
 def fit_budget(match, recipe, weights: Sequence[float], max_macs_ratio: float) -> tuple[int, ...]:
