@@ -76,6 +76,37 @@ def _assemble(x, size, groups, prefix, new_groups_local):
     return torch.stack(out_x), out_s, out_g
 
 
+
+def merge_tokens_soft(x, metric, size, groups, prefix, r, k, tau, compare="tokens", offset=0, protect=0):
+    """Soft many-to-many merging (Token Transforming): ToMe picks the ``r`` tokens that leave; each is
+    shared among its ``k`` most similar kept tokens with weights softmax(cos / tau) over those ``k``,
+    and each kept token becomes the size-weighted mean of itself and the shares it receives (one row of
+    the transformation matrix W). Groups follow each leaving token's largest share."""
+    feats = x if compare == "tokens" else metric
+    toks = list(range(prefix, x.shape[0]))
+    norms = [float(metric[t].norm()) for t in toks]
+    guarded = set(sorted(range(len(toks)), key=lambda i: -norms[i])[:protect])
+    unm, into = bipartite_lists([feats[t] for t in toks], r, offset=offset,
+                                allowed=lambda i, j: i not in guarded and j not in guarded)
+    kept = unm + sorted(into)                      # output order: unmerged A, then B
+    leaving = [i for j in into for i in into[j]]
+    num = {j: x[toks[j]] * size[toks[j]] for j in kept}
+    den = {j: float(size[toks[j]]) for j in kept}
+    members = {j: list(groups[toks[j]]) for j in kept}
+    for s_ in leaving:
+        cands = sorted(((j, _cos(feats[toks[s_]], feats[toks[j]])) for j in kept if j not in guarded),
+                       key=lambda t: -t[1])[:k]
+        e = [math.exp((c - cands[0][1]) / tau) for _, c in cands]
+        for (j, _), w in zip(cands, e):
+            share = size[toks[s_]] * w / sum(e)
+            num[j] = num[j] + x[toks[s_]] * share
+            den[j] += share
+        members[cands[0][0]] += groups[toks[s_]]
+    out_x = [x[t] for t in range(prefix)] + [num[j] / den[j] for j in kept]
+    out_s = [size[t] for t in range(prefix)] + [den[j] for j in kept]
+    out_g = [groups[t] for t in range(prefix)] + [sorted(members[j]) for j in kept]
+    return torch.stack(out_x), out_s, out_g
+
 def merge_tokens_windows(x, metric, size, groups, prefix, r, grid, windows):
     """LGTM: windows of equal token count re-formed from tracked locations (rows, then columns)."""
     gh, gw = grid

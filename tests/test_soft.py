@@ -1,0 +1,135 @@
+"""Soft many-to-many merging (method ``soft``): the op against the plain reference, end to end and alone,
+and its invariants."""
+import pytest
+import torch
+
+import mergepass
+from mergepass.methods.soft import soft_merge
+from conftest import rel_err, tiny_vit
+from reference import merge_tokens_soft, reference_forward
+
+
+def _soft(x, metric, size, groups, prefix, plan):
+    a = plan.args
+    return merge_tokens_soft(x, metric, size, groups, prefix, plan.r, a["k"], a["tau"], a["compare"],
+                             a.get("offset", 0), a.get("protect", 0))
+
+
+CASES = {
+    "hard_tokens": dict(r=6),
+    "shared_keys": dict(r=6, k=3, tau=0.05, compare="keys"),
+    "shared_tokens": dict(r=4, k=4, tau=0.2),
+    "protect_sequence_split": dict(r=5, k=2, tau=0.1, protect=3, partition="sequence"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_soft_matches_reference_fullgraph(case):
+    m = tiny_vit(img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    be = mergepass.backend("soft", lower="eager", **CASES[case])
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
+        ref = reference_forward(m, x, be.schedule, extra={"soft": _soft})
+        plain = m(x)
+    assert [b.kind for b in be.schedule.blocks] == ["soft"] * 3
+    assert rel_err(out, ref) <= 1e-4
+    assert rel_err(out, plain) > 1e-3
+
+
+def _tokens(b=2, n=33, c=16, d=8, prefix=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, metric = torch.randn(b, n, c, generator=g), torch.randn(b, n, d, generator=g)
+    size = torch.rand(b, n, 1, generator=g) * 3 + 0.5  # as after earlier (soft) merges: fractional
+    return x, metric, size
+
+
+@pytest.mark.parametrize("k,tau,compare", [(1, 0.01, "tokens"), (3, 0.05, "keys"), (5, 1.0, "tokens")])
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+def test_soft_op_matches_reference_and_keeps_invariants(k, tau, compare, prefix):
+    x, metric, size = _tokens(prefix=prefix)
+    r = 7
+    xo, so, src = soft_merge(x, metric, size, None, r=r, prefix=prefix, k=k, tau=tau, compare=compare)
+    n = x.shape[1]
+    assert xo.shape == (2, n - r, x.shape[2]) and so.shape == (2, n - r, 1)
+    torch.testing.assert_close(so.sum(1), size.sum(1))                 # the token count is conserved
+    assert torch.equal(xo[:, :prefix], x[:, :prefix]) and torch.equal(so[:, :prefix], size[:, :prefix])
+    assert torch.equal(src[:, :prefix], torch.arange(prefix).expand(2, -1))   # protected tokens stay put
+    assert (src[:, prefix:] >= prefix).all() and (src < n - r).all()
+    for i in range(2):
+        groups = [[t] for t in range(n)]
+        rx, rs, rg = merge_tokens_soft(x[i], metric[i], size[i, :, 0].tolist(), groups, prefix, r, k, tau, compare)
+        torch.testing.assert_close(xo[i], rx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(so[i, :, 0], torch.tensor(rs, dtype=so.dtype), rtol=1e-5, atol=1e-5)
+        assert [sorted(torch.nonzero(src[i] == j).flatten().tolist()) for j in range(n - r)] == rg
+
+
+def test_soft_shares_spread_and_sharpen_with_tau():
+    """k > 1 spreads a leaving token over several kept tokens (fractional sizes); as tau falls the shares
+    concentrate on the nearest, and the merge tends to k = 1's."""
+    x, metric, _ = _tokens()
+    hard = soft_merge(x, metric, None, None, r=7, prefix=1, k=1)
+    wide = soft_merge(x, metric, None, None, r=7, prefix=1, k=4, tau=1.0)
+    sharp = soft_merge(x, metric, None, None, r=7, prefix=1, k=4, tau=1e-4)
+    shared = lambda s: int(((s - s.round()).abs() > 1e-4).sum())  # noqa: E731  (tokens holding a share)
+    assert shared(hard[1]) == 0 and shared(wide[1]) > 7
+    assert rel_err(wide[0], hard[0]) > 1e-2
+    assert torch.equal(sharp[2], hard[2])
+    torch.testing.assert_close(sharp[0], hard[0], rtol=1e-4, atol=1e-4)
+
+
+def test_soft_rows_are_batch_independent():
+    """Static shapes, no cross-image state: merging a batch equals merging each image alone."""
+    x, metric, size = _tokens(b=3)
+    both = soft_merge(x, metric, size, None, r=5, prefix=1, k=3, tau=0.1)
+    for i in range(3):
+        one = soft_merge(x[i:i + 1], metric[i:i + 1], size[i:i + 1], None, r=5, prefix=1, k=3, tau=0.1)
+        for a, b in zip(both, one):
+            torch.testing.assert_close(a[i:i + 1], b)
+
+
+def test_soft_r0_is_the_original_model():
+    m = tiny_vit(img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    be = mergepass.backend("soft", r=0, k=3, lower="eager")
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False)(x)
+        plain = m(x)
+    assert not be.schedule.merging
+    assert rel_err(out, plain) <= 1e-5
+
+
+def test_soft_unmerges_outputs_to_their_shape():
+    """Patch outputs keep the unmerged token count (each original token reads the token holding it)."""
+    m = tiny_vit(img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    be = mergepass.backend("soft", r=6, k=2, tau=0.1, lower="eager")
+    f = torch.compile(m.forward_features, backend=be, dynamic=False)
+    with torch.no_grad():
+        out, plain = f(x), m.forward_features(x)
+    assert out.shape == plain.shape == (2, 37, m.embed_dim)
+
+
+def test_soft_schedule_and_macs_are_tomes(planner):
+    tome = planner(12, 224).plan("tome", r=16)
+    soft = planner(12, 224).plan("soft", r=16, k=4)
+    assert [(b.tokens_in, b.tokens_out) for b in soft.blocks] == [(b.tokens_in, b.tokens_out) for b in tome.blocks]
+    assert soft.macs == tome.macs
+    assert {b.kind for b in soft.blocks} == {"soft"} and soft.blocks[0].args["k"] == 4
+    # k never exceeds the kept tokens free to absorb: the last blocks of a short sequence
+    tiny = planner(3, 64).plan("soft", r=6, k=100)
+    assert all(b.args["k"] <= b.tokens_in - 1 - b.r for b in tiny.blocks)
+
+
+@pytest.mark.parametrize("field,bad", [("k", 0), ("k", 1.5), ("k", True), ("tau", 0), ("tau", float("nan")),
+                                       ("tau", -1.0), ("compare", "values")])
+def test_soft_rejects_bad_fields(field, bad):
+    with pytest.raises(ValueError, match=field):
+        mergepass.load_recipe("soft", **{field: bad})
+
+
+def test_soft_recipes_name_the_method():
+    for name in ("soft", "soft_int8"):
+        r = mergepass.load_recipe(name)
+        assert r.method == "soft" and r.merge.k >= 1
+    assert mergepass.load_recipe("soft_int8").quantize.enabled
