@@ -5,7 +5,7 @@ import torch
 
 import mergepass
 from mergepass.methods.soft import soft_merge
-from conftest import rel_err, tiny_vit
+from helpers import rel_err, tiny_vit
 from reference import merge_tokens_soft, reference_forward
 
 
