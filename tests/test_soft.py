@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import mergepass
-from mergepass.methods.soft import soft_merge
-from helpers import rel_err, tiny_vit
+from mergepass.methods.soft import fused_soft_merge, soft_merge
+from helpers import rel_err, require_fused_merge, tiny_vit
 from reference import merge_tokens_soft, reference_forward
 
 
@@ -37,6 +37,19 @@ def test_soft_matches_reference_fullgraph(case):
     assert rel_err(out, plain) > 1e-3
 
 
+def test_soft_fused_kernel_matches_reference_fullgraph():
+    """k = 1 without protection runs as the fused kernel's nearest mode; compiled, it matches the plain reference."""
+    require_fused_merge()
+    m = tiny_vit(img_size=96)
+    x = torch.randn(2, 3, 96, 96)
+    be = mergepass.backend("soft", lower="inductor", merge_kernel="fused", cache=False, **CASES["hard_tokens"])
+    with torch.no_grad():
+        out = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
+        ref = reference_forward(m, x, be.schedule, extra={"soft": _soft})
+    assert be.results[-1].merge_kernel == "fused"
+    assert rel_err(out, ref) <= 1e-4
+
+
 def _tokens(b=2, n=33, c=16, d=8, prefix=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     x, metric = torch.randn(b, n, c, generator=g), torch.randn(b, n, d, generator=g)
@@ -62,6 +75,36 @@ def test_soft_op_matches_reference_and_keeps_invariants(k, tau, compare, prefix)
         torch.testing.assert_close(xo[i], rx, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(so[i, :, 0], torch.tensor(rs, dtype=so.dtype), rtol=1e-5, atol=1e-5)
         assert [sorted(torch.nonzero(src[i] == j).flatten().tolist()) for j in range(n - r)] == rg
+
+
+@pytest.mark.parametrize("compare", ["tokens", "keys"])
+@pytest.mark.parametrize("prefix,offset", [(0, 0), (1, 0), (1, 1), (5, 1)])
+def test_soft_fused_kernel_matches_plain_reference(compare, prefix, offset):
+    require_fused_merge()
+    x, metric, size = _tokens(prefix=prefix, seed=3)
+    n, r = x.shape[1], 9
+    xo, so, src = fused_soft_merge(x, metric, size, None, r=r, prefix=prefix, k=1, compare=compare, offset=offset)
+    ref = soft_merge(x, metric, size, None, r=r, prefix=prefix, k=1, compare=compare, offset=offset)
+    assert torch.equal(src, ref[2])
+    torch.testing.assert_close(xo, ref[0], rtol=1e-5, atol=1e-5)
+    for i in range(2):
+        groups = [[t] for t in range(n)]
+        rx, rs, rg = merge_tokens_soft(x[i], metric[i], size[i, :, 0].tolist(), groups, prefix, r, 1, 0.01, compare,
+                                       offset)
+        torch.testing.assert_close(xo[i], rx, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(so[i, :, 0], torch.tensor(rs, dtype=so.dtype), rtol=1e-5, atol=1e-5)
+        assert [sorted(torch.nonzero(src[i] == j).flatten().tolist()) for j in range(n - r)] == rg
+    if compare == "tokens":  # on these tokens some leaving token joins an unmerged A token, which ToMe never does
+        from mergepass.merge.ops import global_merge
+        assert not torch.equal(global_merge(x, x, size, None, r=r, prefix=prefix, offset=offset)[2], src)
+
+
+def test_soft_fused_kernel_keeps_the_reference_for_shares_and_protection():
+    x, metric, size = _tokens(prefix=1)
+    for kw in (dict(k=3, tau=0.05), dict(k=1, protect=4)):
+        a = fused_soft_merge(x, metric, size, None, r=6, prefix=1, **kw)
+        b = soft_merge(x, metric, size, None, r=6, prefix=1, **kw)
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
 def test_soft_shares_spread_and_sharpen_with_tau():

@@ -33,11 +33,11 @@ _SRC = Path(__file__).with_name("csrc") / "bipartite_merge.cpp"
 
 _LIB = torch.library.Library("mergepass", "DEF")
 _LIB.define("bipartite_merge(Tensor x, Tensor metric, Tensor size, Tensor source, Tensor a_pos, Tensor b_pos, "
-            "Tensor? allowed, int r, int prefix) -> (Tensor, Tensor, Tensor)")
+            "Tensor? allowed, int r, int prefix, bool nearest=False) -> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.register_fake("mergepass::bipartite_merge")
-def _shapes(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):
+def _shapes(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest=False):
     b, n, c = x.shape
     n_out = n - r * a_pos.shape[-2]
     return x.new_empty(b, n_out, c), x.new_empty(b, n_out, 1), source.new_empty(source.shape, dtype=torch.long)
@@ -49,9 +49,9 @@ def kernel_error() -> Optional[str]:
     return build_extension("mergepass_kernels", [_SRC])
 
 
-def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix):
+def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest=False):
     size, source = init_state(x, size, source)
-    return torch.ops.mergepass.bipartite_merge(x, metric, size, source, a_pos, b_pos, allowed, r, prefix)
+    return torch.ops.mergepass.bipartite_merge(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest)
 
 
 def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
@@ -64,6 +64,15 @@ def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[tor
         allowed = free[:, offset::2, None] & free[:, None, 1 - offset::2]
     return _call(x, metric, size, source, pos[None, None, offset::2], pos[None, None, 1 - offset::2], allowed, r,
                  prefix)
+
+
+def fused_nearest_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+                        source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0):
+    """ToMe's choice of the ``r`` leaving tokens by ``metric``, each of them joining its most similar kept token
+    (unmerged A or B) instead of its B partner: soft merging's ``k = 1`` as one kernel."""
+    pos = torch.arange(prefix, x.shape[1], device=x.device)
+    return _call(x, metric, size, source, pos[None, None, offset::2], pos[None, None, 1 - offset::2], None, r,
+                 prefix, True)
 
 
 def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
@@ -98,7 +107,7 @@ def fused_window_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[tor
     return _call(x, metric, size, source, tok[..., ::2], tok[..., 1::2], None, r, prefix)
 
 
-__all__ = ["kernel_error", "fused_global_merge", "fused_adjacent_merge", "fused_window_merge"]
+__all__ = ["kernel_error", "fused_global_merge", "fused_nearest_merge", "fused_adjacent_merge", "fused_window_merge"]
 
 
 # ViT-S/14 at 224 px, batch 8, ToMe r=16 in its first block: one shape for every model, so that this CPU is

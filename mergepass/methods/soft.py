@@ -15,7 +15,7 @@ proportional attention reads them as before. ``k = 1`` is a hard merge into the 
 token. Similarity is the cosine of the block's post-attention tokens (``compare = "tokens"``, the
 tensor that is averaged) or of ToMe's head-mean keys (``"keys"``). ``W``'s ``k`` nonzeros per leaving
 token are applied as a gather and a scatter-add over ``r * k`` rows: cheaper than the dense matmul, with
-the same static shape. The source map (unmerge, positions) follows each leaving token's largest share.
+the same static shape; ``k = 1`` without protection runs as the fused merge kernel's ``nearest`` mode. The source map (unmerge, positions) follows each leaving token's largest share.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 
 from ..config import check_choice, finite_number
 from ..merge.bipartite import match, normalize
+from ..merge.fused import fused_nearest_merge
 from ..merge.ops import _interleave, largest_norms
 from ..merge.tokens import init_state, update_source
 from .base import MergeOp, register_method, register_op
@@ -80,7 +81,18 @@ def soft_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tenso
     return x_out, s_out, update_source(source, slot, prefix)
 
 
-register_op(MergeOp("soft", soft_merge))
+def fused_soft_merge(x, metric, size, source, *, r: int, prefix: int, k: int = 1, tau: float = 0.01,
+                     compare: str = "tokens", offset: int = 0, protect: int = 0):
+    """:func:`soft_merge` with the fused kernel where it has one (``k = 1`` without protection: a hard merge
+    into the nearest kept token, where ``tau`` plays no part), else the reference ops."""
+    if k == 1 and not protect:
+        return fused_nearest_merge(x, x if compare == "tokens" else metric, size, source, r=r, prefix=prefix,
+                                   offset=offset)
+    return soft_merge(x, metric, size, source, r=r, prefix=prefix, k=k, tau=tau, compare=compare, offset=offset,
+                      protect=protect)
+
+
+register_op(MergeOp("soft", soft_merge, fused_soft_merge))
 
 COMPARE = ("tokens", "keys")  # not "similarity": that plan arg is ToMato's (insert_merges reads it)
 

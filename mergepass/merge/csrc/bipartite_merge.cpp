@@ -7,6 +7,8 @@
 // Tokens are split into G groups (1 for ToMe/ToMato, one per window for LGTM), each with an A set
 // and a B set given by token positions (-1: padding, never matched). In every group the r A tokens
 // with the most similar B partner (cosine of the metric rows) merge into that partner.
+// With `nearest` (one group, soft merging's k = 1), each of those r joins its most similar kept token
+// instead, an unmerged A token or a B token.
 // A pair is permitted unless `allowed` forbids it, the B slot is padding or the similarity is NaN. An A token
 // with no permitted partner ranks below every A token with one; when it is still among the r that leave
 // (shapes are static), it is dropped: it joins no average, and its source entries point at the group's
@@ -32,6 +34,14 @@ struct Shape {
   int64_t n, c, d, n0, groups, ma, mb, r, prefix, n_out;
 };
 
+// a vectorised dot product (the reduction reordered into SIMD lanes)
+float dot(const float* p, const float* q, int64_t d) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < d; ++k) acc += p[k] * q[k];
+  return acc;
+}
+
 // Unit-normalised metric rows (zeros for padding); the similarity matmul runs on them.
 void normalize_rows(const float* metric, const int64_t* pos, int64_t count, int64_t d, float* out) {
   for (int64_t i = 0; i < count; ++i) {
@@ -41,9 +51,7 @@ void normalize_rows(const float* metric, const int64_t* pos, int64_t count, int6
       continue;
     }
     const float* row = metric + pos[i] * d;
-    float acc = 0.f;
-    for (int64_t k = 0; k < d; ++k) acc += row[k] * row[k];
-    const float inv = 1.f / std::max(std::sqrt(acc), 1e-12f);
+    const float inv = 1.f / std::max(std::sqrt(dot(row, row, d)), 1e-12f);
     for (int64_t k = 0; k < d; ++k) dst[k] = row[k] * inv;
   }
 }
@@ -58,10 +66,13 @@ struct Batch {  // one batch element's inputs and outputs
   int64_t* srco;
 };
 
-// Match and merge one group; returns the next free output position.
+// Match and merge one group; returns the next free output position. `na`: the group's unit A rows, read
+// only when `nearest` (a leaving A token then joins its most similar kept token, unmerged A or B, the
+// unmerged A tokens first on a tie: soft merging's k = 1).
 template <typename T>
-int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_pos, const int64_t* b_pos,
-                    const bool* allowed, const Shape& s, int64_t out, std::vector<int64_t>& slot) {
+int64_t merge_group(const Batch<T>& io, const float* scores, const float* na, const int64_t* a_pos,
+                    const int64_t* b_pos, const bool* allowed, const Shape& s, bool nearest, int64_t out,
+                    std::vector<int64_t>& slot) {
   // a partnerless A token's source entries go to the first real B token (the caller checked there is one
   // when r > 0), never to a padding slot
   const int64_t first_b = std::find_if(b_pos, b_pos + s.mb, [](int64_t p) { return p >= 0; }) - b_pos;
@@ -89,58 +100,84 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const int64_t* a_po
   for (int64_t j = 0; j < s.mb; ++j)
     if (b_pos[j] >= 0) b_out[j] = out + keep + kept_b++;
 
+  // where each leaving A token goes: an input row and its output row (its best B partner unless `nearest`
+  // finds an unmerged A token at least as similar)
+  std::vector<int64_t> to_in(s.ma, -1), to_out(s.ma, -1), a_out(s.ma, -1);
+  for (int64_t i = 0, u = 0; i < s.ma; ++i)
+    if (a_pos[i] >= 0 && !merged[i]) a_out[i] = out + u++;
+  for (int64_t k = 0; k < s.r; ++k) {
+    const int64_t i = order[k];
+    to_in[i] = b_pos[arg[i]];
+    to_out[i] = b_out[arg[i]];
+    if (!nearest) continue;
+    float top = -INFINITY;
+    int64_t pick = -1;
+    for (int64_t u = 0; u < s.ma; ++u) {
+      if (a_out[u] < 0) continue;
+      const float v = dot(na + i * s.d, na + u * s.d, s.d);
+      if (v > top) {
+        top = v;
+        pick = u;
+      }
+    }
+    if (pick >= 0 && top >= best[i]) {
+      to_in[i] = a_pos[pick];
+      to_out[i] = a_out[pick];
+    }
+  }
+
   auto copy_row = [&](int64_t from, int64_t to) {
     std::copy(io.x + from * s.c, io.x + (from + 1) * s.c, io.xo + to * s.c);
     io.so[to] = io.size[from];
     slot[from] = to;
   };
-  for (int64_t i = 0, u = 0; i < s.ma; ++i) {
+  for (int64_t i = 0; i < s.ma; ++i) {
     if (a_pos[i] < 0) continue;
-    if (merged[i]) slot[a_pos[i]] = b_out[arg[i]];
-    else copy_row(a_pos[i], out + u++);
+    if (merged[i]) slot[a_pos[i]] = to_out[i];
+    else copy_row(a_pos[i], a_out[i]);
   }
   for (int64_t j = 0; j < s.mb; ++j)
     if (b_pos[j] >= 0) copy_row(b_pos[j], b_out[j]);
 
-  // each merged B row becomes the size-weighted mean of itself and its A partners, accumulated in
+  // each row that absorbs tokens becomes the size-weighted mean of itself and them, accumulated in
   // float for reduced-precision inputs (bf16, fp16) and written back once
   using acc_t = at::opmath_type<T>;
-  std::vector<int64_t> acc_of(s.mb, -1);
+  std::vector<int64_t> acc_of(s.n, -1), acc_row;
   std::vector<acc_t> acc, acc_size;
   auto joins = [&](int64_t i) { return best[i] > -INFINITY; };  // has a permitted partner
   for (int64_t k = 0; k < s.r; ++k) {
-    const int64_t j = arg[order[k]];
-    if (!joins(order[k]) || acc_of[j] >= 0) continue;
-    acc_of[j] = static_cast<int64_t>(acc_size.size());
-    const T* xb = io.x + b_pos[j] * s.c;
-    const acc_t sb = static_cast<acc_t>(io.size[b_pos[j]]);
-    for (int64_t c = 0; c < s.c; ++c) acc.push_back(static_cast<acc_t>(xb[c]) * sb);
-    acc_size.push_back(sb);
+    const int64_t i = order[k], p = to_in[i];
+    if (!joins(i) || acc_of[p] >= 0) continue;
+    acc_of[p] = static_cast<int64_t>(acc_size.size());
+    acc_row.push_back(to_out[i]);
+    const T* xd = io.x + p * s.c;
+    const acc_t sd = static_cast<acc_t>(io.size[p]);
+    for (int64_t c = 0; c < s.c; ++c) acc.push_back(static_cast<acc_t>(xd[c]) * sd);
+    acc_size.push_back(sd);
   }
   for (int64_t k = 0; k < s.r; ++k) {
-    const int64_t i = order[k], h = acc_of[arg[i]];
+    const int64_t i = order[k];
     if (!joins(i)) continue;
+    const int64_t h = acc_of[to_in[i]];
     acc_t* __restrict__ row = acc.data() + h * s.c;
     const T* __restrict__ xa = io.x + a_pos[i] * s.c;
     const acc_t sa = static_cast<acc_t>(io.size[a_pos[i]]);
     for (int64_t c = 0; c < s.c; ++c) row[c] += static_cast<acc_t>(xa[c]) * sa;
     acc_size[h] += sa;
   }
-  for (int64_t j = 0; j < s.mb; ++j) {
-    const int64_t h = acc_of[j];
-    if (h < 0) continue;
-    T* __restrict__ out_row = io.xo + b_out[j] * s.c;
+  for (size_t h = 0; h < acc_row.size(); ++h) {
+    T* __restrict__ out_row = io.xo + acc_row[h] * s.c;
     const acc_t* __restrict__ row = acc.data() + h * s.c;
     const acc_t inv = acc_t(1) / acc_size[h];
     for (int64_t c = 0; c < s.c; ++c) out_row[c] = static_cast<T>(row[c] * inv);
-    io.so[b_out[j]] = static_cast<T>(acc_size[h]);
+    io.so[acc_row[h]] = static_cast<T>(acc_size[h]);
   }
   return out + keep + kept_b;
 }
 
 template <typename T>
-void merge_batch(const Batch<T>& io, const float* scores, const int64_t* a_pos, const int64_t* b_pos,
-                 const bool* allowed, const Shape& s) {
+void merge_batch(const Batch<T>& io, const float* scores, const float* na, const int64_t* a_pos,
+                 const int64_t* b_pos, const bool* allowed, const Shape& s, bool nearest) {
   std::vector<int64_t> slot(s.n, -1);
   for (int64_t t = 0; t < s.prefix; ++t) {
     std::copy(io.x + t * s.c, io.x + (t + 1) * s.c, io.xo + t * s.c);
@@ -149,7 +186,8 @@ void merge_batch(const Batch<T>& io, const float* scores, const int64_t* a_pos, 
   }
   int64_t out = s.prefix;
   for (int64_t g = 0; g < s.groups; ++g)
-    out = merge_group(io, scores + g * s.ma * s.mb, a_pos + g * s.ma, b_pos + g * s.mb, allowed, s, out, slot);
+    out = merge_group(io, scores + g * s.ma * s.mb, na + g * s.ma * s.d, a_pos + g * s.ma, b_pos + g * s.mb, allowed,
+                      s, nearest, out, slot);
   for (int64_t t = 0; t < s.n0; ++t) io.srco[t] = slot[io.source[t]];
 }
 
@@ -157,7 +195,7 @@ void merge_batch(const Batch<T>& io, const float* scores, const int64_t* a_pos, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
     const at::Tensor& x_, const at::Tensor& metric_, const at::Tensor& size_, const at::Tensor& source_,
     const at::Tensor& a_pos_, const at::Tensor& b_pos_, const c10::optional<at::Tensor>& allowed_, int64_t r,
-    int64_t prefix) {
+    int64_t prefix, bool nearest) {
   TORCH_CHECK(x_.dim() == 3 && metric_.dim() == 3 && size_.dim() == 3 && source_.dim() == 2,
               "bipartite_merge: expected x [B,N,C], metric [B,N,D], size [B,N,1], source [B,N0]");
   TORCH_CHECK(a_pos_.dim() == 3 && b_pos_.dim() == 3 && a_pos_.size(1) == b_pos_.size(1),
@@ -205,6 +243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
   TORCH_CHECK(!allowed.defined() || (allowed.dim() == 2 && allowed.size(0) == s.ma && allowed.size(1) == s.mb) ||
                   (allowed.dim() == 3 && allowed.size(0) == bsz && allowed.size(1) == s.ma && allowed.size(2) == s.mb),
               "bipartite_merge: allowed must be [Ma, Mb] or [B, Ma, Mb], got ", allowed.sizes());
+  TORCH_CHECK(!nearest || (!allowed.defined() && s.groups == 1),
+              "bipartite_merge: nearest takes one group and no allowed mask");
   const int64_t allowed_stride = allowed.defined() && allowed.dim() == 3 ? s.ma * s.mb : 0;
   // every mergeable token must sit in exactly one set, and every group must have r A tokens to merge
   for (int64_t bg = 0; bg < bsz * s.groups; ++bg) {
@@ -244,7 +284,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
                      nb.data_ptr<float>() + b * s.groups * s.mb * s.d);
     }
   });
-  const auto scores = at::bmm(na, nb.transpose(1, 2)).contiguous();
+  at::Tensor scores;
+  if (nearest && metric_.scalar_type() == at::kBFloat16) {
+    // nearest compares wide tokens (the block's own, not 64-channel keys): in a bf16 graph the similarity
+    // runs in bf16 as the reference ops' does, a third of the fp32 matmul's time; the A-to-A dots then read
+    // the same bf16-rounded unit rows
+    const auto na16 = na.to(at::kBFloat16), nb16 = nb.to(at::kBFloat16);
+    scores = at::bmm(na16, nb16.transpose(1, 2)).to(at::kFloat).contiguous();
+    na = na16.to(at::kFloat).contiguous();
+  } else {
+    scores = at::bmm(na, nb.transpose(1, 2)).contiguous();
+  }
 
   auto xo = at::empty({bsz, s.n_out, s.c}, x.options());
   auto so = at::empty({bsz, s.n_out, 1}, x.options());
@@ -256,8 +306,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
                            source.data_ptr<int64_t>() + b * s.n0, xo.data_ptr<scalar_t>() + b * s.n_out * s.c,
                            so.data_ptr<scalar_t>() + b * s.n_out, srco.data_ptr<int64_t>() + b * s.n0};
         merge_batch(io, scores.data_ptr<float>() + b * s.groups * s.ma * s.mb,
-                    a_pos.data_ptr<int64_t>() + b * s.groups * s.ma, b_pos.data_ptr<int64_t>() + b * s.groups * s.mb,
-                    allowed_p == nullptr ? nullptr : allowed_p + b * allowed_stride, s);
+                    na.data_ptr<float>() + b * s.groups * s.ma * s.d, a_pos.data_ptr<int64_t>() + b * s.groups * s.ma,
+                    b_pos.data_ptr<int64_t>() + b * s.groups * s.mb,
+                    allowed_p == nullptr ? nullptr : allowed_p + b * allowed_stride, s, nearest);
       }
     });
   });
