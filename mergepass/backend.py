@@ -12,51 +12,21 @@ from torch import fx
 from . import artifact, cache
 from .compat import frame_compiles, recompile_limit
 from .decide import Decision
-from .errors import MergepassWarning, briefly
+from .errors import MergepassWarning
 from .graph.passes.strip_noops import active_dropouts
-from .graph.nodes import symbolic_dims
+from .graph.nodes import output_dtypes, symbolic_dims
 from .graph.rewrite import RewriteResult
-from .lower import compile_graph
-from .pipeline import Int8Declined, graph_stages, lower_stage, training
-from .graph.lift import Inputs, Lifted, output_dtypes
+from .graph.lift import Inputs
+from .pipeline import Staged, graph_stages, lower_stage, training, unchanged
 from .quantize import Quantized, fit_to_graph, read_calibration
 from .recipe import Recipe, load
 from .schedule import Schedule
-from .stages import stage
+from .targets import JitTarget, PackageTarget, Target
 
 
 def _varying_size(gm: fx.GraphModule) -> bool:
     """Whether an input has a symbolic size other than its batch (e.g. a varying image size)."""
     return any(set(symbolic_dims(n)) - {0} for n in gm.graph.nodes if n.op == "placeholder")
-
-
-def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:
-    """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph, and the
-    measurement behind ``merge_kernel = "auto"``."""
-    if recipe.merge_kernel == "reference" or recipe.lower == "tensorrt":  # TensorRT has no converter for it
-        return False, None
-    why = None
-    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
-        why = "the inputs are not on the CPU"
-    elif training(example_inputs):
-        why = "the graph needs gradients and the kernel has no backward"
-    else:
-        from .merge import fused
-        with stage("fused merge kernel: build or load"):
-            err = fused.kernel_error()
-        if err is not None:
-            why = f"its build failed ({err})"
-            if recipe.merge_kernel == "auto":
-                warnings.warn(f"mergepass: fused merge kernel unavailable, {why}; using the reference merge "
-                              "ops (same results, slower)", MergepassWarning, stacklevel=3)
-        elif recipe.merge_kernel == "auto":
-            with stage("merge kernel: measure or read the kept decision"):
-                decision = fused.choose()
-            return decision.choice == "fused", decision
-    if why is not None and recipe.merge_kernel == "fused":
-        raise RuntimeError(f"recipe field 'merge_kernel' is 'fused' but the fused merge kernel is unavailable: "
-                           f"{why}; use merge_kernel='auto' or 'reference'")
-    return why is None, None
 
 
 @dataclass
@@ -136,51 +106,22 @@ class Backend:
             return None
         return batches
 
-    def _lower_int8(self, graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe,
-                    calibration: Optional[list[tuple]], done: GraphResult) -> tuple[Any, Quantized]:
-        """Quantize and compile (or take from the compile cache): the compiled callable of the user's inputs."""
-        use_cache = recipe.lower == "inductor" and cache.serves(example_inputs, self.cache)
-        dims = Lifted(graph, example_inputs).input_dims()
-
-        def key_of(r: Recipe) -> Optional[str]:
-            return cache.graph_key(graph, example_inputs, r.to_dict(), calibration) if use_cache else None
-
-        def served(package: Path):
-            entry = cache.loaded(package)
-            if entry is not None:
-                done.package = package
-            return None if entry is None else entry.run
-
-        def lower(q: Quantized, said: list[str], key: Optional[str]):
-            if key is not None:
-                try:
-                    with stage("inductor: AOTInductor package"):
-                        entry = artifact.load(cache.store(key, lambda path: artifact.write(
-                            q.module, q.inputs, path, meta={"quantized": q.describe(), "warnings": said},
-                            dynamic_shapes=dims, freezing=q.freezing, autocast=q.autocast,
-                            output_dtypes=output_dtypes(graph), inductor_config_overrides=q.inductor_config)),
-                            verify=False)
-                    done.package = entry.path
-                    return entry.run
-                except Exception as e:  # noqa: BLE001 - the cache must never cost the user the compile
-                    if q.int8_attention:
-                        raise
-                    self._warn_once(f"mergepass: this int8 graph could not be packaged for the compile cache "
-                                    f"({briefly(e)}); it is compiled without the cache")
-            with stage(f"{recipe.lower}: compile"):
-                return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing,
-                                     trace_context=q.trace_context, autocast=q.autocast,
-                                     inductor_config_overrides=q.inductor_config)
-
-        compiled, done.quantized, done.cached = lower_stage(graph, example_inputs, recipe, calibration, key_of=key_of,
-                                                            lower=lower, served=served, warn=self._warn_once)
-        return compiled, done.quantized
-
-    def _declines(self, gm: fx.GraphModule, example_inputs: Sequence) -> Optional[str]:
-        """Why this graph compiles unchanged without a word (None: it goes through the stages)."""
-        user = Inputs(gm, example_inputs).user_inputs(example_inputs)
-        if any(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0 for t in user):
+    def _declines(self, gm: fx.GraphModule, example_inputs: Sequence, inputs: Inputs) -> Optional[str]:
+        """Why this graph compiles unchanged (None: it goes through the stages)."""
+        recipe = self.recipe
+        if any(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0 for t in inputs.user_inputs(example_inputs)):
             return "an empty batch: compiled unchanged"
+        if recipe.quantize.enabled and training(example_inputs):
+            raise RuntimeError(f"recipe {recipe.name!r} quantizes to int8 and is inference-only: "
+                               "call the compiled model under torch.no_grad() (or torch.inference_mode()) "
+                               "in eval mode, or use a recipe without quantization for training")
+        if _varying_size(gm) and (recipe.merges or recipe.quantize.enabled):
+            what = " and ".join(w for w, on in (("merging", recipe.merges), ("int8", recipe.quantize.enabled)) if on)
+            self._warn_once(f"mergepass: this graph's input size is symbolic beyond the batch (a varying image "
+                            f"size, so a varying token count); {what} need{'s' if ' and ' not in what else ''} a "
+                            "fixed size, so it compiles without them. A dynamic batch alone is fine; otherwise "
+                            "pass dynamic=False.")
+            return "symbolic input size: compiled unchanged"
         return None
 
     def _warn_about_frame(self, gm: fx.GraphModule) -> None:
@@ -194,78 +135,48 @@ class Backend:
             self._warn_once("mergepass: the model is in training mode (its dropout is active), so int8 calibration "
                             "and every output run through random dropout; call model.eval() before compiling")
 
-    def _guard_inputs(self, fn, gm: fx.GraphModule, example_inputs: Sequence):
+    def _guard_inputs(self, fn, inputs: Inputs):
         """``fn``, refusing non-finite inputs when ``check_inputs`` is set."""
         if not self.check_inputs:
             return fn
-        user_idx = Inputs(gm, example_inputs).user_idx
+        user_idx = inputs.user_idx
 
         def checked(*args):
             artifact.check_finite([args[i] for i in user_idx])
             return fn(*args)
         return checked
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
-        fn = self._compile(gm, example_inputs)
-        return self._guard_inputs(fn, gm, example_inputs)
-
-    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence):
-        recipe = self.recipe
+    def _stage(self, gm: fx.GraphModule, example_inputs: Sequence, inputs: Inputs) -> Staged:
+        """The graph stages, or dynamo's graph as it came where the backend declines it."""
         self._warn_about_frame(gm)
-        declined = self._declines(gm, example_inputs)
+        declined = self._declines(gm, example_inputs, inputs)
         if declined:
-            self.results.append(GraphResult(RewriteResult(gm, None, None, [declined])))
-            return compile_graph(gm, example_inputs, recipe.lower)
-        if recipe.quantize.enabled and training(example_inputs):
-            raise RuntimeError(f"recipe {recipe.name!r} quantizes to int8 and is inference-only: "
-                               "call the compiled model under torch.no_grad() (or torch.inference_mode()) "
-                               "in eval mode, or use a recipe without quantization for training")
-        if _varying_size(gm) and (recipe.merges or recipe.quantize.enabled):
-            what = " and ".join(w for w, on in (("merging", recipe.merges), ("int8", recipe.quantize.enabled)) if on)
-            self._warn_once(f"mergepass: this graph's input size is symbolic beyond the batch (a varying image "
-                            f"size, so a varying token count); {what} need{'s' if ' and ' not in what else ''} a "
-                            "fixed size, so it compiles without them. A dynamic batch alone is fine; otherwise "
-                            "pass dynamic=False.")
-            self.results.append(GraphResult(RewriteResult(gm, None, None, ["symbolic input size: compiled unchanged"])))
-            return compile_graph(gm, example_inputs, recipe.lower)
-        if recipe.lower == "tensorrt":
+            return unchanged(gm, self.recipe, declined)
+        if self.recipe.lower == "tensorrt":
             from .lower import require_tensorrt
             require_tensorrt()  # before reading calibration data and calibrating, which take a while
-        fused, merge_decision = _fused_merges(recipe, example_inputs) if recipe.merges else (False, None)
-        staged = graph_stages(gm, example_inputs, recipe, calibration=self.calibration if recipe.merges else None,
-                              model=self.model_name, warn=self._warn_once, fused=fused)
-        if merge_decision is not None and staged.schedule is not None:
-            staged.schedule.kernels.insert(0, merge_decision.line())
+        return graph_stages(gm, example_inputs, self.recipe, model=self.model_name, warn=self._warn_once,
+                            calibration=self.calibration if self.recipe.merges else None)
+
+    def _target(self, staged: Staged, example_inputs: Sequence) -> Target:
+        """In-process JIT, or for an int8 graph on inductor the compile cache's packages (inductor's own
+        caches skip int8 graphs)."""
+        jit = JitTarget(staged.recipe.lower)
+        if staged.int8 and staged.recipe.lower == "inductor" and cache.serves(example_inputs, self.cache):
+            return PackageTarget(runs=True, jit=jit)
+        return jit
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence):
+        inputs = Inputs(gm, example_inputs)
+        staged = self._stage(gm, example_inputs, inputs)
         done = GraphResult(staged.rewrite, attention_ops=staged.attention_ops,
-                           attention_decision=staged.attention_decision,
-                           merge_kernel=("fused" if fused else "reference") if recipe.merges else "")
+                           attention_decision=staged.attention_decision, merge_kernel=staged.merge_kernel)
         self.results.append(done)
-        recipe, graph = staged.recipe, staged.graph
-        if not recipe.quantize.enabled:
-            with stage(f"{recipe.lower}: compile"):
-                return compile_graph(graph, example_inputs, recipe.lower)
-
-        try:
-            compiled, q = self._lower_int8(graph, example_inputs, recipe, self._calibration_for(gm, example_inputs),
-                                           done)
-        except Int8Declined as e:
-            self._warn_once(f"mergepass: int8 quantization failed for this graph ({e}); it is compiled in floating "
-                            "point")
-            with stage(f"{recipe.lower}: compile"):
-                return compile_graph(graph, example_inputs, recipe.lower)
-        if q.autocast is None:
-            def run(*args):
-                return compiled(*q.select(args))
-            return run
-        dtypes = output_dtypes(gm)
-
-        def run_cast(*args):  # reduced-precision outputs back to the dtypes the model returns
-            outs = compiled(*q.select(args))
-            seq = outs if isinstance(outs, (tuple, list)) else [outs]
-            cast = [o.to(d) if isinstance(o, torch.Tensor) and d is not None and o.dtype != d else o
-                    for o, d in zip(seq, dtypes)]
-            return type(outs)(cast) if isinstance(outs, (tuple, list)) else cast[0]
-        return run_cast
+        calibration = self._calibration_for(gm, example_inputs) if staged.int8 else None
+        lowered = lower_stage(self._target(staged, example_inputs), staged, example_inputs, calibration,
+                              inputs=inputs, out_dtypes=output_dtypes(gm), warn=self._warn_once)
+        done.quantized, done.package, done.cached = lowered.quantized, lowered.package, lowered.cached
+        return self._guard_inputs(lowered.run, inputs)
 
 
 def backend(recipe: Any = "tome", **kwargs: Any) -> Backend:

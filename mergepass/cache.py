@@ -199,15 +199,17 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
 
 
 def graph_key(gm: fx.GraphModule, example_inputs: Sequence, recipe: dict, calibration: Optional[Sequence],
-              extra: Optional[dict] = None) -> Optional[str]:
+              extra: Optional[dict] = None, inputs: Any = None) -> Optional[str]:
     """The key of a graph's compiled result: its code, inputs (shapes; values of module state), the
     constants it holds, the recipe, the calibration data, inductor's settings, versions and CPU.
-    None when no key can capture what the result depends on (a custom inductor pass is set)."""
+    None when no key can capture what the result depends on (a custom inductor pass is set).
+    ``inputs``: the :class:`~mergepass.graph.lift.Inputs` of ``example_inputs``, where already sorted."""
     settings = _inductor_settings()
     if settings is None:
         return None
-    from .graph.lift import Inputs
-    inputs = Inputs(gm, example_inputs)
+    if inputs is None:
+        from .graph.lift import Inputs
+        inputs = Inputs(gm, example_inputs)
     state = [example_inputs[i] for i in sorted(inputs.const)]
     attrs = [v for v in (_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr")
              if isinstance(v, torch.Tensor)]

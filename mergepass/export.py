@@ -22,10 +22,12 @@ from . import artifact
 from . import cache as compile_cache
 from .errors import MergepassWarning, briefly
 from .graph.capture import capture_graphs
-from .graph.lift import Lifted, output_dtypes
+from .graph.lift import Inputs
+from .graph.nodes import output_dtypes
 from .pipeline import Int8Declined, Staged, graph_stages, lower_stage
-from .quantize import Quantized, read_calibration
+from .quantize import read_calibration
 from .recipe import Recipe, load
+from .targets import PackageTarget
 
 
 def merged_graph(model: torch.nn.Module, example_input: torch.Tensor, recipe: Recipe,
@@ -45,7 +47,7 @@ def _staged(model, example_input, recipe, batches, *, dynamic_batch) -> tuple[to
     gm, example_inputs = graphs[0]
     # torch's SDPA and the reference merge ops: a package must load where mergepass's own ops are not registered
     return gm, example_inputs, graph_stages(gm, example_inputs, recipe, calibration=batches,
-                                            model=type(model).__name__, attention=False)
+                                            model=type(model).__name__, kernels=False)
 
 
 def _capture(model, example_input, r, batches):
@@ -88,31 +90,10 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
     r = load(recipe, **overrides)
     batches = read_calibration(calibration, r.quantize.calibration_batches)
     gm, example_inputs, staged = _capture(model, example_input, r, batches)
-    graph, r = staged.graph, staged.recipe
-    dims = Lifted(graph, example_inputs).input_dims()
-    use_cache = compile_cache.serves(example_inputs, cache)
-
-    def key_of(rr: Recipe) -> Optional[str]:
-        return (compile_cache.graph_key(graph, example_inputs, rr.to_dict(), batches, extra={"export": True})
-                if use_cache else None)
-
-    def write(q: Optional[Quantized], said: list[str], key: Optional[str]) -> Path:
-        if q is not None:
-            module, inputs = q.module, q.inputs
-            options = dict(freezing=q.freezing, autocast=q.autocast, output_dtypes=output_dtypes(gm),
-                           inductor_config_overrides=q.inductor_config)
-        else:
-            module = Lifted(graph, example_inputs).eval()
-            inputs, options = module.user_inputs(example_inputs), {}
-        meta = {"recipe": r.name, "warnings": said, "quantized": None if q is None else q.describe()}
-
-        def build(out: Path) -> Path:
-            return artifact.write(module, inputs, out, dynamic_shapes=dims, meta=meta, **options)
-        return compile_cache.store(key, build) if key is not None else build(Path(path))
-
+    target = PackageTarget(Path(path), cached=compile_cache.serves(example_inputs, cache), extra={"export": True})
     try:
-        package, _, _ = lower_stage(graph, example_inputs, r, batches, key_of=key_of, lower=write,
-                                    served=lambda p: p, warn=_say)
+        package = lower_stage(target, staged, example_inputs, batches, inputs=Inputs(gm, example_inputs),
+                              out_dtypes=output_dtypes(gm), warn=_say).package
     except Int8Declined as e:
         raise RuntimeError(f"mergepass: int8 quantization failed for this graph ({e}); export it with a "
                            "recipe without quantization") from e

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import compat
+from .graph.lift import cast_outputs
 from .graph.nodes import exported_value
 
 LOWERINGS = ("inductor", "tensorrt", "eager")
@@ -62,12 +63,7 @@ class _Entry(torch.nn.Module):
     def forward(self, *args):
         with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
             outs = self.module(*args)
-        if self.dtype is None or not self.out_dtypes:
-            return outs
-        seq = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-        seq = [o.to(d) if isinstance(o, torch.Tensor) and d is not None and o.dtype != d else o
-               for o, d in zip(seq, self.out_dtypes + [None] * len(seq))]
-        return type(outs)(seq) if isinstance(outs, (tuple, list)) else seq[0]
+        return outs if self.dtype is None else cast_outputs(outs, self.out_dtypes)
 
 
 def compile_package(module: torch.nn.Module, example_inputs: Sequence, path: str | os.PathLike, *,

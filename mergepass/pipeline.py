@@ -3,23 +3,23 @@ quantize → lower. ``backend``, ``export``, ``plan`` and ``search`` call these 
 
 * :func:`merge_stage`: prepare → match → resolve ``auto`` → rewrite (the merges).
 * :func:`graph_stages`: the merge stage, then mergepass's attention ops.
-* :func:`lower_stage`: quantize (int8 recipes) and lower, or take the result from the compile cache.
+* :func:`lower_stage`: quantize (int8 recipes) and lower to a target (:mod:`mergepass.targets`), or take the
+  result the target kept.
 * :class:`Planner` / :func:`plan`: the schedule the backend would use, without compiling.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import fx
 
-from . import artifact, cache
 from .decide import Decision
 from .errors import MergepassWarning, briefly, replay
 from .graph.capture import capture_graphs, copy_graph_module, prepare
+from .graph.lift import Inputs
 from .graph.match import find_blocks, summarize
 from .graph.rewrite import RewriteResult, rewrite
 from .quantize import Quantized, fit_to_graph, quantize, read_calibration
@@ -28,6 +28,7 @@ from .schedule import Schedule
 from .search.auto import choose
 from .search.score import graph_fidelity
 from .stages import stage
+from .targets import Lowered, Target, Work
 
 
 def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
@@ -85,6 +86,35 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
     return work, replace_attention(work, kind), decision
 
 
+def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:
+    """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph, and the
+    measurement behind ``merge_kernel = "auto"``."""
+    if recipe.merge_kernel == "reference" or recipe.lower == "tensorrt":  # TensorRT has no converter for it
+        return False, None
+    why = None
+    if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
+        why = "the inputs are not on the CPU"
+    elif training(example_inputs):
+        why = "the graph needs gradients and the kernel has no backward"
+    else:
+        from .merge import fused
+        with stage("fused merge kernel: build or load"):
+            err = fused.kernel_error()
+        if err is not None:
+            why = f"its build failed ({err})"
+            if recipe.merge_kernel == "auto":
+                warnings.warn(f"mergepass: fused merge kernel unavailable, {why}; using the reference merge "
+                              "ops (same results, slower)", MergepassWarning, stacklevel=3)
+        elif recipe.merge_kernel == "auto":
+            with stage("merge kernel: measure or read the kept decision"):
+                decision = fused.choose()
+            return decision.choice == "fused", decision
+    if why is not None and recipe.merge_kernel == "fused":
+        raise RuntimeError(f"recipe field 'merge_kernel' is 'fused' but the fused merge kernel is unavailable: "
+                           f"{why}; use merge_kernel='auto' or 'reference'")
+    return why is None, None
+
+
 @dataclass
 class Staged:
     """A graph after match → schedule → merge → attention ops: what quantization and lowering take."""
@@ -94,17 +124,30 @@ class Staged:
     graph: fx.GraphModule          # merged, with mergepass's attention ops where chosen
     attention_ops: int = 0
     attention_decision: Optional[Decision] = None  # what attention_kernel = "auto" measured
+    merge_kernel: str = ""         # the merges' kernel: "fused" or "reference" ("" without merges)
+    unchanged: bool = False        # dynamo's graph as it came, lowered without int8
 
     @property
     def schedule(self) -> Optional[Schedule]:
         return self.rewrite.schedule
 
+    @property
+    def int8(self) -> bool:
+        return self.recipe.quantize.enabled and not self.unchanged
+
+
+def unchanged(gm: fx.GraphModule, recipe: Recipe, why: str) -> Staged:
+    """dynamo's graph, staged to be compiled as it is (no merges, no int8), ``why`` noted."""
+    return Staged(RewriteResult(gm, None, None, [why]), recipe, gm, unchanged=True)
+
 
 def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
-                 calibration: Optional[list[tuple]] = None, model: str = "", warn: Any = True, fused: bool = False,
-                 attention: bool = True) -> Staged:
-    """The merge stage, then mergepass's attention ops (``attention=False`` keeps torch's SDPA, as a package
-    that must load without mergepass needs). ``gm`` itself is never modified."""
+                 calibration: Optional[list[tuple]] = None, model: str = "", warn: Any = True,
+                 kernels: bool = True) -> Staged:
+    """The merge stage, then mergepass's attention ops. ``kernels=False`` keeps torch's SDPA and the reference
+    merge ops, as a package that must load without mergepass needs. ``gm`` itself is never modified."""
+    fused, merge_decision = merge_kernel_stage(recipe, example_inputs) if kernels and recipe.merges else (False, None)
+    merge_kernel = ("fused" if fused else "reference") if recipe.merges else ""
     if recipe.merges:
         with stage("match, schedule and merge"):
             result = merge_stage(gm, example_inputs, recipe, calibration=calibration, model=model, warn=warn,
@@ -114,14 +157,16 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
     if result.schedule is not None:
         recipe = result.schedule.recipe
     graph, ops, decision = result.gm, 0, None
-    if attention:
+    if kernels:
         with stage("attention ops"):
             graph, ops, decision = attention_stage(result.gm, example_inputs, recipe)
         if result.schedule is not None:
             from .quantize.pt2e import rest_decision
             rest = rest_decision(recipe.quantize.rest) if recipe.quantize.enabled else None
             result.schedule.kernels += [d.line() for d in (decision, rest) if d is not None]
-    return Staged(result, recipe, graph, ops, decision)
+    if merge_decision is not None and result.schedule is not None:
+        result.schedule.kernels.insert(0, merge_decision.line())
+    return Staged(result, recipe, graph, ops, decision, merge_kernel)
 
 
 class Int8Declined(RuntimeError):
@@ -141,43 +186,59 @@ def _quantize(graph, example_inputs, recipe, calibration, warn) -> tuple[Quantiz
     return q, replay(caught, warn)
 
 
-def lower_stage(graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, calibration: Optional[list[tuple]],
-                *, key_of: Callable[[Recipe], Optional[str]],
-                lower: Callable[[Optional[Quantized], list, Optional[str]], Any], served: Callable[[Path], Any],
-                warn: Callable[[str], None]) -> tuple[Any, Optional[Quantized], bool]:
-    """Quantize ``graph`` (int8 recipes) and lower it, or take the result from the compile cache:
-    (result, Quantized or None, cached).
-
-    ``key_of(recipe)``: the cache key (None: no cache). ``served(package)``: the result for a verified entry
-    (None: unusable, build anew). ``lower(q, said, key)``: the result of a build (``said``: what quantizing
-    warned; ``q`` None without int8). A fused int8 attention that fails to lower is built once more with float
-    attention, with a warning.
-    """
-    key = key_of(recipe)
+def lower_stage(target: Target, staged: Staged, example_inputs: Sequence, calibration: Optional[list[tuple]], *,
+                inputs: Inputs, out_dtypes: list, warn: Callable[[str], None]) -> Lowered:
+    """Quantize the staged graph (int8 recipes) and lower it to ``target``
+    (:mod:`mergepass.targets`), or take the result the target kept under its key. ``inputs``: dynamo's
+    inputs, sorted once; ``out_dtypes``: what the model returns. Where int8 declines the graph, it is
+    lowered in floating point to ``target.jit``, with a warning (no ``jit``: :class:`Int8Declined`); a fused
+    int8 attention that fails to lower is built once more with float attention, with a warning."""
+    work = Work(staged.graph, example_inputs, inputs, staged.recipe, out_dtypes, calibration)
+    key = target.key(work)
     if key is not None:
         with stage("compile cache: key and lookup"):
-            hit = cache.verified(key)
-            meta = artifact.read_manifest(hit)["meta"] if hit is not None else None
-            result = served(hit) if hit is not None else None
-        if result is not None:
-            for message in meta.get("warnings", []):  # what the build said, said again
-                warn(message)
-            quantized = meta.get("quantized")
-            return result, None if quantized is None else Quantized.from_cache(quantized, ()), True
-    if not recipe.quantize.enabled:
-        return lower(None, [], key), None, False
-    q, said = _quantize(graph, example_inputs, recipe, calibration, warn)
+            kept = target.load(key, work)
+        if kept is not None:
+            for message in kept.said:
+                warn(message)  # what the build said, said again
+            return kept
+    if not staged.int8:
+        return target.build(work, key)
     try:
-        return lower(q, said, key), q, False
+        return _lower_int8(target, work, key, warn)
+    except Int8Declined as e:
+        if target.jit is None:
+            raise
+        warn(f"mergepass: int8 quantization failed for this graph ({e}); it is compiled in floating point")
+        return target.jit.build(work)
+
+
+def _lower_int8(target: Target, work: Work, key: Optional[str], warn: Callable[[str], None]) -> Lowered:
+    q, said = _quantize(work.graph, work.example_inputs, work.recipe, work.calibration, warn)
+    try:
+        return _build(target, replace(work, quantized=q, said=said), key, warn)
     except Exception as e:  # noqa: BLE001 - a prototype fusion must not cost the user the compile
         if not q.int8_attention:
             raise
         said.append(f"mergepass: int8 attention did not compile ({type(e).__name__}: {e}); compiling "
                     "with floating-point attention instead")
         warn(said[-1])
-    recipe = recipe.replace(quantize={"attention": "float"})
-    q, more = _quantize(graph, example_inputs, recipe, calibration, warn)
-    return lower(q, said + more, key_of(recipe)), q, False
+    work = replace(work, recipe=work.recipe.replace(quantize={"attention": "float"}))
+    q, more = _quantize(work.graph, work.example_inputs, work.recipe, work.calibration, warn)
+    return _build(target, replace(work, quantized=q, said=said + more), target.key(work), warn)
+
+
+def _build(target: Target, work: Work, key: Optional[str], warn: Callable[[str], None]) -> Lowered:
+    """``target.build``; a graph that cannot be packaged goes to ``target.jit`` with a warning (a fused int8
+    attention raises: it is retried with float attention first)."""
+    try:
+        return target.build(work, key)
+    except Exception as e:  # noqa: BLE001 - the cache must never cost the user the compile
+        if target.jit in (None, target) or work.quantized.int8_attention:
+            raise
+        warn(f"mergepass: this int8 graph could not be packaged for the compile cache ({briefly(e)}); it is "
+             "compiled without the cache")
+    return target.jit.build(work)
 
 
 class Planner:

@@ -16,7 +16,7 @@ from reference import _assemble, reference_forward
 PKG = Path(mergepass.__file__).parent
 # lowest first; a module may import from its own floor or below, never above
 FLOORS = [{"errors", "cpu", "decide", "fidelity", "kernels", "merge", "stages", "compat", "config"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
-          {"recipe"}, {"search"}, {"pipeline", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "infer", "__init__"}]
+          {"recipe"}, {"search"}, {"pipeline", "targets", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "infer", "__init__"}]
 
 
 def _module_name(path: Path) -> str:

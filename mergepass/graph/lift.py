@@ -63,6 +63,8 @@ class Inputs:
         self.const = {i: v for i, (n, v) in enumerate(zip(phs, example_inputs)) if is_state(n, v)}
         sizes = {i for i, v in enumerate(example_inputs) if isinstance(v, torch.SymInt)}
         self.user_idx = [i for i in range(self.count) if i not in self.const and i not in sizes]
+        # per user input, its symbolic dims as ``{dim: Dim.AUTO}`` (None where all are static)
+        self.dims = [{d: torch.export.Dim.AUTO for d in symbolic_dims(phs[i])} or None for i in self.user_idx]
         users = [phs[i] for i in self.user_idx]
         self.derived = {}
         for i in sizes:
@@ -94,10 +96,10 @@ class Lifted(torch.nn.Module):
     dynamo's ``nn_module_stack`` (names for exclusion) and ``source_fn_stack`` (for the quantizer).
     """
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence):
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence, inputs: Optional[Inputs] = None):
         super().__init__()
         self.gm = gm
-        self.inputs = Inputs(gm, example_inputs)
+        self.inputs = inputs if inputs is not None else Inputs(gm, example_inputs)
         self.user_idx = self.inputs.user_idx
         for i, v in self.inputs.const.items():
             self.register_buffer(f"c{i}", v.detach(), persistent=False)
@@ -107,8 +109,7 @@ class Lifted(torch.nn.Module):
 
     def input_dims(self) -> list[Optional[dict]]:
         """Per user input, its symbolic dims as ``{dim: Dim.AUTO}`` (None where all are static)."""
-        phs = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        return [{d: torch.export.Dim.AUTO for d in symbolic_dims(phs[i])} or None for i in self.user_idx]
+        return self.inputs.dims
 
     def dynamic_shapes(self) -> Optional[tuple]:
         """``torch.export`` dynamic_shapes for the user inputs: their symbolic dims, or None if all static."""
@@ -121,11 +122,14 @@ class Lifted(torch.nn.Module):
             return fx.Interpreter(self.gm).run(*args)
 
 
-def output_dtypes(gm: fx.GraphModule) -> list:
-    """The dtype of each output of dynamo's graph (None for a non-tensor)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    return [getattr(traced_value(o), "dtype", None) for o in outs]
+def cast_outputs(outs, dtypes: Sequence):
+    """``outs`` (a tensor, tuple or list) with each tensor cast to its entry of ``dtypes`` where that is given
+    and differs: a graph run under autocast returns what the model returns."""
+    seq = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    dtypes = list(dtypes) + [None] * (len(seq) - len(dtypes))
+    seq = [o.to(d) if isinstance(o, torch.Tensor) and d is not None and o.dtype != d else o
+           for o, d in zip(seq, dtypes)]
+    return type(outs)(seq) if isinstance(outs, (tuple, list)) else seq[0]
 
 
 def linear_modules_graph(gm: fx.GraphModule, example_inputs: Sequence) -> tuple[fx.GraphModule, list, dict]:

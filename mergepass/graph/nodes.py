@@ -103,3 +103,10 @@ def is_add(node: fx.Node) -> bool:
 
 def is_linear(node: fx.Node) -> bool:
     return is_call(node, LINEAR_FN)
+
+
+def output_dtypes(gm: fx.GraphModule) -> list:
+    """The dtype of each output of dynamo's graph (None for a non-tensor)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    return [getattr(traced_value(o), "dtype", None) for o in outs]
