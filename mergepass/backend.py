@@ -107,7 +107,8 @@ class Backend:
         return batches
 
     def _declines(self, gm: fx.GraphModule, example_inputs: Sequence, inputs: Inputs) -> Optional[str]:
-        """Why this graph compiles unchanged (None: it goes through the stages)."""
+        """Why this graph compiles unchanged (None: it goes through the stages); raises where the recipe cannot
+        compile it at all (int8 with gradients)."""
         recipe = self.recipe
         if any(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 0 for t in inputs.user_inputs(example_inputs)):
             return "an empty batch: compiled unchanged"

@@ -133,6 +133,7 @@ class Staged:
 
     @property
     def int8(self) -> bool:
+        """Whether lowering quantizes the graph first."""
         return self.recipe.quantize.enabled and not self.unchanged
 
 
