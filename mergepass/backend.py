@@ -4,7 +4,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import fx
@@ -33,7 +33,7 @@ def _varying_size(gm: fx.GraphModule) -> bool:
 def _fused_merges(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:
     """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph, and the
     measurement behind ``merge_kernel = "auto"``."""
-    if recipe.merge_kernel == "reference" or recipe.lower == "tensorrt":  # TensorRT has no converter for it
+    if recipe.merge_kernel == "reference" or recipe.lower.target == "tensorrt":  # TensorRT has no converter for it
         return False, None
     why = None
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
@@ -65,8 +65,8 @@ class GraphResult:
 
     rewrite: RewriteResult
     quantized: Optional[Quantized] = None
-    attention_ops: int = 0  # attentions running on one of mergepass's attention ops (recipe field attention_kernel)
-    attention_decision: Optional[Decision] = None  # what attention_kernel = "auto" measured (int8 graphs)
+    attention_ops: int = 0  # attentions on one of mergepass's attention ops (recipe field lower.attention_kernel)
+    attention_decision: Optional[Decision] = None  # what lower.attention_kernel = "auto" measured (int8 graphs)
     merge_kernel: str = ""  # the merges' kernel: "fused" or "reference" ("" without merges)
     package: Optional[Path] = None  # the compile cache's package this graph runs (mergepass.cache)
     cached: bool = False  # ... taken from the cache rather than built by this compile
@@ -85,10 +85,10 @@ class Backend:
     """A torch.compile backend applying a recipe. Keeps what it did in ``results`` (one per graph)."""
 
     def __init__(self, recipe: Any = "tome", *, calibration: Optional[Iterable] = None,
-                 lower: Optional[str] = None, model_name: str = "", cache: Optional[bool] = None,
+                 lower: Union[str, Mapping, None] = None, model_name: str = "", cache: Optional[bool] = None,
                  check_inputs: bool = False, **overrides: Any):
-        if lower is not None:
-            overrides["lower"] = lower
+        if lower is not None:  # the target alone, or the whole [lower] table
+            overrides["lower"] = {"target": lower} if isinstance(lower, str) else lower
         self.recipe: Recipe = load(recipe, **overrides)
         self._calibration_source = calibration
         self._calibration: Optional[list[tuple]] = None
@@ -139,7 +139,7 @@ class Backend:
     def _lower_int8(self, graph: fx.GraphModule, example_inputs: Sequence, recipe: Recipe,
                     calibration: Optional[list[tuple]], done: GraphResult) -> tuple[Any, Quantized]:
         """Quantize and compile (or take from the compile cache): the compiled callable of the user's inputs."""
-        use_cache = recipe.lower == "inductor" and cache.serves(example_inputs, self.cache)
+        use_cache = recipe.lower.target == "inductor" and cache.serves(example_inputs, self.cache)
         dims = Lifted(graph, example_inputs).input_dims()
 
         def key_of(r: Recipe) -> Optional[str]:
@@ -167,8 +167,8 @@ class Backend:
                         raise
                     self._warn_once(f"mergepass: this int8 graph could not be packaged for the compile cache "
                                     f"({briefly(e)}); it is compiled without the cache")
-            with stage(f"{recipe.lower}: compile"):
-                return compile_graph(q.module, q.inputs, recipe.lower, freezing=q.freezing,
+            with stage(f"{recipe.lower.target}: compile"):
+                return compile_graph(q.module, q.inputs, recipe.lower.target, freezing=q.freezing,
                                      trace_context=q.trace_context, autocast=q.autocast,
                                      inductor_config_overrides=q.inductor_config)
 
@@ -215,7 +215,7 @@ class Backend:
         declined = self._declines(gm, example_inputs)
         if declined:
             self.results.append(GraphResult(RewriteResult(gm, None, None, [declined])))
-            return compile_graph(gm, example_inputs, recipe.lower)
+            return compile_graph(gm, example_inputs, recipe.lower.target)
         if recipe.quantize.enabled and training(example_inputs):
             raise RuntimeError(f"recipe {recipe.name!r} quantizes to int8 and is inference-only: "
                                "call the compiled model under torch.no_grad() (or torch.inference_mode()) "
@@ -227,8 +227,8 @@ class Backend:
                             "fixed size, so it compiles without them. A dynamic batch alone is fine; otherwise "
                             "pass dynamic=False.")
             self.results.append(GraphResult(RewriteResult(gm, None, None, ["symbolic input size: compiled unchanged"])))
-            return compile_graph(gm, example_inputs, recipe.lower)
-        if recipe.lower == "tensorrt":
+            return compile_graph(gm, example_inputs, recipe.lower.target)
+        if recipe.lower.target == "tensorrt":
             from .lower import require_tensorrt
             require_tensorrt()  # before reading calibration data and calibrating, which take a while
         fused, merge_decision = _fused_merges(recipe, example_inputs) if recipe.merges else (False, None)
@@ -242,8 +242,8 @@ class Backend:
         self.results.append(done)
         recipe, graph = staged.recipe, staged.graph
         if not recipe.quantize.enabled:
-            with stage(f"{recipe.lower}: compile"):
-                return compile_graph(graph, example_inputs, recipe.lower)
+            with stage(f"{recipe.lower.target}: compile"):
+                return compile_graph(graph, example_inputs, recipe.lower.target)
 
         try:
             compiled, q = self._lower_int8(graph, example_inputs, recipe, self._calibration_for(gm, example_inputs),
@@ -251,8 +251,8 @@ class Backend:
         except Int8Declined as e:
             self._warn_once(f"mergepass: int8 quantization failed for this graph ({e}); it is compiled in floating "
                             "point")
-            with stage(f"{recipe.lower}: compile"):
-                return compile_graph(graph, example_inputs, recipe.lower)
+            with stage(f"{recipe.lower.target}: compile"):
+                return compile_graph(graph, example_inputs, recipe.lower.target)
         if q.autocast is None:
             def run(*args):
                 return compiled(*q.select(args))
@@ -272,8 +272,9 @@ def backend(recipe: Any = "tome", **kwargs: Any) -> Backend:
     """``torch.compile(model, backend=mergepass.backend(recipe="tome", r=8))``.
 
     ``recipe``: a recipe name, a path to a TOML file, a dict, or a :class:`Recipe`; keyword
-    overrides replace recipe fields (``r=8``, ``skip=2``, ``quantize_mode="dynamic"``).
-    ``calibration``: an iterable of input batches for int8 recipes, read once. ``lower``: inductor | tensorrt | eager.
+    overrides replace fields of the recipe's tables (``merge={"r": 8, "skip": 2}``, ``quantize={"mode": "dynamic"}``).
+    ``calibration``: an iterable of input batches for int8 recipes, read once. ``lower``: the recipe's
+    ``lower.target`` (inductor | tensorrt | eager), or its whole ``[lower]`` table.
     ``cache``: keep compiled int8 graphs for later processes (:mod:`mergepass.cache`; default on unless
     ``MERGEPASS_CACHE=0``). ``check_inputs``: raise on NaN or inf in an input (static int8 would give finite,
     meaningless outputs for it; the check costs one pass over the input).

@@ -171,12 +171,12 @@ def _bad_recipe(tmp_path, kind):
     if kind == "latin1":
         path.write_bytes('description = "café"\nmethod = "tome"\n'.encode("latin-1"))
     else:
-        path.write_text('method = "tome"\n[quantize]\nkeep_fp32 = 5\n')
+        path.write_text('[merge]\nmethod = "tome"\n[quantize.pt2e]\nkeep_fp32 = 5\n')
     return path
 
 
 @pytest.mark.parametrize("kind,match", [("folder", "is a folder"), ("latin1", "is not UTF-8"),
-                                        ("keep", "'quantize.keep_fp32' must be a list of strings")])
+                                        ("keep", "'quantize.pt2e.keep_fp32' must be a list of strings")])
 def test_bad_recipe_file_exits_2_naming_it(tmp_path, capsys, kind, match):
     path = _bad_recipe(tmp_path, kind)
     with pytest.raises(ValueError, match=match):
