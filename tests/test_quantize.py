@@ -32,7 +32,7 @@ def _float(m, x, recipe="tome"):
     """The same model and merges without int8, run eagerly: what int8 is compared with."""
     with torch.no_grad():
         merge = {"r": 3} if recipe != "none" else {}
-        return torch.compile(m, backend=mergepass.backend(recipe, lower="eager", **merge), dynamic=False)(x)
+        return torch.compile(m, backend=mergepass.backend(recipe, lower="eager", merge=merge), dynamic=False)(x)
 
 
 @pytest.fixture(scope="module")

@@ -83,9 +83,9 @@ def test_searched_schedule_beats_constant_tome_on_real_weights():
     x, _, _ = data.load_images(IMAGES, limit=96, **data.data_config(model.model, 224, crop_pct=0.875))
     held = x[64:96]
 
-    def cos(recipe, **kw):
+    def cos(recipe, **merge):
         torch._dynamo.reset()
-        be = mergepass.backend(recipe, lower="eager", **kw)
+        be = mergepass.backend(recipe, lower="eager", merge=merge)
         f = torch.compile(model, backend=be, dynamic=False)
         with torch.no_grad():
             out = torch.cat([f(held[i:i + 16])[:, 0] for i in range(0, len(held), 16)])

@@ -61,7 +61,7 @@ def rest_dtype(rest: str) -> Optional[torch.dtype]:
 def rest_decision(rest: str) -> Optional[Decision]:
     """What ``quantize.pt2e.rest = "auto"`` chose, said as what it is: a default by instruction set, not measured
     (timing it takes two int8 compiles of the model; ``benchmarks/speed.py`` times ``int8`` against
-    ``int8:quantize_rest=fp32``)."""
+    ``int8:quantize.pt2e.rest=fp32``)."""
     if rest != "auto":
         return None
     choice = "bf16" if rest_dtype(rest) is not None else "fp32"
