@@ -3,7 +3,7 @@
     python benchmarks/attention_op.py --threads 2
 
 Where the CPU has native bf16 (AVX512-BF16 or AMX), ``sdpa_bf16`` times torch's SDPA on bf16 inputs: what
-attention runs in an int8 recipe whose rest is bf16 (``quantize.rest``), and on AMX what ``attention_kernel =
+attention runs in an int8 recipe whose rest is bf16 (``quantize.pt2e.rest``), and on AMX what ``lower.attention_kernel =
 "auto"`` leaves it to.
 
 Shapes [batch, heads, tokens, head dim]: ViT-S/14 (DINOv2) and ViT-B/16 at 224 px, batch 8, and

@@ -35,7 +35,7 @@ from mergepass.graph.match import is_linear  # noqa: E402
 def full_size(case) -> dict:
     model, x = case.build(tiny=False)
     try:
-        sched = mergepass.plan(model, x[:1], "tome", r=16, model_name=case.name)
+        sched = mergepass.plan(model, x[:1], "tome", merge={"r": 16}, model_name=case.name)
     except ValueError as e:
         return {"status": "declined", "reason": str(e)}
     tokens = sched.blocks[0].tokens_in if sched.blocks else 0
@@ -45,7 +45,7 @@ def full_size(case) -> dict:
 
 def tiny_int8(case) -> dict:
     model, x = case.build()
-    be = mergepass.backend("tome_int8", r=2, lower="eager", calibration=[x])
+    be = mergepass.backend("tome_int8", merge={"r": 2}, lower="eager", calibration=[x])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

@@ -73,7 +73,7 @@ def build(row: str, model, calib, x):
     if row == "trt_int8":
         return _modelopt_trt(model, calib, x)
     recipe = {"tome": "tome", "tome_int8": "tome_int8", "tome_int8_trt": "tome_int8_trt"}[row]
-    kw = {"quantize_engine": "torchao"} if row == "tome_int8" else {}
+    kw = {"quantize": {"engine": "torchao"}} if row == "tome_int8" else {}
     be = mergepass.backend(recipe, calibration=calib, **kw)
     return torch.compile(model, backend=be, dynamic=False)
 

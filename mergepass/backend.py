@@ -4,7 +4,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import fx
@@ -35,8 +35,8 @@ class GraphResult:
 
     rewrite: RewriteResult
     quantized: Optional[Quantized] = None
-    attention_ops: int = 0  # attentions running on one of mergepass's attention ops (recipe field attention_kernel)
-    attention_decision: Optional[Decision] = None  # what attention_kernel = "auto" measured (int8 graphs)
+    attention_ops: int = 0  # attentions on one of mergepass's attention ops (recipe field lower.attention_kernel)
+    attention_decision: Optional[Decision] = None  # what lower.attention_kernel = "auto" measured (int8 graphs)
     merge_kernel: str = ""  # the merges' kernel: "fused" or "reference" ("" without merges)
     package: Optional[Path] = None  # the compile cache's package this graph runs (mergepass.cache)
     cached: bool = False  # ... taken from the cache rather than built by this compile
@@ -55,10 +55,10 @@ class Backend:
     """A torch.compile backend applying a recipe. Keeps what it did in ``results`` (one per graph)."""
 
     def __init__(self, recipe: Any = "tome", *, calibration: Optional[Iterable] = None,
-                 lower: Optional[str] = None, model_name: str = "", cache: Optional[bool] = None,
+                 lower: Union[str, Mapping, None] = None, model_name: str = "", cache: Optional[bool] = None,
                  check_inputs: bool = False, **overrides: Any):
-        if lower is not None:
-            overrides["lower"] = lower
+        if lower is not None:  # the target alone, or the whole [lower] table
+            overrides["lower"] = {"target": lower} if isinstance(lower, str) else lower
         self.recipe: Recipe = load(recipe, **overrides)
         self._calibration_source = calibration
         self._calibration: Optional[list[tuple]] = None
@@ -153,7 +153,7 @@ class Backend:
         declined = self._declines(gm, example_inputs, inputs)
         if declined:
             return unchanged(gm, self.recipe, declined)
-        if self.recipe.lower == "tensorrt":
+        if self.recipe.lower.target == "tensorrt":
             from .lower import require_tensorrt
             require_tensorrt()  # before reading calibration data and calibrating, which take a while
         return graph_stages(gm, example_inputs, self.recipe, model=self.model_name, warn=self._warn_once,
@@ -162,8 +162,8 @@ class Backend:
     def _target(self, staged: Staged, example_inputs: Sequence) -> Target:
         """In-process JIT, or for an int8 graph on inductor the compile cache's packages (inductor's own
         caches skip int8 graphs)."""
-        jit = JitTarget(staged.recipe.lower)
-        if staged.int8 and staged.recipe.lower == "inductor" and cache.serves(example_inputs, self.cache):
+        jit = JitTarget(staged.recipe.lower.target)
+        if staged.int8 and staged.recipe.lower.target == "inductor" and cache.serves(example_inputs, self.cache):
             return PackageTarget(runs=True, jit=jit)
         return jit
 
@@ -184,8 +184,9 @@ def backend(recipe: Any = "tome", **kwargs: Any) -> Backend:
     """``torch.compile(model, backend=mergepass.backend(recipe="tome", r=8))``.
 
     ``recipe``: a recipe name, a path to a TOML file, a dict, or a :class:`Recipe`; keyword
-    overrides replace recipe fields (``r=8``, ``skip=2``, ``quantize_mode="dynamic"``).
-    ``calibration``: an iterable of input batches for int8 recipes, read once. ``lower``: inductor | tensorrt | eager.
+    overrides replace fields of the recipe's tables (``merge={"r": 8, "skip": 2}``, ``quantize={"mode": "dynamic"}``).
+    ``calibration``: an iterable of input batches for int8 recipes, read once. ``lower``: the recipe's
+    ``lower.target`` (inductor | tensorrt | eager), or its whole ``[lower]`` table.
     ``cache``: keep compiled int8 graphs for later processes (:mod:`mergepass.cache`; default on unless
     ``MERGEPASS_CACHE=0``). ``check_inputs``: raise on NaN or inf in an input (static int8 would give finite,
     meaningless outputs for it; the check costs one pass over the input).

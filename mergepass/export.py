@@ -85,7 +85,7 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
     before for the same graph, weights, recipe and calibration comes from the compile cache
     (:mod:`mergepass.cache`; ``cache=False`` or ``MERGEPASS_CACHE=0`` builds it anew). The stages are the
     backend's (:mod:`mergepass.pipeline`), so the package runs the graph the backend runs with
-    ``attention_kernel="sdpa"``."""
+    ``lower.attention_kernel = "sdpa"``."""
     _check_example(example_input)
     r = load(recipe, **overrides)
     batches = read_calibration(calibration, r.quantize.calibration_batches)

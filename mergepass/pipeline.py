@@ -60,15 +60,16 @@ def training(example_inputs: Sequence) -> bool:
 def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
                     ) -> tuple[fx.GraphModule, int, Optional[Decision]]:
     """(graph, attentions now on one of mergepass's attention ops, the measured decision behind ``auto`` or
-    None) for recipe field ``attention_kernel``. ``gm`` itself is never modified."""
+    None) for recipe field ``lower.attention_kernel``. ``gm`` itself is never modified."""
     from .graph.passes.replace_attention import replace_attention, shapes, wanted
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
-    choice = recipe.attention_kernel
-    int8_attention = recipe.quantize.enabled and recipe.quantize.attention == "int8"
+    choice = recipe.lower.attention_kernel
+    own = _pt2e_config(recipe, example_inputs)
+    int8_attention = own is not None and own.attention == "int8"
     kind, why = wanted(choice, recipe.quantize.enabled, int8_attention, training(example_inputs), on_cpu)
     if choice not in ("auto", "sdpa") and kind is None:
-        raise RuntimeError(f"recipe field 'attention_kernel' is {choice!r} but mergepass's {choice} attention cannot "
-                           f"run here: {why}; use attention_kernel='auto' or 'sdpa'")
+        raise RuntimeError(f"recipe field 'lower.attention_kernel' is {choice!r} but mergepass's {choice} attention "
+                           f"cannot run here: {why}; use lower.attention_kernel='auto' or 'sdpa'")
     decision = None
     if kind == "measure":
         found = shapes(gm)
@@ -77,8 +78,8 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
         from .kernels.attention import choose
         from .quantize.pt2e import rest_dtype
         with stage("attention kernel: measure or read the kept decision"):
-            decision = choose(*found, dtype=rest_dtype(recipe.quantize.rest) or torch.float32,
-                              tolerance=recipe.attention_tolerance)
+            decision = choose(*found, dtype=(own is not None and rest_dtype(own.rest)) or torch.float32,
+                              tolerance=recipe.lower.attention_tolerance)
         kind = None if decision.choice == "sdpa" else decision.choice
     if kind is None:
         return gm, 0, decision
@@ -89,7 +90,7 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
 def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:
     """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph, and the
     measurement behind ``merge_kernel = "auto"``."""
-    if recipe.merge_kernel == "reference" or recipe.lower == "tensorrt":  # TensorRT has no converter for it
+    if recipe.merge_kernel == "reference" or recipe.lower.target == "tensorrt":  # TensorRT has no converter for it
         return False, None
     why = None
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
@@ -115,6 +116,16 @@ def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, 
     return why is None, None
 
 
+def _pt2e_config(recipe: Recipe, example_inputs: Sequence):
+    """The pt2e engine's config where it quantizes this graph (its ``rest`` and ``attention`` shape the attention
+    ops), else None."""
+    if not recipe.quantize.enabled:
+        return None
+    from .quantize.pt2e import PT2EConfig
+    own = recipe.quantize.engine_config(recipe.lower.target, example_inputs)
+    return own if isinstance(own, PT2EConfig) else None
+
+
 @dataclass
 class Staged:
     """A graph after match → schedule → merge → attention ops: what quantization and lowering take."""
@@ -123,7 +134,7 @@ class Staged:
     recipe: Recipe                 # as the schedule resolved it
     graph: fx.GraphModule          # merged, with mergepass's attention ops where chosen
     attention_ops: int = 0
-    attention_decision: Optional[Decision] = None  # what attention_kernel = "auto" measured
+    attention_decision: Optional[Decision] = None  # what lower.attention_kernel = "auto" measured
     merge_kernel: str = ""         # the merges' kernel: "fused" or "reference" ("" without merges)
     unchanged: bool = False        # dynamo's graph as it came, lowered without int8
 
@@ -163,7 +174,8 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
             graph, ops, decision = attention_stage(result.gm, example_inputs, recipe)
         if result.schedule is not None:
             from .quantize.pt2e import rest_decision
-            rest = rest_decision(recipe.quantize.rest) if recipe.quantize.enabled else None
+            own = _pt2e_config(recipe, example_inputs)
+            rest = rest_decision(own.rest) if own is not None else None
             result.schedule.kernels += [d.line() for d in (decision, rest) if d is not None]
     if merge_decision is not None and result.schedule is not None:
         result.schedule.kernels.insert(0, merge_decision.line())
@@ -179,7 +191,7 @@ def _quantize(graph, example_inputs, recipe, calibration, warn) -> tuple[Quantiz
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MergepassWarning)
         try:
-            q = quantize(graph, example_inputs, recipe.quantize, recipe.lower, calibration)
+            q = quantize(graph, example_inputs, recipe.quantize, recipe.lower.target, calibration)
         except Exception as e:  # noqa: BLE001 - an op or pattern the engine cannot quantize
             if isinstance(e, (ValueError, RuntimeError)) and "calibration" in str(e):
                 raise
@@ -224,7 +236,7 @@ def _lower_int8(target: Target, work: Work, key: Optional[str], warn: Callable[[
         said.append(f"mergepass: int8 attention did not compile ({type(e).__name__}: {e}); compiling "
                     "with floating-point attention instead")
         warn(said[-1])
-    work = replace(work, recipe=work.recipe.replace(quantize={"attention": "float"}))
+    work = replace(work, recipe=work.recipe.replace(quantize={"pt2e": {"attention": "float"}}))
     q, more = _quantize(work.graph, work.example_inputs, work.recipe, work.calibration, warn)
     return _build(target, replace(work, quantized=q, said=said + more), target.key(work), warn)
 

@@ -49,6 +49,6 @@ def tome_package(tmp_path_factory):
         mp.delenv("MERGEPASS_CACHE", raising=False)
         torch.manual_seed(0)
         m = tiny_vit(depth=1)
-        path = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=root / "m.pt2", r=3)
+        path = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=root / "m.pt2", merge={"r": 3})
     torch._dynamo.reset()
     return m, path, root / "cache"

@@ -108,7 +108,7 @@ def check(arch: Arch, method: str, over: dict, seed: int = 0) -> str:
     model, x = arch.build()
     desc = f"{arch} | {method} {over}"
     torch._dynamo.reset()
-    be = mergepass.backend(method, lower="eager", **over)
+    be = mergepass.backend(method, lower="eager", merge=over)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         out = torch.compile(model, backend=be, dynamic=False, fullgraph=True)(x)
@@ -127,11 +127,12 @@ def check(arch: Arch, method: str, over: dict, seed: int = 0) -> str:
 
 def expected_outcome(arch: Arch, method: str, over: dict) -> str:
     """What ``check`` must return for a fuzzed timm ViT (a family the matcher supports): 'unmerged' for a
-    recipe that asks for no merging, 'declined' (noted) for a ``skip`` past the last block, else 'merged'."""
+    recipe that asks for no merging, 'declined' (noted) for a ``skip`` (ToMato: ``merge_block``) past the last
+    block, else 'merged'."""
     amount = over.get("budget" if method == "tomato" else "r", 0)
     if isinstance(amount, float):  # ToMato's fraction of the patch tokens, rounded as it rounds it
         amount = int(round(amount * arch.grid * arch.grid))
-    skip = over.get("skip", 0)
+    skip = over.get("merge_block" if method == "tomato" else "skip", 0)
     if not amount:
         return "unmerged"
     if skip != "auto" and skip >= arch.depth:

@@ -16,7 +16,7 @@ from reference import _assemble, reference_forward
 PKG = Path(mergepass.__file__).parent
 # lowest first; a module may import from its own floor or below, never above
 FLOORS = [{"errors", "cpu", "decide", "fidelity", "kernels", "merge", "stages", "compat", "config"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
-          {"recipe"}, {"search"}, {"pipeline", "targets", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "infer", "__init__"}]
+          {"recipe", "tables", "migrate"}, {"search"}, {"pipeline", "targets", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "infer", "__init__"}]
 
 
 def _module_name(path: Path) -> str:
@@ -197,10 +197,10 @@ def pair_merge(x, metric, size, source, *, r, prefix):
 class Pairs(mergepass.MergeMethod):
     name = "toy_pairs"
 
-    def decide(self, recipe, block, tokens, match, state):
+    def decide(self, cfg, block, tokens, match, state):
         if block.index != 1:
             return None
-        take = min(recipe.r, (tokens - match.prefix) // 2)
+        take = min(cfg.r, (tokens - match.prefix) // 2)
         return base.Merge("toy_pairs", take, take)
 
 
@@ -217,7 +217,7 @@ def test_a_merge_method_registered_from_outside_the_package(monkeypatch):
     mergepass.register_method(Pairs())
     m = tiny_vit(depth=3, img_size=64)
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend({"name": "toy", "method": "toy_pairs", "r": 5, "lower": "eager"})
+    be = mergepass.backend({"name": "toy", "merge": {"method": "toy_pairs", "r": 5}, "lower": {"target": "eager"}})
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
         ref = reference_forward(m, x, be.schedule, extra={"toy_pairs": _pairs_reference})
@@ -230,7 +230,7 @@ def test_a_merge_method_registered_from_outside_the_package(monkeypatch):
 
 def test_unknown_method_names_the_registered_ones():
     try:
-        mergepass.load_recipe("tome", method="tomee")
+        mergepass.load_recipe("tome", merge={"method": "tomee"})
     except ValueError as e:
         assert "'tome'" in str(e) and "did you mean" in str(e)
     else:

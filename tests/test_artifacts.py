@@ -21,10 +21,10 @@ def _image(path, size=80):
 def test_viz_writes_png_of_expected_size(tmp_path):
     from PIL import Image
     m = tiny_vit(img_size=64)
-    out = viz.render(str(_image(tmp_path / "in.jpg")), m, "tome", str(tmp_path / "m.png"), img_size=64, r=3)
+    out = viz.render(str(_image(tmp_path / "in.jpg")), m, "tome", str(tmp_path / "m.png"), img_size=64, merge={"r": 3})
     with Image.open(out) as im:
         assert im.size == (704, 374)  # two panels (input + final map) at 3.2 x 3.4 in, 110 dpi
-    out = viz.render(str(tmp_path / "in.jpg"), m, "tome", str(tmp_path / "b.png"), img_size=64, per_block=True, r=3)
+    out = viz.render(str(tmp_path / "in.jpg"), m, "tome", str(tmp_path / "b.png"), img_size=64, per_block=True, merge={"r": 3})
     with Image.open(out) as im:
         assert im.size == (1408, 374)  # input + one map per merging block
 
@@ -32,7 +32,7 @@ def test_viz_writes_png_of_expected_size(tmp_path):
 def test_source_maps_follow_the_schedule():
     m = tiny_vit(img_size=96)
     x = torch.randn(1, 3, 96, 96)
-    sched, maps = viz.source_maps(m, x, "dfe_lgtm", skip=1, r=8, window=3)
+    sched, maps = viz.source_maps(m, x, "dfe_lgtm", merge={"skip": 1, "r": 8, "window": 3})
     merging = [b for b in sched.blocks if b.merged]
     assert len(maps) == len(merging)
     for b, src in zip(merging, maps):
@@ -58,7 +58,7 @@ def test_export_serves_every_batch_size_without_mergepass(tmp_path, tome_package
     x = torch.randn(4, 3, 64, 64)
     for b in (1, 4):
         torch.save(x[:b], tmp_path / f"x{b}.pt")
-        torch.save(_eager(m, x[:b], r=3), tmp_path / f"ref{b}.pt")
+        torch.save(_eager(m, x[:b], merge={"r": 3}), tmp_path / f"ref{b}.pt")
         torch._dynamo.reset()
     code = (
         "import sys, torch\n"
@@ -173,7 +173,7 @@ def test_export_of_an_empty_batch_is_refused_in_one_line(tmp_path):
     m = tiny_vit(depth=1)
     with pytest.raises(ValueError, match=r"^mergepass.export: example_input has batch size 0 "
                                          r"\(shape \(0, 3, 64, 64\)\)"):
-        mergepass.export(m, torch.randn(0, 3, 64, 64), "tome", path=tmp_path / "e.pt2", r=3, cache=False)
+        mergepass.export(m, torch.randn(0, 3, 64, 64), "tome", path=tmp_path / "e.pt2", merge={"r": 3}, cache=False)
     assert not (tmp_path / "e.pt2").exists()
 
 
@@ -205,20 +205,20 @@ def test_a_second_export_of_the_same_graph_comes_from_the_compile_cache(tmp_path
     m, path, cache_dir = tome_package
     monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
     monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(shutil.copytree(cache_dir, tmp_path / "cache")))
-    first = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "first.pt2", r=3)
+    first = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "first.pt2", merge={"r": 3})
 
     def build(*a, **k):
         raise RuntimeError("the package was built again")
     monkeypatch.setattr(mergepass.artifact, "write", build)
-    again = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "again.pt2", r=3)
+    again = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "again.pt2", merge={"r": 3})
     assert again.read_bytes() == first.read_bytes() and mergepass.load(again).meta["recipe"] == "tome"
     with pytest.raises(RuntimeError, match="built again"):  # another recipe is another package
-        mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "other.pt2", r=2)
+        mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "other.pt2", merge={"r": 2})
     (tmp_path / "not_a_dir").write_text("")
     monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(tmp_path / "not_a_dir" / "cache"))
     with pytest.warns(mergepass.MergepassWarning, match="compile cache .* is not usable"), \
             pytest.raises(RuntimeError, match="built again"):  # an unusable cache: built without it
-        mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "third.pt2", r=3)
+        mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "third.pt2", merge={"r": 3})
 
 
 @pytest.mark.xdist_group("tome_package")
@@ -247,9 +247,9 @@ def test_exported_int8_package_computes_what_the_backend_runs(tmp_path):
     packages keep torch's SDPA, which the backend is asked to keep too)."""
     m = tiny_vit(depth=1)
     x, calib = torch.randn(2, 3, 64, 64), [torch.randn(4, 3, 64, 64)]
-    path = mergepass.export(m, x, "tome_int8", path=tmp_path / "q.pt2", calibration=calib, r=3)
+    path = mergepass.export(m, x, "tome_int8", path=tmp_path / "q.pt2", calibration=calib, merge={"r": 3})
     with torch.no_grad():
-        be = mergepass.backend("tome_int8", r=3, calibration=calib, attention_kernel="sdpa")
+        be = mergepass.backend("tome_int8", merge={"r": 3}, lower={"attention_kernel": "sdpa"}, calibration=calib)
         ref = torch.compile(m, backend=be, dynamic=False)(x)
         loaded = mergepass.load(path)
         out = _tensor(loaded(x))

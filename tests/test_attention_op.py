@@ -159,10 +159,11 @@ def test_inductor_keeps_the_op_opaque_and_the_model_close(model_and_input):
     from torch._inductor.utils import run_and_get_code
     m, x = model_and_input
     torch._dynamo.reset()
-    be = mergepass.backend("tome", r=3, attention_kernel="bf16")
+    be = mergepass.backend("tome", merge={"r": 3}, lower={"attention_kernel": "bf16"})
     with torch.no_grad():
         out, code = run_and_get_code(torch.compile(m, backend=be, dynamic=False), x)
-        ref = torch.compile(m, backend=mergepass.backend("tome", r=3, attention_kernel="sdpa", lower="eager"),
+        ref = torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3},
+                                                         lower={"target": "eager", "attention_kernel": "sdpa"}),
                             dynamic=False)(x)
     code = "\n".join(code)
     assert be.results[-1].attention_ops == 2 and code.count("mergepass.bf16_attention") >= 2
@@ -175,7 +176,7 @@ def test_inductor_keeps_the_op_opaque_and_the_model_close(model_and_input):
 def test_int8_graphs_quantize_around_the_op(model_and_input, recipe, kind):
     m, x = model_and_input
     merge = {"r": 3} if recipe != "int8" else {}  # int8 alone does not merge: it has no r
-    be = mergepass.backend(recipe, attention_kernel=kind, calibration=[x], lower="eager", **merge)
+    be = mergepass.backend(recipe, merge=merge, lower={"target": "eager", "attention_kernel": kind}, calibration=[x])
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
         ref = m(x)
@@ -211,7 +212,7 @@ def test_fp32_recipes_at_r0_reproduce_the_model_on_every_cpu(monkeypatch, vendor
         for recipe, zero in (("tome", {"r": 0}), ("dfe", {"r": 0}), ("dfe_lgtm", {"r": 0, "transition": 0}),
                              ("tomato", {"budget": 0.0})):
             torch._dynamo.reset()
-            be = mergepass.backend(recipe, lower="eager", merge_kernel="reference", **zero)  # nothing merges at r=0
+            be = mergepass.backend(recipe, lower="eager", merge={"kernel": "reference", **zero})  # nothing merges at r=0
             out = torch.compile(m, backend=be, dynamic=False)(x)
             assert be.results[-1].attention_ops == 0, recipe
             assert rel_err(out, want) <= 1e-5, recipe
@@ -220,7 +221,7 @@ def test_fp32_recipes_at_r0_reproduce_the_model_on_every_cpu(monkeypatch, vendor
 def test_a_cpu_without_the_op_declines_auto_and_refuses_bf16(monkeypatch, model_and_input):
     m, x = model_and_input
     monkeypatch.setattr(attention, "unavailable", lambda kind="bf16": "the CPU has no AVX512-BF16 (bf16: none)")
-    be = mergepass.backend("tome_int8", r=3, lower="eager", calibration=[x])
+    be = mergepass.backend("tome_int8", merge={"r": 3}, lower="eager", calibration=[x])
     with torch.no_grad():
         torch.compile(m, backend=be, dynamic=False)(x)
     assert be.results[-1].attention_ops == 0
@@ -228,8 +229,9 @@ def test_a_cpu_without_the_op_declines_auto_and_refuses_bf16(monkeypatch, model_
     assert decision.choice == "sdpa" and not decision.measured and "bf16" in decision.declined
     torch._dynamo.reset()
     with torch.no_grad(), pytest.raises(Exception, match="attention_kernel' is 'bf16'.*no AVX512-BF16"):
-        torch.compile(m, backend=mergepass.backend("tome", r=3, lower="eager", attention_kernel="bf16"),
+        torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3},
+                                                   lower={"target": "eager", "attention_kernel": "bf16"}),
                       dynamic=False)(x)
     with pytest.raises(ValueError, match="attention_kernel"):
-        mergepass.load_recipe("tome", attention_kernel="fast")
+        mergepass.load_recipe("tome", lower={"attention_kernel": "fast"})
 

@@ -21,7 +21,7 @@ CONFIGS = {
 def test_r0_reproduces_the_model():
     m = tiny_vit()
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=0)
+    be = mergepass.backend("tome", merge={"r": 0})
     with torch.no_grad():
         out, ref = compile_with(m, be)(x), m(x)
     assert rel_err(out, ref) <= 1e-5
@@ -32,7 +32,7 @@ def test_r0_reproduces_the_model():
 def test_tome_matches_reference(config):
     m = tiny_vit(**CONFIGS[config])
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=3, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 3}, lower="eager")
     with torch.no_grad():
         out = compile_with(m, be)(x)
         ref = reference_forward(m, x, be.schedule)
@@ -47,7 +47,7 @@ def test_tome_explicit_softmax_attention():
     for blk in m.blocks:
         blk.attn.fused_attn = False  # timm's TIMM_FUSED_ATTN=0 path: q@kᵀ → softmax → @v
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=3, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 3}, lower="eager")
     with torch.no_grad():
         out = compile_with(m, be)(x)
         ref = reference_forward(m, x, be.schedule)
@@ -58,7 +58,7 @@ def test_tome_explicit_softmax_attention():
 def test_no_proportional_attention_recipe_field():
     m = tiny_vit()
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=3, prop_attn=False, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 3, "prop_attn": False}, lower="eager")
     with torch.no_grad():
         out = compile_with(m, be)(x)
         ref = reference_forward(m, x, be.schedule, prop_attn=False)
@@ -76,7 +76,7 @@ def _merge_nodes(gm):
 def test_schedule_equals_compiled_token_counts_and_clamps():
     m = tiny_vit(depth=4)
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=5, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 5}, lower="eager")
     with torch.no_grad():
         compile_with(m, be)(x)
     res = be.results[-1]
@@ -87,7 +87,7 @@ def test_schedule_equals_compiled_token_counts_and_clamps():
         tokens_in = n.args[0].meta["tensor_meta"].shape[1]
         tokens_out = next(u for u in n.users if u.args[1] == 0).meta["tensor_meta"].shape[1]
         seen.append((tokens_in, tokens_out))
-    planned = mergepass.plan(m, x, "tome", r=5)
+    planned = mergepass.plan(m, x, "tome", merge={"r": 5})
     assert seen == planned.token_counts() == be.schedule.token_counts()
     # 16 patches merge 5, 5, then at most half of what is left: 3 (clamped), 1 (clamped)
     assert planned.token_counts() == [(17, 12), (12, 7), (7, 4), (4, 3)]
@@ -118,9 +118,9 @@ def test_user_model_is_not_mutated():
     state = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
         before = m(x)
-        compile_with(m, mergepass.backend("tome", r=3))(x)
+        compile_with(m, mergepass.backend("tome", merge={"r": 3}))(x)
         torch._dynamo.reset()
-        compile_with(m, mergepass.backend("tome", r=5, lower="eager"))(x)
+        compile_with(m, mergepass.backend("tome", merge={"r": 5}, lower="eager"))(x)
         after = m(x)
     assert state.keys() == m.state_dict().keys()
     for k, v in m.state_dict().items():
@@ -130,7 +130,7 @@ def test_user_model_is_not_mutated():
 
 def test_new_input_shape_recompiles_with_new_schedule():
     m = tiny_vit(dynamic_img_size=True)
-    be = mergepass.backend("tome", r=3, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 3}, lower="eager")
     cm = torch.compile(m, backend=be)
     with torch.no_grad():
         cm(torch.randn(2, 3, 64, 64))
@@ -180,7 +180,7 @@ def test_unsafe_block_is_skipped_with_later_blocks():
     m = tiny_vit(depth=4)
     m.blocks[2] = MeanInMLP(m.blocks[2])
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=2, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 2}, lower="eager")
     with pytest.warns(mergepass.MergepassWarning, match="consumes the token axis"):
         with torch.no_grad():
             out = compile_with(m, be)(x)
@@ -209,7 +209,7 @@ def test_fused_merge_kernel_is_used_on_cpu_and_matches_the_reference_ops(recipe,
     outs = {}
     for kernel, lower in (("fused", "inductor"), ("reference", "eager")):  # inductor + fused op against plain ops
         torch._dynamo.reset()
-        be = mergepass.backend(recipe, merge_kernel=kernel, lower=lower, **overrides)
+        be = mergepass.backend(recipe, merge={"kernel": kernel, **overrides}, lower=lower)
         with torch.no_grad():
             outs[kernel] = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
         assert (getattr(fused, fn) in _targets(be)) == (kernel == "fused")
@@ -221,7 +221,7 @@ def test_fused_merge_kernel_is_used_on_cpu_and_matches_the_reference_ops(recipe,
 def test_fused_kernel_build_failure_warns_and_uses_reference_ops(monkeypatch):
     monkeypatch.setattr(fused, "kernel_error", lambda: "CalledProcessError: no compiler")
     m, x = tiny_vit(depth=2), torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=3, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 3}, lower="eager")
     with torch.no_grad(), pytest.warns(mergepass.MergepassWarning, match="fused merge kernel unavailable.*no compiler"):
         out = compile_with(m, be)(x)
     assert global_merge in _targets(be) and fused.fused_global_merge not in _targets(be)
@@ -229,13 +229,13 @@ def test_fused_kernel_build_failure_warns_and_uses_reference_ops(monkeypatch):
         assert rel_err(out, reference_forward(m, x, be.schedule)) <= 1e-4
     torch._dynamo.reset()
     with torch.no_grad(), pytest.raises(Exception, match="merge_kernel' is 'fused'.*no compiler"):
-        compile_with(m, mergepass.backend("tome", r=3, merge_kernel="fused", lower="eager"))(x)
+        compile_with(m, mergepass.backend("tome", merge={"r": 3, "kernel": "fused"}, lower="eager"))(x)
 
 
 def test_training_gradients_match_reference():
     m = tiny_vit(depth=2).train()
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=3, lower="eager")  # the graph and its ops; inductor's autograd is torch's
+    be = mergepass.backend("tome", merge={"r": 3}, lower="eager")  # the graph and its ops; inductor's autograd is torch's
     cm = compile_with(m, be)
     cm(x).square().mean().backward()
     grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
@@ -249,4 +249,4 @@ def test_training_gradients_match_reference():
     assert fused.fused_global_merge not in _targets(be), "training uses the differentiable reference ops"
     torch._dynamo.reset()
     with pytest.raises(Exception, match="merge_kernel' is 'fused'.*gradients"):
-        compile_with(m, mergepass.backend("tome", r=3, merge_kernel="fused", lower="eager"))(x)
+        compile_with(m, mergepass.backend("tome", merge={"r": 3, "kernel": "fused"}, lower="eager"))(x)

@@ -25,7 +25,7 @@ def test_ray_data_and_local_runs_give_the_same_rows_and_parquet(tmp_path):
     m = tiny_vit(depth=1, img_size=64)
     files = _images(tmp_path / "images")
     prep = {"size": 64, "resize": 73}
-    package = bi.build_package(m, "tome", tmp_path / "m.pt2", img_size=64, outputs="features", r=3)
+    package = bi.build_package(m, "tome", tmp_path / "m.pt2", img_size=64, outputs="features", merge={"r": 3})
     names, rows = bi.run_local(package, files, prep, batch_size=4, progress=False)
     assert names == [f for f in files if "broken" not in f] and len(rows) == 6 and rows[0].shape == (192,)
     x = torch.stack([bi.open_image(f, **prep) for f in names])

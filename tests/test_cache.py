@@ -185,7 +185,7 @@ def test_the_key_changes_with_recipe_calibration_weights_and_inductor_settings()
     x, calib = torch.randn(2, 3, 64, 64), [(torch.randn(2, 3, 64, 64),)]
     base = _key(m, x, calib=calib)
     assert _key(m, x, calib=calib) == base  # the same inputs give the same key
-    assert _key(m, x, calib=calib, quantize_observer="histogram") != base
+    assert _key(m, x, calib=calib, quantize={"pt2e": {"observer": "histogram"}}) != base
     assert _key(m, x, calib=[(calib[0][0] + 1e-3,)]) != base
     assert _key(m, torch.randn(4, 3, 64, 64), calib=calib) != base
     with torch.no_grad():
@@ -226,7 +226,7 @@ def test_dynamic_batch_runs_the_backend_no_more_often_than_plain_inductor(monkey
     quantized = []
     real = pipeline.quantize
     monkeypatch.setattr(pipeline, "quantize", lambda *a, **k: quantized.append(1) or real(*a, **k))
-    be = mergepass.backend("tome_int8", r=2, calibration=[torch.randn(4, 3, 64, 64)])
+    be = mergepass.backend("tome_int8", merge={"r": 2}, calibration=[torch.randn(4, 3, 64, 64)])
     calls = []
     real_call = type(be).__call__
     monkeypatch.setattr(type(be), "__call__", lambda self, gm, ex: calls.append(1) or real_call(self, gm, ex))

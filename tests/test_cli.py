@@ -84,7 +84,7 @@ TINY = ("--model", "vit_tiny_patch16_224", "--img-size", "64")
     ("plan", ("--model", "vit_tiny_patch16_224", "--img-size", "8", "--batch", "1"),
      "--img-size 8 is smaller than one 16-pixel patch"),
     ("viz", TINY + ("--image", "x.png", "--recipe", "int8"), "nothing to draw: recipe 'int8' does not merge"),
-    ("plan", ("--model", "vit_tiny_patch16_224", "--target-speedup", "nan"), "'target_speedup' must be a finite"),
+    ("plan", ("--model", "vit_tiny_patch16_224", "--target-speedup", "nan"), "'search.target_speedup' must be a finite"),
 ])
 def test_bad_flags_exit_2_with_one_line_naming_the_flag(tmp_path, monkeypatch, capsys, command, args, said):
     monkeypatch.chdir(tmp_path)  # relative paths in the cases: nothing lands in the repository
@@ -123,7 +123,7 @@ def test_gpu_check_exits_cleanly_without_cuda():
 def test_the_gpu_recipe_ships_and_names_what_it_needs():
     import mergepass
     r = mergepass.load_recipe("tome_int8_trt")
-    assert r.lower == "tensorrt" and r.quantize.engine == "modelopt" and r.r == 16
+    assert r.lower.target == "tensorrt" and r.quantize.engine == "modelopt" and r.merge.r == 16
 
 
 # -- bad files and values: exit 2, naming them ----------------------------------------------------
@@ -171,12 +171,12 @@ def _bad_recipe(tmp_path, kind):
     if kind == "latin1":
         path.write_bytes('description = "café"\nmethod = "tome"\n'.encode("latin-1"))
     else:
-        path.write_text('method = "tome"\n[quantize]\nkeep_fp32 = 5\n')
+        path.write_text('[merge]\nmethod = "tome"\n[quantize.pt2e]\nkeep_fp32 = 5\n')
     return path
 
 
 @pytest.mark.parametrize("kind,match", [("folder", "is a folder"), ("latin1", "is not UTF-8"),
-                                        ("keep", "'quantize.keep_fp32' must be a list of strings")])
+                                        ("keep", "'quantize.pt2e.keep_fp32' must be a list of strings")])
 def test_bad_recipe_file_exits_2_naming_it(tmp_path, capsys, kind, match):
     path = _bad_recipe(tmp_path, kind)
     with pytest.raises(ValueError, match=match):

@@ -39,13 +39,13 @@ def test_merged_family(case):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         eager = case.run(model, x)
-    be0, outs0, warned0 = _compile_run(case, model, x, r=0)
+    be0, outs0, warned0 = _compile_run(case, model, x, merge={"r": 0})
     assert not warned0, [str(w.message) for w in warned0]
     assert len(outs0) == len(eager)
     for o, e in zip(outs0, eager):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
-    be, outs, warned = _compile_run(case, model, x, r=2)
+    be, outs, warned = _compile_run(case, model, x, merge={"r": 2})
     assert not warned, [str(w.message) for w in warned]
     assert be.schedule.merging and all(b.merged for b in be.schedule.blocks)
     ref = _reference(case, model, x, be.schedule)
@@ -62,7 +62,7 @@ def test_declined_family(case):
     model, x = case.build()
     with torch.no_grad():
         eager = case.run(model, x)
-    be, outs, warned = _compile_run(case, model, x, r=2)
+    be, outs, warned = _compile_run(case, model, x, merge={"r": 2})
     assert len(warned) == 1 and case.construct in str(warned[0].message), [str(w.message) for w in warned]
     for o, e in zip(outs, eager):
         torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-5)
@@ -73,7 +73,7 @@ def test_timm_forward_intermediates_are_unmerged_to_full_length():
     intermediate leaves the merged blocks at full length and equals the reference's unmerged map."""
     from mergepass.eval.zoo import case
     model, x = case("eva02").build()
-    be = mergepass.backend("tome", r=2, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 2}, lower="eager")
     with torch.no_grad():
         final, inter = torch.compile(model.forward_intermediates, backend=be, dynamic=False)(x, indices=3,
                                                                                               output_fmt="NLC")

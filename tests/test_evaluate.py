@@ -67,7 +67,8 @@ def test_mismatched_checkpoint_names_the_model(tmp_path):
 def test_evaluate_recipes_on_a_folder(tmp_path):
     folder = _folder(tmp_path, n=8, size=64)
     m = tiny_vit(num_classes=3)
-    rows = evaluate.evaluate_recipes("tiny", None, str(folder), ["none:lower=eager", "tome:r=4,lower=eager"], img_size=64,
+    rows = evaluate.evaluate_recipes("tiny", None, str(folder),
+                                     ["none:lower.target=eager", "tome:merge.r=4,lower.target=eager"], img_size=64,
                                      calib_images=0, batch=4, log=lambda s: None, model=m)
     none, tome = rows
     assert none["top1_agree"] == 1.0 and none["logit_cos_mean"] == pytest.approx(1.0, abs=1e-5)
@@ -83,7 +84,7 @@ def test_pareto_sweep_writes_table_and_plot(tmp_path):
     (tmp_path / "imgs").mkdir()
     folder = _folder(tmp_path / "imgs", n=8, size=64)
     m = tiny_vit(depth=2, img_size=224, num_classes=0)
-    specs = ["tome:r=8,lower=eager", "tome:r=32,lower=eager"]  # timed all the same, without inductor's compile
+    specs = ["tome:merge.r=8,lower.target=eager", "tome:merge.r=32,lower.target=eager"]  # timed all the same, without inductor's compile
     rows, skipped = pareto.sweep(m, str(folder), specs, batch=4, calib_images=0, rounds=1, log=lambda s: None)
     assert [r["contender"] for r in rows] == specs and skipped == 1
     assert rows[0]["macs_ratio"] > rows[1]["macs_ratio"] and all(r["speedup"] > 0 for r in rows)
@@ -100,12 +101,12 @@ def test_pareto_sweep_writes_table_and_plot(tmp_path):
 
 @pytest.mark.parametrize("target", [1.5, 2.5])
 def test_auto_schedule_meets_target(target, planner):
-    s = planner(6, 128, batch=2).plan("auto", target_speedup=target)
+    s = planner(6, 128, batch=2).plan("auto", search={"target_speedup": target})
     assert s.predicted_speedup >= target and s.recipe.method in ("tome", "dfe", "dfe_lgtm")
-    s2 = planner(6, 128, batch=2).plan("auto", target_speedup=0, max_macs_ratio=1 / target)
+    s2 = planner(6, 128, batch=2).plan("auto", search={"target_speedup": 0, "max_macs_ratio": 1 / target})
     assert s2.macs_ratio <= 1 / target
     with pytest.raises(ValueError, match="impossible schedule"):
-        planner(6, 128, batch=2).plan("auto", target_speedup=50)
+        planner(6, 128, batch=2).plan("auto", search={"target_speedup": 50})
 
 
 def test_auto_schedule_with_images_and_quality_floor():
@@ -113,12 +114,12 @@ def test_auto_schedule_with_images_and_quality_floor():
     x = torch.randn(4, 3, 96, 96)
     calib = [torch.randn(4, 3, 96, 96)]
     steps = dict(search_iterations=2)  # the search itself is test_search's; two steps exercise the loop
-    s = mergepass.plan(m, x, "auto", target_speedup=1.5, calibration=calib, **steps)
+    s = mergepass.plan(m, x, "auto", search={"target_speedup": 1.5, **steps}, calibration=calib)
     assert s.predicted_speedup >= 1.5 and "cos" in s.notes[-1]
-    floor = mergepass.plan(m, x, "auto", target_speedup=0, min_cosine=0.999, calibration=calib, **steps)
-    loose = mergepass.plan(m, x, "auto", target_speedup=0, min_cosine=0.9, calibration=calib, **steps)
+    floor = mergepass.plan(m, x, "auto", search={"target_speedup": 0, "min_cosine": 0.999, **steps}, calibration=calib)
+    loose = mergepass.plan(m, x, "auto", search={"target_speedup": 0, "min_cosine": 0.9, **steps}, calibration=calib)
     assert loose.predicted_speedup >= floor.predicted_speedup
-    be = mergepass.backend("auto", target_speedup=1.5, calibration=calib, lower="eager", **steps)
+    be = mergepass.backend("auto", search={"target_speedup": 1.5, **steps}, calibration=calib, lower="eager")
     with torch.no_grad():
         torch.compile(m, backend=be, dynamic=False)(x)
     assert be.schedule.predicted_speedup >= 1.5 and be.schedule.recipe.method != "auto"
@@ -134,15 +135,15 @@ def test_breakdown_attributes_kernels_to_groups():
     x = torch.randn(2, 3, 64, 64)
     rows = {}
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
-        for spec in ("none", "tome_int8:r=3"):  # one int8 compile: inductor's caches cannot serve int8 JIT graphs
+        for spec in ("none", "tome_int8:merge.r=3"):  # one int8 compile: inductor's caches cannot serve int8 JIT graphs
             fn, _ = evaluate.compile_spec(m, breakdown.jit(spec), calibration=[torch.randn(2, 3, 64, 64)])
             rows[spec] = breakdown.profile_one(fn, x, iters=2)
-    plain, merged = rows["none"], rows["tome_int8:r=3"]
+    plain, merged = rows["none"], rows["tome_int8:merge.r=3"]
     assert plain["int8 GEMM"] == 0 and plain["attention"] > 0 and plain["merge"] == 0 and plain["other kernels"] > 0
     assert merged["merge"] > 0 and merged["int8 GEMM"] > 0 and merged["attention"] > 0
     for row in (plain, merged):
         assert row["kernel sum"] == pytest.approx(sum(row[g] for g in breakdown.GROUPS))
-    assert "ratio tome_int8:r=3" in breakdown.format_table(rows, "t")
+    assert "ratio tome_int8:merge.r=3" in breakdown.format_table(rows, "t")
     # mergepass's attention ops count as attention, not as merges; OpenVINO's node types map to the same groups
     assert breakdown.group("mergepass::int8_attention") == "attention" == breakdown.group("mergepass::bf16_attention")
     assert breakdown.group("mergepass::bipartite_merge") == "merge"
@@ -167,7 +168,7 @@ def test_zero_cost_bound_sees_tomes_token_counts():
         out = zero_cost_bound.SlicedViT(m, r=3)(x)
     for h in hooks:
         h.remove()
-    plan = mergepass.plan(m, x, "tome", r=3)
+    plan = mergepass.plan(m, x, "tome", merge={"r": 3})
     assert seen == [b.tokens_out for b in plan.blocks] and out.shape == m(x).shape
 
 

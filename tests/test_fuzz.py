@@ -53,7 +53,7 @@ def recipes(draw):
     over = dict(prop_attn=draw(st.booleans()))
     if method == "tomato":
         over["budget"] = draw(st.one_of(st.integers(0, 40), st.floats(0.0, 0.99)))
-        over["skip"] = draw(st.integers(0, 3))
+        over["merge_block"] = draw(st.integers(0, 3))
     else:
         over["r"] = draw(st.integers(0, 40))
         over["protect"] = draw(st.sampled_from([0, 1, 3]))

@@ -65,7 +65,7 @@ def test_reduced_precision_models_merge_with_the_fused_kernel(dtype, recipe, ove
     outs = {}
     for kernel in ("fused", "reference"):
         torch._dynamo.reset()
-        be = mergepass.backend(recipe, merge_kernel=kernel, lower="eager", **overrides)
+        be = mergepass.backend(recipe, merge={"kernel": kernel, **overrides}, lower="eager")
         with torch.no_grad():
             outs[kernel] = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
     assert outs["fused"].dtype == dtype and be.schedule.merging
@@ -114,7 +114,7 @@ def test_dynamic_batch_merges_and_quantizes_every_batch_size(recipe):
     m = tiny_vit(depth=2)
     sizes = (3, 8, 5, 1)
     plain = _plain_compiles(m, sizes, dynamic=True)
-    be = mergepass.backend(recipe, r=3, calibration=[torch.randn(4, 3, 64, 64)], lower="eager")
+    be = mergepass.backend(recipe, merge={"r": 3}, calibration=[torch.randn(4, 3, 64, 64)], lower="eager")
     f = torch.compile(m, backend=be, dynamic=True)
     with torch.no_grad():
         for b in sizes:
@@ -134,7 +134,7 @@ def test_dynamic_batch_merges_and_quantizes_every_batch_size(recipe):
 def test_one_compile_serves_every_batch_size_with_a_dynamic_batch():
     """One graph for every batch size marked dynamic (int8 with a dynamic batch under inductor: test_cache.py)."""
     m = tiny_vit(depth=2)
-    be = mergepass.backend("tome", r=3)
+    be = mergepass.backend("tome", merge={"r": 3})
     f = torch.compile(m, backend=be)
     torch._dynamo.utils.counters.clear()
     x = torch.randn(3, 3, 64, 64)
@@ -164,7 +164,7 @@ class TokenViT(torch.nn.Module):
 @pytest.mark.parametrize("recipe,names_int8", [("tome", False), ("tome_int8", True)])
 def test_symbolic_token_count_compiles_unmerged_with_one_warning(recipe, names_int8):
     m = TokenViT().eval()
-    be = mergepass.backend(recipe, r=3, calibration=[torch.randn(2, 17, 192)], lower="eager")
+    be = mergepass.backend(recipe, merge={"r": 3}, calibration=[torch.randn(2, 17, 192)], lower="eager")
     f = torch.compile(m, backend=be)
     x = torch.randn(2, 17, 192)
     torch._dynamo.mark_dynamic(x, 1)
@@ -180,7 +180,7 @@ def test_symbolic_token_count_compiles_unmerged_with_one_warning(recipe, names_i
 
 def test_a_new_image_size_recompiles_merged_and_int8_keeps_working():
     m = tiny_vit(depth=2, dynamic_img_size=True)
-    be = mergepass.backend("tome_int8", r=3, calibration=[torch.randn(2, 3, 64, 64)], lower="eager")
+    be = mergepass.backend("tome_int8", merge={"r": 3}, calibration=[torch.randn(2, 3, 64, 64)], lower="eager")
     f = torch.compile(m, backend=be, dynamic=False)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -212,8 +212,8 @@ def test_mergepass_changes_no_global_setting():
     mergepass.backend("none")
     m = tiny_vit(depth=2)
     with torch.no_grad():
-        torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(torch.randn(2, 3, 64, 64))
-        mergepass.plan(m, torch.randn(2, 3, 64, 64), "tome", r=3)
+        torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3}), dynamic=False)(torch.randn(2, 3, 64, 64))
+        mergepass.plan(m, torch.randn(2, 3, 64, 64), "tome", merge={"r": 3})
     fused.kernel_error()
     assert _unrelated_compiles() == before
     assert torch._dynamo.config.get_config_copy() == before_cfg
@@ -231,7 +231,7 @@ def test_calibration_generator_is_read_once_and_used_for_int8():
             reads.append(i)
             yield torch.randn(4, 3, 64, 64)
     m = tiny_vit(depth=2)
-    be = mergepass.backend("tome_int8", r=3, calibration=batches(), quantize_calibration_batches=2, lower="eager")
+    be = mergepass.backend("tome_int8", merge={"r": 3}, quantize={"calibration_batches": 2}, calibration=batches(), lower="eager")
     with torch.no_grad():
         torch.compile(m, backend=be, dynamic=False)(torch.randn(4, 3, 64, 64))
         torch.compile(m, backend=be, dynamic=False)(torch.randn(2, 3, 64, 64))  # a recompile reads nothing new
@@ -301,7 +301,7 @@ def test_calibration_follows_the_graph_dtype():
     assert [b[0].dtype for b in out] == [torch.float32] and [b[0].shape for b in out] == [(2, 4)]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"quantize_mode": "dynamic"}])
+@pytest.mark.parametrize("overrides", [{}, {"quantize": {"mode": "dynamic"}}])
 def test_dynamic_scales_warn_with_their_cost(overrides):
     """Per-tensor dynamic scales: one outlying or NaN image spoils the batch. Said whether dynamic is chosen or a fallback."""
     m = tiny_vit(depth=2)
@@ -364,7 +364,7 @@ def test_int8_quantizes_a_cnn_and_declines_a_batch_statistics_norm_in_words():
 
 def test_the_last_compile_dynamo_allows_is_warned():
     m = tiny_vit(depth=2)
-    be = mergepass.backend("tome", r=2, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 2}, lower="eager")
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
         c = torch.compile(m, backend=be, dynamic=False)
         with warnings.catch_warnings():
@@ -390,7 +390,7 @@ def test_a_bug_in_a_merge_op_raises_instead_of_declining(monkeypatch):
     mergepass.register_op(mergepass.MergeOp("global", broken))
     m = tiny_vit(depth=2)
     with torch.no_grad(), pytest.raises(Exception, match="mergepass op .* failed.*boom"):
-        torch.compile(m, backend=mergepass.backend("tome", r=3, merge_kernel="reference", lower="eager"),
+        torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3, "kernel": "reference"}, lower="eager"),
                       dynamic=False)(torch.randn(2, 3, 64, 64))
 
 
@@ -398,11 +398,12 @@ def test_a_bug_in_a_merge_op_raises_instead_of_declining(monkeypatch):
     ("tome", dict(r=40), "r clamped"),
     ("tomato", dict(budget=30), "budget clamped"),
     ("dfe", dict(skip=9, r=4), "skip=9 leaves all 3 blocks dense"),
+    ("tomato", dict(merge_block=9), "merge_block=9 is past the last of 3 blocks"),
     ("dfe_lgtm", dict(skip=0, r=4, window=8), "merge globally"),
 ])
 def test_clamps_and_method_changes_warn_once_and_show_in_the_plan(recipe, overrides, match):
     m = tiny_vit(depth=3)
-    be = mergepass.backend(recipe, lower="eager", **overrides)
+    be = mergepass.backend(recipe, lower="eager", merge=overrides)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(m, backend=be, dynamic=False)(torch.randn(2, 3, 64, 64))
@@ -453,22 +454,26 @@ def test_malformed_recipe_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=rf"{bad}.*line"):
         mergepass.load_recipe(str(bad))
     wrong = tmp_path / "wrong.toml"
-    wrong.write_text('method = "tome"\nrr = 8\n')
+    wrong.write_text('[merge]\nmethod = "tome"\nrr = 8\n')
     with pytest.raises(ValueError, match=rf"{wrong}.*'rr'.*did you mean 'r'"):
         mergepass.load_recipe(str(wrong))
 
 
 def test_keep_fp32_override_that_is_not_a_list_is_a_value_error():
-    with pytest.raises(ValueError, match="'quantize.keep_fp32' must be a list of strings, got 5"):
-        mergepass.load_recipe("tome_int8", quantize_keep_fp32=5)
+    with pytest.raises(ValueError, match="'quantize.pt2e.keep_fp32' must be a list of strings, got 5"):
+        mergepass.load_recipe("tome_int8", quantize={"pt2e": {"keep_fp32": 5}})
 
 
-@pytest.mark.parametrize("field,value", [("target_speedup", float("nan")), ("target_speedup", float("inf")),
-                                         ("max_macs_ratio", float("nan")), ("min_cosine", float("nan")),
-                                         ("quantize_sensitivity", float("nan")),
-                                         ("quantize_sensitivity", float("inf"))])
+@pytest.mark.parametrize("field,value", [("search.target_speedup", float("nan")), ("search.target_speedup", float("inf")),
+                                         ("search.max_macs_ratio", float("nan")), ("search.min_cosine", float("nan")),
+                                         ("quantize.pt2e.sensitivity", float("nan")),
+                                         ("quantize.pt2e.sensitivity", float("inf"))])
 def test_non_finite_recipe_fields_are_rejected(field, value):
-    with pytest.raises(ValueError, match=field.replace("quantize_", "quantize.")):
-        mergepass.load_recipe("tome", **{field: value})
+    *tables, name = field.split(".")
+    over = {name: value}
+    for t in reversed(tables):
+        over = {t: over}
+    with pytest.raises(ValueError, match=field):
+        mergepass.load_recipe("tome", **over)
 
 

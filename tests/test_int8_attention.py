@@ -1,4 +1,4 @@
-"""int8 attention (``quantize.attention``): torchao's fused quantized SDPA where it can run, a clean
+"""int8 attention (``quantize.pt2e.attention``): torchao's fused quantized SDPA where it can run, a clean
 decline where it cannot. Where neither AMX nor torchao's compiled CPU kernel exists, the fused graph
 runs on mergepass's eager reference kernel, so the rewrite, the fusion and the scales are checked on
 every machine."""
@@ -76,8 +76,8 @@ def test_int8_attention_fuses_every_block_and_matches_the_quantized_graph(recipe
     calib = _calib(b=batch)
     with _kernel():
         merge = {"r": 2} if recipe != "int8" else {}  # int8 alone does not merge: it has no r
-        be = mergepass.backend(recipe, calibration=calib, quantize_rest=rest, quantize_attention="int8", **merge,
-                               cache=False)  # the quantized graph itself is compared, which a cache hit does not keep
+        be = mergepass.backend(recipe, merge=merge, quantize={"pt2e": {"rest": rest, "attention": "int8"}},
+                               calibration=calib, cache=False)  # the quantized graph itself is compared, which a cache hit does not keep
         out, code, warned = _compile_run(m, x, be)
         q = be.quantized[-1]
         with torch.no_grad():
@@ -98,9 +98,9 @@ def test_int8_attention_declined_cleanly_where_it_cannot_run():
         pytest.skip("this machine runs int8 attention")
     m = tiny_vit(depth=DEPTH)
     x = torch.randn(2, 3, 64, 64)
-    out, code, warned = _compile_run(m, x, mergepass.backend("tome_int8", r=2, calibration=_calib(),
-                                                             quantize_attention="int8"))
-    assert len(warned) == 1 and "quantize.attention = 'int8' cannot run here" in warned[0] and why in warned[0]
+    out, code, warned = _compile_run(m, x, mergepass.backend("tome_int8", merge={"r": 2}, calibration=_calib(),
+                                                             quantize={"pt2e": {"attention": "int8"}}))
+    assert len(warned) == 1 and "quantize.pt2e.attention = 'int8' cannot run here" in warned[0] and why in warned[0]
     assert fused_attentions(code) == 0 and "scaled_dot_product" in code
     with torch.no_grad():
         assert F.cosine_similarity(out, m(x)).min() > 0.98
@@ -114,8 +114,8 @@ def test_dynamic_scales_keep_float_attention():
 
 
 def test_bad_attention_value_is_named():
-    with pytest.raises(ValueError, match="quantize.attention"):
-        mergepass.backend("int8", quantize_attention="int4")
+    with pytest.raises(ValueError, match="quantize.pt2e.attention"):
+        mergepass.backend("int8", quantize={"pt2e": {"attention": "int4"}})
 
 
 def test_a_failing_int8_attention_compile_falls_back_to_float_attention(monkeypatch):
@@ -126,7 +126,7 @@ def test_a_failing_int8_attention_compile_falls_back_to_float_attention(monkeypa
     m = tiny_vit(depth=DEPTH)
     x = torch.randn(2, 3, 64, 64)
     with _kernel():
-        be = mergepass.backend("tome_int8", r=2, calibration=_calib(), quantize_attention="int8",
+        be = mergepass.backend("tome_int8", merge={"r": 2}, quantize={"pt2e": {"attention": "int8"}}, calibration=_calib(),
                                cache=False)  # the broken pass must run, not a cached entry
         out, code, warned = _compile_run(m, x, be)
     assert len(warned) == 1 and "int8 attention did not compile" in warned[0] and "template failed" in warned[0]
@@ -149,7 +149,7 @@ def test_only_the_rewritten_attentions_matmuls_are_quantized():
             return o @ self.mix
     x = torch.randn(2, 5, 16)
     with _kernel(), torch.no_grad():
-        be = mergepass.backend("int8", calibration=[x], quantize_attention="int8", lower="eager")
+        be = mergepass.backend("int8", calibration=[x], quantize={"pt2e": {"attention": "int8"}}, lower="eager")
         torch.compile(M().eval(), backend=be, dynamic=False)(x)
     dq = "dequantize_per_tensor"
     quantized = [all(dq in str(a.target) for a in n.args) for n in be.quantized[-1].module.graph.nodes

@@ -28,7 +28,7 @@ def test_method_matches_reference_fullgraph(case):
     img = c.get("img", 96)
     m = tiny_vit(img_size=img)
     x = torch.randn(2, 3, img, img)
-    be = mergepass.backend(c["recipe"], lower="eager", **c["overrides"])  # inductor: test_backend's fused parity
+    be = mergepass.backend(c["recipe"], lower="eager", merge=c["overrides"])  # inductor: test_backend's fused parity
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
         ref = reference_forward(m, x, be.schedule)
@@ -38,11 +38,12 @@ def test_method_matches_reference_fullgraph(case):
     assert rel_err(out, plain) > 1e-3
 
 
-@pytest.mark.parametrize("recipe,strength", [("dfe", dict(r=4)), ("dfe_lgtm", dict(r=4)), ("tomato", dict(budget=5))])
-def test_skip_equal_to_depth_merges_nothing(recipe, strength):
+@pytest.mark.parametrize("recipe,over", [("dfe", dict(r=4, skip=3)), ("dfe_lgtm", dict(r=4, skip=3)),
+                                         ("tomato", dict(budget=5, merge_block=3))])
+def test_skip_or_merge_block_equal_to_depth_merges_nothing(recipe, over):
     m = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
-    be = mergepass.backend(recipe, skip=3, lower="eager", **strength)
+    be = mergepass.backend(recipe, merge=over, lower="eager")
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
         plain = m(x)
@@ -55,7 +56,7 @@ def test_resolved_defaults_follow_the_paper(planner):
     assert default_window((14, 14)) == 7 and default_window((16, 16)) == 8
     assert default_window((37, 37)) == 19  # prime grid: padded windows
     sched = planner(12, 224).plan("dfe_lgtm")
-    r = sched.recipe
+    r = sched.recipe.merge
     assert (r.skip, r.window) == (2, 7)
     kinds = [b.kind for b in sched.blocks]
     assert kinds[:2] == ["dense", "dense"] and kinds[2] == "local"
@@ -74,8 +75,8 @@ def test_resolved_defaults_follow_the_paper(planner):
                                               ("tomato", dict(method="tomato_tome", r="auto", match_tome_r=16)),
                                               ("tomato", dict(budget="auto", match_tome_r=16))])
 def test_auto_strength_matches_tome_macs(recipe, overrides, planner):
-    tome = planner(12, 224).plan("tome", r=16)
-    other = planner(12, 224).plan(recipe, **overrides)
+    tome = planner(12, 224).plan("tome", merge={"r": 16})
+    other = planner(12, 224).plan(recipe, merge=overrides)
     assert abs(other.macs / tome.macs - 1) <= 0.05
 
 
@@ -84,9 +85,9 @@ def test_auto_strength_matches_tome_macs(recipe, overrides, planner):
 def test_protection_yields_to_r_and_scales_with_patches(recipe, planner):
     """``protect`` never changes a schedule's merges or MACs: it shrinks where tokens run low. A fraction
     is of the patch tokens (49 here)."""
-    plain = planner(6, 112).plan(recipe, r=8)
+    plain = planner(6, 112).plan(recipe, merge={"r": 8})
     for protect, want in ((6, 6), (0.0625, 3)):
-        s = planner(6, 112).plan(recipe, r=8, protect=protect)
+        s = planner(6, 112).plan(recipe, merge={"r": 8, "protect": protect})
         assert [(b.kind, b.tokens_out) for b in s.blocks] == [(b.kind, b.tokens_out) for b in plain.blocks]
         assert s.macs == plain.macs
         steps = [b for b in s.blocks if b.kind == "global"]
@@ -98,11 +99,11 @@ def test_protection_yields_to_r_and_scales_with_patches(recipe, planner):
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "many"])
 def test_protect_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="protect"):
-        mergepass.load_recipe("tome", protect=bad)
+        mergepass.load_recipe("tome", merge={"protect": bad})
 
 def test_tomato_budget_fraction_and_clamp(planner):
-    assert planner(3, 96).plan("tomato", budget=0.25).blocks[0].merged == 9
-    s = planner(3, 96).plan("tomato", budget=30)
+    assert planner(3, 96).plan("tomato", merge={"budget": 0.25}).blocks[0].merged == 9
+    s = planner(3, 96).plan("tomato", merge={"budget": 30})
     assert s.blocks[0].merged == 18 and "clamped" in s.blocks[0].note
 
 
@@ -146,7 +147,7 @@ def test_tomato_budget_from_threshold_drives_the_static_merge():
     budgets = [budget_from_threshold(m, imgs, t, similarity="cosine") for t in (1.01, 0.5, 0.0, -1.01)]
     assert budgets[0] == 0 and budgets[-1] == 35  # nothing passes / everything joins one group
     assert budgets == sorted(budgets)  # a lower threshold merges more
-    sched = mergepass.plan(m, imgs[0], "tomato", budget=budgets[1])
+    sched = mergepass.plan(m, imgs[0], "tomato", merge={"budget": budgets[1]})
     assert sched.blocks[0].merged == min(budgets[1], 18)
 
 
@@ -171,13 +172,13 @@ def test_tomato_budget_from_the_papers_probability_thresholds():
 
 
 def test_tomato_similarity_is_a_validated_recipe_field():
-    assert mergepass.load_recipe("tomato").similarity == "softmax"  # the paper's, by default
-    assert mergepass.load_recipe("tomato", similarity="cosine").similarity == "cosine"
+    assert mergepass.load_recipe("tomato").merge.similarity == "softmax"  # the paper's, by default
+    assert mergepass.load_recipe("tomato", merge={"similarity": "cosine"}).merge.similarity == "cosine"
     for bad in ("dot", "", 1):
         with pytest.raises(ValueError, match="recipe field 'similarity'"):
-            mergepass.load_recipe("tomato", similarity=bad)
+            mergepass.load_recipe("tomato", merge={"similarity": bad})
     with pytest.raises(ValueError, match="recipe field 'similarity'"):
-        mergepass.backend("tomato", similarity="Softmax")
+        mergepass.backend("tomato", merge={"similarity": "Softmax"})
 
 
 def test_shipped_tomato_recipes_sit_at_the_papers_operating_point(planner):
@@ -198,15 +199,15 @@ def test_tome_inflect_shorthand_follows_official_tome(r, inflect, planner):
     """``r = [r, inflect]``: ToMe's schedule shorthand, block by block as official ToMe's ``parse_r``."""
     from reference import tome_parse_r
     want = tome_parse_r(12, (r, inflect))
-    s = planner(12, 224).plan("tome", r=(r, inflect))
-    assert s.recipe.r == tuple(want)
+    s = planner(12, 224).plan("tome", merge={"r": (r, inflect)})
+    assert s.recipe.merge.r == tuple(want)
     assert [b.r for b in s.blocks] == [min(w, (b.tokens_in - 1) // 2) for w, b in zip(want, s.blocks)]
     if inflect == 0.0:
-        assert s.macs == planner(12, 224).plan("tome", r=r).macs
-    assert mergepass.load_recipe({"method": "tome", "r": [r, inflect]}).r == (r, inflect)  # TOML's [r, inflect]
+        assert s.macs == planner(12, 224).plan("tome", merge={"r": r}).macs
+    assert mergepass.load_recipe({"merge": {"method": "tome", "r": [r, inflect]}}).merge.r == (r, inflect)  # TOML's [r, inflect]
 
 
 @pytest.mark.parametrize("bad", [(16, 1.5), (16, -2.0), (-1, 0.5), (1.5, 0.5)])
 def test_tome_inflect_shorthand_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="r"):
-        mergepass.load_recipe("tome", r=bad)
+        mergepass.load_recipe("tome", merge={"r": bad})

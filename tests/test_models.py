@@ -17,8 +17,8 @@ TIMM = {
 }
 
 
-def _check(model, x, recipe="tome", **over):
-    be = mergepass.backend(recipe, lower="eager", **over)
+def _check(model, x, recipe="tome", **merge):
+    be = mergepass.backend(recipe, lower="eager", merge=merge)
     with torch.no_grad():
         out = torch.compile(model, backend=be, dynamic=False, fullgraph=True)(x)
         ref = reference_forward(model, x, be.schedule)
@@ -80,7 +80,7 @@ def test_real_dinov2_weights_track_the_uncompressed_model():
     from mergepass.eval import data, models
     m = models.create("vit_small_patch14_dinov2", img_size=224, num_classes=0, checkpoint=str(DINO_CKPT))
     x, _, _ = data.load_images(IMAGES, limit=8)
-    be = mergepass.backend("tome", r=8, lower="eager")
+    be = mergepass.backend("tome", merge={"r": 8}, lower="eager")
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
         ref = m(x)
@@ -112,7 +112,7 @@ def test_huggingface_towers_at_r0_reproduce_the_model_on_an_amd_cpu_with_bf16(mo
     torch.manual_seed(0)
     m = getattr(transformers, tower)(cfg).eval()
     x = torch.randn(2, 3, 64, 64)
-    be = mergepass.backend("tome", r=0, lower="eager", merge_kernel="reference")
+    be = mergepass.backend("tome", merge={"r": 0, "kernel": "reference"}, lower="eager")
     with torch.no_grad():
         want = m(x).last_hidden_state
         out = torch.compile(m, backend=be, dynamic=False)(x).last_hidden_state

@@ -134,7 +134,7 @@ def _scheduled(depth=3, r=3, **kw):
     g, gm = vit_graph(depth=depth, **kw)
     work = copy_graph_module(gm)
     match = find_blocks(work)
-    return g, gm, work, match, make_schedule(match, mergepass.load_recipe("tome", r=r))
+    return g, gm, work, match, make_schedule(match, mergepass.load_recipe("tome", merge={"r": r}))
 
 
 def test_insert_merges_contract():
@@ -168,7 +168,7 @@ def test_insert_merges_without_proportional_attention_adds_no_bias():
     g, gm = vit_graph(depth=3)
     work = copy_graph_module(gm)
     match = find_blocks(work)
-    insert_merges(work, match, make_schedule(match, mergepass.load_recipe("tome", r=3, prop_attn=False)))
+    insert_merges(work, match, make_schedule(match, mergepass.load_recipe("tome", merge={"r": 3, "prop_attn": False})))
     assert not _calls(work, attn_bias)
 
 
@@ -209,7 +209,7 @@ def test_a_reduction_over_merged_tokens_is_refused_and_rewrite_merges_only_the_b
     assert e.value.node in match.blocks[1].nodes
     # the driver declines block 1 and everything after it, with one note naming the block
     notes = []
-    res = rewrite(prepare(gm, g.inputs), g.inputs, mergepass.load_recipe("tome", r=3), warn=notes.append)
+    res = rewrite(prepare(gm, g.inputs), g.inputs, mergepass.load_recipe("tome", merge={"r": 3}), warn=notes.append)
     assert [b.kind for b in res.schedule.blocks] == ["global", "off", "off"]
     assert len([n for n in notes if "not merged because" in n]) == 1
     assert g.run(res.gm).shape == g.run(gm).shape
@@ -230,7 +230,7 @@ def test_position_tables_are_read_at_the_merged_positions():
 def test_rewrite_with_nothing_to_merge_returns_the_graph_unchanged():
     g, gm = vit_graph()
     base = prepare(gm, g.inputs)
-    res = rewrite(base, g.inputs, mergepass.load_recipe("tome", r=0), warn=False)
+    res = rewrite(base, g.inputs, mergepass.load_recipe("tome", merge={"r": 0}), warn=False)
     assert res.gm is base and not res.merged
     torch.testing.assert_close(g.run(res.gm), g.run(gm), rtol=0, atol=0)
 
@@ -239,7 +239,7 @@ def test_rewrite_never_modifies_its_input_graph():
     g, gm = vit_graph()
     base = prepare(gm, g.inputs)
     before = [(n.name, n.target, n.args) for n in base.graph.nodes]
-    res = rewrite(base, g.inputs, mergepass.load_recipe("tome", r=3), warn=False)
+    res = rewrite(base, g.inputs, mergepass.load_recipe("tome", merge={"r": 3}), warn=False)
     assert res.merged and res.gm is not base
     assert [(n.name, n.target, n.args) for n in base.graph.nodes] == before
 

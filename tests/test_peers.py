@@ -15,14 +15,14 @@ def setup():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        merged = compile_with(model, mergepass.backend("tome", r=4, lower="eager", merge_kernel="reference"))(x)
+        merged = compile_with(model, mergepass.backend("tome", merge={"r": 4, "kernel": "reference"}, lower="eager"))(x)
         dense = model(x)
     return model, x, merged, dense
 
 
 def test_merged_module_is_the_merged_model(setup):
     model, x, merged, dense = setup
-    module = peers.merged_module(model, x, peers.merge_recipe("ort_int8_tome", {"r": 4}))
+    module = peers.merged_module(model, x, peers.merge_recipe("ort_int8_tome", {"merge": {"r": 4}}))
     with torch.no_grad():
         out = module(x)
     assert torch.allclose(out, merged, atol=1e-5)
@@ -33,7 +33,7 @@ def test_ort_runs_the_merged_graph(setup):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     model, x, merged, _ = setup
-    fn, be = compile_spec(model, "ort_int8_tome:r=4", [x, x])
+    fn, be = compile_spec(model, "ort_int8_tome:merge.r=4", [x, x])
     assert be is None
     out = fn(x)
     assert out.shape == merged.shape and cosine(out, merged).min() > 0.9
@@ -42,16 +42,16 @@ def test_ort_runs_the_merged_graph(setup):
 
 def test_unmerged_peer_rejects_options():
     with pytest.raises(ValueError, match="ort_int8"):
-        peers.merge_recipe("ort_int8", {"r": 4})
+        peers.merge_recipe("ort_int8", {"merge": {"r": 4}})
     assert peers.merge_recipe("ort_int8", {}) is None
 
 
-@pytest.mark.parametrize("name,over", [("ov_int8", {}), ("ov_int8_tome", {"r": 4})])
+@pytest.mark.parametrize("name,over", [("ov_int8", {}), ("ov_int8_tome", {"merge": {"r": 4}})])
 def test_openvino_int8_runs_the_model_and_the_merged_graph(setup, name, over):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     model, x, merged, dense = setup
-    fn, be = compile_spec(model, f"{name}:r=4" if over else name, [x, x])
+    fn, be = compile_spec(model, f"{name}:merge.r=4" if over else name, [x, x])
     assert be is None
     out = fn(x)
     want = merged if over else dense

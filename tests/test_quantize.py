@@ -32,7 +32,7 @@ def _float(m, x, recipe="tome"):
     """The same model and merges without int8, run eagerly: what int8 is compared with."""
     with torch.no_grad():
         merge = {"r": 3} if recipe != "none" else {}
-        return torch.compile(m, backend=mergepass.backend(recipe, lower="eager", **merge), dynamic=False)(x)
+        return torch.compile(m, backend=mergepass.backend(recipe, lower="eager", merge=merge), dynamic=False)(x)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def tome_int8():
     torch.manual_seed(0)
     m = tiny_vit(depth=DEPTH)
     x, calib = torch.randn(4, 3, 64, 64), _calib()
-    be = mergepass.backend("tome_int8", r=3, calibration=calib)
+    be = mergepass.backend("tome_int8", merge={"r": 3}, calibration=calib)
     out, code = _run(m, x, be)
     torch._dynamo.reset()
     return m, x, calib, be, out, code
@@ -116,7 +116,7 @@ def test_static_scales_follow_the_observer(monkeypatch, observer):
     calib = _calib()
     calib[1][2, 0, 7, 7] = 40.0  # one pixel in 36,864: a range worth clipping
     lo, hi = min(0.0, min(b.min().item() for b in calib)), max(0.0, max(b.max().item() for b in calib))
-    be = mergepass.backend("int8", calibration=calib, quantize_observer=observer, lower="eager")
+    be = mergepass.backend("int8", calibration=calib, quantize={"pt2e": {"observer": observer}}, lower="eager")
     _run(tiny_vit(depth=DEPTH), torch.randn(4, 3, 64, 64), be)
     gm = be.quantized[-1].module
     q = torch.ops.quantized_decomposed.quantize_per_tensor.default
@@ -143,7 +143,8 @@ def test_keep_fp32_by_name_and_by_outlier_statistics():
         m.pos_embed[0, 3, 5] = 1000.0
         m.blocks[1].mlp.fc1.weight[7, 5] = 10.0
     x = torch.randn(4, 3, 64, 64)
-    be = mergepass.backend("int8", calibration=_calib(), quantize_keep_fp32=["blocks.0.mlp.fc2"], quantize_sensitivity=6.0,
+    be = mergepass.backend("int8", calibration=_calib(),
+                           quantize={"pt2e": {"keep_fp32": ["blocks.0.mlp.fc2"], "sensitivity": 6.0}},
                            lower="eager")  # which linears are int8 is settled in the quantized graph
     _run(m, x, be)
     kept = be.quantized[-1].kept_fp32
@@ -160,21 +161,22 @@ def test_int8_refuses_training():
 
 def test_quantize_fields_are_validated():
     with pytest.raises(ValueError, match="quantize.mode"):
-        mergepass.load_recipe("int8", quantize_mode="weird")
-    with pytest.raises(ValueError, match="quantize.observer"):
-        mergepass.load_recipe("int8", quantize_observer="percentile")
+        mergepass.load_recipe("int8", quantize={"mode": "weird"})
+    with pytest.raises(ValueError, match="quantize.pt2e.observer"):
+        mergepass.load_recipe("int8", quantize={"pt2e": {"observer": "percentile"}})
     with pytest.raises(ValueError, match="unknown recipe field 'quantize.scale'"):
         mergepass.load_recipe({"method": "none", "quantize": {"scale": 1}})
 
 
 def test_each_engine_takes_its_own_fields():
-    """[quantize.<engine>] sets one engine's fields; a field in [quantize] itself sets it for every engine that has
-    it; one the chosen engine lacks is an error naming the engine."""
-    r = mergepass.load_recipe("int8", quantize={"pt2e": {"observer": "minmax"}}, quantize_keep_fp32=["head"])
-    assert r.quantize.options("pt2e").observer == "minmax" and r.quantize.observer == "minmax"
-    assert all(r.quantize.options(e).keep_fp32 == ("head",) for e in ("pt2e", "torchao", "modelopt"))
-    with pytest.raises(ValueError, match=r"unknown recipe field 'rest' for engine 'torchao'; its fields: \['keep_fp32'\]"):
-        mergepass.load_recipe("int8", quantize_engine="torchao", quantize_rest="bf16")
+    """[quantize.<engine>] sets that engine's fields and no other's; a field the engine lacks is an error naming
+    the engine."""
+    r = mergepass.load_recipe("int8", quantize={"pt2e": {"observer": "minmax", "keep_fp32": ["head"]}})
+    assert r.quantize.options("pt2e").observer == "minmax" and r.quantize.options("pt2e").keep_fp32 == ("head",)
+    assert all(r.quantize.options(e).keep_fp32 == () for e in ("torchao", "modelopt"))
+    with pytest.raises(ValueError, match=r"unknown recipe field 'rest' for engine 'torchao' \(\[quantize.torchao\]\); "
+                                         r"its fields: \['keep_fp32'\]"):
+        mergepass.load_recipe("int8", quantize={"engine": "torchao", "torchao": {"rest": "bf16"}})
     with pytest.raises(ValueError, match=r"'obsrver' \(did you mean 'observer'\?\) for engine 'pt2e'"):
         mergepass.load_recipe("int8", quantize={"pt2e": {"obsrver": "minmax"}})
     import tomllib
@@ -185,7 +187,7 @@ def test_torchao_engine_gives_int8_matmuls():
     """The CUDA default (torchao quantize_, dynamic per-token activations), exercised on CPU."""
     m = tiny_vit(depth=DEPTH)
     x = torch.randn(4, 3, 64, 64)
-    be = mergepass.backend("tome_int8", r=3, quantize_engine="torchao", quantize_keep_fp32=["head"])
+    be = mergepass.backend("tome_int8", merge={"r": 3}, quantize={"engine": "torchao", "torchao": {"keep_fp32": ["head"]}})
     out, code = _run(m, x, be)
     assert be.quantized[-1].mode == "dynamic-torchao" and be.quantized[-1].kept_fp32 == ["head"]
     assert code.count("qlinear_pointwise") + code.count("_int_mm") >= LINEARS - 1
@@ -197,7 +199,7 @@ def test_torchao_engine_gives_int8_matmuls():
 def test_cuda_int8_uses_int_mm():
     m = tiny_vit(depth=DEPTH).cuda()
     x = torch.randn(4, 3, 64, 64, device="cuda")
-    out, code = _run(m, x, mergepass.backend("tome_int8", r=3))
+    out, code = _run(m, x, mergepass.backend("tome_int8", merge={"r": 3}))
     assert "_int_mm" in code
 
 
@@ -207,8 +209,8 @@ def test_tensorrt_lowering():
     m = tiny_vit(depth=DEPTH).cuda()
     x = torch.randn(2, 3, 64, 64, device="cuda")
     with torch.no_grad():
-        out = torch.compile(m, backend=mergepass.backend("tome", r=3, lower="tensorrt"), dynamic=False)(x)
-        ref = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
+        out = torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3}, lower="tensorrt"), dynamic=False)(x)
+        ref = torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3}), dynamic=False)(x)
     torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
 
 
@@ -220,7 +222,7 @@ without_tensorrt = pytest.mark.skipif(importlib.util.find_spec("torch_tensorrt")
 def test_tensorrt_missing_gives_a_clear_error():
     m = tiny_vit(depth=DEPTH)
     with pytest.raises(Exception, match="torch-tensorrt|CUDA GPU"):
-        torch.compile(m, backend=mergepass.backend("tome", r=3, lower="tensorrt"), dynamic=False)(torch.randn(2, 3, 64, 64))
+        torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3}, lower="tensorrt"), dynamic=False)(torch.randn(2, 3, 64, 64))
 
 
 def _linear_inputs(module, batches):
@@ -245,8 +247,8 @@ def test_modelopt_engine_makes_calibrated_qdq_for_tensorrt():
     mtq = pytest.importorskip("modelopt.torch.quantization")
     m = tiny_vit(depth=DEPTH)
     x, cal = torch.randn(4, 3, 64, 64), _calib()
-    be = mergepass.backend("tome_int8", r=3, quantize_engine="modelopt", lower="eager", calibration=cal,
-                           quantize_keep_fp32=["blocks.1.mlp.fc2"])
+    be = mergepass.backend("tome_int8", merge={"r": 3}, lower="eager", calibration=cal,
+                           quantize={"engine": "modelopt", "modelopt": {"keep_fp32": ["blocks.1.mlp.fc2"]}})
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
     fp32 = _float(m, x)
@@ -271,7 +273,7 @@ def test_modelopt_engine_makes_calibrated_qdq_for_tensorrt():
 
 def test_modelopt_engine_is_for_tensorrt():
     with pytest.raises(ValueError, match="quantize.engine.*TensorRT"):
-        mergepass.load_recipe("tome_int8", quantize_engine="modelopt")
+        mergepass.load_recipe("tome_int8", quantize={"engine": "modelopt"})
 
 
 @without_tensorrt
@@ -282,7 +284,7 @@ def test_tensorrt_int8_checks_for_tensorrt_before_calibrating():
         raise AssertionError("calibration data was read before the TensorRT check")
         yield
     with torch.no_grad(), pytest.raises(Exception, match="torch-tensorrt|CUDA GPU"):
-        torch.compile(m, backend=mergepass.backend("tome_int8", r=3, lower="tensorrt", calibration=never()),
+        torch.compile(m, backend=mergepass.backend("tome_int8", merge={"r": 3}, lower="tensorrt", calibration=never()),
                       dynamic=False)(torch.randn(2, 3, 64, 64))
 
 
@@ -294,9 +296,9 @@ def test_tensorrt_int8_lowering():
     x = torch.randn(4, 3, 64, 64, device="cuda")
     cal = [c.cuda() for c in _calib()]
     with torch.no_grad():
-        out = torch.compile(m, backend=mergepass.backend("tome_int8", r=3, lower="tensorrt", calibration=cal),
+        out = torch.compile(m, backend=mergepass.backend("tome_int8", merge={"r": 3}, lower="tensorrt", calibration=cal),
                             dynamic=False)(x)
-        fp32 = torch.compile(m, backend=mergepass.backend("tome", r=3), dynamic=False)(x)
+        fp32 = torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3}), dynamic=False)(x)
     assert torch.nn.functional.cosine_similarity(out.float(), fp32).min().item() > 0.98
 
 
@@ -306,15 +308,15 @@ def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges(tome_int8):
     from torch._inductor import config as inductor_config
     m, x, calib, _, out_py, _ = tome_int8
     with inductor_config.patch(cpp_wrapper=True):
-        out_cpp, code = _run(m, x, mergepass.backend("tome_int8", r=3, calibration=calib, cache=False,
-                                                     merge_kernel="fused"))
+        out_cpp, code = _run(m, x, mergepass.backend("tome_int8", merge={"r": 3, "kernel": "fused"}, calibration=calib,
+                                                     cache=False))
     assert "qlinear_pointwise" in code and "bipartite_merge" in code and "inductor_entry_impl" in code
     torch.testing.assert_close(out_cpp, out_py, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("merge_kernel", ["fused", "reference"])
 def test_bf16_rest_runs_around_int8_kernels_and_auto_follows_the_cpu(monkeypatch, merge_kernel):
-    """quantize.rest = "bf16": qlinear emits bf16 and the ops between run in bf16, attention included
+    """quantize.pt2e.rest = "bf16": qlinear emits bf16 and the ops between run in bf16, attention included
     (read off the post-grad graph, with torch's SDPA); fast with AVX512-BF16/AMX only, so "auto" picks it only there.
     Outputs keep the model's dtype."""
     from torch._inductor import config as inductor_config
@@ -327,8 +329,9 @@ def test_bf16_rest_runs_around_int8_kernels_and_auto_follows_the_cpu(monkeypatch
     m = tiny_vit(depth=DEPTH)
     x = torch.randn(4, 3, 64, 64)
     # either merge kernel: merge_kernel = "auto" may pick either by measurement
-    be = mergepass.backend("tome_int8", r=3, calibration=_calib(), quantize_rest="bf16", attention_kernel="sdpa",
-                           merge_kernel=merge_kernel, cache=False)  # the pass must see this compile
+    be = mergepass.backend("tome_int8", merge={"r": 3, "kernel": merge_kernel}, quantize={"pt2e": {"rest": "bf16"}},
+                           lower={"attention_kernel": "sdpa"}, calibration=_calib(),
+                           cache=False)  # the pass must see this compile
     with inductor_config.patch(post_grad_custom_post_pass=record):
         out, code = _run(m, x, be)
     assert len(INT8_GEMM.findall(code)) >= LINEARS and "torch.bfloat16" in code
@@ -343,7 +346,7 @@ def test_bf16_rest_runs_around_int8_kernels_and_auto_follows_the_cpu(monkeypatch
         assert pt2e.rest_dtype("fp32") is None and pt2e.rest_dtype("bf16") is torch.bfloat16
     monkeypatch.setattr(pt2e, "bf16_isa", lambda: "none")
     torch._dynamo.reset()
-    be = mergepass.backend("tome_int8", r=3, calibration=_calib(), lower="eager")
+    be = mergepass.backend("tome_int8", merge={"r": 3}, calibration=_calib(), lower="eager")
     _run(m, x, be)
     assert be.quantized[-1].autocast is None, "auto must keep FP32 on a CPU without bf16 instructions"
 
@@ -355,7 +358,7 @@ def test_int8_on_a_tower_with_string_conv_padding():
     from mergepass.eval.zoo import case
     c = case("hf_siglip")
     model, x = c.build()
-    be = mergepass.backend("tome_int8", r=2, lower="eager", calibration=[x])
+    be = mergepass.backend("tome_int8", merge={"r": 2}, lower="eager", calibration=[x])
     with torch.no_grad():
         out = c.run(torch.compile(model, backend=be, dynamic=False), x)[0]
         ref = c.run(model, x)[0]

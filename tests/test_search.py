@@ -21,14 +21,14 @@ def _match(m, x):
 def test_per_block_r_merges_as_scheduled_and_matches_the_reference():
     m = tiny_vit(depth=4, img_size=96)
     x = torch.randn(2, 3, 96, 96)
-    be = mergepass.backend("tome", r=[0, 6, 3, 1], lower="eager")
+    be = mergepass.backend("tome", merge={"r": [0, 6, 3, 1]}, lower="eager")
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
         ref = reference_forward(m, x, be.schedule)
     assert [b.merged for b in be.schedule.blocks] == [0, 6, 3, 1]
     assert rel_err(out, ref) <= 1e-4
     with pytest.raises(ValueError, match="lists 3 values but the model has 4 blocks"):
-        mergepass.plan(m, x, "tome", r=[1, 2, 3])
+        mergepass.plan(m, x, "tome", merge={"r": [1, 2, 3]})
 
 
 def test_search_respects_the_budget_is_deterministic_and_round_trips_as_toml(tmp_path):
@@ -38,14 +38,14 @@ def test_search_respects_the_budget_is_deterministic_and_round_trips_as_toml(tmp
     calls = []
 
     def score(recipe):  # a synthetic score that prefers merging late; the search must find that
-        calls.append(recipe.r)
-        return -sum((4 - i) * r for i, r in enumerate(recipe.r))
+        calls.append(recipe.merge.r)
+        return -sum((4 - i) * r for i, r in enumerate(recipe.merge.r))
     budget = 0.8
     runs = [evolve(match, mergepass.load_recipe("tome"), score, budget, iterations=5, children=4, seed=3)
             for _ in range(2)]
-    assert runs[0].recipe.r == runs[1].recipe.r and runs[0].history == runs[1].history
+    assert runs[0].recipe.merge.r == runs[1].recipe.merge.r and runs[0].history == runs[1].history
     for r, _ in runs[0].history:  # the schedule mergepass.plan would print, without capturing the model again
-        assert make_schedule(match, mergepass.load_recipe("tome", r=list(r))).macs_ratio <= budget + 1e-9
+        assert make_schedule(match, mergepass.load_recipe("tome", merge={"r": list(r)})).macs_ratio <= budget + 1e-9
     assert runs[0].score >= runs[0].start_score
     assert runs[0].schedule.macs_ratio <= budget
     other = evolve(match, mergepass.load_recipe("tome"), score, budget, iterations=5, children=4, seed=4)
@@ -53,7 +53,7 @@ def test_search_respects_the_budget_is_deterministic_and_round_trips_as_toml(tmp
     path = tmp_path / "searched.toml"
     path.write_text(runs[0].recipe.to_toml())
     loaded = mergepass.load_recipe(str(path))
-    assert loaded.r == runs[0].recipe.r
+    assert loaded.merge.r == runs[0].recipe.merge.r
     again = mergepass.plan(m, x, str(path))
     assert again.token_counts() == runs[0].schedule.token_counts() and again.macs == runs[0].schedule.macs
 
@@ -64,9 +64,9 @@ def test_fit_budget_spends_the_budget():
     x = torch.randn(1, 3, 96, 96)
     r = fit_budget(match, mergepass.load_recipe("tome"), [1.0] * 4, 0.7)
     assert len(set(r)) == 1  # equal weights: constant ToMe
-    assert mergepass.plan(m, x, "tome", r=list(r)).macs_ratio <= 0.7
+    assert mergepass.plan(m, x, "tome", merge={"r": list(r)}).macs_ratio <= 0.7
     # the least merging within the budget: one token fewer per block breaks it
-    assert mergepass.plan(m, x, "tome", r=[v - 1 for v in r]).macs_ratio > 0.7
+    assert mergepass.plan(m, x, "tome", merge={"r": [v - 1 for v in r]}).macs_ratio > 0.7
 
 
 SEARCHED = Path(__file__).resolve().parents[1] / "docs" / "results" / "searched" / "dinov2_s14_tome_match_r12.toml"
@@ -83,9 +83,9 @@ def test_searched_schedule_beats_constant_tome_on_real_weights():
     x, _, _ = data.load_images(IMAGES, limit=96, **data.data_config(model.model, 224, crop_pct=0.875))
     held = x[64:96]
 
-    def cos(recipe, **kw):
+    def cos(recipe, **merge):
         torch._dynamo.reset()
-        be = mergepass.backend(recipe, lower="eager", **kw)
+        be = mergepass.backend(recipe, lower="eager", merge=merge)
         f = torch.compile(model, backend=be, dynamic=False)
         with torch.no_grad():
             out = torch.cat([f(held[i:i + 16])[:, 0] for i in range(0, len(held), 16)])
@@ -116,9 +116,9 @@ def test_search_takes_any_registered_method_with_per_block_r(monkeypatch, planne
     gm, ex = planner(3, 64).graphs[0]
     match = find_blocks(copy_graph_module(prepare(gm, ex)))
     recipe = mergepass.load_recipe("tome")
-    assert searchable(recipe.replace(method="toy_per_block"), match).method == "toy_per_block"
-    assert searchable(recipe.replace(method="toy_flat"), match).method == "tome"
-    assert searchable(recipe.replace(method="tomato"), match).method == "tome"
+    assert searchable(recipe.replace(merge={"method": "toy_per_block"}), match).method == "toy_per_block"
+    assert searchable(recipe.replace(merge={"method": "toy_flat"}), match).method == "tome"
+    assert searchable(recipe.replace(merge={"method": "tomato"}), match).method == "tome"
 
 
 def test_auto_searches_a_registered_method_block_by_block(monkeypatch, planner):
@@ -136,7 +136,7 @@ def test_auto_searches_a_registered_method_block_by_block(monkeypatch, planner):
     monkeypatch.setitem(base._METHODS, "toy_auto", Toy())
     gm, ex = planner(3, 64).graphs[0]
     match = find_blocks(copy_graph_module(prepare(gm, ex)))
-    recipe = mergepass.load_recipe("auto", target_speedup=1.2, search_iterations=1)
+    recipe = mergepass.load_recipe("auto", search={"target_speedup": 1.2, "search_iterations": 1})
     choice = choose(match, recipe, lambda r: 0.9 if r.method == "toy_auto" else 0.5)
     searched = [c for c in choice.candidates if c.method.endswith("(searched)")]
     assert [c.method for c in searched] == ["toy_auto (searched)"] and searched[0].recipe.method == "toy_auto"

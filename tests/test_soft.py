@@ -27,7 +27,7 @@ CASES = {
 def test_soft_matches_reference_fullgraph(case):
     m = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
-    be = mergepass.backend("soft", lower="eager", **CASES[case])
+    be = mergepass.backend("soft", lower="eager", merge=CASES[case])
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
         ref = reference_forward(m, x, be.schedule, extra={"soft": _soft})
@@ -42,7 +42,7 @@ def test_soft_fused_kernel_matches_reference_fullgraph():
     require_fused_merge()
     m = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
-    be = mergepass.backend("soft", lower="inductor", merge_kernel="fused", cache=False, **CASES["hard_tokens"])
+    be = mergepass.backend("soft", lower="inductor", merge={"kernel": "fused", **CASES["hard_tokens"]}, cache=False)
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
         ref = reference_forward(m, x, be.schedule, extra={"soft": _soft})
@@ -134,7 +134,7 @@ def test_soft_rows_are_batch_independent():
 def test_soft_r0_is_the_original_model():
     m = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
-    be = mergepass.backend("soft", r=0, k=3, lower="eager")
+    be = mergepass.backend("soft", merge={"r": 0, "k": 3}, lower="eager")
     with torch.no_grad():
         out = torch.compile(m, backend=be, dynamic=False)(x)
         plain = m(x)
@@ -146,7 +146,7 @@ def test_soft_unmerges_outputs_to_their_shape():
     """Patch outputs keep the unmerged token count (each original token reads the token holding it)."""
     m = tiny_vit(img_size=96)
     x = torch.randn(2, 3, 96, 96)
-    be = mergepass.backend("soft", r=6, k=2, tau=0.1, lower="eager")
+    be = mergepass.backend("soft", merge={"r": 6, "k": 2, "tau": 0.1}, lower="eager")
     f = torch.compile(m.forward_features, backend=be, dynamic=False)
     with torch.no_grad():
         out, plain = f(x), m.forward_features(x)
@@ -154,13 +154,13 @@ def test_soft_unmerges_outputs_to_their_shape():
 
 
 def test_soft_schedule_and_macs_are_tomes(planner):
-    tome = planner(12, 224).plan("tome", r=16)
-    soft = planner(12, 224).plan("soft", r=16, k=4)
+    tome = planner(12, 224).plan("tome", merge={"r": 16})
+    soft = planner(12, 224).plan("soft", merge={"r": 16, "k": 4})
     assert [(b.tokens_in, b.tokens_out) for b in soft.blocks] == [(b.tokens_in, b.tokens_out) for b in tome.blocks]
     assert soft.macs == tome.macs
     assert {b.kind for b in soft.blocks} == {"soft"} and soft.blocks[0].args["k"] == 4
     # k never exceeds the kept tokens free to absorb: the last blocks of a short sequence
-    tiny = planner(3, 64).plan("soft", r=6, k=100)
+    tiny = planner(3, 64).plan("soft", merge={"r": 6, "k": 100})
     assert all(b.args["k"] <= b.tokens_in - 1 - b.r for b in tiny.blocks)
 
 

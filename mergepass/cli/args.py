@@ -96,8 +96,10 @@ def _budget(text: str):
 
 
 def add_override_args(p: argparse.ArgumentParser) -> None:
+    """Flags for fields of the recipe's [merge] table, each named as its field."""
     p.add_argument("--r", type=int, help="tokens merged per merging block")
-    p.add_argument("--skip", type=int, help="DFE: dense blocks at the start")
+    p.add_argument("--skip", type=int, help="ToMe, DFE: dense blocks at the start")
+    p.add_argument("--merge-block", type=int, help="ToMato: the one merging block")
     p.add_argument("--window", type=int, help="LGTM: initial window side")
     p.add_argument("--transition", type=int, help="LGTM: number of local blocks")
     p.add_argument("--budget", type=_budget, help="ToMato: tokens removed (>=1) or fraction (<1)")
@@ -105,9 +107,9 @@ def add_override_args(p: argparse.ArgumentParser) -> None:
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
-    out = {k: getattr(args, k) for k in ("r", "skip", "window", "transition") if getattr(args, k, None) is not None}
-    if getattr(args, "budget", None) is not None:
-        out["budget"] = args.budget
+    """The [merge] fields the flags set, as recipe overrides."""
+    merge = {k: getattr(args, k) for k in ("r", "skip", "merge_block", "window", "transition", "budget")
+             if getattr(args, k, None) is not None}
     if getattr(args, "no_prop_attn", False):
-        out["prop_attn"] = False
-    return out
+        merge["prop_attn"] = False
+    return {"merge": merge} if merge else {}

@@ -36,7 +36,7 @@ def _run(args) -> int:
     over = overrides_from(args)
     auto = {k: getattr(args, k) for k in ("target_speedup", "max_macs_ratio", "min_cosine") if getattr(args, k)}
     if auto:
-        over.update(auto, method="auto")
+        over.update(search=auto, merge={**over.get("merge", {}), "method": "auto"})
     calibration = None
     if args.images:
         imgs, _, _ = load_images(args.images, limit=args.calib_images, **data_config(model, size))

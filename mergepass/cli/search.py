@@ -45,7 +45,7 @@ def _run(args) -> int:
     cfg = data_config(model, args.img_size, crop_pct=args.crop_pct)
     x, _, _ = load_images(args.images, limit=args.search_images, **cfg)
     search = batches(x, args.batch) or [x]
-    budget = args.max_macs_ratio or plan(target, search[0], "tome", r=args.match_r).macs_ratio
+    budget = args.max_macs_ratio or plan(target, search[0], "tome", merge={"r": args.match_r}).macs_ratio
     res = search_schedule(target, search, args.recipe, budget, iterations=args.iterations,
                           children=args.children, seed=args.seed, log=lambda s: print(s, flush=True))
     name = Path(args.out).stem

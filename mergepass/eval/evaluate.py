@@ -68,7 +68,7 @@ class Features(torch.nn.Module):
 
 def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
     """(callable, backend or None) for 'eager', 'inductor', a peer engine (:mod:`.peers`, exported for
-    the shape of the first calibration batch) or a recipe spec like 'tome:r=8' ('cache=false' turns the
+    the shape of the first calibration batch) or a recipe spec like 'tome:merge.r=8' ('cache=false' turns the
     compile cache off)."""
     name, overrides = parse_spec(spec)
     if name == "eager":

@@ -35,7 +35,9 @@ def merge_recipe(name: str, overrides: Optional[dict] = None):
         if overrides:
             raise ValueError(f"peer {name!r} takes no options, got {sorted(overrides)}")
         return None
-    return load(MERGED[name], **{**(overrides or {}), "merge_kernel": "reference"})
+    overrides = dict(overrides or {})
+    merge = {**overrides.pop("merge", {}), "kernel": "reference"}
+    return load(MERGED[name], **overrides, merge=merge)
 
 
 class _FirstOutput(torch.nn.Module):

@@ -12,7 +12,7 @@ Written by mergepass:
 Read from dynamo's and torch's own keys: ``example_value`` (dynamo's fake value of a node: every
 shape the matcher and the passes read; ``expand_mha`` fills it for the nodes it adds),
 ``val`` (the same after ``torch.export``), ``nn_module_stack`` (module paths: block names, linear
-names for ``quantize.keep_fp32``) and ``source_fn_stack`` (the quantizer's module of a node). The first
+names for ``quantize.<engine>.keep_fp32``) and ``source_fn_stack`` (the quantizer's module of a node). The first
 three are read and written only through :mod:`mergepass.graph.nodes`.
 
 Invariants after :func:`mergepass.graph.capture.prepare`: every node that computes a tensor has

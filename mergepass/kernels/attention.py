@@ -69,7 +69,7 @@ def unavailable(kind: str = "bf16") -> Optional[str]:
 
 def choose(q_shape, k_shape, v_shape, bias_shape=None, dtype: torch.dtype = torch.float32, tolerance: float = 5e-4,
            timer=None, keep: bool = True) -> Decision:
-    """The attention ``attention_kernel = "auto"`` runs in an int8 graph on this CPU, by measurement.
+    """The attention ``lower.attention_kernel = "auto"`` runs in an int8 graph on this CPU, by measurement.
 
     Times torch's SDPA (at ``dtype``, the precision of the graph's rest) and each op that can run here on
     inputs of the graph's own shapes, and picks the fastest whose per-call error (1 - cosine against FP32

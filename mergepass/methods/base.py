@@ -55,6 +55,8 @@ def check_r(r: Any) -> None:
 class MethodConfig(Config):
     """A merge method's own recipe fields (the ``[merge]`` table). Subclass it (frozen) per method."""
 
+    renamed: ClassVar[dict[str, str]] = {}  # old field name -> its name now (read only by mergepass.migrate)
+
     @classmethod
     def build(cls, values: Mapping[str, Any], method: str) -> "MethodConfig":
         return super().build(values, f"method {method!r}")

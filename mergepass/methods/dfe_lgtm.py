@@ -51,30 +51,30 @@ class DFELGTM(DFE):
     search_keeps = ("transition",)  # "auto" follows the searched r, so it is resolved per candidate
     auto_rank = 0
 
-    def resolve(self, recipe, match, limit):
-        if recipe.window == AUTO:
-            recipe = recipe.replace(window=default_window(match.grid))
-        recipe = super().resolve(recipe, match, limit)
-        if recipe.transition == AUTO:
-            local = sum(1 for p in self.plan_blocks(recipe, match, limit) if p.kind == "local")
-            recipe = recipe.replace(transition=local)
-        return recipe
+    def resolve(self, cfg, match, limit):
+        if cfg.window == AUTO:
+            cfg = cfg.replace(window=default_window(match.grid))
+        cfg = super().resolve(cfg, match, limit)
+        if cfg.transition == AUTO:
+            local = sum(1 for p in self.plan_blocks(cfg, match, limit) if p.kind == "local")
+            cfg = cfg.replace(transition=local)
+        return cfg
 
-    def decide(self, recipe, block, tokens, match, state):
-        if block.index < recipe.skip or block_r(recipe.r, block.index) <= 0:
+    def decide(self, cfg, block, tokens, match, state):
+        if block.index < cfg.skip or block_r(cfg.r, block.index) <= 0:
             return None
         done = state.setdefault("local_done", 0)
-        side = recipe.window + done
+        side = cfg.window + done
         nh, nw = window_grid(tokens - match.prefix, match.grid, side)
-        auto = recipe.transition == AUTO
-        local = nh * nw >= 2 and not state.get("global") and (auto or done < recipe.transition)
+        auto = cfg.transition == AUTO
+        local = nh * nw >= 2 and not state.get("global") and (auto or done < cfg.transition)
         if not local:
             state["global"] = auto  # Algorithm 1: once global, global for good
-            return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match),
-                               protect_count(recipe.protect, match))
+            return global_step(block, tokens, match.prefix, cfg.r, cfg.skip, partition_offset(cfg, match),
+                               protect_count(cfg.protect, match))
         nwin = nh * nw
         per, pad = window_layout(tokens - match.prefix, nwin)
-        rw = math.ceil(block_r(recipe.r, block.index) / nwin)
+        rw = math.ceil(block_r(cfg.r, block.index) / nwin)
         take = min(rw, max(0, (per - pad) // 2))
         state["local_done"] = done + 1
         note = f"w={side}, {per} tok/win, {take}/win" + (f" (clamped {rw}->{take})" if take < rw else "")
@@ -82,14 +82,14 @@ class DFELGTM(DFE):
         return Merge("local", take, take * nwin, args={"grid": match.grid, "windows": (nh, nw)}, note=note,
                      label=f"local {nh}x{nw} win", detail=detail)
 
-    def notes(self, asked, recipe, match, plans):
-        out = super().notes(asked, recipe, match, plans)
-        first = next((p for p in plans if p.index >= recipe.skip and p.kind != "off"), None)
+    def notes(self, asked, cfg, match, plans):
+        out = super().notes(asked, cfg, match, plans)
+        first = next((p for p in plans if p.index >= cfg.skip and p.kind != "off"), None)
         if first is not None and asked.r not in (0, AUTO) and asked.transition != 0:
-            nh, nw = window_grid(first.tokens_in - match.prefix, match.grid, recipe.window)
+            nh, nw = window_grid(first.tokens_in - match.prefix, match.grid, cfg.window)
             if nh * nw < 2:
                 g = f"{match.grid[0]}x{match.grid[1]}"
-                out.append(f"window={recipe.window} gives {nh}x{nw} window on the {g} grid (LGTM needs at least "
+                out.append(f"window={cfg.window} gives {nh}x{nw} window on the {g} grid (LGTM needs at least "
                            "2x1): the blocks merge globally (ToMe) instead")
         return out
 

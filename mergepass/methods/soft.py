@@ -122,15 +122,15 @@ class Soft(ToMe):
     fields = ("r", "skip", "partition", "protect", "k", "tau", "compare")
     auto_rank = None
 
-    def decide(self, recipe, block, tokens, match, state):
-        m = global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match),
-                        protect_count(recipe.protect, match))
+    def decide(self, cfg, block, tokens, match, state):
+        m = global_step(block, tokens, match.prefix, cfg.r, cfg.skip, partition_offset(cfg, match),
+                        protect_count(cfg.protect, match))
         if m is None:
             return None
         # a leaving token can be shared among at most the kept tokens free to absorb it
         free = tokens - match.prefix - m.r - m.args.get("protect", 0)
         m.op, m.label = "soft", "soft"
-        m.args.update(k=max(1, min(recipe.k, free)), tau=float(recipe.tau), compare=recipe.compare)
+        m.args.update(k=max(1, min(cfg.k, free)), tau=float(cfg.tau), compare=cfg.compare)
         return m
 
     def candidate(self, r):

@@ -1,4 +1,4 @@
-"""ToMato, "Token Merging at Once": one merge, in block ``skip`` (default the first), of ``budget``
+"""ToMato, "Token Merging at Once": one merge, in block ``merge_block`` (default the first), of ``budget``
 tokens into 4-adjacent neighbours on the patch grid, the pairs chosen by ``similarity`` (the paper's
 row-softmax of the post-attention tokens' dot products, or the keys' cosine). The paper's flood fill
 is dynamic; a static budget from its thresholds comes from
@@ -24,7 +24,9 @@ register_op(MergeOp("adjacent", adjacent_merge, fused_adjacent_merge))
 class ToMatoConfig(MethodConfig):
     """ToMato's fields."""
 
-    skip: Union[int, str] = 0             # the one merging block
+    renamed = {"skip": "merge_block"}  # ToMe's skip counts dense blocks; this is the one block that merges
+
+    merge_block: Union[int, str] = 0      # the one merging block
     budget: Union[int, float, str] = 0.2  # tokens removed (int), fraction of patch tokens, or "auto" (ToMe
                                           # r=match_tome_r's MACs)
     similarity: str = "softmax"           # which 4-adjacent pairs merge: "softmax" (the paper's: row-softmax of the
@@ -32,7 +34,7 @@ class ToMatoConfig(MethodConfig):
     match_tome_r: int = 0                 # budget = "auto": the ToMe r whose MACs to match
 
     def validate(self) -> None:
-        check_int_or_auto("skip", self.skip)
+        check_int_or_auto("merge_block", self.merge_block)
         check_match_tome_r(self)
         b = self.budget
         if b == AUTO:
@@ -65,61 +67,62 @@ class ToMato(MergeMethod):
     name = "tomato"
     config = ToMatoConfig
     needs_grid = True
-    fields = ("skip", "budget", "similarity")
+    fields = ("merge_block", "budget", "similarity")
 
-    def resolve(self, recipe, match, limit):
+    def resolve(self, cfg, match, limit):
         depth = len(match.blocks)
-        skip = 0 if recipe.skip == AUTO else recipe.skip
-        recipe = recipe.replace(skip=min(skip, depth))  # past the last block: nothing merges (noted)
-        budget = recipe.budget
+        block = 0 if cfg.merge_block == AUTO else cfg.merge_block
+        cfg = cfg.replace(merge_block=min(block, depth))  # past the last block: nothing merges (noted)
+        budget = cfg.budget
         if budget == AUTO:
-            goal = tome_macs(match, recipe.match_tome_r, limit)
+            goal = tome_macs(match, cfg.match_tome_r, limit)
             most = len(checkerboard(match.grid)[0])
             budget = closest(range(most + 1), lambda b: total_macs(
-                match, self.plan_blocks(recipe.replace(budget=b), match, limit)), goal)
+                match, self.plan_blocks(cfg.replace(budget=b), match, limit)), goal)
         elif isinstance(budget, float):
             budget = int(round(budget * (match.tokens - match.prefix)))
-        return recipe.replace(budget=budget)
+        return cfg.replace(budget=budget)
 
-    def decide(self, recipe, block, tokens, match, state):
-        if block.index != recipe.skip or recipe.budget <= 0:
+    def decide(self, cfg, block, tokens, match, state):
+        if block.index != cfg.merge_block or cfg.budget <= 0:
             return None
         most = len(checkerboard(match.grid)[0])
-        take = min(recipe.budget, most)
-        args = {"grid": match.grid, "similarity": recipe.similarity}
-        if take < recipe.budget:
+        take = min(cfg.budget, most)
+        args = {"grid": match.grid, "similarity": cfg.similarity}
+        if take < cfg.budget:
             return Merge("adjacent", take, take, args=args,
-                         note=f"budget clamped {recipe.budget}->{take}",
-                         detail={"clamped": (recipe.budget, take), "field": "budget"})
+                         note=f"budget clamped {cfg.budget}->{take}",
+                         detail={"clamped": (cfg.budget, take), "field": "budget"})
         return Merge("adjacent", take, take, args=args)
 
-    def notes(self, asked, recipe, match, plans):
-        out = super().notes(asked, recipe, match, plans)
-        if asked.budget and recipe.skip >= len(match.blocks):
-            out.append(f"skip={asked.skip} is past the last of {len(match.blocks)} blocks: nothing merges")
+    def notes(self, asked, cfg, match, plans):
+        out = super().notes(asked, cfg, match, plans)
+        if asked.budget and cfg.merge_block >= len(match.blocks):
+            out.append(f"merge_block={asked.merge_block} is past the last of {len(match.blocks)} blocks: "
+                       "nothing merges")
         return out
 
 
 class ToMatoToMe(ToMato):
-    """ToMato's one merge in block ``skip``, then ToMe with ``r`` in every later block (``r = "auto"``:
+    """ToMato's one merge in block ``merge_block``, then ToMe with ``r`` in every later block (``r = "auto"``:
     the r whose total MACs are closest to ToMe with ``match_tome_r``)."""
 
     name = "tomato_tome"
     config = ToMatoToMeConfig
-    fields = ("skip", "budget", "similarity", "r")
+    fields = ("merge_block", "budget", "similarity", "r")
 
-    def resolve(self, recipe, match, limit):
-        if recipe.budget == AUTO:
+    def resolve(self, cfg, match, limit):
+        if cfg.budget == AUTO:
             raise ValueError("recipe field 'budget' must be a number for method 'tomato_tome' (its r is what "
                              "'auto' matches to ToMe's MACs)")
-        if isinstance(recipe.r, tuple):
+        if isinstance(cfg.r, tuple):
             raise ValueError("recipe field 'r' must be one integer or 'auto' for method 'tomato_tome'")
-        return auto_r(self, super().resolve(recipe, match, limit), match, limit)
+        return auto_r(self, super().resolve(cfg, match, limit), match, limit)
 
-    def decide(self, recipe, block, tokens, match, state):
-        if block.index <= recipe.skip:
-            return super().decide(recipe, block, tokens, match, state)
-        return global_step(block, tokens, match.prefix, recipe.r, recipe.skip + 1)
+    def decide(self, cfg, block, tokens, match, state):
+        if block.index <= cfg.merge_block:
+            return super().decide(cfg, block, tokens, match, state)
+        return global_step(block, tokens, match.prefix, cfg.r, cfg.merge_block + 1)
 
 
 register_method(ToMato())

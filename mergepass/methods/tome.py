@@ -83,9 +83,9 @@ def global_step(block, tokens: int, prefix: int, r, skip: int, offset: int = 0, 
     return Merge("global", take, take, args=args)
 
 
-def partition_offset(recipe, match) -> int:
+def partition_offset(cfg, match) -> int:
     """Where ToMe's A set starts among the mergeable tokens (see ``global_merge``)."""
-    return match.prefix % 2 if recipe.partition == "sequence" else 0
+    return match.prefix % 2 if cfg.partition == "sequence" else 0
 
 
 def tome_macs(match, r: int, limit: int) -> int:
@@ -93,15 +93,15 @@ def tome_macs(match, r: int, limit: int) -> int:
     return total_macs(match, chain(match, limit, lambda b, n: global_step(b, n, match.prefix, r, 0)))
 
 
-def auto_r(method, recipe, match, limit):
-    """``recipe`` with ``r = "auto"`` resolved: the r whose schedule under ``method`` comes closest to ToMe
+def auto_r(method, cfg, match, limit):
+    """``cfg`` with ``r = "auto"`` resolved: the r whose schedule under ``method`` comes closest to ToMe
     r=``match_tome_r``'s MACs."""
-    if recipe.r != AUTO:
-        return recipe
-    goal = tome_macs(match, recipe.match_tome_r, limit)
+    if cfg.r != AUTO:
+        return cfg
+    goal = tome_macs(match, cfg.match_tome_r, limit)
     r = closest(range((match.tokens - match.prefix) // 2 + 1),
-                lambda x: total_macs(match, method.plan_blocks(recipe.replace(r=x), match, limit)), goal)
-    return recipe.replace(r=r)
+                lambda x: total_macs(match, method.plan_blocks(cfg.replace(r=x), match, limit)), goal)
+    return cfg.replace(r=r)
 
 
 class ToMe(MergeMethod):
@@ -114,23 +114,23 @@ class ToMe(MergeMethod):
     def default_skip(self, depth: int) -> int:
         return 0
 
-    def resolve(self, recipe, match, limit):
+    def resolve(self, cfg, match, limit):
         depth = len(match.blocks)
-        skip = self.default_skip(depth) if recipe.skip == AUTO else recipe.skip
-        recipe = recipe.replace(skip=min(skip, depth))  # past the last block: nothing merges (noted)
-        if is_inflected(recipe.r):
-            recipe = recipe.replace(r=inflected(*recipe.r, depth))
-        if isinstance(recipe.r, tuple) and len(recipe.r) != depth:
-            raise ValueError(f"recipe field 'r' lists {len(recipe.r)} values but the model has {depth} blocks")
-        return auto_r(self, recipe, match, limit)
+        skip = self.default_skip(depth) if cfg.skip == AUTO else cfg.skip
+        cfg = cfg.replace(skip=min(skip, depth))  # past the last block: nothing merges (noted)
+        if is_inflected(cfg.r):
+            cfg = cfg.replace(r=inflected(*cfg.r, depth))
+        if isinstance(cfg.r, tuple) and len(cfg.r) != depth:
+            raise ValueError(f"recipe field 'r' lists {len(cfg.r)} values but the model has {depth} blocks")
+        return auto_r(self, cfg, match, limit)
 
-    def decide(self, recipe, block, tokens, match, state):
-        return global_step(block, tokens, match.prefix, recipe.r, recipe.skip, partition_offset(recipe, match),
-                           protect_count(recipe.protect, match))
+    def decide(self, cfg, block, tokens, match, state):
+        return global_step(block, tokens, match.prefix, cfg.r, cfg.skip, partition_offset(cfg, match),
+                           protect_count(cfg.protect, match))
 
-    def notes(self, asked, recipe, match, plans):
-        out = super().notes(asked, recipe, match, plans)
-        if asked.r not in (0, AUTO) and recipe.skip >= len(match.blocks):
+    def notes(self, asked, cfg, match, plans):
+        out = super().notes(asked, cfg, match, plans)
+        if asked.r not in (0, AUTO) and cfg.skip >= len(match.blocks):
             out.append(f"skip={asked.skip} leaves all {len(match.blocks)} blocks dense: nothing merges")
         return out
 

@@ -53,14 +53,14 @@ class EngineConfig(Config):
     """An engine's own recipe fields (its ``[quantize.<engine>]`` table). Subclass it (frozen) per engine."""
 
 
-def check_keep_fp32(value) -> None:
+def check_keep_fp32(value, engine: str) -> None:
     if not isinstance(value, (tuple, list)) or not all(isinstance(s, str) for s in value):
-        raise ValueError(f"recipe field 'quantize.keep_fp32' must be a list of strings, got {value!r}")
+        raise ValueError(f"recipe field 'quantize.{engine}.keep_fp32' must be a list of strings, got {value!r}")
 
 
-def check_sensitivity(value) -> None:
+def check_sensitivity(value, engine: str) -> None:
     if not finite_number(value) or value < 0:
-        raise ValueError(f"recipe field 'quantize.sensitivity' must be a number >= 0, got {value!r}")
+        raise ValueError(f"recipe field 'quantize.{engine}.sensitivity' must be a number >= 0, got {value!r}")
 
 
 class QuantEngine:

@@ -1,19 +1,18 @@
 """The ``[quantize]`` table of a recipe: what every engine shares, and each engine's own config.
 
 ``[quantize]`` holds ``enabled``, ``mode``, ``calibration_batches`` and ``engine``; ``[quantize.<engine>]`` holds
-that engine's fields (``[quantize.pt2e] observer = "minmax"``). An engine field given in ``[quantize]`` itself
-(``quantize_rest="bf16"``, the older layout) applies to every engine that has it; one no engine has, or one the
-chosen engine lacks, is an error naming it.
+that engine's fields (``[quantize.pt2e] observer = "minmax"``). Which engine runs is :func:`.base.resolve_engine`'s
+choice alone; :meth:`Quantize.engine_config` is that engine's config.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..config import check_choice, unknown_field
 from .base import EngineConfig
-from .engines import engine_names, get_engine
+from .engines import engine_names, get_engine, resolve_engine
 
 QUANT_MODES = ("static", "dynamic")
 
@@ -26,28 +25,22 @@ class Quantize:
     mode: str = "static"          # static: calibrated activation scales; dynamic: per-batch scales
     calibration_batches: int = 8  # at most this many calibration batches are used
     engine: str = "auto"          # pt2e (x86, CPU default) | torchao (CUDA default) | modelopt (TensorRT default)
-    engines: tuple = ()           # each registered engine's config (those not given: their defaults)
+    engines: tuple = ()           # engine configs that differ from their engine's defaults, by engine name
 
     def __post_init__(self):
-        given = {type(c): c for c in self.engines}
-        object.__setattr__(self, "engines", tuple(
-            given.get(get_engine(n).config) or get_engine(n).config() for n in engine_names()))
+        # only the configs that differ from the defaults, in one order: a Quantize built before an engine was
+        # registered equals one built after, and serves that engine its defaults
+        kept = {_name_of(type(c)): c for c in self.engines if c != type(c)()}
+        object.__setattr__(self, "engines", tuple(kept[n] for n in sorted(kept)))
 
     def options(self, engine: str) -> EngineConfig:
-        """Engine ``engine``'s own config."""
+        """Engine ``engine``'s own config (its defaults where the recipe gives none)."""
         cls = get_engine(engine).config
-        return next(c for c in self.engines if type(c) is cls)
+        return next((c for c in self.engines if type(c) is cls), None) or cls()
 
-    def __getattr__(self, name: str) -> Any:
-        """An engine field by its flat name: the chosen engine's, or (engine ``auto``) the first engine's that has it."""
-        engines = self.__dict__.get("engines", ())
-        chosen = self.__dict__.get("engine")
-        if chosen == "auto":  # the CPU default's, the engine "auto" picks for inductor on the CPU
-            chosen = next((n for n in engine_names() if get_engine(n).is_default("inductor", False)), chosen)
-        for c in sorted(engines, key=lambda c: type(c) is not _engine_config(chosen)):
-            if name in c.field_names():
-                return getattr(c, name)
-        raise AttributeError(name)
+    def engine_config(self, lower: str, example_inputs: Sequence = ()) -> EngineConfig:
+        """The config of the engine that quantizes for ``lower`` and these inputs (:func:`.base.resolve_engine`)."""
+        return self.options(resolve_engine(self, lower, example_inputs).name)
 
     def validate(self, lower: str) -> None:
         """Raise ValueError naming a bad field (``lower``: the recipe's lowering, which an engine may refuse)."""
@@ -62,43 +55,36 @@ class Quantize:
             get_engine(self.engine).check(self, lower)
 
     def updated(self, table: Mapping[str, Any]) -> "Quantize":
-        """This config with a ``[quantize]`` table's values (shared fields, engine subtables, flat engine fields)."""
+        """This config with a ``[quantize]`` table's values: shared fields, and engine tables."""
         table = dict(table)
-        common = {k: table.pop(k) for k in list(table) if k in _COMMON}
+        common = {k: table.pop(k) for k in list(table) if k in COMMON}
         engine = common.get("engine", self.engine)
         if engine != "auto" and engine not in engine_names():
             return dataclasses.replace(self, **common)  # validate names the engine
-        configs = {type(c): c for c in self.engines}
-        for name in engine_names():
-            sub = table.pop(name, None)
-            if sub is not None:
-                if not isinstance(sub, Mapping):
-                    raise ValueError(f"recipe field 'quantize.{name}' must be a table, got {sub!r}")
-                cls = get_engine(name).config
-                for k in sub:
-                    if k not in cls.field_names():
-                        raise unknown_field(k, cls.field_names(), f"engine {name!r} ([quantize.{name}])")
-                configs[cls] = configs[cls].replace(**sub)
-        for k, v in table.items():  # flat engine fields: every engine that has the field
-            having = [cls for cls in configs if k in cls.field_names()]
-            if not having:
-                allowed = set(_COMMON) | {f for cls in configs for f in cls.field_names()} | set(engine_names())
-                raise unknown_field(f"quantize.{k}", {f"quantize.{a}" for a in allowed}, "[quantize]")
-            if engine != "auto" and _engine_config(engine) not in having:
-                raise unknown_field(k, _engine_config(engine).field_names(), f"engine {engine!r}")
-            for cls in having:
-                configs[cls] = configs[cls].replace(**{k: v})
+        configs = {n: self.options(n) for n in engine_names()}
+        for name, sub in table.items():
+            if name not in configs:
+                allowed = set(COMMON) | set(engine_names())
+                raise unknown_field(f"quantize.{name}", {f"quantize.{a}" for a in allowed}, "[quantize]")
+            if not isinstance(sub, Mapping):
+                raise ValueError(f"recipe field 'quantize.{name}' must be a table, got {sub!r}")
+            cls = get_engine(name).config
+            for k in sub:
+                if k not in cls.field_names():
+                    raise unknown_field(k, cls.field_names(), f"engine {name!r} ([quantize.{name}])")
+            configs[name] = configs[name].replace(**sub)
         return dataclasses.replace(self, engines=tuple(configs.values()), **common)
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in _COMMON}
+        d = {k: getattr(self, k) for k in COMMON}
         for name in engine_names():
             d[name] = self.options(name).to_dict()
         return d
 
 
-_COMMON = ("enabled", "mode", "calibration_batches", "engine")
+COMMON = ("enabled", "mode", "calibration_batches", "engine")  # the fields every engine shares
 
 
-def _engine_config(engine: str):
-    return get_engine(engine).config if engine in engine_names() else None
+def _name_of(config: type) -> str:
+    """The name of the engine whose config is ``config`` (a config of no registered engine: its class name)."""
+    return next((n for n in engine_names() if get_engine(n).config is config), config.__name__)

@@ -64,8 +64,8 @@ class ModelOptConfig(EngineConfig):
     sensitivity: float = 0.0         # >0: also keep linears whose input max/p99.9 ratio exceeds this
 
     def validate(self) -> None:
-        check_keep_fp32(self.keep_fp32)
-        check_sensitivity(self.sensitivity)
+        check_keep_fp32(self.keep_fp32, "modelopt")
+        check_sensitivity(self.sensitivity, "modelopt")
 
 
 class ModelOptQDQ(QuantEngine):

@@ -59,9 +59,9 @@ def rest_dtype(rest: str) -> Optional[torch.dtype]:
 
 
 def rest_decision(rest: str) -> Optional[Decision]:
-    """What ``quantize.rest = "auto"`` chose, said as what it is: a default by instruction set, not measured
+    """What ``quantize.pt2e.rest = "auto"`` chose, said as what it is: a default by instruction set, not measured
     (timing it takes two int8 compiles of the model; ``benchmarks/speed.py`` times ``int8`` against
-    ``int8:quantize_rest=fp32``)."""
+    ``int8:quantize.pt2e.rest=fp32``)."""
     if rest != "auto":
         return None
     choice = "bf16" if rest_dtype(rest) is not None else "fp32"
@@ -150,9 +150,9 @@ def affine_batch_norms(gm: fx.GraphModule) -> int:
 
 
 def attention_unavailable(choice: str, mode: str) -> Optional[str]:
-    """Why attention stays in floating point for ``quantize.attention = choice`` (None: it runs int8)."""
+    """Why attention stays in floating point for ``quantize.pt2e.attention = choice`` (None: it runs int8)."""
     if choice != "int8":
-        return f"quantize.attention = {choice!r}"
+        return f"quantize.pt2e.attention = {choice!r}"
     if mode != "static":
         return "the fused int8 attention needs static (calibrated) activation scales"
     return int8_attention.unavailable()
@@ -232,11 +232,11 @@ class PT2EConfig(EngineConfig):
                                   # linears' 8-bit activations; histogram for 7-bit ones and int8 attention)
 
     def validate(self) -> None:
-        check_keep_fp32(self.keep_fp32)
-        check_sensitivity(self.sensitivity)
-        check_choice("quantize.rest", self.rest, REST_PRECISIONS)
-        check_choice("quantize.observer", self.observer, OBSERVERS)
-        check_choice("quantize.attention", self.attention, ATTENTION_PRECISIONS)
+        check_keep_fp32(self.keep_fp32, "pt2e")
+        check_sensitivity(self.sensitivity, "pt2e")
+        check_choice("quantize.pt2e.rest", self.rest, REST_PRECISIONS)
+        check_choice("quantize.pt2e.observer", self.observer, OBSERVERS)
+        check_choice("quantize.pt2e.attention", self.attention, ATTENTION_PRECISIONS)
 
 
 class PT2E(QuantEngine):
@@ -267,8 +267,8 @@ class PT2E(QuantEngine):
                           "have neither cost", MergepassWarning, stacklevel=3)
         why_float = attention_unavailable(own.attention, mode)
         if why_float and own.attention == "int8":
-            warnings.warn(f"mergepass: quantize.attention = 'int8' cannot run here: {why_float}; attention runs in "
-                          "floating point", MergepassWarning, stacklevel=3)
+            warnings.warn(f"mergepass: quantize.pt2e.attention = 'int8' cannot run here: {why_float}; attention runs "
+                          "in floating point", MergepassWarning, stacklevel=3)
         fused = 0
         if why_float is None:
             gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # the caller's graph keeps its SDPA

@@ -21,7 +21,7 @@ class TorchaoConfig(EngineConfig):
     keep_fp32: tuple[str, ...] = ()  # linears kept in floating point, by module path glob
 
     def validate(self) -> None:
-        check_keep_fp32(self.keep_fp32)
+        check_keep_fp32(self.keep_fp32, "torchao")
 
 
 class TorchaoDynamic(QuantEngine):

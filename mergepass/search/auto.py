@@ -50,9 +50,9 @@ def auto_methods() -> list[MergeMethod]:
 
 
 def _speed_ok(s: Schedule, recipe: "Recipe") -> bool:
-    if recipe.target_speedup and s.predicted_speedup < recipe.target_speedup:
+    if recipe.search.target_speedup and s.predicted_speedup < recipe.search.target_speedup:
         return False
-    return not (recipe.max_macs_ratio and s.macs_ratio > recipe.max_macs_ratio)
+    return not (recipe.search.max_macs_ratio and s.macs_ratio > recipe.search.max_macs_ratio)
 
 
 def _at(recipe: "Recipe", method: MergeMethod, r: int) -> "Recipe":
@@ -83,10 +83,10 @@ def _searched(match, recipe, fidelity, considered: list[Candidate]) -> Optional[
     if not per_block:
         return None
     method = get_method(max(per_block, key=lambda c: c.cosine).method)
-    budget = min(recipe.max_macs_ratio or 1.0, 1.0 / (recipe.target_speedup or 1.0))
-    res = evolve(match, _at(recipe, method, 0), fidelity, budget, iterations=recipe.search_iterations,
+    budget = min(recipe.search.max_macs_ratio or 1.0, 1.0 / (recipe.search.target_speedup or 1.0))
+    res = evolve(match, _at(recipe, method, 0), fidelity, budget, iterations=recipe.search.search_iterations,
                  children=4)
-    return Candidate(f"{method.name} (searched)", res.recipe.r, res.recipe, res.schedule, res.score)
+    return Candidate(f"{method.name} (searched)", res.recipe.merge.r, res.recipe, res.schedule, res.score)
 
 
 def _strongest_under_floor(match, recipe, method, fidelity) -> int:
@@ -94,7 +94,7 @@ def _strongest_under_floor(match, recipe, method, fidelity) -> int:
     lo, hi = 0, (match.tokens - match.prefix) // 2
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if fidelity(_at(recipe, method, mid)) >= recipe.min_cosine:
+        if fidelity(_at(recipe, method, mid)) >= recipe.search.min_cosine:
             lo = mid
         else:
             hi = mid - 1
@@ -104,7 +104,7 @@ def _strongest_under_floor(match, recipe, method, fidelity) -> int:
 def choose(match: "MatchResult", recipe: "Recipe", fidelity: Optional[Callable[["Recipe"], float]] = None) -> Choice:
     """Resolve ``recipe`` (method ``auto``) for ``match``; ``fidelity`` scores a candidate recipe."""
     methods = auto_methods()
-    if recipe.target_speedup or recipe.max_macs_ratio:
+    if recipe.search.target_speedup or recipe.search.max_macs_ratio:
         considered = []
         for method in methods:
             r = weakest_meeting(match, recipe, method)
@@ -117,13 +117,13 @@ def choose(match: "MatchResult", recipe: "Recipe", fidelity: Optional[Callable[[
             raise ValueError(f"impossible schedule: at most {best.predicted_speedup:.2f}x predicted speedup "
                              f"(MACs ratio {best.macs_ratio:.2f}) for this model and input")
         searched = None
-        if fidelity is not None and recipe.search_iterations:
+        if fidelity is not None and recipe.search.search_iterations:
             searched = _searched(match, recipe, fidelity, considered)
         if searched is not None:
             considered.append(searched)
-        ok = [c for c in considered if c.cosine is None or c.cosine >= recipe.min_cosine]
+        ok = [c for c in considered if c.cosine is None or c.cosine >= recipe.search.min_cosine]
         if not ok:
-            raise ValueError(f"no schedule meets both the speed target and min_cosine={recipe.min_cosine}: "
+            raise ValueError(f"no schedule meets both the speed target and min_cosine={recipe.search.min_cosine}: "
                              + ", ".join(c.describe() for c in considered))
         pick = max(ok, key=lambda c: c.cosine) if fidelity is not None else ok[0]
     else:  # quality floor only: the fastest schedule per method that keeps the floor

@@ -36,7 +36,7 @@ def searchable(recipe, match):
     depth = len(match.blocks)
     name = search_method(recipe.method)
     if name != recipe.method:
-        recipe = recipe.replace(method=name, skip=0)
+        recipe = recipe.replace(merge={"method": name, "skip": 0})
     method = get_method(name)
     asked = recipe.merge
     resolved = method.resolve(asked.replace(r=(0,) * depth, match_tome_r=0), match, depth)
@@ -81,7 +81,7 @@ def evolve(match, recipe, score: Callable[[object], float], max_macs_ratio: floa
     def evaluate(weights):
         r = fit_budget(match, recipe, weights, max_macs_ratio)
         if r not in cache:
-            cache[r] = score(recipe.replace(r=r))
+            cache[r] = score(recipe.with_merge(recipe.merge.replace(r=r)))
             history.append((r, cache[r]))
         return r, cache[r]
 
@@ -100,7 +100,7 @@ def evolve(match, recipe, score: Callable[[object], float], max_macs_ratio: floa
             sigma *= 0.7
         if log:
             log(f"iteration {it + 1}: best {best:.5f} r={r_best}")
-    final = recipe.replace(r=r_best)
+    final = recipe.with_merge(recipe.merge.replace(r=r_best))
     return SearchResult(final, make_schedule(match, final), best, start, history)
 
 

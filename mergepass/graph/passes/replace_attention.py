@@ -108,7 +108,7 @@ def shapes(gm: fx.GraphModule) -> Optional[tuple]:
 
 
 def wanted(choice: str, quantizes: bool, int8_attention: bool, training: bool, on_cpu: bool) -> tuple[Optional[str], str]:
-    """(the op to use, None, or "measure"; why none) for recipe field ``attention_kernel`` = ``choice``.
+    """(the op to use, None, or "measure"; why none) for recipe field ``lower.attention_kernel`` = ``choice``.
 
     ``auto`` keeps SDPA in floating-point graphs (an FP32 recipe keeps FP32 numerics; the ops are asked
     for by name) and, in int8 graphs, asks for a measurement (:func:`mergepass.kernels.attention.choose`)."""
@@ -116,7 +116,7 @@ def wanted(choice: str, quantizes: bool, int8_attention: bool, training: bool, o
         return None, ""
     why = ("the graph needs gradients and the op has no backward" if training else
            "the inputs are not on the CPU" if not on_cpu else
-           "quantize.attention = 'int8' runs attention" if int8_attention else "")
+           "quantize.pt2e.attention = 'int8' runs attention" if int8_attention else "")
     if why:
         return None, why
     if choice != "auto":
