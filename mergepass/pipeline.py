@@ -57,14 +57,14 @@ def training(example_inputs: Sequence) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
-def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
+def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, own=None
                     ) -> tuple[fx.GraphModule, int, Optional[Decision]]:
     """(graph, attentions now on one of mergepass's attention ops, the measured decision behind ``auto`` or
-    None) for recipe field ``lower.attention_kernel``. ``gm`` itself is never modified."""
+    None) for recipe field ``lower.attention_kernel``; ``own``: the pt2e engine's config where it quantizes the
+    graph (:func:`_pt2e_config`). ``gm`` itself is never modified."""
     from .graph.passes.replace_attention import replace_attention, shapes, wanted
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
     choice = recipe.lower.attention_kernel
-    own = _pt2e_config(recipe, example_inputs)
     int8_attention = own is not None and own.attention == "int8"
     kind, why = wanted(choice, recipe.quantize.enabled, int8_attention, training(example_inputs), on_cpu)
     if choice not in ("auto", "sdpa") and kind is None:
@@ -170,11 +170,11 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
         recipe = result.schedule.recipe
     graph, ops, decision = result.gm, 0, None
     if kernels:
+        own = _pt2e_config(recipe, example_inputs)
         with stage("attention ops"):
-            graph, ops, decision = attention_stage(result.gm, example_inputs, recipe)
+            graph, ops, decision = attention_stage(result.gm, example_inputs, recipe, own)
         if result.schedule is not None:
             from .quantize.pt2e import rest_decision
-            own = _pt2e_config(recipe, example_inputs)
             rest = rest_decision(own.rest) if own is not None else None
             result.schedule.kernels += [d.line() for d in (decision, rest) if d is not None]
     if merge_decision is not None and result.schedule is not None:

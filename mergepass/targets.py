@@ -62,10 +62,10 @@ class Lowered:
     said: list[str] = field(default_factory=list)  # what its build warned (for a kept one: to say again)
 
 
-def of_user_inputs(fn: Callable, user_idx: Sequence[int]) -> Callable:
+def of_user_inputs(fn: Callable, inputs: Inputs) -> Callable:
     """``fn`` of the user's inputs as a callable of dynamo's (module state and sizes dropped)."""
     def run(*args):
-        return fn(*[args[i] for i in user_idx])
+        return fn(*inputs.user_inputs(args))
     return run
 
 
@@ -99,7 +99,7 @@ class JitTarget:
                                      autocast=q.autocast, inductor_config_overrides=q.inductor_config)
         if q.autocast is not None:  # a package casts inside itself; a JIT graph returns autocast's dtypes
             compiled = cast_after(compiled, work.out_dtypes)
-        return Lowered(of_user_inputs(compiled, work.inputs.user_idx), quantized=q)
+        return Lowered(of_user_inputs(compiled, work.inputs), quantized=q)
 
 
 class PackageTarget:
@@ -137,7 +137,7 @@ class PackageTarget:
         if not self.runs:
             return Lowered(None, path)
         entry = cache.loaded(path)
-        return None if entry is None else Lowered(of_user_inputs(entry.run, work.inputs.user_idx), entry.path)
+        return None if entry is None else Lowered(of_user_inputs(entry.run, work.inputs), entry.path)
 
     def build(self, work: Work, key: Optional[str] = None) -> Lowered:
         if key is None and self.path is None:  # nothing to key it by and nowhere else to put it
@@ -149,7 +149,7 @@ class PackageTarget:
             if not self.runs:
                 return Lowered(None, path, work.quantized)
             entry = artifact.load(path, verify=False)
-        return Lowered(of_user_inputs(entry.run, work.inputs.user_idx), entry.path, work.quantized)
+        return Lowered(of_user_inputs(entry.run, work.inputs), entry.path, work.quantized)
 
 
 Target = Union[JitTarget, PackageTarget]

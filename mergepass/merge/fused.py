@@ -54,25 +54,27 @@ def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest=Fal
     return torch.ops.mergepass.bipartite_merge(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest)
 
 
+def _halves(x: torch.Tensor, prefix: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's alternating A and B positions after the prefix, as the kernel's one group."""
+    pos = torch.arange(prefix, x.shape[1], device=x.device)
+    return pos[None, None, offset::2], pos[None, None, 1 - offset::2]
+
+
 def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                        source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, protect: int = 0):
     """:func:`~mergepass.merge.global_merge` (ToMe) as one kernel."""
-    pos = torch.arange(prefix, x.shape[1], device=x.device)
     allowed = None
     if protect:  # protected tokens neither propose (empty rows) nor accept (empty columns) a merge
         free = ~largest_norms(metric[:, prefix:], protect)
         allowed = free[:, offset::2, None] & free[:, None, 1 - offset::2]
-    return _call(x, metric, size, source, pos[None, None, offset::2], pos[None, None, 1 - offset::2], allowed, r,
-                 prefix)
+    return _call(x, metric, size, source, *_halves(x, prefix, offset), allowed, r, prefix)
 
 
 def fused_nearest_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                         source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0):
     """ToMe's choice of the ``r`` leaving tokens by ``metric``, each of them joining its most similar kept token
     (unmerged A or B) instead of its B partner: soft merging's ``k = 1`` as one kernel."""
-    pos = torch.arange(prefix, x.shape[1], device=x.device)
-    return _call(x, metric, size, source, pos[None, None, offset::2], pos[None, None, 1 - offset::2], None, r,
-                 prefix, True)
+    return _call(x, metric, size, source, *_halves(x, prefix, offset), None, r, prefix, True)
 
 
 def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],

@@ -15,7 +15,8 @@ proportional attention reads them as before. ``k = 1`` is a hard merge into the 
 token. Similarity is the cosine of the block's post-attention tokens (``compare = "tokens"``, the
 tensor that is averaged) or of ToMe's head-mean keys (``"keys"``). ``W``'s ``k`` nonzeros per leaving
 token are applied as a gather and a scatter-add over ``r * k`` rows: cheaper than the dense matmul, with
-the same static shape; ``k = 1`` without protection runs as the fused merge kernel's ``nearest`` mode. The source map (unmerge, positions) follows each leaving token's largest share.
+the same static shape; ``k = 1`` without protection runs as the fused merge kernel's ``nearest`` mode.
+The source map (unmerge, positions) follows each leaving token's largest share.
 """
 from __future__ import annotations
 

@@ -43,10 +43,6 @@ class Quantized:
                    autocast=None if d["autocast"] is None else getattr(torch, d["autocast"]),
                    int8_attention=d["int8_attention"])
 
-    def select(self, example_inputs: Sequence) -> list:
-        """The user's entries among dynamo's (example or call) inputs."""
-        return [example_inputs[i] for i in self.user_idx]
-
 
 @dataclass(frozen=True)
 class EngineConfig(Config):
