@@ -18,12 +18,13 @@ from torch import fx
 
 from .decide import Decision
 from .errors import MergepassWarning, briefly, replay
-from .graph.capture import capture_graphs, copy_graph_module, prepare
 from .graph.lift import Inputs
 from .graph.match import find_blocks, summarize
-from .graph.rewrite import RewriteResult, rewrite
 from .quantize import Quantized, fit_to_graph, quantize, read_calibration
 from .recipe import Recipe, load
+from .rewrite import passes
+from .rewrite.capture import capture_graphs, copy_graph_module, prepare
+from .rewrite.merges import RewriteResult, rewrite
 from .schedule import Schedule
 from .search.auto import choose
 from .search.score import graph_fidelity
@@ -62,7 +63,7 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
     """(graph, attentions now on one of mergepass's attention ops, the measured decision behind ``auto`` or
     None) for recipe field ``lower.attention_kernel``; ``own``: the pt2e engine's config where it quantizes the
     graph (:func:`_pt2e_config`). ``gm`` itself is never modified."""
-    from .graph.passes.replace_attention import replace_attention, shapes, wanted
+    from .rewrite.passes.replace_attention import replace_attention, shapes, wanted
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
     choice = recipe.lower.attention_kernel
     int8_attention = own is not None and own.attention == "int8"
@@ -84,7 +85,7 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
     if kind is None:
         return gm, 0, decision
     work = copy_graph_module(gm)
-    return work, replace_attention(work, kind), decision
+    return work, passes.run(replace_attention, work, kind), decision
 
 
 def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import mergepass
-from mergepass.graph.capture import capture_graphs, copy_graph_module, prepare
 from mergepass.graph.match import find_blocks
+from mergepass.rewrite.capture import capture_graphs, copy_graph_module, prepare
 from mergepass.schedule import make_schedule
 from mergepass.search.evolve import evolve, fit_budget
 from helpers import DINO_CKPT, IMAGES, rel_err, tiny_vit
@@ -99,7 +99,7 @@ def test_searched_schedule_beats_constant_tome_on_real_weights():
 def test_search_takes_any_registered_method_with_per_block_r(monkeypatch, planner):
     """The search keeps a registered method that takes one r per block, and falls back to ToMe for one that
     does not: it reads the registry, not a list of names."""
-    from mergepass.graph.capture import copy_graph_module, prepare
+    from mergepass.rewrite.capture import copy_graph_module, prepare
     from mergepass.graph.match import find_blocks
     from mergepass.methods import base
     from mergepass.methods.tome import ToMe
@@ -124,7 +124,7 @@ def test_search_takes_any_registered_method_with_per_block_r(monkeypatch, planne
 def test_auto_searches_a_registered_method_block_by_block(monkeypatch, planner):
     """Recipe ``auto`` with images searches per-block r for the most faithful candidate's method, read from
     the registry: a newly registered method that wins is the one searched."""
-    from mergepass.graph.capture import copy_graph_module, prepare
+    from mergepass.rewrite.capture import copy_graph_module, prepare
     from mergepass.graph.match import find_blocks
     from mergepass.methods import base
     from mergepass.methods.tome import ToMe

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..graph.capture import capture_graphs
+from ..rewrite.capture import capture_graphs
 from ..methods import all_ops
 from ..pipeline import merge_stage
 from ..recipe import load

@@ -107,7 +107,7 @@ def evolve(match, recipe, score: Callable[[object], float], max_macs_ratio: floa
 def search_schedule(model, batches: Sequence, recipe="tome", max_macs_ratio: float = 0.6, **kwargs) -> SearchResult:
     """Capture ``model``'s graph for the first batch and :func:`evolve` a schedule on ``batches``
     (input tensors of one shape: the calibration/search images, never the ones reported on)."""
-    from ..graph.matched import first_match
+    from ..rewrite.matched import first_match
     from ..quantize import fit_to_graph
     from ..recipe import load
     from .score import graph_fidelity
