@@ -38,7 +38,7 @@ def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
     """Insert the recipe's merges into a copy of dynamo's graph. Recipe method ``auto`` is resolved
     first (:mod:`mergepass.search.auto`), scored on ``calibration`` (from :func:`read_calibration`)."""
     base = prepare(gm, example_inputs)
-    if recipe.method != "auto":
+    if recipe.merge.method != "auto":
         return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused)
     match = find_blocks(copy_graph_module(base))
     if not match.ok:
@@ -90,8 +90,8 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
 
 def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:
     """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph, and the
-    measurement behind ``merge_kernel = "auto"``."""
-    if recipe.merge_kernel == "reference" or recipe.lower.target == "tensorrt":  # TensorRT has no converter for it
+    measurement behind ``merge.kernel = "auto"``."""
+    if recipe.merge.kernel == "reference" or recipe.lower.target == "tensorrt":  # TensorRT has no converter for it
         return False, None
     why = None
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
@@ -104,16 +104,16 @@ def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, 
             err = fused.kernel_error()
         if err is not None:
             why = f"its build failed ({err})"
-            if recipe.merge_kernel == "auto":
+            if recipe.merge.kernel == "auto":
                 warnings.warn(f"mergepass: fused merge kernel unavailable, {why}; using the reference merge "
                               "ops (same results, slower)", MergepassWarning, stacklevel=3)
-        elif recipe.merge_kernel == "auto":
+        elif recipe.merge.kernel == "auto":
             with stage("merge kernel: measure or read the kept decision"):
                 decision = fused.choose()
             return decision.choice == "fused", decision
-    if why is not None and recipe.merge_kernel == "fused":
-        raise RuntimeError(f"recipe field 'merge_kernel' is 'fused' but the fused merge kernel is unavailable: "
-                           f"{why}; use merge_kernel='auto' or 'reference'")
+    if why is not None and recipe.merge.kernel == "fused":
+        raise RuntimeError(f"recipe field 'merge.kernel' is 'fused' but the fused merge kernel is unavailable: "
+                           f"{why}; use merge.kernel='auto' or 'reference'")
     return why is None, None
 
 
@@ -168,7 +168,7 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
     else:
         result = RewriteResult(gm, None, None)
     if result.schedule is not None:
-        recipe = result.schedule.recipe
+        recipe = recipe.with_merge(result.schedule.merge)
     graph, ops, decision = result.gm, 0, None
     if kernels:
         own = _pt2e_config(recipe, example_inputs)

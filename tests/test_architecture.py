@@ -230,7 +230,7 @@ def test_a_merge_method_registered_from_outside_the_package(monkeypatch):
     assert [b.kind for b in be.schedule.blocks] == ["dense", "toy_pairs", "dense"]
     assert be.schedule.blocks[1].merged == 5 and "toy_pairs" in be.schedule.table()
     assert rel_err(out, ref) <= 1e-4 and rel_err(out, plain) > 1e-3
-    assert be.schedule.recipe.method == "toy_pairs"
+    assert be.schedule.merge.method == "toy_pairs"
 
 
 def test_unknown_method_names_the_registered_ones():

@@ -97,7 +97,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
         block = match.blocks[plan.index]
         region = plan.index + 1
         sources[plan.index] = source
-        if size is not None and sched.recipe.prop_attn:
+        if size is not None and sched.merge.prop_attn:
             added[plan.index] = _add_attention_bias(graph, block, size, match.tokens)
         if plan.merged == 0:
             source_after.append(source)
