@@ -3,9 +3,10 @@ pretrained Vision Transformers, with static schedules.
 
     model = torch.compile(model, backend=mergepass.backend(recipe="tome"))
 
-Layout, one floor per stage: ``merge/`` (tensor math) → ``methods/`` (merge-method registry) →
-``schedule/`` → ``graph/`` (capture, match, passes, rewrite) → ``search/`` (recipe ``auto``) →
-``quantize/`` (engine registry) → ``lower`` → ``backend``; ``cli/`` and ``eval/`` sit on top.
+Layout, one floor per stage: ``merge/`` (tensor math) → ``graph/`` (match: what is read from a graph) →
+``methods/`` (merge-method registry) → ``schedule/`` → ``rewrite/`` (capture, merges, every graph pass in
+``rewrite/passes/``) → ``quantize/`` (engine registry) → ``search/`` (recipe ``auto``) → ``lower`` →
+``backend``; ``cli/`` and ``eval/`` sit on top.
 """
 # `python -m mergepass.plan` needs a submodule named `plan`. Importing it here, before the function
 # of the same name is bound below, keeps later imports of the submodule from replacing the function.

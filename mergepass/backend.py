@@ -13,13 +13,13 @@ from . import artifact, cache
 from .compat import frame_compiles, recompile_limit
 from .decide import Decision
 from .errors import MergepassWarning
-from .graph.passes.strip_noops import active_dropouts
-from .graph.nodes import output_dtypes, symbolic_dims
-from .graph.rewrite import RewriteResult
 from .graph.lift import Inputs
+from .graph.nodes import output_dtypes, symbolic_dims
 from .pipeline import Staged, graph_stages, lower_stage, training, unchanged
 from .quantize import Quantized, fit_to_graph, read_calibration
 from .recipe import Recipe, load
+from .rewrite.merges import RewriteResult
+from .rewrite.passes.strip_noops import active_dropouts
 from .schedule import Schedule
 from .targets import JitTarget, PackageTarget, Target
 

@@ -59,12 +59,11 @@ def fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def module_state_input(node: torch.fx.Node) -> Optional[bool]:
-    """Whether dynamo lifted the placeholder ``node`` from module state or a global rather than from the
-    frame's own arguments, read from where dynamo found it (torch 2.14.1: ``node.meta["grapharg"].source``,
-    ``torch._dynamo.source``); None when the graph carries no such record."""
+def module_state_input(source) -> Optional[bool]:
+    """Whether dynamo lifted a placeholder from module state or a global rather than from the frame's own
+    arguments, by ``source``, where dynamo found it (:func:`mergepass.graph.nodes.input_source`; torch 2.14.1:
+    ``torch._dynamo.source``); None for no source."""
     from torch._dynamo.source import NNModuleSource, ParamBufferSource, is_from_local_source
-    source = getattr(node.meta.get("grapharg"), "source", None)
     if source is None:
         return None
     chain = []

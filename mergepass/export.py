@@ -21,12 +21,12 @@ import torch
 from . import artifact
 from . import cache as compile_cache
 from .errors import MergepassWarning, briefly
-from .graph.capture import capture_graphs
 from .graph.lift import Inputs
 from .graph.nodes import output_dtypes
 from .pipeline import Int8Declined, Staged, graph_stages, lower_stage
 from .quantize import read_calibration
 from .recipe import Recipe, load
+from .rewrite.capture import capture_graphs
 from .targets import PackageTarget
 
 

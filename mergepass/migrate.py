@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from .methods import AUTO, config_of, method_names
+from .methods import AUTO, MethodConfig, config_of, method_names
 from .quantize import engine_names, get_engine
 from .quantize.config import COMMON
 from .tables import Search, field_names
@@ -58,7 +58,7 @@ def rewrite(d: Mapping[str, Any], base: Optional["Recipe"] = None) -> tuple[dict
         _move(d, old, tables["search"], old, said, f"search.{old}")
     merge = tables["merge"]
     if isinstance(merge, dict):
-        method = merge.get("method", base.method if base is not None else "tome")
+        method = merge.get("method", base.merge.method if base is not None else "tome")
         _merge_fields(d, merge, method, said)
     q = tables["quantize"]
     if isinstance(q, dict):
@@ -95,7 +95,8 @@ def _merge_fields(d: dict, merge: dict, method: str, said: list) -> None:
         if old in merge and new not in merge:
             merge[new] = merge.pop(old)
             said.append(f"merge.{old} -> merge.{new} (method {method!r})")
-    known = {f for m in method_names() for f in config_of(m).field_names()}
+    # the fields every method shares moved above by their old names (_MERGE); a top-level "kernel" was never one
+    known = {f for m in method_names() for f in config_of(m).field_names()} - set(MethodConfig.field_names())
     for k in [k for k in d if k in known]:
         v = d.pop(k)
         if k in renamed:

@@ -18,12 +18,13 @@ from torch import fx
 
 from .decide import Decision
 from .errors import MergepassWarning, briefly, replay
-from .graph.capture import capture_graphs, copy_graph_module, prepare
 from .graph.lift import Inputs
 from .graph.match import find_blocks, summarize
-from .graph.rewrite import RewriteResult, rewrite
 from .quantize import Quantized, fit_to_graph, quantize, read_calibration
 from .recipe import Recipe, load
+from .rewrite import passes
+from .rewrite.capture import capture_graphs, copy_graph_module, prepare
+from .rewrite.merges import RewriteResult, rewrite
 from .schedule import Schedule
 from .search.auto import choose
 from .search.score import graph_fidelity
@@ -37,7 +38,7 @@ def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
     """Insert the recipe's merges into a copy of dynamo's graph. Recipe method ``auto`` is resolved
     first (:mod:`mergepass.search.auto`), scored on ``calibration`` (from :func:`read_calibration`)."""
     base = prepare(gm, example_inputs)
-    if recipe.method != "auto":
+    if recipe.merge.method != "auto":
         return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused)
     match = find_blocks(copy_graph_module(base))
     if not match.ok:
@@ -62,7 +63,7 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
     """(graph, attentions now on one of mergepass's attention ops, the measured decision behind ``auto`` or
     None) for recipe field ``lower.attention_kernel``; ``own``: the pt2e engine's config where it quantizes the
     graph (:func:`_pt2e_config`). ``gm`` itself is never modified."""
-    from .graph.passes.replace_attention import replace_attention, shapes, wanted
+    from .rewrite.passes.replace_attention import replace_attention, shapes, wanted
     on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
     choice = recipe.lower.attention_kernel
     int8_attention = own is not None and own.attention == "int8"
@@ -84,13 +85,13 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
     if kind is None:
         return gm, 0, decision
     work = copy_graph_module(gm)
-    return work, replace_attention(work, kind), decision
+    return work, passes.run(replace_attention, work, kind), decision
 
 
 def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:
     """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph, and the
-    measurement behind ``merge_kernel = "auto"``."""
-    if recipe.merge_kernel == "reference" or recipe.lower.target == "tensorrt":  # TensorRT has no converter for it
+    measurement behind ``merge.kernel = "auto"``."""
+    if recipe.merge.kernel == "reference" or recipe.lower.target == "tensorrt":  # TensorRT has no converter for it
         return False, None
     why = None
     if any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in example_inputs):
@@ -103,16 +104,16 @@ def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, 
             err = fused.kernel_error()
         if err is not None:
             why = f"its build failed ({err})"
-            if recipe.merge_kernel == "auto":
+            if recipe.merge.kernel == "auto":
                 warnings.warn(f"mergepass: fused merge kernel unavailable, {why}; using the reference merge "
                               "ops (same results, slower)", MergepassWarning, stacklevel=3)
-        elif recipe.merge_kernel == "auto":
+        elif recipe.merge.kernel == "auto":
             with stage("merge kernel: measure or read the kept decision"):
                 decision = fused.choose()
             return decision.choice == "fused", decision
-    if why is not None and recipe.merge_kernel == "fused":
-        raise RuntimeError(f"recipe field 'merge_kernel' is 'fused' but the fused merge kernel is unavailable: "
-                           f"{why}; use merge_kernel='auto' or 'reference'")
+    if why is not None and recipe.merge.kernel == "fused":
+        raise RuntimeError(f"recipe field 'merge.kernel' is 'fused' but the fused merge kernel is unavailable: "
+                           f"{why}; use merge.kernel='auto' or 'reference'")
     return why is None, None
 
 
@@ -167,7 +168,7 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
     else:
         result = RewriteResult(gm, None, None)
     if result.schedule is not None:
-        recipe = result.schedule.recipe
+        recipe = recipe.with_merge(result.schedule.merge)
     graph, ops, decision = result.gm, 0, None
     if kernels:
         own = _pt2e_config(recipe, example_inputs)

@@ -3,14 +3,15 @@
 A recipe composes the configs of the layers below it, each a frozen dataclass the layer owns::
 
     name, description
-    [merge]     method = "tome", prop_attn, kernel, and the method's own fields (mergepass.methods: ToMeConfig, ...)
+    [merge]     method = "tome", prop_attn, kernel, then the method's own fields (mergepass.methods: ToMeConfig, ...)
     [quantize]  enabled, mode, calibration_batches, engine; [quantize.<engine>] its own fields (mergepass.quantize)
     [search]    target_speedup, max_macs_ratio, min_cosine, search_iterations (recipe method "auto")
     [lower]     target = "inductor" | "tensorrt" | "eager", attention_kernel, attention_tolerance
 
-Each field has one name: ``recipe.merge.r``, ``recipe.lower.target``, ``recipe.search.min_cosine``; overrides take
-the same tables (``merge={"r": 8}``). A field the chosen method does not have is an error naming it. Files, dicts and
-overrides in the older flat layout are rewritten once, with a DeprecationWarning, by :func:`mergepass.migrate.migrate`.
+Each field has one name, its table's then its own: ``recipe.merge.method``, ``recipe.merge.r``, ``recipe.merge.kernel``,
+``recipe.lower.target``, ``recipe.search.min_cosine``; overrides take the same tables (``merge={"r": 8}``). A field the
+chosen method does not have is an error naming it. Files, dicts and overrides in the older flat layout are rewritten
+once, with a DeprecationWarning, by :func:`mergepass.migrate.migrate`.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from .config import check_choice, did_you_mean
-from .methods import RESERVED, MethodConfig, config_of, method_names
+from .config import did_you_mean
+from .methods import MERGE_KERNELS, MethodConfig, ToMeConfig, check_method, config_of
 from .methods.base import unknown_field
 from .migrate import deprecated, migrate, rewrite
 from .quantize import Quantize
@@ -37,8 +38,6 @@ except ModuleNotFoundError:  # Python < 3.11
 __all__ = ["Recipe", "Search", "Lower", "load", "from_dict", "parse_spec", "available", "recipes_dir",
            "MERGE_KERNELS", "ATTENTION_KERNELS"]
 
-MERGE_KERNELS = ("auto", "fused", "reference")
-_MERGE_TABLE = {"method": "method", "prop_attn": "prop_attn", "kernel": "merge_kernel"}  # [merge] key -> field
 _TABLES = ("merge", "quantize", "search", "lower")
 _TOP = ("name", "description") + _TABLES
 
@@ -53,16 +52,13 @@ def recipes_dir() -> Path:
 class Recipe:
     """A merge (and quantization) recipe.
 
-    ``merge`` holds the method's own fields (``recipe.merge.r``); model-dependent ones accept ``"auto"`` and are
-    resolved against the matched graph by :func:`mergepass.schedule.make_schedule` (the resolved values are printed
-    by ``mergepass.plan``).
+    ``merge`` is the method's config (``recipe.merge.method``, ``recipe.merge.r``); model-dependent fields accept
+    ``"auto"`` and are resolved against the matched graph by :func:`mergepass.schedule.make_schedule` (the resolved
+    values are printed by ``mergepass.plan``).
     """
 
     name: str = "custom"
-    method: str = "tome"
-    merge: MethodConfig = None         # type: ignore[assignment]  # the method's config (None: its defaults)
-    prop_attn: bool = True             # proportional attention: log(size) added to attention logits
-    merge_kernel: str = "auto"         # fused: one C++ op per merge (CPU); reference: pure tensor ops
+    merge: MethodConfig = field(default_factory=ToMeConfig)
     quantize: Quantize = field(default_factory=Quantize)
     search: Search = field(default_factory=Search)
     lower: Lower = field(default_factory=Lower)
@@ -73,39 +69,23 @@ class Recipe:
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
-        _check_method(self.method)
-        cls = config_of(self.method)
-        if self.merge is None:
-            object.__setattr__(self, "merge", cls())
-        elif isinstance(self.merge, Mapping):
-            object.__setattr__(self, "merge", cls.build(self.merge, self.method))
-        if type(self.merge) is not cls:
-            raise ValueError(f"recipe field 'merge' must be a {cls.__name__} for method {self.method!r}, "
-                             f"got {type(self.merge).__name__}")
-        check_choice("merge_kernel", self.merge_kernel, MERGE_KERNELS)
-        if not isinstance(self.prop_attn, bool):
-            raise ValueError(f"recipe field 'merge.prop_attn' must be true or false, got {self.prop_attn!r}")
-        for name, cls in (("quantize", Quantize), ("search", Search), ("lower", Lower)):
+        for name, cls in (("merge", MethodConfig), ("quantize", Quantize), ("search", Search), ("lower", Lower)):
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"recipe field {name!r} must be a table")
         self.lower.validate()
-        self.search.validate(self.method)
+        self.search.validate(self.merge.method)
         self.quantize.validate(self.lower.target)
-        if self.merge_kernel == "fused" and self.lower.target == "tensorrt":
-            raise ValueError("recipe field 'merge_kernel' = 'fused' is a CPU kernel TensorRT cannot convert: "
-                             "use merge_kernel='auto' (reference ops under TensorRT) or lower.target='inductor'")
+        if self.merge.kernel == "fused" and self.lower.target == "tensorrt":
+            raise ValueError("recipe field 'merge.kernel' = 'fused' is a CPU kernel TensorRT cannot convert: "
+                             "use merge.kernel='auto' (reference ops under TensorRT) or lower.target='inductor'")
 
     @property
     def merges(self) -> bool:
-        return self.method != "none"
+        return self.merge.method != "none"
 
     def with_merge(self, merge: MethodConfig) -> "Recipe":
-        """This recipe with another config of its method (a schedule's resolved one)."""
+        """This recipe with another method config (a schedule's resolved one, or what recipe ``auto`` chose)."""
         return dataclasses.replace(self, merge=merge)
-
-    def with_method(self, method: str, merge: MethodConfig) -> "Recipe":
-        """This recipe with another method and its config (what recipe ``auto`` chose)."""
-        return dataclasses.replace(self, method=method, merge=merge)
 
     def replace(self, **overrides: Any) -> "Recipe":
         """A copy with some tables' fields changed (``merge={"r": 8}``, ``quantize={"pt2e": {"rest": "fp32"}}``,
@@ -115,9 +95,7 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The recipe as nested tables, the shape :func:`from_dict` and TOML files take."""
-        return {"name": self.name, "description": self.description,
-                "merge": {"method": self.method, "prop_attn": self.prop_attn, "kernel": self.merge_kernel,
-                          **self.merge.to_dict()},
+        return {"name": self.name, "description": self.description, "merge": self.merge.to_dict(),
                 "quantize": self.quantize.to_dict(), "search": dataclasses.asdict(self.search),
                 "lower": dataclasses.asdict(self.lower)}
 
@@ -130,13 +108,6 @@ class Recipe:
             for sub, inner in ((k, v) for k, v in values.items() if isinstance(v, dict)):
                 lines += ["", f"[{table}.{sub}]"] + [f"{k} = {_toml_value(v)}" for k, v in inner.items()]
         return "\n".join(lines) + "\n"
-
-
-def _check_method(method: Any) -> None:
-    methods = RESERVED + method_names()
-    if method not in methods:
-        raise ValueError(f"recipe field 'method' must be one of {methods}, got {method!r}"
-                         + did_you_mean(str(method), methods))
 
 
 def _toml_value(v: Any) -> str:
@@ -169,7 +140,7 @@ def _check_keys(table: dict, cls: type, where: str) -> None:
 def _unknown_top(key: str, method: str) -> ValueError:
     """The error for a top-level ``key`` no table has, with the closest names by their place in the tables."""
     where = {k: k for k in _TOP}
-    where.update({k: f"merge.{k}" for k in (*_MERGE_TABLE, *config_of(method).field_names())})
+    where.update({k: f"merge.{k}" for k in config_of(method).field_names()})
     where.update({k: f"search.{k}" for k in field_names(Search)})
     where.update({k: f"lower.{k}" for k in field_names(Lower)})
     where.update({k: f"quantize.{k}" for k in COMMON})
@@ -186,9 +157,8 @@ def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None 
     given = d.pop("merge", None)
     cfg_given = given if isinstance(given, MethodConfig) else None
     merge = {} if cfg_given is not None else _table({"merge": given}, "merge", MethodConfig)
-    top = {fname: merge.pop(key) for key, fname in _MERGE_TABLE.items() if key in merge}
-    method = top.get("method", base.method)
-    _check_method(method)
+    method = cfg_given.method if cfg_given is not None else merge.pop("method", base.merge.method)
+    check_method(method)
     cls = config_of(method)
     for k in d:
         if k not in _TOP:
@@ -200,21 +170,15 @@ def _build(d: Mapping[str, Any], base: "Recipe | None" = None, name: str | None 
     given_q = d.pop("quantize", None)
     quantize = given_q if isinstance(given_q, Quantize) else base.quantize.updated(
         _table({"quantize": given_q}, "quantize", Quantize))
-    top.update(d)  # name, description
-    if name is not None and "name" not in top:
-        top["name"] = name
+    if name is not None and "name" not in d:
+        d["name"] = name
     if cfg_given is not None:
-        if type(cfg_given) is not cls:
-            raise ValueError(f"recipe field 'merge' must be a {cls.__name__} for method {method!r}, "
-                             f"got {type(cfg_given).__name__}")
         cfg = cfg_given
     else:
-        old = {} if fresh else base.merge.to_dict()
-        if method != base.method:
-            old = {k: v for k, v in old.items() if k in cls.field_names()}
+        old = {} if fresh else {k: v for k, v in base.merge.to_dict().items() if k in cls.field_names()}
         cfg = cls.build({**old, **merge}, method)
     return dataclasses.replace(base, merge=cfg, quantize=quantize, search=dataclasses.replace(base.search, **search),
-                               lower=dataclasses.replace(base.lower, **lower), **top)
+                               lower=dataclasses.replace(base.lower, **lower), **d)
 
 
 def from_dict(d: Mapping[str, Any], name: str | None = None) -> Recipe:

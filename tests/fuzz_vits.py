@@ -119,7 +119,7 @@ def check(arch: Arch, method: str, over: dict, seed: int = 0) -> str:
         assert torch.allclose(out, plain, rtol=1e-5, atol=1e-5), f"unmerged output differs: {desc}"
         return "declined" if warned else "unmerged"
     with torch.no_grad():
-        ref = reference_forward(model, x, sched, prop_attn=sched.recipe.prop_attn)
+        ref = reference_forward(model, x, sched, prop_attn=sched.merge.prop_attn)
     err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
     assert err <= 1e-4, f"merged output differs from the reference (rel {err:.2e}): {desc}"
     return "merged"

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import networkx as nx
+import pytest
 import torch
 
 import mergepass
@@ -15,7 +16,7 @@ from reference import _assemble, reference_forward
 
 PKG = Path(mergepass.__file__).parent
 # lowest first; a module may import from its own floor or below, never above
-FLOORS = [{"errors", "cpu", "decide", "fidelity", "kernels", "merge", "stages", "compat", "config"}, {"methods"}, {"schedule"}, {"graph"}, {"quantize", "lower", "artifact", "cache"},
+FLOORS = [{"errors", "cpu", "decide", "fidelity", "kernels", "merge", "stages", "compat", "config"}, {"graph"}, {"methods"}, {"schedule"}, {"rewrite"}, {"quantize", "lower", "artifact", "cache"},
           {"recipe", "tables", "migrate"}, {"search"}, {"pipeline", "targets", "backend", "export"}, {"eval", "cli", "plan", "demo", "viz", "infer", "__init__"}]
 
 
@@ -60,13 +61,17 @@ def _floor(module: str) -> int:
 
 
 def test_imports_form_floors_without_cycles():
+    """No import climbs, not even one for type checking only (graph analysis never names a rewrite); run-time
+    imports form no cycle."""
     g = nx.DiGraph()
+    typed = []
     for path in PKG.rglob("*.py"):
         me = _module_name(path)
         for dep in _imports(path):
             g.add_edge(me, dep)
+        typed += [(me, dep) for dep in _imports(path, type_checking=True)]
     # `python -m` entry points (__main__) run as scripts and are imported by nothing
-    upward = [(a, b) for a, b in g.edges if a != "mergepass" and not a.endswith("__main__") and _floor(b) > _floor(a)]
+    upward = [(a, b) for a, b in typed if a != "mergepass" and not a.endswith("__main__") and _floor(b) > _floor(a)]
     assert not upward, f"imports that climb to a higher floor: {upward}"
     cycles = list(nx.simple_cycles(g.subgraph(n for n in g if n != "mergepass")))
     assert not cycles, f"import cycles: {cycles}"
@@ -225,7 +230,7 @@ def test_a_merge_method_registered_from_outside_the_package(monkeypatch):
     assert [b.kind for b in be.schedule.blocks] == ["dense", "toy_pairs", "dense"]
     assert be.schedule.blocks[1].merged == 5 and "toy_pairs" in be.schedule.table()
     assert rel_err(out, ref) <= 1e-4 and rel_err(out, plain) > 1e-3
-    assert be.schedule.recipe.method == "toy_pairs"
+    assert be.schedule.merge.method == "toy_pairs"
 
 
 def test_unknown_method_names_the_registered_ones():
@@ -244,4 +249,78 @@ def test_backend_and_export_share_one_orchestration():
         imported = {(n.module, a.name) for n in ast.walk(ast.parse((PKG / name).read_text()))
                     if isinstance(n, ast.ImportFrom) for a in n.names}
         assert {("pipeline", "graph_stages"), ("pipeline", "lower_stage")} <= imported, name
-        assert not {("quantize", "quantize"), ("pipeline", "merge_stage"), ("graph.rewrite", "rewrite")} & imported, name
+        assert not {("quantize", "quantize"), ("pipeline", "merge_stage"), ("rewrite.merges", "rewrite")} & imported, name
+
+
+# the node.meta keys torch and dynamo write: read only through mergepass/graph/nodes.py
+TORCH_META_KEYS = {"example_value", "val", "nn_module_stack", "source_fn_stack", "grapharg", "stack_trace"}
+
+
+def _meta_touches(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) for each ``.meta`` of a node or graph module (a dict: a method ``x.meta()`` is something
+    else), ``getattr(x, "meta")``, and each of :data:`TORCH_META_KEYS` spelled as a string."""
+    found = []
+    called = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "meta" and id(node) not in called:
+            found.append((node.lineno, ast.unparse(node)))
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr")
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value == "meta"):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Constant) and node.value in TORCH_META_KEYS:
+            found.append((node.lineno, repr(node.value)))
+    return sorted(found)
+
+
+def test_node_meta_is_read_and_written_only_in_graph_nodes():
+    touches = [f"mergepass/{path.relative_to(PKG).as_posix()}:{line}: {what}" for path in sorted(PKG.rglob("*.py"))
+               if path.relative_to(PKG).as_posix() != "graph/nodes.py"
+               for line, what in _meta_touches(ast.parse(path.read_text()))]
+    assert not touches, "node.meta outside mergepass/graph/nodes.py:\n" + "\n".join(touches)
+
+
+def test_the_meta_check_sees_each_spelling():
+    code = ("n.meta['val']\n"                                  # 1
+            "x = n.meta.get(KEY)\n"                            # 2
+            "'nn_module_stack'\n"                              # 3
+            "getattr(gm, 'meta', {})\n"                        # 4
+            "'''a docstring naming nn_module_stack'''\n"
+            "meta = {}\nmeta.get('quantized')\nwork.meta()\n")
+    assert sorted({line for line, _ in _meta_touches(ast.parse(code))}) == [1, 2, 3, 4]
+
+
+def test_graph_analysis_sits_below_the_rewrites():
+    """graph/ (what is read from a graph) never imports rewrite/ (what changes it), even for type checking; the
+    rewrites' passes live in rewrite/passes/ alone."""
+    climbing = [(_module_name(p), dep) for p in (PKG / "graph").rglob("*.py")
+                for dep in _imports(p, type_checking=True) if dep.startswith("mergepass.rewrite")]
+    assert not climbing, climbing
+    from mergepass.rewrite import passes
+    strays = [p for p in PKG.rglob("*.py") if p.stem in passes.NAMES and p.parent != PKG / "rewrite" / "passes"]
+    assert not strays, strays
+
+
+def test_the_pass_list_names_each_pass_file_once():
+    from mergepass.rewrite import passes
+    files = sorted(p.stem for p in (PKG / "rewrite" / "passes").glob("*.py") if p.stem != "__init__")
+    assert len(set(passes.NAMES)) == len(passes.NAMES) == len(files)
+    assert sorted(passes.NAMES) == files
+
+
+def _pass_calls(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
+    """(line, pass) for each direct call of a pass: one that does not go through ``passes.run``."""
+    return sorted((node.lineno, ast.unparse(node.func)) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  and (getattr(node.func, "id", None) or getattr(node.func, "attr", None)) in names)
+
+
+def test_every_pass_runs_through_the_ordered_list():
+    from mergepass.rewrite import passes
+    fns = {p.__name__ for p in passes.ORDER}
+    calls = [f"mergepass/{path.relative_to(PKG).as_posix()}:{line}: {what}" for path in sorted(PKG.rglob("*.py"))
+             if path.parent != PKG / "rewrite" / "passes"
+             for line, what in _pass_calls(ast.parse(path.read_text()), fns)]
+    assert not calls, "passes called without mergepass.rewrite.passes.run:\n" + "\n".join(calls)
+    assert _pass_calls(ast.parse("passes.run(strip_noops, gm)\nint8_attention.decompose_attention(gm)"), fns) == [
+        (2, "int8_attention.decompose_attention")]
+    with pytest.raises(ValueError, match="not a pass"):
+        passes.run(lambda gm: gm, None)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import mergepass
-from mergepass.graph.passes import replace_attention
 from mergepass.kernels import attention
+from mergepass.rewrite.passes import replace_attention
 from helpers import attention_skip, rel_err, tiny_vit
 from fxgraphs import GraphBuilder
 
@@ -187,7 +187,7 @@ def test_int8_graphs_quantize_around_the_op(model_and_input, recipe, kind):
 
 
 def test_auto_keeps_sdpa_in_float_graphs_and_measures_in_int8_graphs():
-    from mergepass.graph.passes.replace_attention import wanted
+    from mergepass.rewrite.passes.replace_attention import wanted
     assert wanted("auto", False, False, False, True) == (None, "")        # FP32 recipes keep FP32 attention
     assert wanted("auto", True, False, False, True) == ("measure", "")    # int8 graphs: timed on this CPU
     assert wanted("sdpa", True, False, False, True)[0] is None

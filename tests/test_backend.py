@@ -228,7 +228,7 @@ def test_fused_kernel_build_failure_warns_and_uses_reference_ops(monkeypatch):
     with torch.no_grad():
         assert rel_err(out, reference_forward(m, x, be.schedule)) <= 1e-4
     torch._dynamo.reset()
-    with torch.no_grad(), pytest.raises(Exception, match="merge_kernel' is 'fused'.*no compiler"):
+    with torch.no_grad(), pytest.raises(Exception, match="merge.kernel' is 'fused'.*no compiler"):
         compile_with(m, mergepass.backend("tome", merge={"r": 3, "kernel": "fused"}, lower="eager"))(x)
 
 
@@ -248,5 +248,5 @@ def test_training_gradients_match_reference():
     opt.step()  # one optimizer step on the merged model's gradients works
     assert fused.fused_global_merge not in _targets(be), "training uses the differentiable reference ops"
     torch._dynamo.reset()
-    with pytest.raises(Exception, match="merge_kernel' is 'fused'.*gradients"):
+    with pytest.raises(Exception, match="merge.kernel' is 'fused'.*gradients"):
         compile_with(m, mergepass.backend("tome", merge={"r": 3, "kernel": "fused"}, lower="eager"))(x)

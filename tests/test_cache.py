@@ -13,7 +13,7 @@ import mergepass
 from helpers import tiny_vit
 from reference import reference_forward
 from mergepass import cache
-from mergepass.graph.capture import capture_graphs, prepare
+from mergepass.rewrite.capture import capture_graphs, prepare
 
 
 @pytest.fixture

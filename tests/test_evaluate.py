@@ -102,7 +102,7 @@ def test_pareto_sweep_writes_table_and_plot(tmp_path):
 @pytest.mark.parametrize("target", [1.5, 2.5])
 def test_auto_schedule_meets_target(target, planner):
     s = planner(6, 128, batch=2).plan("auto", search={"target_speedup": target})
-    assert s.predicted_speedup >= target and s.recipe.method in ("tome", "dfe", "dfe_lgtm")
+    assert s.predicted_speedup >= target and s.merge.method in ("tome", "dfe", "dfe_lgtm")
     s2 = planner(6, 128, batch=2).plan("auto", search={"target_speedup": 0, "max_macs_ratio": 1 / target})
     assert s2.macs_ratio <= 1 / target
     with pytest.raises(ValueError, match="impossible schedule"):
@@ -122,7 +122,7 @@ def test_auto_schedule_with_images_and_quality_floor():
     be = mergepass.backend("auto", search={"target_speedup": 1.5, **steps}, calibration=calib, lower="eager")
     with torch.no_grad():
         torch.compile(m, backend=be, dynamic=False)(x)
-    assert be.schedule.predicted_speedup >= 1.5 and be.schedule.recipe.method != "auto"
+    assert be.schedule.predicted_speedup >= 1.5 and be.schedule.merge.method != "auto"
 
 
 def test_breakdown_attributes_kernels_to_groups():

@@ -279,7 +279,7 @@ class _Normalised(torch.nn.Module):
 def test_calibration_fits_a_wrapped_model_whose_buffers_dynamo_names_otherwise(wrap):
     """dynamo names a compiled ``nn.Sequential``'s buffers after ``fn`` (and a module's after its ``forward``'s
     first argument): they are module state, not inputs the calibration batches must supply."""
-    from mergepass.graph.capture import capture_graphs
+    from mergepass.rewrite.capture import capture_graphs
     from mergepass.graph.lift import Inputs
     from mergepass.quantize import fit_to_graph
     x = torch.randn(2, 4)

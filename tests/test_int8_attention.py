@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import mergepass
 from helpers import INT8_GEMM, run_and_get_code, tiny_vit
 from mergepass.errors import MergepassWarning
-from mergepass.quantize import int8_attention
 from mergepass.quantize.qsdpa_reference import reference_kernel
+from mergepass.rewrite.passes import int8_attention
 
 DEPTH = 2
 

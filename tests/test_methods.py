@@ -56,7 +56,7 @@ def test_resolved_defaults_follow_the_paper(planner):
     assert default_window((14, 14)) == 7 and default_window((16, 16)) == 8
     assert default_window((37, 37)) == 19  # prime grid: padded windows
     sched = planner(12, 224).plan("dfe_lgtm")
-    r = sched.recipe.merge
+    r = sched.merge
     assert (r.skip, r.window) == (2, 7)
     kinds = [b.kind for b in sched.blocks]
     assert kinds[:2] == ["dense", "dense"] and kinds[2] == "local"
@@ -191,7 +191,7 @@ def test_shipped_tomato_recipes_sit_at_the_papers_operating_point(planner):
     assert s.blocks[0].args["similarity"] == "softmax"
     q = planner(12, 224).plan("tomato_int8")
     assert [(b.kind, b.merged, b.args) for b in q.blocks] == [(b.kind, b.merged, b.args) for b in s.blocks]
-    assert q.recipe.quantize.enabled
+    assert q.quantize == "int8-static" and s.quantize == "off"
 
 
 @pytest.mark.parametrize("r,inflect", [(16, -0.5), (16, 0.0), (8, 0.5), (13, 1.0), (16, -1.0)])
@@ -200,7 +200,7 @@ def test_tome_inflect_shorthand_follows_official_tome(r, inflect, planner):
     from reference import tome_parse_r
     want = tome_parse_r(12, (r, inflect))
     s = planner(12, 224).plan("tome", merge={"r": (r, inflect)})
-    assert s.recipe.merge.r == tuple(want)
+    assert s.merge.r == tuple(want)
     assert [b.r for b in s.blocks] == [min(w, (b.tokens_in - 1) // 2) for w, b in zip(want, s.blocks)]
     if inflect == 0.0:
         assert s.macs == planner(12, 224).plan("tome", merge={"r": r}).macs

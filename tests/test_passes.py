@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import mergepass
-from mergepass.graph import cost, meta
-from mergepass.graph.capture import copy_graph_module, prepare
+from mergepass.graph import cost
 from mergepass.graph.match import NO_ATTENTION, find_blocks
-from mergepass.graph.passes import RewriteError, expand_mha, fix_token_literals, fold_scalars, insert_merges, strip_noops
-from mergepass.graph.rewrite import rewrite
+from mergepass.graph.nodes import inserted, unmerged_shape
 from mergepass.merge import attn_bias, gather_positions, global_merge, key_metric, unmerge
+from mergepass.rewrite.capture import copy_graph_module, prepare
+from mergepass.rewrite.merges import rewrite
+from mergepass.rewrite.passes import RewriteError, expand_mha, fix_token_literals, fold_scalars, insert_merges, strip_noops
 from mergepass.schedule import make_schedule
 from fxgraphs import GraphBuilder, vit_graph
 
@@ -150,15 +151,15 @@ def test_insert_merges_contract():
     assert not out.added.get(0) and out.added[1] and out.added[2]
     assert out.allowed(match) == set().union(*blocks_before, *out.added.values())
     new = set(work.graph.nodes) - old_nodes
-    assert new and all(n.meta.get(meta.INSERTED) for n in new)  # failures in these are mergepass's own
-    assert not any(n.meta.get(meta.INSERTED) for n in old_nodes)
+    assert new and all(inserted(n) for n in new)  # failures in these are mergepass's own
+    assert not any(inserted(n) for n in old_nodes)
     # each merge reads key_metric of its own block's keys and replaces the attention residual downstream
     for b, mnode in zip(match.blocks, out.merges):
         assert mnode.args[0] is b.x_mid and mnode.args[1].target is key_metric and mnode.args[1].args[0] is b.keys
     # proportional attention: a log-size bias into every attention after the first merge
     masks = [n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask") for n in _calls(work, torch._C._nn.scaled_dot_product_attention)]
     assert masks[0] is None and all(m is not None and m.target is attn_bias for m in masks[1:])
-    assert all(m.meta[meta.UNMERGED_SHAPE] == (2, 1, 1, 17) for m in masks[1:])  # what position_tables compares with
+    assert all(unmerged_shape(m) == (2, 1, 1, 17) for m in masks[1:])  # what position_tables compares with
     # one unmerge, where the stream leaves the last block, so the norm and head see 17 tokens
     (un,) = _calls(work, unmerge)
     assert un.args[0] is match.blocks[-1].x_out and all(u not in match.blocks[-1].nodes for u in un.users)
@@ -220,7 +221,7 @@ def test_position_tables_are_read_at_the_merged_positions():
     out = insert_merges(work, match, sched)
     fix_token_literals(work, g.inputs, out.allowed(match), out.source_of(match), match.tokens, match.prefix)
     reads = _calls(work, gather_positions)
-    assert len(reads) == 2 and all(n.meta.get(meta.INSERTED) for n in reads)  # blocks 1 and 2 see merged tokens
+    assert len(reads) == 2 and all(inserted(n) for n in reads)  # blocks 1 and 2 see merged tokens
     assert all(n.args[0].target.startswith("L_self_blocks_") for n in reads)
     assert g.run(work).shape == (2, 5)
 

@@ -14,7 +14,7 @@ from mergepass.recipe import Lower, Search
 
 
 def test_invalid_recipe_fields_name_the_field():
-    with pytest.raises(ValueError, match="'method'"):
+    with pytest.raises(ValueError, match="'merge.method'"):
         mergepass.backend("tome", merge={"method": "tomee"})
     with pytest.raises(ValueError, match="'r'"):
         mergepass.backend("tome", merge={"r": -1})
@@ -24,9 +24,9 @@ def test_invalid_recipe_fields_name_the_field():
         mergepass.load_recipe({"rr": 3})
     with pytest.raises(ValueError, match="unknown recipe 'tomee'.*did you mean tome"):
         mergepass.backend("tomee")
-    with pytest.raises(ValueError, match="'merge_kernel' must be one of"):
+    with pytest.raises(ValueError, match="'merge.kernel' must be one of"):
         mergepass.backend("tome", merge={"kernel": "fast"})
-    with pytest.raises(ValueError, match="'merge_kernel' = 'fused'.*TensorRT"):
+    with pytest.raises(ValueError, match="'merge.kernel' = 'fused'.*TensorRT"):
         mergepass.backend("tome", merge={"kernel": "fused"}, lower="tensorrt")
 
 
@@ -95,7 +95,7 @@ def test_an_old_flat_file_migrates_with_one_warning_to_the_nested_recipe(tmp_pat
                     "quantize.rest -> quantize.pt2e.rest"):
         assert old_new in said[0], old_new
     assert a.replace(name="x") == b.replace(name="x")
-    assert (a.method, a.merge.r, a.merge.window, a.lower.target, a.quantize.options("pt2e").rest) == \
+    assert (a.merge.method, a.merge.r, a.merge.window, a.lower.target, a.quantize.options("pt2e").rest) == \
         ("dfe_lgtm", "auto", 3, "eager", "fp32")
     again = tmp_path / "again.toml"
     again.write_text(a.to_toml())
@@ -155,6 +155,57 @@ def test_flat_reads_are_attribute_errors():
             getattr(r.quantize, name)
     assert (r.merge.r, r.search.target_speedup, r.lower.attention_kernel, r.quantize.options("pt2e").sensitivity) \
         == (16, Search().target_speedup, Lower().attention_kernel, 6.0)
+
+
+def test_merge_fields_have_one_name_on_the_method_config():
+    """``[merge]``'s method, prop_attn and kernel are fields of the method's config, as TOML names them: the recipe
+    has no second name for them, and every shipped file's keys read back by their table and name."""
+    import dataclasses
+    import tomllib
+    assert [f.name for f in dataclasses.fields(mergepass.Recipe)] == ["name", "merge", "quantize", "search", "lower",
+                                                                      "description"]
+    r = mergepass.load_recipe("tome_int8", merge={"prop_attn": False, "kernel": "reference"})
+    assert (r.merge.method, r.merge.prop_attn, r.merge.kernel) == ("tome", False, "reference")
+    for name in ("method", "prop_attn", "merge_kernel", "kernel"):
+        with pytest.raises(AttributeError):
+            getattr(r, name)
+    with pytest.raises(TypeError):
+        mergepass.Recipe(method="tome")
+    assert ToMeConfig(r=8).method == "tome" and DFEConfig().method == "dfe"
+    with pytest.raises(ValueError, match=r"'merge' must be a DFEConfig for method 'dfe', got ToMeConfig"):
+        ToMeConfig(method="dfe")
+    for name in mergepass.recipe.available():
+        path = mergepass.recipe.recipes_dir() / f"{name}.toml"
+        table, recipe = tomllib.loads(path.read_text()), mergepass.load_recipe(name)
+        for t in ("merge", "search", "lower"):
+            for k, v in table.get(t, {}).items():
+                assert getattr(getattr(recipe, t), k) == (tuple(v) if isinstance(v, list) else v), (name, t, k)
+        assert mergepass.recipe.from_dict(tomllib.loads(recipe.to_toml()), name=name) == recipe, name
+        assert list(recipe.to_dict()["merge"])[:3] == ["method", "prop_attn", "kernel"]
+
+
+def test_old_merge_names_in_overrides_warn_once_and_map():
+    """``method=``, ``prop_attn=`` and ``merge_kernel=`` (the old keywords) go through the one migration, with one
+    warning; a top-level ``kernel`` was never a name and stays an error."""
+    got, said = _load_counting("tome", method="dfe", prop_attn=False, merge_kernel="reference")
+    assert got.merge == DFEConfig(prop_attn=False, kernel="reference") and len(said) == 1
+    for old_new in ("method -> merge.method", "prop_attn -> merge.prop_attn", "merge_kernel -> merge.kernel"):
+        assert old_new in said[0], old_new
+    with pytest.warns(DeprecationWarning, match=r"merge_kernel -> merge\.kernel") as caught:
+        again = mergepass.load_recipe("tome").replace(merge_kernel="fused")
+    assert again.merge.kernel == "fused" and len(_deprecations(caught)) == 1
+    with pytest.raises(ValueError, match=r"unknown recipe field 'kernel' \(did you mean 'merge.kernel'\?\)"):
+        mergepass.load_recipe("tome", kernel="fused")
+
+
+def test_auto_candidates_keep_the_recipes_shared_merge_fields(planner):
+    """Recipe ``auto`` swaps the method's config for a candidate's: proportional attention and the kernel stay the
+    recipe's. The schedule keeps that config, and of the recipe only what its table prints."""
+    s = planner(6, 128, batch=2).plan("auto", merge={"prop_attn": False, "kernel": "reference"},
+                                      search={"target_speedup": 1.5})
+    assert s.merge.method != "auto" and (s.merge.prop_attn, s.merge.kernel) == (False, "reference")
+    assert not hasattr(s, "recipe") and (s.recipe_name, s.quantize) == ("auto", "off")
+    assert f"recipe=auto method={s.merge.method}" in s.table() and "prop_attn=False  quantize=off" in s.table()
 
 
 def test_tomato_merge_block_and_tome_skip_are_two_fields(planner):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import mergepass
-from mergepass.graph.capture import capture_graphs, copy_graph_module, prepare
 from mergepass.graph.match import find_blocks
+from mergepass.rewrite.capture import capture_graphs, copy_graph_module, prepare
 from mergepass.schedule import make_schedule
 from mergepass.search.evolve import evolve, fit_budget
 from helpers import DINO_CKPT, IMAGES, rel_err, tiny_vit
@@ -99,7 +99,7 @@ def test_searched_schedule_beats_constant_tome_on_real_weights():
 def test_search_takes_any_registered_method_with_per_block_r(monkeypatch, planner):
     """The search keeps a registered method that takes one r per block, and falls back to ToMe for one that
     does not: it reads the registry, not a list of names."""
-    from mergepass.graph.capture import copy_graph_module, prepare
+    from mergepass.rewrite.capture import copy_graph_module, prepare
     from mergepass.graph.match import find_blocks
     from mergepass.methods import base
     from mergepass.methods.tome import ToMe
@@ -116,15 +116,15 @@ def test_search_takes_any_registered_method_with_per_block_r(monkeypatch, planne
     gm, ex = planner(3, 64).graphs[0]
     match = find_blocks(copy_graph_module(prepare(gm, ex)))
     recipe = mergepass.load_recipe("tome")
-    assert searchable(recipe.replace(merge={"method": "toy_per_block"}), match).method == "toy_per_block"
-    assert searchable(recipe.replace(merge={"method": "toy_flat"}), match).method == "tome"
-    assert searchable(recipe.replace(merge={"method": "tomato"}), match).method == "tome"
+    assert searchable(recipe.replace(merge={"method": "toy_per_block"}), match).merge.method == "toy_per_block"
+    assert searchable(recipe.replace(merge={"method": "toy_flat"}), match).merge.method == "tome"
+    assert searchable(recipe.replace(merge={"method": "tomato"}), match).merge.method == "tome"
 
 
 def test_auto_searches_a_registered_method_block_by_block(monkeypatch, planner):
     """Recipe ``auto`` with images searches per-block r for the most faithful candidate's method, read from
     the registry: a newly registered method that wins is the one searched."""
-    from mergepass.graph.capture import copy_graph_module, prepare
+    from mergepass.rewrite.capture import copy_graph_module, prepare
     from mergepass.graph.match import find_blocks
     from mergepass.methods import base
     from mergepass.methods.tome import ToMe
@@ -137,8 +137,8 @@ def test_auto_searches_a_registered_method_block_by_block(monkeypatch, planner):
     gm, ex = planner(3, 64).graphs[0]
     match = find_blocks(copy_graph_module(prepare(gm, ex)))
     recipe = mergepass.load_recipe("auto", search={"target_speedup": 1.2, "search_iterations": 1})
-    choice = choose(match, recipe, lambda r: 0.9 if r.method == "toy_auto" else 0.5)
+    choice = choose(match, recipe, lambda r: 0.9 if r.merge.method == "toy_auto" else 0.5)
     searched = [c for c in choice.candidates if c.method.endswith("(searched)")]
-    assert [c.method for c in searched] == ["toy_auto (searched)"] and searched[0].recipe.method == "toy_auto"
+    assert [c.method for c in searched] == ["toy_auto (searched)"] and searched[0].recipe.merge.method == "toy_auto"
     assert isinstance(searched[0].r, tuple) and len(searched[0].r) == len(match.blocks)
 

@@ -174,5 +174,5 @@ def test_soft_rejects_bad_fields(field, bad):
 def test_soft_recipes_name_the_method():
     for name in ("soft", "soft_int8"):
         r = mergepass.load_recipe(name)
-        assert r.method == "soft" and r.merge.k >= 1
+        assert r.merge.method == "soft" and r.merge.k >= 1
     assert mergepass.load_recipe("soft_int8").quantize.enabled

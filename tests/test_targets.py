@@ -6,11 +6,11 @@ import torch
 
 import mergepass
 from mergepass import pipeline, targets
-from mergepass.graph.capture import capture_graphs
 from mergepass.graph.lift import Inputs, Lifted
 from mergepass.graph.nodes import output_dtypes
 from mergepass.pipeline import unchanged
 from mergepass.quantize import Quantized
+from mergepass.rewrite.capture import capture_graphs
 from mergepass.targets import JitTarget, PackageTarget, Work
 from helpers import tiny_vit
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..graph.capture import capture_graphs
+from ..rewrite.capture import capture_graphs
 from ..methods import all_ops
 from ..pipeline import merge_stage
 from ..recipe import load
@@ -86,7 +86,8 @@ def render(image_path: str, model: torch.nn.Module, recipe: Any, out: str, img_s
     for ax, (title, img) in zip(axes.flat, panels):
         ax.imshow(img.permute(1, 2, 0).numpy())
         ax.set_title(title, fontsize=8)
-    fig.suptitle(f"{sched.recipe.name} ({sched.recipe.method}): {sched.tokens} -> {sched.final_tokens} tokens", fontsize=9)
+    fig.suptitle(f"{sched.recipe_name} ({sched.merge.method}): {sched.tokens} -> {sched.final_tokens} tokens",
+                 fontsize=9)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

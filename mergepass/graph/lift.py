@@ -9,14 +9,12 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .. import compat
-from .nodes import module_paths, symbolic_dims, traced_value
+from .nodes import input_source, module_paths, set_state_mark, state_mark, symbolic_dims, traced_value
+
 
 def path_matches(path: str, patterns) -> bool:
     """Glob match on '.' boundaries: the root differs when a wrapper module is compiled."""
     return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, "*." + p) for p in patterns)
-
-
-_STATE = "mergepass_state"  # placeholder meta: is_state as dynamo's record said while it compiled
 
 
 def is_state(node: fx.Node, value) -> bool:
@@ -30,16 +28,16 @@ def is_state(node: fx.Node, value) -> bool:
         return True
     if not isinstance(value, torch.Tensor):
         return False
-    from_state = compat.module_state_input(node)
+    from_state = compat.module_state_input(input_source(node))
     if from_state is None:
-        from_state = node.meta.get(_STATE)
+        from_state = state_mark(node)
     return from_state if from_state is not None else str(node.target).startswith(("L_self_", "G_"))
 
 
 def keep_state_marks(gm: fx.GraphModule, example_inputs: Sequence) -> None:
     """Record on each placeholder whether it is module state, while dynamo's record of where it came from lasts."""
     for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs):
-        n.meta[_STATE] = is_state(n, v)
+        set_state_mark(n, is_state(n, v))
 
 
 def _symbol_source(node: fx.Node, users: list[fx.Node]):

@@ -1,5 +1,26 @@
-"""What the graph passes and the matcher ask of a node: its fake value and shape, its module path, and
-which op it calls. The only reader of the ``node.meta`` keys dynamo and ``torch.export`` write."""
+"""What the graph passes and the matcher ask of a node: its fake value and shape, its module path, the
+marks the passes hand each other, and which op it calls. The only module that reads or writes ``node.meta``.
+
+mergepass's own keys:
+
+* :data:`INSERTED` (``True``): on every node ``insert_merges`` and ``fix_token_literals`` add. A node
+  that fails in ``fix_token_literals`` with this mark is mergepass's own (never the model's), and
+  ``replace_attention`` and ``int8_attention`` treat a mask that carries it as proportional attention's float bias.
+* :data:`UNMERGED_SHAPE` (a shape tuple): on proportional attention's bias, the shape it would have
+  without merging, so that ``fix_token_literals`` recognises position tables added to it
+  (:mod:`mergepass.rewrite.position_tables`).
+* ``mergepass_state``: on dynamo's placeholders, whether each is module state (:func:`state_mark`).
+
+dynamo's and torch's: ``example_value`` (dynamo's fake value of a node: every shape the matcher and the
+passes read; ``expand_mha`` fills it for the nodes it adds), ``val`` (the same after ``torch.export``),
+``nn_module_stack`` (module paths: block names, linear names for ``quantize.<engine>.keep_fp32``) and
+``source_fn_stack`` (the quantizer's module of a node).
+
+Invariants after :func:`mergepass.rewrite.capture.prepare`: every node that computes a tensor has
+``example_value``; no inference dropout remains; multi-head attention modules are written out as SDPA.
+After ``insert_merges`` the graph's outputs keep their unmerged shapes (the stream is unmerged where it
+leaves the rewritten blocks).
+"""
 from __future__ import annotations
 
 import operator
@@ -21,9 +42,14 @@ LINEAR_FN = {F.linear, compat.C_LINEAR}
 TRANSPOSE_METHODS = {"transpose", "mT", "permute"}
 
 
+INSERTED = "mergepass"
+UNMERGED_SHAPE = "unmerged_shape"
+_STATE = "mergepass_state"
 _TRACED = "example_value"  # dynamo's fake value of a node
 _EXPORTED = "val"  # torch.export's (and aten graphs' after it)
 _MODULE_STACK = "nn_module_stack"
+_SOURCE_FN = "source_fn_stack"
+_GRAPHARG = "grapharg"  # dynamo's record of a placeholder while it compiles (torch 2.14.1)
 _ROOT = re.compile(r"^[LG]\[[^\]]+\]\.?")  # dynamo's root of a module path: L['self'], G['model'], ...
 
 
@@ -60,6 +86,57 @@ def copy_exported_meta(node: fx.Node, src: fx.Node) -> None:
 def copy_module_stack(node: fx.Node, src: fx.Node) -> None:
     """Give ``node`` (which a pass wrote in place of ``src``) ``src``'s module stack: its names for exclusion."""
     node.meta[_MODULE_STACK] = src.meta.get(_MODULE_STACK, {})
+
+
+def copy_meta(dst, src) -> None:
+    """Give ``dst`` (a node or graph module written in place of ``src``) a shallow copy of ``src``'s meta."""
+    dst.meta = dict(getattr(src, "meta", {}))
+
+
+def mark_inserted(node: fx.Node) -> None:
+    """Mark ``node`` as mergepass's own (:data:`INSERTED`)."""
+    node.meta[INSERTED] = True
+
+
+def inserted(node) -> bool:
+    """Whether ``node`` is a node mergepass added (:data:`INSERTED`)."""
+    return isinstance(node, fx.Node) and bool(node.meta.get(INSERTED))
+
+
+def set_unmerged_shape(node: fx.Node, shape: tuple) -> None:
+    node.meta[UNMERGED_SHAPE] = shape
+
+
+def unmerged_shape(node) -> Optional[tuple]:
+    """The shape proportional attention's bias ``node`` would have without merging (None for other nodes)."""
+    return node.meta.get(UNMERGED_SHAPE) if isinstance(node, fx.Node) else None
+
+
+def set_state_mark(node: fx.Node, state: bool) -> None:
+    """Record on a placeholder whether it is module state (dynamo's record of it does not outlast its compile)."""
+    node.meta[_STATE] = state
+
+
+def state_mark(node: fx.Node) -> Optional[bool]:
+    """What :func:`set_state_mark` recorded on a placeholder, or None."""
+    return node.meta.get(_STATE)
+
+
+def input_source(node: fx.Node):
+    """Where dynamo found the value of placeholder ``node`` (its graph argument's source), or None once dynamo's
+    compile has ended or for a graph without that record."""
+    return getattr(node.meta.get(_GRAPHARG), "source", None)
+
+
+def has_meta(node: fx.Node, key: str) -> bool:
+    """Whether a pass outside mergepass (a quantizer's annotation) left ``key`` on ``node``."""
+    return key in node.meta
+
+
+def source_fn(node: fx.Node):
+    """The function or module a node of an exported graph was traced from (``source_fn_stack``), or None."""
+    stack = node.meta.get(_SOURCE_FN) or []
+    return stack[-1][1] if stack else None
 
 
 def module_paths(node: fx.Node) -> list[str]:

@@ -11,7 +11,7 @@ Which is faster depends on the core, not only on its instructions: :func:`choose
 machine that runs them. The ops are opaque to inductor (custom ops with a fake implementation), so inductor cannot fuse them back into
 SDPA. They take SDPA's float ``attn_mask`` (proportional attention's log-size bias, masks) as
 ``bias``; dropout, causal and boolean masks are left to SDPA by the pass that inserts them
-(:mod:`mergepass.graph.passes.replace_attention`).
+(:mod:`mergepass.rewrite.passes.replace_attention`).
 """
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ _SHAPE = {"batch": 8, "tokens": 257, "width": 384, "metric": 384, "r": 16, "pref
 
 
 def choose(timer=None, keep: bool = True) -> Decision:
-    """``merge_kernel = "auto"`` on this CPU, by measurement: this kernel against the reference ops compiled by
+    """``merge.kernel = "auto"`` on this CPU, by measurement: this kernel against the reference ops compiled by
     inductor, at one representative shape (``_SHAPE``). The decision is kept on disk (:mod:`mergepass.decide`)."""
     from .ops import global_merge
     s = _SHAPE

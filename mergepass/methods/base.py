@@ -6,7 +6,8 @@ source)``. A :class:`MergeMethod` decides, offline, which blocks merge with whic
 it resolves its recipe fields against the matched graph and plans every block.
 
 A method takes only its own config: a frozen :class:`MethodConfig` dataclass in the method's file (torchao's
-``quantize_(model, Config())`` pattern), which a recipe's ``[merge]`` table fills.
+``quantize_(model, Config())`` pattern), which a recipe's ``[merge]`` table fills. Every config also holds the
+fields all methods share: the method's name, proportional attention and the merge kernel.
 
 Adding a method is one file with its config, a :class:`MergeMethod` subclass naming it, and calls to
 :func:`register_method` (and :func:`register_op` for a new op), plus a recipe TOML naming it.
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Union
 
-from ..config import Config, did_you_mean, finite_number, unknown_field  # noqa: F401  (re-exported)
+from ..config import Config, check_choice, did_you_mean, finite_number, unknown_field  # noqa: F401  (re-exported)
 
 
 if TYPE_CHECKING:
@@ -51,15 +52,39 @@ def check_r(r: Any) -> None:
         check_int_or_auto("r", r)
 
 
+MERGE_KERNELS = ("auto", "fused", "reference")
+
+
 @dataclass(frozen=True)
 class MethodConfig(Config):
-    """A merge method's own recipe fields (the ``[merge]`` table). Subclass it (frozen) per method."""
+    """A merge method's recipe fields (the ``[merge]`` table): the fields every method shares, then the method's own.
+    Subclass it (frozen) per method. Left out, ``method`` is the first registered with this config (``none`` for
+    :class:`NoConfig`)."""
 
     renamed: ClassVar[dict[str, str]] = {}  # old field name -> its name now (read only by mergepass.migrate)
 
+    method: str = field(default="", kw_only=True)
+    prop_attn: bool = field(default=True, kw_only=True)  # proportional attention: log(size) added to attention logits
+    kernel: str = field(default="auto", kw_only=True)    # fused: one C++ op per merge (CPU); reference: tensor ops
+
+    def __post_init__(self):
+        if not self.method:
+            owner = next((n for n in RESERVED + method_names() if config_of(n) is type(self)), None)
+            if owner is None:
+                raise ValueError(f"{type(self).__name__} is the config of no registered method")
+            object.__setattr__(self, "method", owner)
+        check_method(self.method)
+        if config_of(self.method) is not type(self):
+            raise ValueError(f"recipe field 'merge' must be a {config_of(self.method).__name__} for method "
+                             f"{self.method!r}, got {type(self).__name__}")
+        if not isinstance(self.prop_attn, bool):
+            raise ValueError(f"recipe field 'merge.prop_attn' must be true or false, got {self.prop_attn!r}")
+        check_choice("merge.kernel", self.kernel, MERGE_KERNELS)
+        super().__post_init__()
+
     @classmethod
     def build(cls, values: Mapping[str, Any], method: str) -> "MethodConfig":
-        return super().build(values, f"method {method!r}")
+        return super().build({**values, "method": method}, f"method {method!r}")
 
 
 @dataclass(frozen=True)
@@ -78,15 +103,12 @@ class RConfig(MethodConfig):
 
 
 class MergeSpec(Protocol):
-    """What scheduling reads of a recipe (:class:`mergepass.recipe.Recipe` is one): the method, its config,
-    proportional attention; ``with_merge`` gives the same recipe with another config of the same method."""
+    """What scheduling reads of a recipe (:class:`mergepass.recipe.Recipe` is one): its name, its method's config
+    (all a schedule keeps of it) and the label of its quantization (what the plan table prints)."""
 
     name: str
-    method: str
     merge: MethodConfig
-    prop_attn: bool
-
-    def with_merge(self, merge: MethodConfig) -> "MergeSpec": ...
+    quantize: Any   # what the plan table prints of it: its ``label``
 
 
 @dataclass(frozen=True)
@@ -177,7 +199,7 @@ class MergeMethod:
 
     def candidate(self, r: int) -> MethodConfig:
         """This method's config at strength ``r``, its other fields at their defaults (for recipe 'auto')."""
-        return self.config(r=r)
+        return self.config(method=self.name, r=r)
 
 
 def chain(match: "MatchResult", limit: int, decide: Callable[["Block", int], Optional[Merge]]) -> list[BlockSchedule]:
@@ -216,6 +238,14 @@ RESERVED = ("none", "auto")  # recipe methods that are not merge methods: no mer
 def config_of(method: str) -> type[MethodConfig]:
     """The config dataclass of recipe method ``method`` (the reserved ones have no fields)."""
     return NoConfig if method in RESERVED else get_method(method).config
+
+
+def check_method(method: Any) -> None:
+    """ValueError naming recipe field ``merge.method`` unless ``method`` is a registered or reserved method."""
+    methods = RESERVED + method_names()
+    if method not in methods:
+        raise ValueError(f"recipe field 'merge.method' must be one of {methods}, got {method!r}"
+                         + did_you_mean(str(method), methods))
 
 
 def register_method(method: MergeMethod) -> MergeMethod:

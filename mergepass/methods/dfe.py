@@ -27,7 +27,7 @@ class DFE(ToMe):
         return default_skip(depth)
 
     def candidate(self, r):
-        return self.config(r=r, skip="auto")
+        return self.config(method=self.name, r=r, skip="auto")
 
 
 register_method(DFE())

@@ -94,7 +94,7 @@ class DFELGTM(DFE):
         return out
 
     def candidate(self, r):
-        return self.config(r=r, skip="auto")
+        return self.config(method=self.name, r=r, skip="auto")
 
 
 register_method(DFELGTM())

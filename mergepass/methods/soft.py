@@ -135,7 +135,7 @@ class Soft(ToMe):
         return m
 
     def candidate(self, r):
-        return self.config(r=r, skip=0)
+        return self.config(method=self.name, r=r, skip=0)
 
 
 register_method(Soft())

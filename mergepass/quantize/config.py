@@ -33,6 +33,11 @@ class Quantize:
         kept = {_name_of(type(c)): c for c in self.engines if c != type(c)()}
         object.__setattr__(self, "engines", tuple(kept[n] for n in sorted(kept)))
 
+    @property
+    def label(self) -> str:
+        """What the plan table prints: ``off``, ``int8-static`` or ``int8-dynamic``."""
+        return "int8-" + self.mode if self.enabled else "off"
+
     def options(self, engine: str) -> EngineConfig:
         """Engine ``engine``'s own config (its defaults where the recipe gives none)."""
         cls = get_engine(engine).config

@@ -24,8 +24,11 @@ from ..decide import Decision
 from ..errors import MergepassWarning
 from ..stages import progress, stage
 from ..graph.lift import Inputs, Lifted, path_matches
-from ..graph.nodes import SDPA, copy_exported_meta, exported_value, module_paths, set_exported_value
-from . import int8_attention
+from ..graph.nodes import SDPA, has_meta, module_paths, source_fn
+from ..rewrite import passes
+from ..rewrite.passes import int8_attention
+from ..rewrite.passes.affine_batch_norms import affine_batch_norms
+from ..rewrite.passes.explicit_conv_padding import explicit_conv_padding
 from .base import EngineConfig, QuantEngine, Quantized, check_keep_fp32, check_sensitivity, register_engine
 from .calibration import fit_batches, outlier_linears
 
@@ -78,77 +81,6 @@ def cpu_has_vnni() -> bool:
     return isa != "none"
 
 
-def explicit_conv_padding(gm: fx.GraphModule) -> int:
-    """Rewrite ``conv2d(padding="valid"|"same")`` (``aten.conv2d.padding``, as in Hugging Face SigLIP)
-    as ``aten.conv2d.default`` with integer padding: X86InductorQuantizer accepts only the latter.
-    Returns the number rewritten; a "same" padding that is not symmetric is left as it is."""
-    done = 0
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target != torch.ops.aten.conv2d.padding:
-            continue
-        defaults = (None, [1, 1], "valid", [1, 1], 1)  # bias, stride, padding, dilation, groups
-        x, w, b, stride, padding, dilation, groups = tuple(n.args) + defaults[len(n.args) - 2:]
-        if padding == "valid":
-            pad = [0, 0]
-        else:
-            k = exported_value(w).shape[-2:]
-            dil = list(dilation) * (2 // len(dilation))
-            if any(d * (kk - 1) % 2 for d, kk in zip(dil, k)):
-                continue
-            pad = [d * (kk - 1) // 2 for d, kk in zip(dil, k)]
-        n.target = torch.ops.aten.conv2d.default
-        n.args = (x, w, b, stride, pad, dilation, groups)
-        done += 1
-    if done:
-        gm.recompile()
-    return done
-
-
-def _batch_norm_affine(gm: fx.GraphModule, bn: fx.Node, i: int) -> None:
-    """Replace the inference batch norm ``bn`` by ``x * scale + shift`` on constants ``bn_scale{i}``, ``bn_shift{i}``."""
-    w, b, mean, var = (None if a is None else getattr(gm, a.target) for a in bn.args[1:5])
-    eps = bn.args[7]
-    scale = torch.rsqrt(var + eps) * (w if w is not None else 1)
-    shift = (b if b is not None else 0) - mean * scale
-    val = exported_value(bn)
-    view = (-1,) + (1,) * (val.dim() - 2)  # channels on dim 1
-    with gm.graph.inserting_before(bn):
-        consts = []
-        for name, t in ((f"bn_scale{i}", scale), (f"bn_shift{i}", shift)):
-            gm.register_buffer(name, t.reshape(view).detach().clone(), persistent=False)
-            consts.append(gm.graph.get_attr(name))
-            set_exported_value(consts[-1], val.fake_mode.from_tensor(getattr(gm, name), static_shapes=True))
-        mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (bn.args[0], consts[0]))
-        add = gm.graph.call_function(torch.ops.aten.add.Tensor, (mul, consts[1]))
-    for n in (mul, add):
-        copy_exported_meta(n, bn)
-    bn.replace_all_uses_with(add)
-    gm.graph.erase_node(bn)
-
-
-def affine_batch_norms(gm: fx.GraphModule) -> int:
-    """Rewrite each inference ``aten.batch_norm`` of an exported graph as a per-channel ``x * scale + shift``;
-    returns the number rewritten. torchao's ``convert_pt2e`` would otherwise fold any batch norm left by
-    ``prepare_pt2e`` by tracing patterns with strict ``torch.export``, which resets dynamo in the middle of
-    the compile that called the backend (an AssertionError, then a crash). Raises ValueError for a batch
-    norm that normalises by the batch's own statistics: it has no constant scale."""
-    bns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.batch_norm.default]
-    for i, bn in enumerate(bns):
-        consts = bn.args[1:5]  # weight, bias, running mean, running var
-        if exported_value(bn) is None:
-            raise ValueError(f"the batch norm {bn.name} has no recorded shape, so its channels cannot be told apart")
-        if bn.args[5] or consts[2] is None or not all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr")
-                                                      for a in consts):
-            where = [s for s in module_paths(bn) if s]
-            raise ValueError(f"the batch norm {where[-1] if where else bn.name} normalises by each batch's own "
-                             "statistics (training mode or track_running_stats=False): int8 needs constant scales")
-        _batch_norm_affine(gm, bn, i)
-    if bns:
-        gm.graph.lint()
-        gm.recompile()
-    return len(bns)
-
-
 def attention_unavailable(choice: str, mode: str) -> Optional[str]:
     """Why attention stays in floating point for ``quantize.pt2e.attention = choice`` (None: it runs int8)."""
     if choice != "int8":
@@ -160,8 +92,7 @@ def attention_unavailable(choice: str, mode: str) -> Optional[str]:
 
 def _from_sdpa(n: fx.Node) -> bool:
     """Whether a node was traced from an attention rewritten by int8_attention (its source is the SDPA call)."""
-    stack = n.meta.get("source_fn_stack") or []
-    return bool(stack) and stack[-1][1] in SDPA
+    return source_fn(n) in SDPA
 
 
 def activation_config(dynamic: bool, reduce_range: bool, observer: str):
@@ -200,7 +131,7 @@ def make_quantizer(dynamic: bool, exclude: Optional[Callable[[fx.Node], bool]] =
     class Quantizer(xiq.X86InductorQuantizer):
         def annotate(self, model):
             for n in model.graph.nodes:
-                if n.op == "call_function" and xiq.QUANT_ANNOTATION_KEY not in n.meta and skip(n):
+                if n.op == "call_function" and not has_meta(n, xiq.QUANT_ANNOTATION_KEY) and skip(n):
                     compat.annotate_not_quantize(n)
             return super().annotate(model)
 
@@ -272,7 +203,7 @@ class PT2E(QuantEngine):
         fused = 0
         if why_float is None:
             gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # the caller's graph keeps its SDPA
-            fused, _ = int8_attention.decompose_attention(gm)
+            fused, _ = passes.run(int8_attention.decompose_attention, gm)
         lifted = Lifted(gm, example_inputs).eval()
         # export traces on its own: guards it derives must not join those of dynamo's frame
         with stage("int8: export and prepare"), torch.no_grad(), compat.outside_tracing():
@@ -281,8 +212,8 @@ class PT2E(QuantEngine):
             kept = list(own.keep_fp32)
             if own.sensitivity > 0:
                 kept += outlier_linears(exported, batches or [user_ex], own.sensitivity)
-            explicit_conv_padding(exported)
-            affine_batch_norms(exported)
+            passes.run(explicit_conv_padding, exported)
+            passes.run(affine_batch_norms, exported)
             m = prepare_pt2e(exported, make_quantizer(mode == "dynamic", _excluder(kept) if kept else None,
                                                       matmuls=fused > 0, observer=own.observer))
         runs = batches if mode == "static" else [user_ex]

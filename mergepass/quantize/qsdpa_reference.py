@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from .. import compat
-from .int8_attention import OP
+from ..rewrite.passes.int8_attention import OP
 
 
 def qscaled_dot_product(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

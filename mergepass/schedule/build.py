@@ -13,21 +13,23 @@ if TYPE_CHECKING:
 
 
 def make_schedule(match: "MatchResult", recipe: "MergeSpec", limit: Optional[int] = None, model: str = "") -> Schedule:
-    """Resolve the method config's model-dependent fields and plan every block (``recipe``: what the method
-    and its config are, a :class:`mergepass.recipe.Recipe` for one).
+    """Resolve the method config's model-dependent fields and plan every block (``recipe``: the method's config
+    and the plan table's labels, a :class:`mergepass.recipe.Recipe` for one; the schedule keeps the config).
 
     ``limit``: blocks from this index on are not merged (used when a block cannot be rewritten).
     """
     if not match.ok:
         raise ValueError("cannot schedule: no transformer blocks matched")
     limit = len(match.blocks) if limit is None else limit
-    method = get_method(recipe.method)
+    asked = recipe.merge
+    method = get_method(asked.method)
     if method.needs_grid and match.grid is None:
-        raise ValueError(f"recipe method {recipe.method!r} needs the patch grid, which was not found in the graph")
-    resolved = method.resolve(recipe.merge, match, limit)
+        raise ValueError(f"recipe method {asked.method!r} needs the patch grid, which was not found in the graph")
+    resolved = method.resolve(asked, match, limit)
     plans = method.plan_blocks(resolved, match, limit)
     base = total_macs(match, chain(match, 0, lambda b, n: None))
-    adjusted = method.notes(recipe.merge, resolved, match, plans)
-    return Schedule(recipe.with_merge(resolved), plans, match.batch, match.tokens, match.prefix, match.grid,
-                    match.width, base, total_macs(match, plans), list(match.problems) + adjusted, model,
-                    {k: getattr(resolved, k) for k in method.fields}, adjusted)
+    adjusted = method.notes(asked, resolved, match, plans)
+    return Schedule(resolved, plans, match.batch, match.tokens, match.prefix, match.grid, match.width, base,
+                    total_macs(match, plans), list(match.problems) + adjusted, model,
+                    {k: getattr(resolved, k) for k in method.fields}, adjusted,
+                    recipe_name=recipe.name, quantize=recipe.quantize.label)

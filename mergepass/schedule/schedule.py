@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from ..methods import BlockSchedule, MergeSpec
+    from ..methods import BlockSchedule, MethodConfig
 
 
 @dataclass
 class Schedule:
-    recipe: "MergeSpec"            # the recipe, its method config's model-dependent fields resolved
+    merge: "MethodConfig"          # the method's config, its model-dependent fields resolved
     blocks: list["BlockSchedule"]
     batch: int
     tokens: int
@@ -27,6 +27,8 @@ class Schedule:
     resolved: dict = field(default_factory=dict)  # the method's recipe fields, as resolved
     adjusted: list[str] = field(default_factory=list)  # where the plan departs from the recipe (warned once)
     kernels: list[str] = field(default_factory=list)   # the kernels chosen for this graph, and on what evidence
+    recipe_name: str = ""          # for the table's header: the recipe's name
+    quantize: str = "off"          # and its quantization (Quantize.label)
 
     @property
     def merging(self) -> bool:
@@ -48,11 +50,9 @@ class Schedule:
         return [(b.tokens_in, b.tokens_out) for b in self.blocks]
 
     def table(self) -> str:
-        r = self.recipe
-        quant = "int8-" + r.quantize.mode if r.quantize.enabled else "off"
-        head = [f"mergepass plan: {self.model or 'model'}  recipe={r.name} method={r.method}",
+        head = [f"mergepass plan: {self.model or 'model'}  recipe={self.recipe_name} method={self.merge.method}",
                 "resolved: " + " ".join(f"{k}={v}" for k, v in self.resolved.items())
-                + f"  prop_attn={r.prop_attn}  quantize={quant}"]
+                + f"  prop_attn={self.merge.prop_attn}  quantize={self.quantize}"]
         g = f"{self.grid[0]}x{self.grid[1]}" if self.grid else "unknown"
         head.append(f"input: batch {self.batch}, {self.tokens} tokens ({self.prefix} protected, grid {g}), width {self.width}")
         w = max([14] + [len(b.name) + 1 for b in self.blocks])

@@ -56,8 +56,9 @@ def _speed_ok(s: Schedule, recipe: "Recipe") -> bool:
 
 
 def _at(recipe: "Recipe", method: MergeMethod, r: int) -> "Recipe":
-    """``recipe`` with ``method`` at strength ``r`` (its other fields at their defaults)."""
-    return recipe.with_method(method.name, method.candidate(r))
+    """``recipe`` with ``method`` at strength ``r`` (its own fields at their defaults, the shared ones the recipe's)."""
+    asked = recipe.merge
+    return recipe.with_merge(method.candidate(r).replace(prop_attn=asked.prop_attn, kernel=asked.kernel))
 
 
 def _candidate(match, recipe, method: MergeMethod, r: int, fidelity) -> Candidate:

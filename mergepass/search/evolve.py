@@ -34,8 +34,8 @@ def searchable(recipe, match):
     :func:`~mergepass.methods.base.search_method` otherwise), its fields resolved for ``match`` except those the
     method's ``search_keeps`` names (they follow r: LGTM's transition)."""
     depth = len(match.blocks)
-    name = search_method(recipe.method)
-    if name != recipe.method:
+    name = search_method(recipe.merge.method)
+    if name != recipe.merge.method:
         recipe = recipe.replace(merge={"method": name, "skip": 0})
     method = get_method(name)
     asked = recipe.merge
@@ -47,7 +47,7 @@ def searchable(recipe, match):
 def fit_budget(match, recipe, weights: Sequence[float], max_macs_ratio: float) -> tuple[int, ...]:
     """The per-block r proportional to ``weights`` with the least merging whose MACs ratio is within
     ``max_macs_ratio``: bisection on the scale (MACs fall monotonically as r grows)."""
-    method = get_method(recipe.method)
+    method = get_method(recipe.merge.method)
     depth = len(match.blocks)
     cfg = recipe.merge
     base = total_macs(match, method.plan_blocks(cfg.replace(r=(0,) * depth), match, depth))
@@ -107,7 +107,7 @@ def evolve(match, recipe, score: Callable[[object], float], max_macs_ratio: floa
 def search_schedule(model, batches: Sequence, recipe="tome", max_macs_ratio: float = 0.6, **kwargs) -> SearchResult:
     """Capture ``model``'s graph for the first batch and :func:`evolve` a schedule on ``batches``
     (input tensors of one shape: the calibration/search images, never the ones reported on)."""
-    from ..graph.matched import first_match
+    from ..rewrite.matched import first_match
     from ..quantize import fit_to_graph
     from ..recipe import load
     from .score import graph_fidelity

@@ -8,7 +8,7 @@ from torch import fx
 
 from ..fidelity import cosine
 from ..graph.lift import Lifted
-from ..graph.rewrite import rewrite
+from ..rewrite.merges import rewrite
 
 if TYPE_CHECKING:
     from ..recipe import Recipe

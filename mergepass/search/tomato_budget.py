@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from ..graph.matched import first_match
+from ..rewrite.matched import first_match
 from ..merge import key_metric, similarity_metric
 from ..merge.bipartite import normalize
 

@@ -7,7 +7,7 @@ import torch
 from torch import fx
 
 from .capture import capture_graphs, copy_graph_module, prepare
-from .match import MatchResult, find_blocks
+from ..graph.match import MatchResult, find_blocks
 
 
 @dataclass

@@ -16,11 +16,10 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int
 
 from ... import compat
+from ...graph.lift import is_state
+from ...graph.nodes import inserted, mark_inserted, traced_value, unmerged_shape
 from ...merge import gather_positions
-from ..lift import is_state
-from ..meta import INSERTED, UNMERGED_SHAPE
-from ..nodes import traced_value
-from .position_tables import table_reads
+from ..position_tables import table_reads
 
 SHAPE_METHODS = {"reshape", "view", "expand", "new_zeros", "new_ones", "new_empty", "new_full"}
 SHAPE_FUNCTIONS = {torch.reshape}
@@ -38,14 +37,15 @@ def _concrete(v):
 
 
 def _old_shape(node) -> tuple | None:
-    if isinstance(node, fx.Node) and UNMERGED_SHAPE in node.meta:
-        return node.meta[UNMERGED_SHAPE]
+    old = unmerged_shape(node)
+    if old is not None:
+        return old
     v = traced_value(node)
     return tuple(_concrete(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def _is_mergepass_op(n: fx.Node) -> bool:
-    return bool(n.meta.get(INSERTED))
+    return inserted(n)
 
 
 def _shape_args(n: fx.Node):
@@ -102,7 +102,7 @@ class _Fixer(fx.Interpreter):
             with self.graph.inserting_before(n):
                 g = self.graph.call_function(gather_positions, (rd.table, self.source_of[n], rd.dims, rd.offset,
                                                                 rd.n, rd.ndim))
-            g.meta[INSERTED] = True
+            mark_inserted(g)
             self.env[g] = fx.Interpreter.run_node(self, g)  # inserted behind the walk: run it here
             self.allowed.add(g)
             if isinstance(rd.slot, int):

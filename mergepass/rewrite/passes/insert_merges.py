@@ -9,11 +9,10 @@ from typing import Optional
 
 from torch import fx
 
+from ...graph.match import Block, MatchResult
+from ...graph.nodes import mark_inserted, set_unmerged_shape, shape
 from ...merge import attn_bias, key_metric, similarity_metric, unmerge
 from ...methods import get_op
-from ..match import Block, MatchResult
-from ..meta import INSERTED, UNMERGED_SHAPE
-from ..nodes import shape
 
 
 @dataclass
@@ -41,10 +40,10 @@ class Inserted:
 
 def _unmerged_shape(bias: fx.Node, like: fx.Node, tokens: int) -> None:
     """Record the shape the proportional-attention bias would have without merging, so that
-    position tables added to it are recognised (passes/position_tables.py)."""
+    position tables added to it are recognised (rewrite/position_tables.py)."""
     s = shape(like)
     if s is not None:
-        bias.meta[UNMERGED_SHAPE] = (s[0], 1, 1, tokens) if len(s) == 4 else (s[0], 1, tokens)
+        set_unmerged_shape(bias, (s[0], 1, 1, tokens) if len(s) == 4 else (s[0], 1, tokens))
 
 
 def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node, tokens: int) -> set:
@@ -98,7 +97,7 @@ def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = F
         block = match.blocks[plan.index]
         region = plan.index + 1
         sources[plan.index] = source
-        if size is not None and sched.recipe.prop_attn:
+        if size is not None and sched.merge.prop_attn:
             added[plan.index] = _add_attention_bias(graph, block, size, match.tokens)
         if plan.merged == 0:
             source_after.append(source)
@@ -138,4 +137,4 @@ def _mark_new(graph: fx.Graph, existing: set) -> None:
     """Tag the nodes this pass added: a failure in one of them is mergepass's, never the model's."""
     for n in graph.nodes:
         if n not in existing:
-            n.meta[INSERTED] = True
+            mark_inserted(n)

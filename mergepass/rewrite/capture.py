@@ -7,7 +7,9 @@ import torch
 from torch import fx
 
 from .. import compat
-from .lift import keep_state_marks
+from ..graph.lift import keep_state_marks
+from ..graph.nodes import copy_meta
+from . import passes
 from .passes import expand_mha, fold_scalars, strip_noops
 
 
@@ -35,7 +37,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     new = fx.GraphModule(gm, graph)
-    new.meta = dict(getattr(gm, "meta", {}))
+    copy_meta(new, gm)
     return new
 
 
@@ -44,7 +46,7 @@ def prepare(gm: fx.GraphModule, example_inputs: Sequence) -> fx.GraphModule:
     state as constants, and ``nn.MultiheadAttention`` written out. The user's graph module is never
     modified."""
     base = copy_graph_module(gm)
-    strip_noops(base)
-    fold_scalars(base, example_inputs)
-    expand_mha(base, example_inputs)
+    passes.run(strip_noops, base)
+    passes.run(fold_scalars, base, example_inputs)
+    passes.run(expand_mha, base, example_inputs)
     return base

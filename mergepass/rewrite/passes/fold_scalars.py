@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import fx
 
-from ..lift import is_state
+from ...graph.lift import is_state
 
 
 def fold_scalars(gm: fx.GraphModule, example_inputs: Sequence) -> int:

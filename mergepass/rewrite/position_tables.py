@@ -4,7 +4,7 @@ A table such as EVA's RoPE ``[N0 - prefix, D]`` or BEiT's bias ``[1, H, N0, N0]`
 module state and indexed by original token position. Once tokens merge, the op that combines it
 with the token stream no longer broadcasts. Each such table is read at the merged tokens'
 representative positions (:func:`~mergepass.merge.gather_positions`), so every merged token uses the
-position of the first original token it holds. Used by :mod:`.fix_token_literals` while it
+position of the first original token it holds. Used by :mod:`.passes.fix_token_literals` while it
 propagates shapes.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import fx
 
-from ..nodes import SDPA
+from ..graph.nodes import SDPA
 
 BINARY_FN = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
              torch.add, torch.sub, torch.mul, torch.div}

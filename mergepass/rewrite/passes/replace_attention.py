@@ -13,8 +13,7 @@ from torch import fx
 
 from ...kernels import attention
 from ...merge import attn_bias
-from ..meta import INSERTED
-from ..nodes import SDPA, fake_value
+from ...graph.nodes import SDPA, copy_meta, fake_value, inserted
 
 _SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                          enable_gqa=False: None)
@@ -43,7 +42,7 @@ def _float_mask(node) -> bool:
     value = _value(node)
     if isinstance(value, torch.Tensor):
         return value.is_floating_point()
-    if isinstance(node, fx.Node) and node.meta.get(INSERTED):
+    if inserted(node):
         return node.target is attn_bias or (node.target is operator.add and all(_float_mask(a) for a in node.args))
     return False
 
@@ -72,7 +71,7 @@ def replace_attention(gm: fx.GraphModule, kind: str = "bf16") -> int:
         with gm.graph.inserting_before(n):
             new = gm.graph.call_function(attention.op(kind),
                                          (a["query"], a["key"], a["value"], a["attn_mask"], scale))
-        new.meta = dict(n.meta)
+        copy_meta(new, n)
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
         count += 1

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 from torch import fx
 
 from ..errors import MergepassWarning
+from ..graph.match import NO_ATTENTION, MatchResult, find_blocks
 from ..schedule import Schedule, make_schedule
+from . import passes
 from .capture import copy_graph_module
-from .match import NO_ATTENTION, MatchResult, find_blocks
 from .passes import RewriteError, fix_token_literals, insert_merges
 from .passes.insert_merges import Inserted
 
@@ -75,10 +76,10 @@ def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "MergeSpec",
                 say(f"mergepass: {note}")
         if not sched.merging:
             return RewriteResult(base, sched, match, notes)
-        inserted = insert_merges(work, match, sched, fused=fused)
+        inserted = passes.run(insert_merges, work, match, sched, fused=fused)
         try:
-            fix_token_literals(work, example_inputs, inserted.allowed(match), inserted.source_of(match), match.tokens,
-                               sched.prefix)
+            passes.run(fix_token_literals, work, example_inputs, inserted.allowed(match), inserted.source_of(match),
+                       match.tokens, sched.prefix)
         except RewriteError as e:
             k = _blame(match, inserted, e)
             limit = min(k, inserted.region - 1, limit - 1 if limit is not None else k)

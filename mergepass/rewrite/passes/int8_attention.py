@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 from torch import fx
 
-from .. import compat
-from ..errors import MergepassWarning
-from ..graph.nodes import SDPA, exported_value, set_exported_value, traced_value
-from ..merge import attn_bias
+from ... import compat
+from ...errors import MergepassWarning
+from ...graph.nodes import SDPA, copy_meta, exported_value, set_exported_value, traced_value
+from ...merge import attn_bias
 
 OP = "torchao::qscaled_dot_product"
 
@@ -113,11 +113,11 @@ def _sign_muls(graph: fx.Graph) -> None:
         with graph.inserting_after(x):
             if reduced:
                 src = graph.call_function(prims.convert_element_type.default, (x, torch.float32))
-                src.meta = dict(x.meta)
+                copy_meta(src, x)
                 set_exported_value(src, val.float())
         with graph.inserting_after(src):
             one = graph.call_function(aten.mul.Tensor, (src, 1))
-        one.meta = dict(src.meta)
+        copy_meta(one, src)
         amax.replace_input_with(x, one)
         subs[0].replace_input_with(x, one)
         if reduced:
@@ -133,7 +133,7 @@ def _cast_probabilities(graph: fx.Graph, sub: fx.Node, dtype: torch.dtype) -> No
         return
     with graph.inserting_after(div):
         cast = graph.call_function(torch.ops.prims.convert_element_type.default, (div, dtype))
-    cast.meta = dict(div.meta)
+    copy_meta(cast, div)
     div.replace_all_uses_with(cast, delete_user_cb=lambda u: u is not cast)
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from ... import compat
-from ..nodes import copy_module_stack, record_traced_value, traced_value
+from ...graph.nodes import copy_module_stack, record_traced_value, traced_value
 
 _SIG = inspect.signature(F.multi_head_attention_forward)
 
