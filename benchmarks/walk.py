@@ -11,7 +11,8 @@ frame that called it.
 
 A helper call is a visit to a module that calls no other mergepass module before handing control back to its
 caller (``stages.stage``, ``errors.briefly``, ``graph.nodes.traced_value``): the caller never really left. The
-walk is the sequence of modules with helper calls taken out. Its counts:
+pass runner (``rewrite.passes.run``), which only hands its caller's pass the caller's arguments, is read as part of
+the caller's frame. The walk is the sequence of modules with helper calls taken out. Its counts:
 
 * steps: hand-overs from one module to another;
 * modules: distinct mergepass modules visited;
@@ -29,6 +30,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# call-throughs: frames read as part of their caller's (module, function)
+THROUGH = {("mergepass.rewrite.passes", "run")}
 
 
 def _module(frame) -> str:
@@ -48,7 +51,8 @@ class Walk:
         ours = self._ours.get(code)
         if ours is None:
             name = _module(frame)
-            ours = self._ours[code] = name == self.package or name.startswith(self.package + ".")
+            ours = self._ours[code] = ((name == self.package or name.startswith(self.package + "."))
+                                       and (name, code.co_name) not in THROUGH)
         return ours
 
     def _moved(self, how: str) -> None:
