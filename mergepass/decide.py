@@ -3,7 +3,8 @@
 Each candidate is timed once (interleaved rounds, fastest round) on the caller's own shapes; the fastest one whose
 measured error stays inside the caller's budget is chosen, and the decision is kept on disk, keyed by the
 question, the shapes, the CPU (model and flags), the thread count and the versions. A later compile reads it
-back and times nothing, so its choice is deterministic. Where nothing can be measured (one candidate can run,
+back and times nothing, so its choice is deterministic; a process asking while another times the same question
+waits for that one's decision. Where nothing can be measured (one candidate can run,
 or the question has no timing), the decision says it is a default, not a measurement.
 
 Decisions live in :func:`decisions_dir`; ``python -m mergepass.cache`` lists them and ``--clear`` removes them
@@ -11,6 +12,7 @@ with the compile cache, so that the next compile measures again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
@@ -148,15 +150,54 @@ def decide(question: str, facts: Mapping, candidates: Mapping[str, Candidate], *
     output's error against it (1 - cosine) is at most ``budget``. ``default`` is chosen when none can be timed (it must be
     able to run). ``timer`` maps functions to seconds per call (tests fake it)."""
     path = decisions_dir() / f"{key_of(question, facts)}.json"
-    kept = _read(path) if keep else None
-    if kept is not None and kept.choice in candidates and not candidates[kept.choice].why_not:
+    kept = _reusable(path, candidates) if keep else None
+    if kept is not None:
         return _said(kept)
+    if not keep:
+        return _said(_measure(question, candidates, default, reference, budget, timer))
+    with _only_one_timing(path):  # another process timing the same question waits, then reads its decision
+        kept = _reusable(path, candidates)
+        if kept is not None:
+            return _said(kept)
+        decision = _measure(question, candidates, default, reference, budget, timer)
+        if decision.measured:
+            _write(path, decision)
+    return _said(decision)
+
+
+def _reusable(path: Path, candidates: Mapping[str, Candidate]) -> Optional[Decision]:
+    kept = _read(path)
+    return kept if kept is not None and kept.choice in candidates and not candidates[kept.choice].why_not else None
+
+
+@contextlib.contextmanager
+def _only_one_timing(path: Path, wait_s: float = 600.0) -> Iterator[None]:
+    """Hold ``path``'s lock file while timing: two processes compiling at once would disturb each other's timings
+    and both measure. Where the lock cannot be had (an unwritable folder, a holder stuck past ``wait_s``), time
+    anyway."""
+    from filelock import FileLock, Timeout
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_suffix(".lock")), timeout=wait_s)
+        lock.acquire()
+    except (OSError, Timeout):
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _measure(question: str, candidates: Mapping[str, Candidate], default: str,
+             reference: Optional[Callable[[], torch.Tensor]], budget: Optional[float],
+             timer: Optional[Timer]) -> Decision:
     declined = {name: c.why_not for name, c in candidates.items() if c.why_not}
     runnable = {name: c.run for name, c in candidates.items() if not c.why_not and c.run is not None}
     if default not in runnable:
         raise ValueError(f"{question}: the default {default!r} cannot run ({declined.get(default, 'no candidate')})")
     if len(runnable) < 2:
-        return _said(Decision(question, default, declined=declined, measured=False, machine=cpu.machine()))
+        return Decision(question, default, declined=declined, measured=False, machine=cpu.machine())
     errors = {}
     if reference is not None and budget is not None:
         want = reference()
@@ -168,10 +209,7 @@ def decide(question: str, facts: Mapping, candidates: Mapping[str, Candidate], *
     times = {name: 1e3 * s for name, s in seconds.items()}
     eligible = [n for n in times if n not in declined]
     choice = min(eligible, key=lambda n: times[n]) if eligible else default
-    decision = Decision(question, choice, times, errors, declined, True, budget, cpu.machine())
-    if keep:
-        _write(path, decision)
-    return _said(decision)
+    return Decision(question, choice, times, errors, declined, True, budget, cpu.machine())
 
 
 def _said(decision: Decision) -> Decision:
@@ -179,9 +217,6 @@ def _said(decision: Decision) -> Decision:
     if verbose():
         print(f"mergepass: {decision.line()}", file=sys.stderr, flush=True)
     return decision
-
-
-
 
 
 def kept() -> list[Decision]:

@@ -62,6 +62,31 @@ def test_a_kept_decision_is_reused_without_timing_again():
     assert len(calls) == 2 and decide.forget() == 2 and decide.kept() == []
 
 
+def test_a_process_timing_the_same_question_is_waited_for_and_its_decision_reused():
+    """While another process holds the question's lock (it is timing), a compile waits, then reads what it kept
+    instead of timing again; a different question is not held up."""
+    import threading
+    from filelock import FileLock
+    ms = {"exact": 3.0, "close": 2.0, "noisy": 1.0, "broken": 5.0}
+    path = decide.decisions_dir() / f"{decide.key_of('q', {'n': 1})}.json"
+    path.parent.mkdir(parents=True)
+    other = FileLock(str(path.with_suffix(".lock")))
+    other.acquire()
+    got, calls = [], []
+    waiting = threading.Thread(target=lambda: got.append(
+        decide.decide("q", {"n": 1}, _candidates(), default="exact", timer=_timer(ms, calls))))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive() and not calls  # held up by the lock, not timing
+    free = decide.decide("q", {"n": 2}, _candidates(), default="exact", timer=_timer(ms, []))
+    assert free.measured and not free.reused
+    decide._write(path, decide.Decision("q", "close", {"close": 2.0}, measured=True))  # what the holder measured
+    other.release()
+    waiting.join(10.0)
+    assert not waiting.is_alive() and not calls
+    assert got[0].choice == "close" and got[0].reused
+
+
 @pytest.mark.parametrize("change", ["cpu flags", "torch version", "threads"])
 def test_another_cpu_or_version_times_again(monkeypatch, change):
     calls = []
