@@ -4,7 +4,8 @@
         --contenders eager inductor tome tome:merge.r=8 --rounds 10 --json out/speed.json
 
 Contenders: ``eager``, ``inductor`` (plain torch.compile), or a mergepass recipe name with optional
-``:table.field=value,...`` overrides (``tome:merge.r=8,lower.target=eager``). Ratios use the median of per-round times; the spread is the
+``:table.field=value,...`` overrides (``tome:merge.r=8,lower.target=eager``; ``guards=skip-modules``: dynamo's guards
+on the model's modules skipped, ``cache=false``: without the compile cache). Ratios use the median of per-round times; the spread is the
 min-max of the per-round ratios. Machines here are noisy: compare ratios from one run only.
 """
 from __future__ import annotations

@@ -212,3 +212,28 @@ def test_targets_check_best_contender_per_floor_and_missing_runs():
     results[0]["rows"][2]["median_ms"] = 200.0 / 1.9999  # just under: must not print as 2.00
     over_int8 = targets.check(targets.medians(results))[2]
     assert over_int8["status"] == "NOT MET" and "1.99x" in targets.format_check([over_int8])
+
+
+def test_a_spec_can_skip_dynamos_guards_on_the_modules(monkeypatch):
+    """``guards=skip-modules`` hands dynamo torch's module-skipping guard filter and changes no output; another value
+    is an error naming the choices."""
+    m = tiny_vit(depth=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    real = torch.compile
+    # a copy: torch.compile takes the filter out of the dict; only the model's compiles, not the backend's own
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (a and a[0] is m and seen.append(dict(k.get("options") or {})))
+                        or real(*a, **k))
+    torch._dynamo.reset()
+    plain, _ = evaluate.compile_spec(m, "tome:merge.r=2,lower.target=eager")
+    with torch.no_grad():
+        want = plain(x)
+    torch._dynamo.reset()
+    skipping, _ = evaluate.compile_spec(m, "tome:merge.r=2,lower.target=eager,guards=skip-modules")
+    with torch.no_grad():
+        got = skipping(x)
+    torch._dynamo.reset()
+    assert seen == [{}, {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}]
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="guards must be one of"):
+        evaluate.compile_spec(m, "tome:guards=none")

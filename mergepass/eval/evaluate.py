@@ -69,7 +69,7 @@ class Features(torch.nn.Module):
 def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
     """(callable, backend or None) for 'eager', 'inductor', a peer engine (:mod:`.peers`, exported for
     the shape of the first calibration batch) or a recipe spec like 'tome:merge.r=8' ('cache=false' turns the
-    compile cache off)."""
+    compile cache off; 'guards=skip-modules' compiles with dynamo's guards on the model's modules skipped)."""
     name, overrides = parse_spec(spec)
     if name == "eager":
         return model, None
@@ -82,8 +82,17 @@ def compile_spec(model: torch.nn.Module, spec: str, calibration=None):
         return peers.build(name, model, first[0] if isinstance(first, (tuple, list)) else first, calibration,
                            overrides), None
     cache = overrides.pop("cache", None)  # 'int8:cache=false': the JIT compile, without the compile cache
+    guards = overrides.pop("guards", "all")  # 'int8:guards=skip-modules': no dynamo guards on the modules
+    if guards not in GUARDS:
+        raise ValueError(f"spec {spec!r}: guards must be one of {sorted(GUARDS)}, got {guards!r}")
     be = backend(load(name, **overrides), calibration=calibration, cache=cache)
-    return torch.compile(model, backend=be, dynamic=False), be
+    options = {"guard_filter_fn": GUARDS[guards]} if GUARDS[guards] else None
+    return torch.compile(model, backend=be, dynamic=False, options=options), be
+
+
+# what dynamo guards on per call: everything (its default), or all but the model's modules (torch's
+# skip_guard_on_all_nn_modules_unsafe: a user's choice, sound where the model is not changed after compiling)
+GUARDS = {"all": None, "skip-modules": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
 @dataclass
