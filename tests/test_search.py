@@ -83,13 +83,15 @@ def test_searched_schedule_beats_constant_tome_on_real_weights():
     x, _, _ = data.load_images(IMAGES, limit=96, **data.data_config(model.model, 224, crop_pct=0.875))
     held = x[64:96]
 
+    with torch.no_grad():
+        ref = torch.cat([model(held[i:i + 16])[:, 0] for i in range(0, len(held), 16)])
+
     def cos(recipe, **merge):
         torch._dynamo.reset()
         be = mergepass.backend(recipe, lower="eager", merge=merge)
         f = torch.compile(model, backend=be, dynamic=False)
         with torch.no_grad():
             out = torch.cat([f(held[i:i + 16])[:, 0] for i in range(0, len(held), 16)])
-            ref = torch.cat([model(held[i:i + 16])[:, 0] for i in range(0, len(held), 16)])
         return torch.nn.functional.cosine_similarity(out, ref).mean().item(), be.schedule.macs_ratio
     (searched, macs_s), (constant, macs_c) = cos(str(SEARCHED)), cos("tome", r=12)
     assert macs_s <= macs_c + 1e-6
