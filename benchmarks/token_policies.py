@@ -40,31 +40,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mergepass.eval import data as data_mod  # noqa: E402
 from mergepass.eval.evaluate import load_model  # noqa: E402
 from mergepass.graph.cost import block_macs  # noqa: E402
-from mergepass.merge.bipartite import match_scores, normalize, slots  # noqa: E402
-from mergepass.merge.ops import _gather_merge, _interleave, global_merge  # noqa: E402
+from mergepass.merge.bipartite import match_scores, normalize  # noqa: E402
+from mergepass.merge.ops import global_merge, top_k_mask  # noqa: E402
 from mergepass.methods.soft import soft_merge  # noqa: E402
 
 PREFIX = 1
 
 
-def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    idx = score.topk(k, dim=-1).indices
-    return torch.zeros_like(score, dtype=torch.bool).scatter(1, idx, True)
-
-
 def tome_protected(x, metric, size, r, protect):
     """ToMe's merge where ``protect`` [B, M] tokens neither leave nor absorb."""
-    mt = metric[:, PREFIX:]
-    m_tok = mt.shape[1]
-    a, b = slice(0, None, 2), slice(1, None, 2)
-    free = ~protect
-    scores = normalize(mt[:, a]) @ normalize(mt[:, b]).transpose(-1, -2)
-    mm = match_scores(scores, r, allowed=free[:, None, b], a_valid=free[:, a])
-    pos = torch.arange(PREFIX, PREFIX + m_tok)
-    slot_a, slot_b = slots(mm, len(pos[a]), len(pos[b]))
-    source = torch.arange(x.shape[1]).expand(x.shape[0], -1)
-    x, size, _ = _gather_merge(x, size, source, mm, pos[a], pos[b], PREFIX, _interleave(slot_a, slot_b, m_tok))
-    return x, size
+    return global_merge(x, metric, size, None, r=r, prefix=PREFIX, protect=protect)[:2]
 
 
 def soft_biased(x, size, r, bias_a):
@@ -103,7 +88,7 @@ def reduce(op, r, opts, x, keys, probs, size):
     protect = int(opts.get("protect", 0))
     if op == "tome":
         if protect:
-            return tome_protected(x, metric, size, r, top_mask(cls, protect))
+            return tome_protected(x, metric, size, r, top_k_mask(cls, protect))
         return global_merge(x, metric, size, None, r=r, prefix=PREFIX)[:2]
     if op == "soft":
         if protect:  # soft_merge protects the largest metric norms: hand it the class attention as the metric
@@ -184,12 +169,11 @@ def main(argv=None) -> int:
         x = data_mod.load_images(args.images, limit=args.calib_images, **cfg)[0]
     else:
         x = data_mod.load_images(args.images, **cfg)[0][args.calib_images:]
-    x = torch.cat(data_mod.batches(x, args.batch))
+    batches = data_mod.batches(x, args.batch)  # full batches only
     depth = len(model.blocks)
-    batches = data_mod.batches(x, args.batch)
     ref = torch.cat([cls_features(model, b, [("dense", 0, {})] * depth) for b in batches])
     tokens = model.patch_embed.num_patches + PREFIX
-    print(f"{args.split}: {len(x)} images", flush=True)
+    print(f"{args.split}: {len(ref)} images", flush=True)
     rows = {}
     for policy in args.policies:
         steps = parse(policy, depth)

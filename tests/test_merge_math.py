@@ -295,6 +295,25 @@ def test_protected_tokens_neither_merge_away_nor_absorb_others():
             assert int((source[b] == slot).sum()) == 1 and float(size[b, slot]) == 1.0
 
 
+def test_protection_by_a_mask_is_protection_by_the_tokens_it_marks():
+    """``protect`` as a [B, M] mask protects exactly the tokens a count would pick when it marks the same ones, and
+    other marked tokens when it marks others."""
+    from mergepass.merge.ops import largest_norms
+    torch.manual_seed(2)
+    x, metric = torch.randn(2, 21, 8), torch.randn(2, 21, 6)
+    by_count = global_merge(x, metric, None, None, r=7, prefix=1, protect=3)
+    by_mask = global_merge(x, metric, None, None, r=7, prefix=1, protect=largest_norms(metric[:, 1:], 3))
+    for want, got in zip(by_count, by_mask):
+        assert torch.equal(want, got)
+    marked = torch.zeros(2, 20, dtype=torch.bool)
+    marked[:, [0, 5, 11]] = True
+    _, size, source = global_merge(x, metric, None, None, r=7, prefix=1, protect=marked)
+    for b in range(2):
+        for t in (1, 6, 12):
+            slot = source[b, t]
+            assert int((source[b] == slot).sum()) == 1 and float(size[b, slot]) == 1.0
+
+
 def test_fused_kernel_protects_the_same_tokens_as_the_reference():
     from mergepass.merge import global_merge
     from mergepass.merge.fused import fused_global_merge

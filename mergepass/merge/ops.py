@@ -6,7 +6,7 @@ average, and returns a static number of tokens. These functions are what the gra
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -57,25 +57,32 @@ def _gather_merge(x, size, source, mm: Matching, a_pos, b_pos, prefix, slot):
     return x_out.scatter_add(1, rows, delta), s_out, update_source(source, slot, prefix)
 
 
+def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, M] mask of the ``k`` tokens with the largest ``score`` [B, M]."""
+    top = score.topk(k, dim=-1).indices
+    return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter(1, top, True)
+
+
 def largest_norms(metric: torch.Tensor, k: int) -> torch.Tensor:
     """[B, M] mask of the ``k`` tokens with the largest metric (key) norm."""
-    top = metric.norm(dim=-1).topk(k, dim=-1).indices
-    return torch.zeros(metric.shape[:2], dtype=torch.bool, device=metric.device).scatter(1, top, True)
+    return top_k_mask(metric.norm(dim=-1), k)
 
 
 def global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                 source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, protect: int = 0):
+                 source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0,
+                 protect: Union[int, torch.Tensor] = 0):
     """ToMe: bipartite soft matching over all mergeable tokens. A holds the mergeable tokens at
     positions ``offset``, ``offset + 2``, ... after the prefix and B the others: ``offset = 0`` splits
     over patch positions, ``offset = prefix % 2`` over sequence positions as official ToMe does.
-    ``protect``: the tokens with the largest key norms neither merge away nor absorb others (the
-    caller keeps ``r`` at most the A tokens left)."""
+    ``protect``: the tokens with the largest key norms (a count), or those a [B, M] bool mask over the
+    mergeable tokens marks, neither merge away nor absorb others (the caller keeps ``r`` at most the A
+    tokens left)."""
     size, source = init_state(x, size, source)
     mt = metric[:, prefix:]
     m_tok = mt.shape[1]
     a, b = slice(offset, None, 2), slice(1 - offset, None, 2)
-    if protect:
-        kept = largest_norms(mt, protect)
+    kept = protect if isinstance(protect, torch.Tensor) else largest_norms(mt, protect) if protect else None
+    if kept is not None:
         mm = match(mt[:, a], mt[:, b], r, allowed=~kept[:, None, b], a_valid=~kept[:, a])
     else:
         mm = match(mt[:, a], mt[:, b], r)
