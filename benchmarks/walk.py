@@ -9,6 +9,10 @@ decisions are kept on disk and every traced compile takes the same path, then on
 mergepass's own frames are followed; code of other packages (torch, inductor) is part of the mergepass
 frame that called it.
 
+A method runs in the module of its object's class: ``ToMeConfig.replace``, inherited from ``config.Config``, is
+ToMe's code (``methods.tome``), as a reader of that class sees it; a comprehension or lambda runs in the module of
+the frame it belongs to.
+
 A helper call is a visit to a module that calls no other mergepass module before handing control back to its
 caller (``stages.stage``, ``errors.briefly``, ``graph.nodes.traced_value``): the caller never really left. The
 pass runner (``rewrite.passes.run``), which only hands its caller's pass the caller's arguments, is read as part of
@@ -16,7 +20,10 @@ the caller's frame. The walk is the sequence of modules with helper calls taken 
 
 * steps: hand-overs from one module to another;
 * modules: distinct mergepass modules visited;
-* returns: steps into a module the walk already left (by a return or by a later call).
+* returns: steps into a module the walk already left (by a return or by a later call);
+* calls: the steps that are calls;
+* callbacks: calls into a module that is still waiting lower on the stack (A calls B, B calls A back): the
+  returns that are not the end of a call into a helper.
 
 ``raw`` counts the same with the helper calls kept in.
 """
@@ -38,6 +45,21 @@ def _module(frame) -> str:
     return frame.f_globals.get("__name__", "")
 
 
+def _owner(frame, package: str, here: str | None) -> str:
+    """The module a frame runs in: its object's class's for a method; for a comprehension or lambda, that of the
+    frame it runs for (``here``, where it is defined in the same module); else the one it is defined in."""
+    code = frame.f_code
+    if code.co_name.startswith("<") and here is not None and frame.f_back is not None \
+            and _module(frame.f_back) == _module(frame):
+        return here
+    if code.co_argcount and code.co_varnames[0] in ("self", "cls"):
+        obj = frame.f_locals.get(code.co_varnames[0])
+        owner = getattr(obj if isinstance(obj, type) else type(obj), "__module__", "") or ""
+        if owner == package or owner.startswith(package + "."):
+            return owner
+    return _module(frame)
+
+
 class Walk:
     """The sequence of mergepass modules control passes through while profiling is on."""
 
@@ -46,6 +68,7 @@ class Walk:
         self.stack: list[str] = []      # the module of each mergepass frame on the stack, innermost last
         self.visits: list[list] = []    # [module, how it was entered ("call" | "return"), called another]
         self._ours: dict = {}
+        self.callbacks: list[tuple[str, str]] = []  # (caller, callee) where the callee still waits on the stack
 
     def _is_ours(self, code, frame) -> bool:
         ours = self._ours.get(code)
@@ -66,7 +89,10 @@ class Walk:
     def profile(self, frame, event, arg):
         if event == "call":
             if self._is_ours(frame.f_code, frame):
-                self.stack.append(_module(frame))
+                name = _owner(frame, self.package, self.stack[-1] if self.stack else None)
+                if self.stack and name != self.stack[-1] and name in self.stack:
+                    self.callbacks.append((self.stack[-1], name))
+                self.stack.append(name)
                 self._moved("call")
         elif event == "return":
             if self._is_ours(frame.f_code, frame) and self.stack:
@@ -91,10 +117,11 @@ class Walk:
         for module, _, _ in visits:
             returns += module in seen
             seen.add(module)
-        return {"steps": max(len(visits) - 1, 0), "modules": len(seen), "returns": returns}
+        calls = sum(how == "call" for _, how, _ in visits[1:])
+        return {"steps": max(len(visits) - 1, 0), "modules": len(seen), "returns": returns, "calls": calls}
 
     def counts(self) -> dict:
-        return {**self._counts(self.walk()), "raw": self._counts(self.visits)}
+        return {**self._counts(self.walk()), "callbacks": len(self.callbacks), "raw": self._counts(self.visits)}
 
     def path(self) -> list[str]:
         return [f"{'<-' if how == 'return' else '->'} {m.removeprefix(self.package + '.')}"
@@ -154,11 +181,15 @@ def main(argv=None) -> int:
     out = {}
     for recipe in args.recipes:
         walk = walk_recipe(recipe, args.cache)
-        out[recipe] = {**walk.counts(), "path": walk.path(), "visits": walk.visits}
+        out[recipe] = {**walk.counts(), "path": walk.path(), "visits": walk.visits,
+                       "callback_pairs": sorted(set(walk.callbacks))}
         c = out[recipe]
         raw = c["raw"]
-        print(f"{recipe}: {c['steps']} steps, {c['modules']} modules, {c['returns']} returns to a module already "
-              f"left (with helper calls: {raw['steps']} steps, {raw['returns']} returns)")
+        print(f"{recipe}: {c['steps']} steps ({c['calls']} calls), {c['modules']} modules, {c['returns']} returns to "
+              f"a module already left, {c['callbacks']} callbacks (with helper calls: {raw['steps']} steps, "
+              f"{raw['returns']} returns)")
+        for caller, callee in c["callback_pairs"]:
+            print(f"  callback: {caller.removeprefix('mergepass.')} -> {callee.removeprefix('mergepass.')}")
         if args.show:
             print("\n".join(f"  {s}" for s in out[recipe]["path"]))
     if args.json:

@@ -1,7 +1,6 @@
 """The torch.compile backend: match → schedule → merge → quantize → lower."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -12,7 +11,7 @@ from torch import fx
 from . import artifact, cache
 from .compat import frame_compiles, recompile_limit
 from .decide import Decision
-from .errors import MergepassWarning
+from .errors import Say
 from .graph.lift import Inputs
 from .graph.nodes import output_dtypes, symbolic_dims
 from .pipeline import Staged, graph_stages, lower_stage, training, unchanged
@@ -66,13 +65,7 @@ class Backend:
         self.cache = cache  # None: on unless MERGEPASS_CACHE=0 (see mergepass.cache)
         self.check_inputs = check_inputs
         self.results: list[GraphResult] = []
-        self._warned: set[str] = set()
-
-    def _warn_once(self, message: str) -> None:
-        """dynamo may hand the same frame to a backend more than once: say each thing once."""
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(message, MergepassWarning, stacklevel=3)
+        self._warn_once = Say()  # dynamo may hand the same frame to a backend more than once: each thing said once
 
     @property
     def calibration(self) -> Optional[list[tuple]]:

@@ -29,7 +29,6 @@ import stat
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -38,7 +37,7 @@ from torch import fx
 
 from . import artifact, compat
 from . import decide
-from .errors import MergepassWarning, briefly
+from .errors import Say, briefly
 
 PACKAGE = "model.pt2"
 DEFAULT_MAX_BYTES = 2 * 2**30
@@ -46,13 +45,7 @@ SCRATCH_MAX_AGE_S = 24 * 3600  # a scratch folder older than this is a build tha
 _KEY = re.compile(r"[0-9a-f]{64}")
 _SCRATCH = re.compile(r"\.[0-9a-f]{16}-")  # a build under way, or one that never finished
 _OWNER = re.compile(r"\.[0-9a-f]{16}-(\d+)-([0-9a-f]{8})-")  # ... named with its process and machine
-_said: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        warnings.warn(message, MergepassWarning, stacklevel=3)
+_warn_once = Say()
 
 
 def enabled() -> bool:

@@ -20,7 +20,7 @@ import torch
 
 from . import artifact
 from . import cache as compile_cache
-from .errors import MergepassWarning, briefly
+from .errors import MergepassWarning, Say, briefly
 from .graph.lift import Inputs
 from .graph.nodes import output_dtypes
 from .pipeline import Int8Declined, Staged, graph_stages, lower_stage
@@ -73,10 +73,6 @@ def _check_example(example_input: Any) -> None:
                          "export traces the model on it, so give it at least one image")
 
 
-def _say(message: str) -> None:
-    warnings.warn(message, MergepassWarning, stacklevel=4)
-
-
 def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "tome",
            path: str | os.PathLike = "model.pt2", calibration=None, *, cache: Optional[bool] = None,
            **overrides: Any) -> Path:
@@ -93,7 +89,7 @@ def export(model: torch.nn.Module, example_input: torch.Tensor, recipe: Any = "t
     target = PackageTarget(Path(path), cached=compile_cache.serves(example_inputs, cache), extra={"export": True})
     try:
         package = lower_stage(target, staged, example_inputs, batches, inputs=Inputs(gm, example_inputs),
-                              out_dtypes=output_dtypes(gm), warn=_say).package
+                              out_dtypes=output_dtypes(gm), warn=Say(once=False, stacklevel=4)).package
     except Int8Declined as e:
         raise RuntimeError(f"mergepass: int8 quantization failed for this graph ({e}); export it with a "
                            "recipe without quantization") from e

@@ -15,6 +15,7 @@ once, with a DeprecationWarning, by :func:`mergepass.migrate.migrate`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.resources
 import os
@@ -66,6 +67,7 @@ class Recipe:
 
     def __post_init__(self):
         self.validate()
+        object.__setattr__(self, "_tables", self._as_dict())  # read for every compile's cache key
 
     # -- validation ---------------------------------------------------------------------------
     def validate(self) -> None:
@@ -73,8 +75,12 @@ class Recipe:
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"recipe field {name!r} must be a table")
         self.lower.validate()
-        self.search.validate(self.merge.method)
         self.quantize.validate(self.lower.target)
+        self._check_merge()
+
+    def _check_merge(self) -> None:
+        """What the other tables ask of the method's config."""
+        self.search.validate(self.merge.method)
         if self.merge.kernel == "fused" and self.lower.target == "tensorrt":
             raise ValueError("recipe field 'merge.kernel' = 'fused' is a CPU kernel TensorRT cannot convert: "
                              "use merge.kernel='auto' (reference ops under TensorRT) or lower.target='inductor'")
@@ -84,8 +90,15 @@ class Recipe:
         return self.merge.method != "none"
 
     def with_merge(self, merge: MethodConfig) -> "Recipe":
-        """This recipe with another method config (a schedule's resolved one, or what recipe ``auto`` chose)."""
-        return dataclasses.replace(self, merge=merge)
+        """This recipe with another method config (a schedule's resolved one, or what recipe ``auto`` chose); the
+        other tables, valid already, are not checked again."""
+        if not isinstance(merge, MethodConfig):
+            raise ValueError("recipe field 'merge' must be a table")
+        new = copy.copy(self)
+        object.__setattr__(new, "merge", merge)
+        new._check_merge()
+        object.__setattr__(new, "_tables", {**self._tables, "merge": merge.to_dict()})
+        return new
 
     def replace(self, **overrides: Any) -> "Recipe":
         """A copy with some tables' fields changed (``merge={"r": 8}``, ``quantize={"pt2e": {"rest": "fp32"}}``,
@@ -95,6 +108,9 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """The recipe as nested tables, the shape :func:`from_dict` and TOML files take."""
+        return copy.deepcopy(self._tables)
+
+    def _as_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "merge": self.merge.to_dict(),
                 "quantize": self.quantize.to_dict(), "search": dataclasses.asdict(self.search),
                 "lower": dataclasses.asdict(self.lower)}

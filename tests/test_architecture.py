@@ -324,3 +324,27 @@ def test_every_pass_runs_through_the_ordered_list():
         (2, "int8_attention.decompose_attention")]
     with pytest.raises(ValueError, match="not a pass"):
         passes.run(lambda gm: gm, None)
+
+
+@pytest.mark.parametrize("recipe", ["tome", "tome_int8"])
+def test_one_graph_passes_the_backend_without_callbacks(recipe):
+    """Following one graph through ``Backend.__call__`` (``benchmarks/walk.py``), no module calls back into one
+    still waiting lower on the stack: every return to a module already left ends a call into a helper."""
+    sys.path.insert(0, str(PKG.parent / "benchmarks"))
+    import walk
+    from mergepass.rewrite.capture import capture_graphs
+
+    torch.manual_seed(1)
+    gm, example_inputs = capture_graphs(tiny_vit(depth=2), torch.randn(2, 3, 64, 64))[0]
+    kwargs = {"calibration": [torch.randn(2, 3, 64, 64)]} if "int8" in recipe else {}
+    backend = mergepass.backend(recipe, cache=False, lower="eager", **kwargs)  # the stages, not inductor's compile
+    w = walk.Walk()
+    sys.setprofile(w.profile)
+    try:
+        with torch.no_grad():
+            backend(gm, example_inputs)
+    finally:
+        sys.setprofile(None)
+    assert backend.schedule is not None and backend.schedule.merging
+    assert {"mergepass.rewrite.merges", "mergepass.schedule.build", "mergepass.targets"} <= {m for m, *_ in w.visits}
+    assert not w.callbacks, f"modules called back while they waited: {sorted(set(w.callbacks))}"

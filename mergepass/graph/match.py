@@ -63,6 +63,17 @@ class MatchResult:
         """The problems, one line per reason with the places it applies to."""
         return summarize(self.problems)
 
+    def price(self, plans: list) -> list:
+        """``plans`` (one per block, with ``index``, ``tokens_in`` and ``tokens_out``), each given its block's
+        ``macs`` at those token counts."""
+        for p in plans:
+            p.macs = self.blocks[p.index].macs(p.tokens_in, p.tokens_out)
+        return plans
+
+    def dense_macs(self) -> int:
+        """The unmerged model's MACs per image."""
+        return sum(b.macs(self.tokens, self.tokens) for b in self.blocks) + self.other_macs
+
 
 def summarize(problems: list[str]) -> str:
     """'a.attn: why; b.attn: why' -> 'a.attn, b.attn: why' (first three places, then a count)."""

@@ -184,7 +184,18 @@ class MergeMethod:
     def plan_blocks(self, cfg: MethodConfig, match: "MatchResult", limit: int) -> list[BlockSchedule]:
         """Every block's schedule; blocks from ``limit`` on are left off."""
         state: dict = {}
-        return chain(match, limit, lambda b, n: self.decide(cfg, b, n, match, state))
+        plans, n = [], match.tokens
+        for b in match.blocks:  # each block entered by the token count the one before it left
+            plans.append(block_plan(b, n, self.decide(cfg, b, n, match, state) if b.index < limit else OFF))
+            n = plans[-1].tokens_out
+        return match.price(plans)
+
+    def plan(self, asked: MethodConfig, match: "MatchResult", limit: int
+             ) -> tuple[MethodConfig, list[BlockSchedule], list[str]]:
+        """(``asked`` resolved, every block's schedule, the notes): what a schedule is made of."""
+        cfg = self.resolve(asked, match, limit)
+        plans = self.plan_blocks(cfg, match, limit)
+        return cfg, plans, self.notes(asked, cfg, match, plans)
 
     def notes(self, asked: MethodConfig, cfg: MethodConfig, match: "MatchResult",
               plans: list[BlockSchedule]) -> list[str]:
@@ -202,23 +213,18 @@ class MergeMethod:
         return self.config(method=self.name, r=r)
 
 
-def chain(match: "MatchResult", limit: int, decide: Callable[["Block", int], Optional[Merge]]) -> list[BlockSchedule]:
-    """Walk the blocks in order, feeding each the token count the previous one left."""
-    plans, n = [], match.tokens
-    for b in match.blocks:
-        if b.index >= limit:
-            plan = BlockSchedule(b.index, b.name, "off", n, n, note="not merged (see notes)")
-        else:
-            m = decide(b, n)
-            if m is None or m.removed <= 0:
-                plan = BlockSchedule(b.index, b.name, "dense", n, n, note=m.note if m else "")
-            else:
-                plan = BlockSchedule(b.index, b.name, m.op, n, n - m.removed, r=m.r, args=dict(m.args),
-                                     note=m.note, label=m.label or m.op, detail=dict(m.detail))
-        plan.macs = b.macs(plan.tokens_in, plan.tokens_out)
-        plans.append(plan)
-        n = plan.tokens_out
-    return plans
+OFF = "off"  # a block past a plan's limit: not merged (a block that cannot be rewritten, or one after it)
+
+
+def block_plan(b: "Block", n: int, m: Union[Merge, None, str]) -> BlockSchedule:
+    """Block ``b``'s schedule, entered by ``n`` tokens, under merge ``m`` (None: dense; :data:`OFF`), not yet
+    priced (:meth:`~mergepass.graph.match.MatchResult.price`)."""
+    if m == OFF:
+        return BlockSchedule(b.index, b.name, "off", n, n, note="not merged (see notes)")
+    if m is None or m.removed <= 0:
+        return BlockSchedule(b.index, b.name, "dense", n, n, note=m.note if m else "")
+    return BlockSchedule(b.index, b.name, m.op, n, n - m.removed, r=m.r, args=dict(m.args),
+                         note=m.note, label=m.label or m.op, detail=dict(m.detail))
 
 
 def total_macs(match: "MatchResult", plans: list[BlockSchedule]) -> int:

@@ -7,7 +7,7 @@ from typing import Optional, Union
 from ..config import check_choice
 from ..merge import global_merge
 from ..merge.fused import fused_global_merge
-from .base import (AUTO, Merge, MergeMethod, MergeOp, MethodConfig, chain, check_int_or_auto, check_r, closest,
+from .base import (AUTO, Merge, MergeMethod, MergeOp, MethodConfig, check_int_or_auto, check_r, closest,
                    is_inflected, register_method, register_op, total_macs)
 
 register_op(MergeOp("global", global_merge, fused_global_merge))
@@ -90,7 +90,7 @@ def partition_offset(cfg, match) -> int:
 
 def tome_macs(match, r: int, limit: int) -> int:
     """Total MACs of ToMe with ``r`` on ``match``: what ``r = "auto"`` strengths are matched to."""
-    return total_macs(match, chain(match, limit, lambda b, n: global_step(b, n, match.prefix, r, 0)))
+    return total_macs(match, TOME.plan_blocks(ToMeConfig(r=r), match, limit))
 
 
 def auto_r(method, cfg, match, limit):
@@ -138,4 +138,4 @@ class ToMe(MergeMethod):
         return self.config(method=self.name, r=r, skip=0)
 
 
-register_method(ToMe())
+TOME = register_method(ToMe())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Collection, Mapping, Optional
 
 import torch
 from torch import fx
@@ -57,12 +57,21 @@ def _token_axes(old: tuple, new: tuple, table: tuple, n0: int, prefix: int) -> O
     return tuple(axes), offset, n
 
 
-def table_reads(n: fx.Node, shape_of: Callable, old_shape_of: Callable, is_data: Callable, n0: int,
+def table_reads(n: fx.Node, shapes: Mapping[fx.Node, tuple], data: Collection[fx.Node], n0: int,
                 prefix: int) -> list[TableRead]:
     """The tables among ``n``'s inputs that must be read at merged positions.
 
-    ``shape_of``/``old_shape_of`` give an input's shape now and before the merges; ``is_data`` tells
-    inputs computed from the user's tensors (those are merged, never gathered)."""
+    ``shapes``: each input node's (shape before the merges, shape now), None where it has none; ``data``: the
+    nodes computed from the user's tensors (those are merged, never gathered)."""
+    def old_shape_of(a):
+        return shapes[a][0]
+
+    def shape_of(a):
+        return shapes[a][1]
+
+    def is_data(a):
+        return a in data
+
     def changed(a):
         return isinstance(a, fx.Node) and old_shape_of(a) is not None and shape_of(a) != old_shape_of(a)
 

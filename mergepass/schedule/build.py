@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from ..methods import get_method
-from ..methods.base import chain, total_macs
+from ..methods.base import total_macs
 from .schedule import Schedule
 
 if TYPE_CHECKING:
@@ -25,10 +25,8 @@ def make_schedule(match: "MatchResult", recipe: "MergeSpec", limit: Optional[int
     method = get_method(asked.method)
     if method.needs_grid and match.grid is None:
         raise ValueError(f"recipe method {asked.method!r} needs the patch grid, which was not found in the graph")
-    resolved = method.resolve(asked, match, limit)
-    plans = method.plan_blocks(resolved, match, limit)
-    base = total_macs(match, chain(match, 0, lambda b, n: None))
-    adjusted = method.notes(asked, resolved, match, plans)
+    resolved, plans, adjusted = method.plan(asked, match, limit)
+    base = match.dense_macs()
     return Schedule(resolved, plans, match.batch, match.tokens, match.prefix, match.grid, match.width, base,
                     total_macs(match, plans), list(match.problems) + adjusted, model,
                     {k: getattr(resolved, k) for k in method.fields}, adjusted,

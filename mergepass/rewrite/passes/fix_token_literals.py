@@ -97,7 +97,8 @@ class _Fixer(fx.Interpreter):
 
     def _read_tables(self, n: fx.Node) -> None:
         """Read position tables that meet merged tokens at the merged positions (position_tables.py)."""
-        reads = table_reads(n, self._shape_now, _old_shape, lambda a: a in self.data, self.tokens, self.prefix)
+        shapes = {a: (_old_shape(a), self._shape_now(a)) for a in n.all_input_nodes}
+        reads = table_reads(n, shapes, self.data, self.tokens, self.prefix)
         for rd in reads:
             with self.graph.inserting_before(n):
                 g = self.graph.call_function(gather_positions, (rd.table, self.source_of[n], rd.dims, rd.offset,
