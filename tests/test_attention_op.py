@@ -218,8 +218,9 @@ def test_fp32_recipes_at_r0_reproduce_the_model_on_every_cpu(monkeypatch, vendor
             assert rel_err(out, want) <= 1e-5, recipe
 
 
-def test_a_cpu_without_the_op_declines_auto_and_refuses_bf16(monkeypatch, model_and_input):
+def test_a_cpu_without_the_op_declines_auto_and_refuses_bf16(monkeypatch, model_and_input, tmp_path):
     m, x = model_and_input
+    monkeypatch.setenv("MERGEPASS_DECISIONS_DIR", str(tmp_path))  # another CPU: not this one's kept decisions
     monkeypatch.setattr(attention, "unavailable", lambda kind="bf16": "the CPU has no AVX512-BF16 (bf16: none)")
     be = mergepass.backend("tome_int8", merge={"r": 3}, lower="eager", calibration=[x])
     with torch.no_grad():
