@@ -18,6 +18,9 @@ blocks in order:
 * ``+lam=F`` on soft: each A token's best similarity is lowered by F times its class-token attention
   (normalised to mean 1), so attended tokens leave later
 * ``dense:0*N``: N blocks unmerged
+* ``+pa=F`` on dense/tome/soft/prune: F x log size in the block's attention logits (1: ToMe's proportional
+  attention; above 1 weights merged tokens more, against the loss of averaging keys: the sum of exp(q k_i)
+  over a group exceeds size x exp(q mean k))
 * ``um``: residual unmerge (merge, compute, unmerge, as ToMe for Stable Diffusion, Bolya & Hoffman, 2023,
   arXiv 2303.17604): the residual stream keeps every token; before the block, ``removed`` patch tokens
   are merged (bipartite, ToMe's matching, size-weighted means), the whole block (proportional attention
@@ -45,7 +48,10 @@ measured with the earlier blocks' corrections in place. The correction is always
 images and applied unchanged to the scored ones: on ``--split report`` it is held out, on ``--split tune``
 in sample (a ``+bc(cv)`` row then calibrates on each half of the tune images and scores the other).
 ``--bias-scope all`` also corrects the patch tokens by one shared vector per block (the difference of
-the size-weighted patch means).
+the size-weighted patch means); ``--bias-scope linF`` fits, per block, a linear correction of every
+token, ``x += [x, 1, is_class] @ W``, by ridge regression (ridge F) of the dense tokens averaged over
+the original tokens each reduced token holds (the source map; tome/soft/um only) minus the reduced ones;
+``--bias-scope diagF`` the same per channel (``x += x * a + b + is_class * c``, 3 numbers a channel).
 """
 from __future__ import annotations
 
@@ -70,9 +76,10 @@ from mergepass.methods.soft import soft_merge  # noqa: E402
 PREFIX = 1
 
 
-def tome_protected(x, metric, size, r, protect):
+def tome_protected(x, metric, size, r, protect, source=None):
     """ToMe's merge where ``protect`` [B, M] tokens neither leave nor absorb."""
-    return global_merge(x, metric, size, None, r=r, prefix=PREFIX, protect=protect)[:2]
+    out = global_merge(x, metric, size, source, r=r, prefix=PREFIX, protect=protect)
+    return out if source is not None else out[:2]
 
 
 def soft_biased(x, size, r, bias_a):
@@ -105,34 +112,36 @@ def prune(x, size, r, score):
     return x.gather(1, keep.expand(-1, -1, x.shape[-1])), size.gather(1, keep)
 
 
-def reduce(op, r, opts, x, keys, probs, size):
+def reduce(op, r, opts, x, keys, probs, size, source=None):
+    """(tokens, sizes, source map: None unless ``source`` is given; tome and soft only)."""
     metric = keys.mean(1)
     cls = probs[:, :, 0, PREFIX:].mean(1)  # [B, M]: the class token's attention over the patch tokens
     protect = int(opts.get("protect", 0))
     if op == "tome":
         if protect:
-            return tome_protected(x, metric, size, r, top_k_mask(cls, protect))
-        return global_merge(x, metric, size, None, r=r, prefix=PREFIX)[:2]
+            return tome_protected(x, metric, size, r, top_k_mask(cls, protect), source)
+        return global_merge(x, metric, size, source, r=r, prefix=PREFIX)
     if op == "soft":
         if protect:  # soft_merge protects the largest metric norms: hand it the class attention as the metric
             fake = torch.cat([x.new_zeros(x.shape[0], PREFIX, 1), cls[..., None]], 1)
-            return soft_merge(x, fake, size, None, r=r, prefix=PREFIX, k=1, compare="tokens", protect=protect)[:2]
+            return soft_merge(x, fake, size, source, r=r, prefix=PREFIX, k=1, compare="tokens", protect=protect)
         if "lam" in opts:
-            return soft_biased(x, size, r, float(opts["lam"]) * cls / cls.mean(1, keepdim=True))
-        return soft_merge(x, metric, size, None, r=r, prefix=PREFIX, k=1, compare="tokens")[:2]
+            return (*soft_biased(x, size, r, float(opts["lam"]) * cls / cls.mean(1, keepdim=True)), None)
+        return soft_merge(x, metric, size, source, r=r, prefix=PREFIX, k=1, compare="tokens")
     if op == "prune":
-        return prune(x, size, r, cls)
+        return (*prune(x, size, r, cls), None)
     raise ValueError(f"unknown op {op!r}")
 
 
-def attention(blk, x, size):
-    """The block's first residual branch with proportional attention: (x + attention, keys, probs)."""
+def attention(blk, x, size, prop=1.0):
+    """The block's first residual branch with proportional attention (``prop`` x log size added to the
+    logits): (x + attention, keys, probs)."""
     bsz, n, c = x.shape
     at = blk.attn
     qkv = at.qkv(blk.norm1(x)).reshape(bsz, n, 3, at.num_heads, c // at.num_heads).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = at.q_norm(q), at.k_norm(k)
-    logits = (q * at.scale) @ k.transpose(-2, -1) + size.log().reshape(bsz, 1, 1, n)
+    logits = (q * at.scale) @ k.transpose(-2, -1) + prop * size.log().reshape(bsz, 1, 1, n)
     probs = logits.softmax(-1)
     return x + blk.ls1(at.proj((probs @ v).transpose(1, 2).reshape(bsz, n, c))), k, probs
 
@@ -146,13 +155,19 @@ def keys(blk, x):
 
 
 def run_block(blk, x, size, step, index=0):
+    return traced_block(blk, x, size, step, index)[:2]
+
+
+def traced_block(blk, x, size, step, index=0, source=None):
+    """``run_block`` that also carries the source map ``source`` [B, N0] (the current token holding each
+    original one) through tome and soft merges; um/umlp keep every token."""
     op, r, opts = step
     if op in UNMERGE:
-        return unmerge_block(blk, x, size, step, index)
-    x, k, probs = attention(blk, x, size)
+        return (*unmerge_block(blk, x, size, step, index), source)
+    x, k, probs = attention(blk, x, size, float(opts.get("pa", 1.0)))
     if op != "dense" and r > 0:
-        x, size = reduce(op, r, opts, x, k, probs, size)
-    return x + blk.ls2(blk.mlp(blk.norm2(x))), size
+        x, size, source = reduce(op, r, opts, x, k, probs, size, source)
+    return x + blk.ls2(blk.mlp(blk.norm2(x))), size, source
 
 
 UNMERGE = ("um", "umlp")
@@ -261,9 +276,16 @@ def embed(model, img):
 
 
 def correct(x, corr):
-    """Add a block's correction: ``corr`` [C] to the class token, or [2, C] to it and to every patch token."""
+    """Add a block's correction: ``corr`` [C] to the class token, or [2, C] to it and to every patch token,
+    or (a linear correction, [C + 2, C]) ``[x, 1, is_class] @ corr`` to every token."""
     if corr is None:
         return x
+    if corr.shape[0] == x.shape[-1] + 2:
+        return x + linear_features(x) @ corr
+    if corr.shape[0] == 3:  # per channel: x * a + b + is_class * c
+        is_cls = torch.zeros_like(x[..., :1])
+        is_cls[:, :PREFIX] = 1
+        return x + x * corr[0] + corr[1] + is_cls * corr[2]
     if corr.dim() == 1:
         corr = torch.stack([corr, torch.zeros_like(corr)])
     return x + torch.cat([corr[0].expand(PREFIX, -1), corr[1].expand(x.shape[1] - PREFIX, -1)])
@@ -282,10 +304,59 @@ def _patch_mean(x, size):
     return (x[:, PREFIX:] * size[:, PREFIX:]).sum(1) / size[:, PREFIX:].sum(1)
 
 
+def linear_features(x):
+    """[x, 1, is_class] per token [B, N, C + 2]."""
+    one = x.new_ones(*x.shape[:2], 1)
+    is_cls = torch.zeros_like(one)
+    is_cls[:, :PREFIX] = 1
+    return torch.cat([x, one, is_cls], -1)
+
+
+def calibrate_linear(model, batches, steps, ridge=1e-2, diagonal=False):
+    """Per-block linear corrections [C + 2, C]: after each block, ridge regression (size-weighted over
+    every token of every image, ``ridge`` x the mean diagonal of the Gram matrix) of the dense model's
+    tokens, averaged over the original tokens each reduced token holds (the source map), minus the
+    reduced model's tokens, on ``[x, 1, is_class]`` of the reduced tokens; earlier corrections applied."""
+    dense = [embed(model, b) for b in batches]
+    red = [(x.clone(), s.clone(), None) for x, s in dense]
+    corrections = []
+    for i, (blk, step) in enumerate(zip(model.blocks, steps)):
+        dense = [run_block(blk, x, s, ("dense", 0, {}), i) for x, s in dense]
+        red = [traced_block(blk, x, s, step, i, src) for x, s, src in red]
+        gram, cross = 0, 0
+        for (xd, _), (xr, sr, src) in zip(dense, red):
+            if src is None:
+                src = torch.arange(xd.shape[1]).expand(xd.shape[0], -1)
+            target = group_mean(xd, torch.ones_like(xd[..., :1]), src, xr.shape[1])[0] - xr
+            if diagonal:  # features [x_c, 1, is_class] of each channel c
+                one = torch.ones_like(xr)
+                f = torch.stack([xr, one, one * linear_features(xr)[..., -1:]], -1)  # [B, N, C, 3]
+                gram = gram + torch.einsum("bnci,bncj->cij", f * sr[..., None], f)
+                cross = cross + torch.einsum("bnci,bnc->ci", f * sr[..., None], target)
+                continue
+            f = linear_features(xr)
+            fw = f * sr
+            gram = gram + torch.einsum("bni,bnj->ij", fw, f)
+            cross = cross + torch.einsum("bni,bnj->ij", fw, target)
+        if diagonal:
+            reg = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+            corr = torch.linalg.solve(gram + reg * torch.eye(3), cross[..., None])[..., 0].T.contiguous()
+        else:
+            reg = ridge * gram.diagonal().mean()
+            corr = torch.linalg.solve(gram + reg * torch.eye(gram.shape[0]), cross)
+        red = [(correct(x, corr), s, src) for x, s, src in red]
+        corrections.append(corr)
+    return corrections
+
+
 def calibrate(model, batches, steps, scope="cls"):
     """Per-block bias corrections of the reduced model ``steps`` on ``batches``: after each block, the
     mean over the images of the dense model's class token minus the reduced one's (``scope`` "all":
     stacked with the same for the size-weighted patch means), the earlier corrections applied."""
+    if scope.startswith("lin"):
+        return calibrate_linear(model, batches, steps, float(scope[3:] or 1e-2))
+    if scope.startswith("diag"):
+        return calibrate_linear(model, batches, steps, float(scope[4:] or 1e-2), diagonal=True)
     dense = [embed(model, b) for b in batches]
     red = [(x.clone(), s.clone()) for x, s in dense]
     corrections = []
@@ -362,7 +433,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="summaries and per-image cosines")
     p.add_argument("--bias-correct", action="store_true",
                    help="also score each policy with per-block bias corrections calibrated on the tune images")
-    p.add_argument("--bias-scope", choices=("cls", "all"), default="cls")
+    p.add_argument("--bias-scope", default="cls",
+                   help="cls, all, or linF: a linear correction of every token, ridge F (default 0.01)")
     p.add_argument("--macs-only", action="store_true", help="print the policies' MACs ratios and stop")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -397,7 +469,7 @@ def main(argv=None) -> int:
         score(policy, steps, t0=t0)
         if not args.bias_correct:
             continue
-        tag = "+bc" if args.bias_scope == "cls" else "+bc(all)"
+        tag = "+bc" if args.bias_scope == "cls" else f"+bc({args.bias_scope})"
         t0 = time.time()
         score(policy + " " + tag + (" (in sample)" if args.split == "tune" else ""), steps,
               corrections_for(model, calib, batches, steps, args.bias_scope), t0=t0)

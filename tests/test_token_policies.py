@@ -187,3 +187,28 @@ def test_unmerge_macs(model):
     assert tp.macs_ratio(model, tp.parse("um:8*3", 3), tokens) < tp.macs_ratio(model, tp.parse("umlp:8*3", 3), tokens) < dense
     assert (tp.macs_ratio(model, tp.parse("um+cap=2:8*3", 3), tokens)
             > tp.macs_ratio(model, tp.parse("um:8*3", 3), tokens))
+
+
+def test_linear_corrections_follow_the_source_map(model):
+    torch.manual_seed(8)
+    batches = [torch.randn(2, 3, 70, 70) for _ in range(2)]
+    c = model.embed_dim
+    with torch.no_grad():
+        # nothing reduced: the dense tokens are the reduced ones, the fitted corrections vanish
+        for scope, shape in (("lin0.01", (c + 2, c)), ("diag0.01", (3, c))):
+            corr = tp.calibrate(model, batches, tp.parse("dense:0*3", 3), scope)
+            assert corr[0].shape == shape
+            assert max(w.abs().max().item() for w in corr) < 1e-4
+        x = torch.randn(2, 9, c)
+        torch.testing.assert_close(tp.correct(x, torch.zeros(c + 2, c)), x)
+        torch.testing.assert_close(tp.correct(x, torch.zeros(3, c)), x)
+        # tome's source map: every original token is held by one reduced token
+        xs, size = tp.embed(model, batches[0])
+        src = None
+        for i, blk in enumerate(model.blocks):
+            xs, size, src = tp.traced_block(blk, xs, size, ("tome", 4, {}), i, src)
+        assert src.shape == (2, 26) and src.max() == xs.shape[1] - 1
+        for b in range(2):
+            torch.testing.assert_close(torch.bincount(src[b], minlength=xs.shape[1]).float(), size[b, :, 0])
+        corr = tp.calibrate(model, batches, tp.parse("tome:4*3", 3), "lin0.01")
+        assert corr[-1].abs().max() > 0
