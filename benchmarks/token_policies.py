@@ -18,6 +18,9 @@ blocks in order:
 * ``+lam=F`` on soft: each A token's best similarity is lowered by F times its class-token attention
   (normalised to mean 1), so attended tokens leave later
 * ``dense:0*N``: N blocks unmerged
+* ``clsonly:0*1`` (last block only): the block for the class token alone, exact for the class feature
+  (its query only, against every token's keys and values; its MLP only); the patch tokens' final states
+  are not computed, so this fits a model whose output is the class token
 * ``+pa=F`` on dense/tome/soft/prune: F x log size in the block's attention logits (1: ToMe's proportional
   attention; above 1 weights merged tokens more, against the loss of averaging keys: the sum of exp(q k_i)
   over a group exceeds size x exp(q mean k))
@@ -158,12 +161,27 @@ def run_block(blk, x, size, step, index=0):
     return traced_block(blk, x, size, step, index)[:2]
 
 
+def class_only_block(blk, x, size):
+    """The last block for the class token alone (exact for it): its query against every token's keys and
+    values (proportional attention), its projection and MLP; the patch tokens leave."""
+    bsz, n, c = x.shape
+    at, h = blk.attn, blk.attn.num_heads
+    qkv = F.linear(blk.norm1(x), at.qkv.weight, at.qkv.bias).reshape(bsz, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0][:, :, :PREFIX], qkv[1], qkv[2]
+    q, k = at.q_norm(q), at.k_norm(k)
+    probs = ((q * at.scale) @ k.transpose(-2, -1) + size.log().reshape(bsz, 1, 1, n)).softmax(-1)
+    y = x[:, :PREFIX] + blk.ls1(at.proj((probs @ v).transpose(1, 2).reshape(bsz, PREFIX, c)))
+    return y + blk.ls2(blk.mlp(blk.norm2(y))), size[:, :PREFIX]
+
+
 def traced_block(blk, x, size, step, index=0, source=None):
     """``run_block`` that also carries the source map ``source`` [B, N0] (the current token holding each
     original one) through tome and soft merges; um/umlp keep every token."""
     op, r, opts = step
     if op in UNMERGE:
         return (*unmerge_block(blk, x, size, step, index), source)
+    if op == "clsonly":
+        return (*class_only_block(blk, x, size), None)
     x, k, probs = attention(blk, x, size, float(opts.get("pa", 1.0)))
     if op != "dense" and r > 0:
         x, size, source = reduce(op, r, opts, x, k, probs, size, source)
@@ -415,6 +433,10 @@ def macs_ratio(model, steps, tokens):
                                                   int(opts.get("cap", 0)))) * dim  # matching
             m = n - r
             total += block_macs(lin_attn, c, lin_mlp, m, m) if op == "um" else block_macs(lin_attn, c, lin_mlp, n, m)
+            continue
+        if op == "clsonly":  # k, v of every token; q, attention, projection and MLP of the class token
+            total += n * 2 * c * c + PREFIX * (2 * c * c + 2 * n * c + lin_mlp)
+            n = PREFIX
             continue
         total += block_macs(lin_attn, c, lin_mlp, n, n - r)
         n -= r

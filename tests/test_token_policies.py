@@ -212,3 +212,15 @@ def test_linear_corrections_follow_the_source_map(model):
             torch.testing.assert_close(torch.bincount(src[b], minlength=xs.shape[1]).float(), size[b, :, 0])
         corr = tp.calibrate(model, batches, tp.parse("tome:4*3", 3), "lin0.01")
         assert corr[-1].abs().max() > 0
+
+
+def test_class_only_last_block_is_exact_for_the_class_token(model):
+    x = _images()
+    with torch.no_grad():
+        for head in ("dense:0*2", "tome:3*2", "soft:2*1,um:4*1"):
+            a = tp.cls_features(model, x, tp.parse(head + ",dense:0*1", 3))
+            b = tp.cls_features(model, x, tp.parse(head + ",clsonly:0*1", 3))
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    tokens = model.patch_embed.num_patches + 1
+    assert (tp.macs_ratio(model, tp.parse("tome:3*2,clsonly:0*1", 3), tokens)
+            < tp.macs_ratio(model, tp.parse("tome:3*2,prune:20*1", 3), tokens))
