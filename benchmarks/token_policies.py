@@ -20,7 +20,8 @@ blocks in order:
 * ``dense:0*N``: N blocks unmerged
 * ``clsonly:0*1`` (last block only): the block for the class token alone, exact for the class feature
   (its query only, against every token's keys and values; its MLP only); the patch tokens' final states
-  are not computed, so this fits a model whose output is the class token
+  are not computed, so this fits a model whose output is the class token (the script computes every
+  query and keeps the class token's; MACs count that one only)
 * ``+pa=F`` on dense/tome/soft/prune: F x log size in the block's attention logits (1: ToMe's proportional
   attention; above 1 weights merged tokens more, against the loss of averaging keys: the sum of exp(q k_i)
   over a group exceeds size x exp(q mean k))
@@ -32,7 +33,8 @@ blocks in order:
 * ``umlp``: the same around the MLP only: attention on every token, then the merge, the MLP on the
   merged tokens and its update unmerged
 * ``+metric=n|x|k`` on um/umlp: match on the block's LayerNormed input (n, um's default), its raw input
-  (x), or, umlp only, the block's head-mean keys (k, umlp's default; n there is norm2's output)
+  (x), or the block's head-mean keys (k, umlp's default; for um the keys of every token are computed
+  first, and counted; for umlp n is norm2's output)
 * ``+cap=R`` on um/umlp: at most R tokens leave per bipartite round (more rounds, each on the groups
   of the last; their matching is counted)
 * ``+grid=1`` on um/umlp: ToMe-SD's split, one destination per 2x2 window of the patch grid (up to 3/4
