@@ -1,4 +1,5 @@
 """benchmarks/token_policies.py: its block-by-block forward against timm's and mergepass's, and its steps' invariants."""
+import copy
 import sys
 from pathlib import Path
 
@@ -86,3 +87,140 @@ def test_parse_and_macs(model):
     tokens = model.patch_embed.num_patches + 1
     assert tp.macs_ratio(model, tp.parse("dense:0*3", 3), tokens) == 1.0
     assert tp.macs_ratio(model, tp.parse("prune:2*3", 3), tokens) == tp.macs_ratio(model, tp.parse("tome:2*3", 3), tokens)
+
+
+def test_residual_unmerge_with_nothing_merged_is_the_model(model):
+    x = _images()
+    with torch.no_grad():
+        ref = model.forward_features(x)[:, 0]
+        for policy in ("um:0*3", "umlp:0*3", "um+grid=1:0*1,umlp+metric=n:0*2"):
+            torch.testing.assert_close(tp.cls_features(model, x, tp.parse(policy, 3)), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("r,grid,cap", [(5, False, 0), (8, False, 0), (12, False, 0), (12, False, 3), (11, True, 0)])
+def test_assignment_groups_cover_the_tokens(r, grid, cap):
+    torch.manual_seed(4)
+    metric = torch.randn(3, 16, 8)  # a 4x4 patch grid
+    group = tp.assignment(metric, r, grid=grid, index=1, cap=cap)
+    m = 16 - r
+    assert group.shape == (3, 16) and group.min() >= 0 and group.max() == m - 1
+    for g in group:  # every group holds a token, and the sizes sum to the token count
+        counts = torch.bincount(g, minlength=m)
+        assert (counts > 0).all() and counts.sum() == 16
+    xm, size = tp.group_mean(metric, torch.ones(3, 16, 1), group, m)
+    assert torch.allclose(size.sum(1), torch.full((3, 1), 16.0))
+    torch.testing.assert_close((xm * size).sum(1), metric.sum(1), atol=1e-5, rtol=1e-5)
+    assert sum(a * b for a, b in tp.rounds(16, r, grid, cap)) > 0 and len(tp.rounds(16, r, grid, cap)) >= (2 if cap else 1)
+
+
+def test_residual_unmerge_of_duplicate_tokens_is_exact(model):
+    # patch tokens in identical pairs (A token 2j equals B token 2j + 1): merging the pairs, computing the
+    # block with proportional attention and unmerging its update is the dense block
+    torch.manual_seed(5)
+    half = torch.randn(2, 6, model.embed_dim)
+    x = torch.cat([torch.randn(2, 1, model.embed_dim), half.repeat_interleave(2, dim=1)], 1)
+    size = torch.ones(2, 13, 1)
+    blk = copy.deepcopy(model.blocks[0])
+    for ls in (blk.ls1, blk.ls2):  # the random model's layer scales are tiny: make the block's update count
+        ls.gamma.data.fill_(1.0)
+    with torch.no_grad():
+        ref = tp.run_block(blk, x, size, ("dense", 0, {}))[0]
+        for op in ("um", "umlp"):
+            out, s = tp.run_block(blk, x, size, (op, 6, {"metric": "x"}))
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            assert out.shape == x.shape and torch.equal(s, size)
+        # merging tokens that differ changes the result
+        assert (tp.run_block(blk, x, size, ("um", 8, {"metric": "x"}))[0] - ref).abs().max() > 1e-2
+
+
+def test_zero_correction_is_a_no_op_and_calibration_closes_the_mean_gap(model):
+    torch.manual_seed(6)
+    imgs = torch.randn(4, 3, 70, 70)
+    steps = tp.parse("tome:4*3", 3)
+    with torch.no_grad():
+        plain = tp.cls_features(model, imgs, steps)
+        zero = [torch.zeros(model.embed_dim)] * 3
+        torch.testing.assert_close(tp.cls_features(model, imgs, steps, zero), plain)
+        torch.testing.assert_close(tp.cls_features(model, imgs, steps, [None] * 3), plain)
+        batches = [imgs[:2], imgs[2:]]
+        corr = tp.calibrate(model, batches, steps)
+        assert len(corr) == 3 and corr[-1].shape == (model.embed_dim,) and corr[-1].abs().max() > 0
+        # after the last block (before the final norm) the corrected class token's mean equals the dense one's
+        def last_cls(st, c):
+            x, size = tp.embed(model, imgs)
+            for i, (blk, step) in enumerate(zip(model.blocks, st)):
+                x, size = tp.run_block(blk, x, size, step, i)
+                x = tp.correct(x, None if c is None else c[i])
+            return x[:, 0]
+        torch.testing.assert_close(last_cls(steps, corr).mean(0), last_cls(tp.parse("dense:0*3", 3), None).mean(0),
+                                   atol=1e-5, rtol=1e-5)
+        both = tp.calibrate(model, batches, steps, scope="all")
+        assert both[0].shape == (2, model.embed_dim)
+        torch.testing.assert_close(both[0][0], corr[0])
+
+
+def test_corrections_from_images_a_apply_unchanged_to_images_b(model):
+    torch.manual_seed(7)
+    a = [torch.randn(2, 3, 70, 70) for _ in range(2)]
+    b = [torch.randn(2, 3, 70, 70) for _ in range(4)]
+    steps = tp.parse("um:4*1,tome:4*2", 3)
+    with torch.no_grad():
+        from_a = tp.calibrate(model, a, steps)
+        held = tp.corrections_for(model, a, b, steps)
+        assert len(held) == 4
+        for c in held:
+            for x, y in zip(c, from_a):
+                assert torch.equal(x, y)
+        from_b = tp.calibrate(model, b, steps)
+        assert not torch.allclose(from_a[-1], from_b[-1])
+        folds = tp.corrections_for(model, a, b, steps, folds=True)  # each half calibrated on the other
+        for x, y in zip(folds[0], tp.calibrate(model, b[2:], steps)):
+            torch.testing.assert_close(x, y)
+        for x, y in zip(folds[3], tp.calibrate(model, b[:2], steps)):
+            torch.testing.assert_close(x, y)
+
+
+def test_unmerge_macs(model):
+    tokens = model.patch_embed.num_patches + 1
+    dense = tp.macs_ratio(model, tp.parse("dense:0*3", 3), tokens)
+    assert tp.macs_ratio(model, tp.parse("um:0*3", 3), tokens) == dense  # nothing merged, nothing matched
+    assert tp.macs_ratio(model, tp.parse("um:8*3", 3), tokens) < tp.macs_ratio(model, tp.parse("umlp:8*3", 3), tokens) < dense
+    assert (tp.macs_ratio(model, tp.parse("um+cap=2:8*3", 3), tokens)
+            > tp.macs_ratio(model, tp.parse("um:8*3", 3), tokens))
+
+
+def test_linear_corrections_follow_the_source_map(model):
+    torch.manual_seed(8)
+    batches = [torch.randn(2, 3, 70, 70) for _ in range(2)]
+    c = model.embed_dim
+    with torch.no_grad():
+        # nothing reduced: the dense tokens are the reduced ones, the fitted corrections vanish
+        for scope, shape in (("lin0.01", (c + 2, c)), ("diag0.01", (3, c))):
+            corr = tp.calibrate(model, batches, tp.parse("dense:0*3", 3), scope)
+            assert corr[0].shape == shape
+            assert max(w.abs().max().item() for w in corr) < 1e-4
+        x = torch.randn(2, 9, c)
+        torch.testing.assert_close(tp.correct(x, torch.zeros(c + 2, c)), x)
+        torch.testing.assert_close(tp.correct(x, torch.zeros(3, c)), x)
+        # tome's source map: every original token is held by one reduced token
+        xs, size = tp.embed(model, batches[0])
+        src = None
+        for i, blk in enumerate(model.blocks):
+            xs, size, src = tp.traced_block(blk, xs, size, ("tome", 4, {}), i, src)
+        assert src.shape == (2, 26) and src.max() == xs.shape[1] - 1
+        for b in range(2):
+            torch.testing.assert_close(torch.bincount(src[b], minlength=xs.shape[1]).float(), size[b, :, 0])
+        corr = tp.calibrate(model, batches, tp.parse("tome:4*3", 3), "lin0.01")
+        assert corr[-1].abs().max() > 0
+
+
+def test_class_only_last_block_is_exact_for_the_class_token(model):
+    x = _images()
+    with torch.no_grad():
+        for head in ("dense:0*2", "tome:3*2", "soft:2*1,um:4*1"):
+            a = tp.cls_features(model, x, tp.parse(head + ",dense:0*1", 3))
+            b = tp.cls_features(model, x, tp.parse(head + ",clsonly:0*1", 3))
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    tokens = model.patch_embed.num_patches + 1
+    assert (tp.macs_ratio(model, tp.parse("tome:3*2,clsonly:0*1", 3), tokens)
+            < tp.macs_ratio(model, tp.parse("tome:3*2,prune:20*1", 3), tokens))
