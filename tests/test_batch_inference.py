@@ -7,8 +7,6 @@ from helpers import run_cli, tiny_vit
 from mergepass.eval import batch_inference as bi
 from mergepass.eval import data
 
-pytestmark = pytest.mark.xdist_group("batch_inference")
-
 
 def _images(folder, n=6):
     from PIL import Image
