@@ -176,3 +176,17 @@ def test_soft_recipes_name_the_method():
         r = mergepass.load_recipe(name)
         assert r.merge.method == "soft" and r.merge.k >= 1
     assert mergepass.load_recipe("soft_int8").quantize.enabled
+
+
+def test_the_delayed_recipe_keeps_the_first_block_dense_and_names_a_depth_it_does_not_fit():
+    """``soft_delayed_int8``: the first block dense, then 18, 18 and 19 tokens per block, at MACs <= 0.62 of a
+    12-block ViT at 257 tokens; a model of another depth is told what the recipe lists."""
+    recipe = mergepass.load_recipe("soft_delayed_int8")
+    assert recipe.merge.method == "soft" and recipe.quantize.enabled
+    x = torch.randn(1, 3, 64, 64)
+    sched = mergepass.plan(tiny_vit(depth=12, img_size=64, patch_size=4), x, recipe.replace(quantize={"enabled": False}))
+    assert sched.tokens == 257
+    assert [b.tokens_in - b.tokens_out for b in sched.blocks] == [0, 18, 18] + [19] * 9
+    assert sched.macs / sched.base_macs <= 0.62
+    with pytest.raises(ValueError, match="lists 12 values but the model has 3 blocks"):
+        mergepass.plan(tiny_vit(depth=3), x, "soft_delayed_int8")
