@@ -306,10 +306,14 @@ def test_tensorrt_int8_lowering():
 def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges(tome_int8):
     """docs/how-it-works.md suggests inductor's C++ wrapper for small batches: it must give the same model."""
     from torch._inductor import config as inductor_config
-    m, x, calib, _, out_py, _ = tome_int8
-    with inductor_config.patch(cpp_wrapper=True):
-        out_cpp, code = _run(m, x, mergepass.backend("tome_int8", merge={"r": 3, "kernel": "fused"}, calibration=calib,
-                                                     cache=False))
+    m, x, calib, _, _, _ = tome_int8
+    outs = {}
+    for cpp in (False, True):  # the same compile (no compile cache, the same kept kernel decisions), either wrapper
+        torch._dynamo.reset()
+        with inductor_config.patch(cpp_wrapper=cpp):
+            outs[cpp], code = _run(m, x, mergepass.backend("tome_int8", merge={"r": 3, "kernel": "fused"},
+                                                           calibration=calib, cache=False))
+    out_py, out_cpp = outs[False], outs[True]
     assert "qlinear_pointwise" in code and "bipartite_merge" in code and "inductor_entry_impl" in code
     torch.testing.assert_close(out_cpp, out_py, rtol=1e-4, atol=1e-4)
 
