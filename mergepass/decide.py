@@ -1,7 +1,8 @@
 """Choices that depend on the CPU, made by measuring on the machine that runs them.
 
 Each candidate is timed once (interleaved rounds, fastest round) on the caller's own shapes; the fastest one whose
-measured error stays inside the caller's budget is chosen, and the decision is kept on disk, keyed by the
+measured error stays inside the caller's budget is chosen (of candidates within :data:`TIE` of its time, the one
+with the smallest error), and the decision is kept on disk, keyed by the
 question, the shapes, the CPU (model and flags), the thread count and the versions. A later compile reads it
 back and times nothing, so its choice is deterministic; a process asking while another times the same question
 waits for that one's decision. Where nothing can be measured (one candidate can run,
@@ -48,6 +49,9 @@ def decisions_dir() -> Path:
         return Path(env)
     from .compat import inductor_cache_dir
     return Path(inductor_cache_dir()) / "mergepass-decisions"
+
+
+TIE = 0.03  # candidates whose times are within this fraction of the fastest are tied
 
 
 @dataclass
@@ -208,7 +212,14 @@ def _measure(question: str, candidates: Mapping[str, Candidate], default: str,
     seconds = (timer or interleaved_best)(runnable)
     times = {name: 1e3 * s for name, s in seconds.items()}
     eligible = [n for n in times if n not in declined]
-    choice = min(eligible, key=lambda n: times[n]) if eligible else default
+    if not eligible:
+        return Decision(question, default, times, errors, declined, True, budget, cpu.machine())
+    fastest = min(eligible, key=lambda n: times[n])
+    # times this close are one within timing noise: the most faithful of them is kept, and the same every run
+    tied = [n for n in eligible if times[n] <= times[fastest] * (1.0 + TIE)]
+    choice = min(tied, key=lambda n: (errors.get(n, 0.0), times[n]))
+    if choice != fastest:
+        declined[fastest] = f"within {TIE:.0%} of {choice}'s time (timing noise), with a larger error"
     return Decision(question, choice, times, errors, declined, True, budget, cpu.machine())
 
 

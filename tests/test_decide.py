@@ -150,3 +150,16 @@ def test_attention_choice_times_every_runnable_kernel_on_the_graphs_shape():
     if attention.unavailable("int8") is None:  # its real per-call error (~1e-4) is over a budget of 1e-6
         strict = attention.choose(shape, shape, shape, None, tolerance=1e-6, timer=_timer(fake, []))
         assert strict.choice != "int8" and "over the budget" in strict.declined["int8"]
+
+
+def test_candidates_tied_within_timing_noise_keep_the_more_faithful():
+    """Two times within 3% cannot be told apart: the one with the smaller error wins, and says why the other lost;
+    further apart, the faster one wins."""
+    cands = _candidates(noisy=0.01)
+    tied = decide.decide("q", {"n": 1}, cands, default="exact", reference=lambda: EXACT, budget=1.0,
+                         timer=_timer({"exact": 1.02, "close": 1.5, "noisy": 1.0, "broken": 1.5}, []))
+    assert tied.errors["noisy"] > tied.errors["exact"] and tied.choice == "exact"
+    assert "timing noise" in tied.declined["noisy"]
+    apart = decide.decide("q", {"n": 2}, cands, default="exact", reference=lambda: EXACT, budget=1.0,
+                          timer=_timer({"exact": 1.10, "close": 1.5, "noisy": 1.0, "broken": 1.5}, []))
+    assert apart.choice == "noisy" and "noisy" not in apart.declined
