@@ -75,6 +75,7 @@ from mergepass.eval import data as data_mod  # noqa: E402
 from mergepass.eval.evaluate import load_model  # noqa: E402
 from mergepass.graph.cost import block_macs  # noqa: E402
 from mergepass.merge.bipartite import match_scores, normalize  # noqa: E402
+from mergepass.merge import unmerge  # noqa: E402
 from mergepass.merge.ops import global_merge, top_k_mask  # noqa: E402
 from mergepass.methods.soft import soft_merge  # noqa: E402
 
@@ -97,10 +98,7 @@ def soft_biased(x, size, r, bias_a):
     a_pos, b_pos = pos[a].expand(bsz, -1), pos[b].expand(bsz, -1)
     kept = torch.cat([a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
     src = a_pos.gather(1, mm.src_idx)
-
-    def rows(t, idx):
-        return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-
+    rows = unmerge  # the rows of a [B, N, C] tensor at token indices [B, M]
     dest = (rows(feats, src) @ rows(feats, kept).transpose(-1, -2)).argmax(-1)
     xm, sm = x[:, PREFIX:], size[:, PREFIX:]
     s_kept, s_src = rows(sm, kept), rows(sm, src)
@@ -257,11 +255,6 @@ def group_mean(x, size, group, m):
     sums = x.new_zeros(x.shape[0], m, c + 1).scatter_add_(
         1, group[..., None].expand(-1, -1, c + 1), torch.cat([x * size, size], -1))
     return sums[..., :c] / sums[..., c:], sums[..., c:]
-
-
-def unmerge(t, group):
-    """Every token takes its group's row of ``t`` [B, m, C]."""
-    return t.gather(1, group[..., None].expand(-1, -1, t.shape[-1]))
 
 
 def unmerge_block(blk, x, size, step, index):
