@@ -18,7 +18,10 @@ from mergepass.rewrite.capture import capture_graphs, prepare
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
+    """A compile cache of the test's own, and kernel decisions of its own: ``--clear`` deletes both, and the
+    shared decisions are read by other workers' compiles mid-test."""
     monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MERGEPASS_DECISIONS_DIR", str(tmp_path / "decisions"))
     monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
     return tmp_path / "cache"
 

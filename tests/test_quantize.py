@@ -303,10 +303,13 @@ def test_tensorrt_int8_lowering():
 
 
 @pytest.mark.xdist_group("tome_int8")
-def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges(tome_int8):
+def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges(tome_int8, tmp_path, monkeypatch):
     """docs/how-it-works.md suggests inductor's C++ wrapper for small batches: it must give the same model."""
     from torch._inductor import config as inductor_config
     m, x, calib, _, _, _ = tome_int8
+    # decisions of its own: the first compile times the kernels, the second reads that choice back, whatever
+    # another worker does to the shared ones meanwhile
+    monkeypatch.setenv("MERGEPASS_DECISIONS_DIR", str(tmp_path))
     outs = {}
     for cpp in (False, True):  # the same compile (no compile cache, the same kept kernel decisions), either wrapper
         torch._dynamo.reset()
