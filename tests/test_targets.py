@@ -66,6 +66,7 @@ def package(graph, tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.xdist_group("targets_package")  # one worker builds the package once
 def test_package_target_keys_builds_and_loads(graph, package, monkeypatch):
     m, gm, ex, _ = graph
     target, work, key, built = package
@@ -85,6 +86,7 @@ def test_package_target_keys_builds_and_loads(graph, package, monkeypatch):
     assert PackageTarget(built.package.parent / "written.pt2").load(key, work).run is None  # export: never loaded
 
 
+@pytest.mark.xdist_group("targets_package")  # one worker builds the package once
 def test_a_package_refuses_inputs_it_cannot_serve_and_still_serves_the_rest(package):
     _, work, _, built = package
     art = mergepass.load(built.package)
