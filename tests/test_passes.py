@@ -3,6 +3,7 @@
 The contracts pinned here: what each pass changes, what it returns, the node tags and shapes later
 passes read, and how a block that cannot be rewritten is declined."""
 import operator
+import sys
 
 import pytest
 import torch
@@ -196,6 +197,22 @@ def test_fix_token_literals_refuses_a_change_outside_the_allowed_nodes():
     insert_merges(work, match, sched)
     with pytest.raises(RewriteError, match="outside the merged blocks|shape changed"):
         fix_token_literals(work, g.inputs, match.blocks[0].nodes, {}, match.tokens, match.prefix)
+
+
+def test_a_node_meta_tensors_cannot_run_is_propagated_on_fake_tensors(monkeypatch):
+    """The walk runs on meta tensors; a copy to the model's device (which a meta tensor cannot make) in a merged
+    block runs on fake tensors, and the literals still follow the merges."""
+    from mergepass.rewrite.passes import fix_token_literals as ftl
+    ftl_module = sys.modules[ftl.__module__]
+    g, gm, work, match, sched = _scheduled(mlp_extra=lambda g, h: g.method("to", h, "cpu"))
+    out = insert_merges(work, match, sched)
+    on_fake = []
+    real = ftl_module._Fixer._on_fake
+    monkeypatch.setattr(ftl_module._Fixer, "_on_fake", lambda self, n: on_fake.append(n) or real(self, n))
+    fixed = fix_token_literals(work, g.inputs, out.allowed(match), out.source_of(match), match.tokens, match.prefix)
+    assert [n.target for n in on_fake] == ["to"]  # block 1's copy, and nothing else
+    assert fixed == 4 and _reshapes(work) == [r for n in (17, 14, 11) for r in ((2, n, 3, 2, 8), (2, n, 16))]
+    assert g.run(work).shape == g.run(gm).shape
 
 
 def _mean_over_tokens(g, h):

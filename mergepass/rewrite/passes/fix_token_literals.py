@@ -1,10 +1,14 @@
-"""Propagate fake tensors through a rewritten graph and make token-count literals follow the merges.
+"""Propagate shapes through a rewritten graph and make token-count literals follow the merges.
 
 Dynamo bakes the token count into reshapes/views as Python ints (``reshape(B, 197, 3, H, D)``).
-After a merge those literals are wrong. Walking the graph with fake tensors, every shape op whose
+After a merge those literals are wrong. Walking the graph with shape-only tensors, every shape op whose
 input lost tokens gets the literal that equals the old token count replaced by the new one. Anything
 that cannot be fixed unambiguously raises :class:`RewriteError` naming the node, and the caller
 merges fewer blocks instead.
+
+The walk runs on meta tensors, whose ops are shape functions dispatched in C++. Fake tensors (dispatched in
+Python, several times slower per op) run only the nodes meta tensors cannot: a copy to a device, a module
+holding real weights, an op without a meta kernel.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint_int
+from torch.fx.node import map_aggregate
 
 from ... import compat
 from ...graph.lift import is_state
@@ -34,6 +39,14 @@ class RewriteError(RuntimeError):
 def _concrete(v):
     """A SymInt's example value (dynamo traces with a hint for every symbolic size)."""
     return hint_int(v) if isinstance(v, torch.SymInt) else v  # constant SymInts have a hint too
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``t``'s concrete sizes, strides and dtype."""
+    if t.is_meta:
+        return t
+    return torch.empty_strided(tuple(_concrete(d) for d in t.shape), tuple(_concrete(d) for d in t.stride()),
+                               dtype=t.dtype, device="meta")
 
 
 def _old_shape(node) -> tuple | None:
@@ -59,11 +72,33 @@ def _shape_args(n: fx.Node):
 
 
 class _Fixer(fx.Interpreter):
-    def __init__(self, gm, allowed_changes: set, source_of: dict, data: set, tokens: int, prefix: int):
+    def __init__(self, gm, allowed_changes: set, source_of: dict, data: set, tokens: int, prefix: int,
+                 device: torch.device):
         super().__init__(gm)
         self.allowed = allowed_changes
         self.source_of, self.data, self.tokens, self.prefix = source_of, data, tokens, prefix
+        self.device, self.fake = device, None
         self.fixed = 0
+
+    def fetch_attr(self, target: str):
+        v = super().fetch_attr(target)
+        return _meta(v) if isinstance(v, torch.Tensor) else v
+
+    def _execute(self, n: fx.Node):
+        """``n``'s output on meta tensors, or, where they cannot run it, on fake tensors of the model's device."""
+        try:
+            return super().run_node(n)
+        except Exception:  # noqa: BLE001 - the fake-tensor run below says whether the node fails for real
+            return map_aggregate(self._on_fake(n), lambda v: _meta(v) if isinstance(v, torch.Tensor) else v)
+
+    def _on_fake(self, n: fx.Node):
+        if self.fake is None:
+            self.fake = compat.fake_mode()
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        to_fake = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=self.device)  # noqa: E731
+        with self.fake:
+            args, kwargs = map_aggregate((args, kwargs), lambda v: to_fake(v) if isinstance(v, torch.Tensor) else v)
+            return getattr(self, n.op)(n.target, args, kwargs)
 
     def run_node(self, n: fx.Node):
         if n.op in ("call_method", "call_function") and (
@@ -73,7 +108,7 @@ class _Fixer(fx.Interpreter):
         if n in self.source_of:
             self._read_tables(n)
         try:
-            out = super().run_node(n)
+            out = self._execute(n)
         except RuntimeError as e:
             # a model op refusing the new token count (a shape check, a size mismatch) declines the
             # block; a failure inside mergepass's own ops is a bug and must not pass for a decline
@@ -104,7 +139,7 @@ class _Fixer(fx.Interpreter):
                 g = self.graph.call_function(gather_positions, (rd.table, self.source_of[n], rd.dims, rd.offset,
                                                                 rd.n, rd.ndim))
             mark_inserted(g)
-            self.env[g] = fx.Interpreter.run_node(self, g)  # inserted behind the walk: run it here
+            self.env[g] = self._execute(g)  # inserted behind the walk: run it here
             self.allowed.add(g)
             if isinstance(rd.slot, int):
                 n.args = n.args[:rd.slot] + (g,) + n.args[rd.slot + 1:]
@@ -201,12 +236,11 @@ def fix_token_literals(gm: fx.GraphModule, example_inputs: Sequence, allowed_cha
     tables are read at merged positions; ``tokens``/``prefix``: the original and protected token counts.
     Returns the number of literals and tables changed. Graph outputs must keep their original shapes.
     """
-    mode = compat.fake_mode()
-    with mode:
-        # symbolic sizes (a dynamic batch) run at their example values; scalar module state read with
-        # .item() was folded into constants before (passes/fold_scalars.py)
-        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else _concrete(t) for t in example_inputs]
-        fixer = _Fixer(gm, set(allowed_changes), source_of or {}, _data_nodes(gm, example_inputs), tokens, prefix)
-        fixer.run(*fakes)
+    # symbolic sizes (a dynamic batch) run at their example values; scalar module state read with .item() was
+    # folded into constants before (passes/fold_scalars.py)
+    shapes = [_meta(t) if isinstance(t, torch.Tensor) else _concrete(t) for t in example_inputs]
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    fixer = _Fixer(gm, set(allowed_changes), source_of or {}, _data_nodes(gm, example_inputs), tokens, prefix, device)
+    fixer.run(*shapes)
     gm.recompile()
     return fixer.fixed
