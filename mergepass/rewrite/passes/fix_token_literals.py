@@ -41,12 +41,14 @@ def _concrete(v):
     return hint_int(v) if isinstance(v, torch.SymInt) else v  # constant SymInts have a hint too
 
 
-def _meta(t: torch.Tensor) -> torch.Tensor:
-    """A meta tensor of ``t``'s concrete sizes, strides and dtype."""
-    if t.is_meta:
-        return t
+def _blank(t: torch.Tensor, device) -> torch.Tensor:
+    """An uninitialised tensor of ``t``'s concrete sizes, strides and dtype on ``device``."""
     return torch.empty_strided(tuple(_concrete(d) for d in t.shape), tuple(_concrete(d) for d in t.stride()),
-                               dtype=t.dtype, device="meta")
+                               dtype=t.dtype, device=device)
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_meta else _blank(t, "meta")
 
 
 def _old_shape(node) -> tuple | None:
@@ -95,9 +97,9 @@ class _Fixer(fx.Interpreter):
         if self.fake is None:
             self.fake = compat.fake_mode()
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        to_fake = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=self.device)  # noqa: E731
         with self.fake:
-            args, kwargs = map_aggregate((args, kwargs), lambda v: to_fake(v) if isinstance(v, torch.Tensor) else v)
+            args, kwargs = map_aggregate((args, kwargs),
+                                         lambda v: _blank(v, self.device) if isinstance(v, torch.Tensor) else v)
             return getattr(self, n.op)(n.target, args, kwargs)
 
     def run_node(self, n: fx.Node):
