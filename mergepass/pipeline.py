@@ -24,7 +24,7 @@ from .quantize import Quantized, fit_to_graph, quantize, read_calibration
 from .recipe import Recipe, load
 from .rewrite import passes
 from .rewrite.capture import capture_graphs, copy_graph_module, prepare
-from .rewrite.merges import RewriteResult, rewrite
+from .rewrite.merges import RewriteResult, prune_rows, rewrite
 from .schedule import Schedule
 from .search.auto import choose
 from .search.score import graph_fidelity
@@ -36,13 +36,17 @@ def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
                 calibration: Optional[list[tuple]] = None, model: str = "", warn: Any = True,
                 fused: bool = False) -> RewriteResult:
     """Insert the recipe's merges into a copy of dynamo's graph. Recipe method ``auto`` is resolved
-    first (:mod:`mergepass.search.auto`), scored on ``calibration`` (from :func:`read_calibration`)."""
+    first (:mod:`mergepass.search.auto`), scored on ``calibration`` (from :func:`read_calibration`). With
+    ``lower.prune_rows``, the last block computes only the rows the outputs read (merges or none)."""
     base = prepare(gm, example_inputs)
+    prune = recipe.lower.prune_rows
+    if not recipe.merges:  # only rows to prune
+        return prune_rows(base, example_inputs)
     if recipe.merge.method != "auto":
-        return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused)
+        return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused, prune=prune)
     match = find_blocks(copy_graph_module(base))
     if not match.ok:
-        return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused)
+        return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused, prune=prune)
     scorer = None
     if calibration is not None:
         batches = fit_to_graph(calibration, base, example_inputs)
@@ -50,7 +54,7 @@ def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
     choice = choose(match, recipe, scorer)
     choice.schedule.model = model
     return rewrite(base, example_inputs, choice.recipe, schedule=choice.schedule, notes=[choice.note],
-                   model=model, warn=warn, fused=fused)
+                   model=model, warn=warn, fused=fused, prune=prune)
 
 
 def training(example_inputs: Sequence) -> bool:
@@ -161,7 +165,7 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
     merge ops, as a package that must load without mergepass needs. ``gm`` itself is never modified."""
     fused, merge_decision = merge_kernel_stage(recipe, example_inputs) if kernels and recipe.merges else (False, None)
     merge_kernel = ("fused" if fused else "reference") if recipe.merges else ""
-    if recipe.merges:
+    if recipe.merges or (recipe.lower.prune_rows and not training(example_inputs)):
         with stage("match, schedule and merge"):
             result = merge_stage(gm, example_inputs, recipe, calibration=calibration, model=model, warn=warn,
                                  fused=fused)

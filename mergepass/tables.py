@@ -42,10 +42,14 @@ class Lower:
                                        # scales); sdpa: torch's; auto: SDPA in floating-point graphs, and in int8
                                        # graphs the fastest of the three as timed on this CPU, within
     attention_tolerance: float = 5e-4  # ... this per-call error (1 - cosine against FP32 SDPA)
+    prune_rows: bool = True            # the last block computes only the token rows the outputs read, where those
+                                       # are protected tokens (a class token): exact
 
     def validate(self) -> None:
         check_choice("lower.target", self.target, LOWERINGS)
         check_choice("lower.attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
+        if not isinstance(self.prune_rows, bool):
+            raise ValueError(f"recipe field 'lower.prune_rows' must be true or false, got {self.prune_rows!r}")
         tol = self.attention_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
             raise ValueError(f"recipe field 'lower.attention_tolerance' must be a number in [0, 1], got {tol!r}")

@@ -60,7 +60,7 @@ class GraphBuilder:
 
 def vit_graph(depth: int = 2, batch: int = 2, grid: int = 4, prefix: int = 1, dim: int = 16, heads: int = 2,
               attention: str = "sdpa", patch: int = 4, mlp_extra=None, post_norm: bool = False,
-              rel_bias: bool = False):
+              rel_bias: bool = False, pool: str = "token"):
     """A pre-norm ViT: conv patch embed → [cls] + patches + pos → blocks → norm → head on the first token.
 
     ``attention``: "sdpa" (timm's fused path) or "softmax" (q@kᵀ*scale → softmax → @v).
@@ -68,6 +68,8 @@ def vit_graph(depth: int = 2, batch: int = 2, grid: int = 4, prefix: int = 1, di
     ``post_norm``: norm after the residual adds (BERT style), which has no pre-norm residual chain.
     ``rel_bias``: a learned [1, heads, N, N] relative-position bias added to the logits (BEiT style;
     softmax attention only).
+    ``pool``: what the head reads of the last tokens: "token" (``x[:, 0]``), "avg" (the mean over tokens) or
+    "patch" (``x[:, prefix]``, the first patch token).
     Returns (builder, graph module)."""
     g = GraphBuilder()
     n = prefix + grid * grid
@@ -113,6 +115,9 @@ def vit_graph(depth: int = 2, batch: int = 2, grid: int = 4, prefix: int = 1, di
         if post_norm:
             x = g.fn(F.layer_norm, x, (dim,), None, None, 1e-6)
     x = g.fn(F.layer_norm, x, (dim,), g.param("norm_weight", dim, scale=1.0), g.param("norm_bias", dim), 1e-6)
-    first = g.fn(operator.getitem, x, (slice(None), 0))
+    if pool == "avg":
+        first = g.method("mean", x, 1)
+    else:
+        first = g.fn(operator.getitem, x, (slice(None), prefix if pool == "patch" else 0))
     out = g.fn(torch._C._nn.linear, first, g.param("head_weight", 5, dim), g.param("head_bias", 5))
     return g, g.output(out)

@@ -269,3 +269,89 @@ def test_unmatched_graph_comes_back_unchanged_with_one_note():
     said = []
     res = rewrite(prepare(gm, g.inputs), g.inputs, mergepass.load_recipe("tome"), warn=said.append)
     assert res.schedule is None and len(said) == 1 and "no transformer blocks matched" in said[0]
+
+
+# -- prune_unread_rows -------------------------------------------------------------------------------
+
+def _pruned(gm, g, **kw):
+    from mergepass.rewrite.merges import prune_rows
+    return prune_rows(prepare(gm, g.inputs), g.inputs)
+
+
+@pytest.mark.parametrize("attention,rel_bias", [("sdpa", False), ("softmax", False), ("softmax", True)])
+def test_the_last_block_computes_only_the_class_token_row_and_the_output_is_the_same(attention, rel_bias):
+    g, gm = vit_graph(depth=3, attention=attention, rel_bias=rel_bias)
+    res = _pruned(gm, g)
+    assert res.gm is not gm and len(res.notes) == 1 and "computes 1 token row" in res.notes[0]
+    # the last block's attention output and MLP run on one row; the blocks before it on all 17
+    assert _reshapes(res.gm) == [(2, 17, 3, 2, 8), (2, 17, 16)] * 2 + [(2, 17, 3, 2, 8), (2, 1, 16)]
+    # qkv, proj, fc1, fc2 per block, then the head (its rows: the batch)
+    assert _linear_rows(res.gm, g) == [17, 17, 17, 17] * 2 + [17, 1, 1, 1] + [2]
+    torch.testing.assert_close(g.run(res.gm), g.run(gm), rtol=1e-5, atol=1e-6)
+
+
+def _linear_rows(gm, g):
+    """The rows each linear of ``gm`` multiplies when it runs on ``g``'s inputs, in graph order."""
+    seen = []
+
+    class Rows(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target is torch._C._nn.linear:
+                seen.append(out.shape[-2] if out.dim() == 3 else out.shape[0])
+            return out
+    with torch.no_grad():
+        Rows(gm).run(*g.inputs)
+    return seen
+
+
+@pytest.mark.parametrize("pool,prefix", [("avg", 1), ("patch", 1), ("token", 0)])
+def test_rows_the_outputs_read_beyond_protected_tokens_are_all_computed(pool, prefix):
+    g, gm = vit_graph(depth=2, pool=pool, prefix=prefix, grid=4 if prefix else 5)
+    base = prepare(gm, g.inputs)
+    from mergepass.rewrite.merges import prune_rows
+    res = prune_rows(base, g.inputs)
+    assert res.gm is base and not res.notes
+
+
+def test_a_last_block_that_reduces_over_tokens_keeps_all_its_rows():
+    g, gm = vit_graph(depth=2, mlp_extra=_mean_over_tokens)  # block 1, the last, averages its tokens
+    res = _pruned(gm, g)
+    assert len(res.notes) == 1 and "all rows computed because" in res.notes[0]
+    assert "consumes the token axis" in res.notes[0]
+    torch.testing.assert_close(g.run(res.gm), g.run(gm), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", ["tome", "soft", "tomato", "dfe_lgtm"])
+def test_pruned_rows_with_merges_give_the_merged_graph_s_output(recipe):
+    """The last block's merge and the unmerge after it go; the merges before it stay."""
+    g, gm = vit_graph(depth=3, grid=6)
+    base = prepare(gm, g.inputs)
+    r = mergepass.load_recipe(recipe)
+    full = rewrite(base, g.inputs, r, warn=False)
+    pruned = rewrite(base, g.inputs, r, warn=False, prune=True)
+    assert full.merged and pruned.merged and any("computes 1 token row" in n for n in pruned.notes)
+    merges = [n for n in full.gm.graph.nodes if n.op == "call_function" and n.target is not unmerge
+              and inserted(n) and "merge" in getattr(n.target, "__name__", "")]
+    kept = [n for n in pruned.gm.graph.nodes if n.op == "call_function" and n.target is not unmerge
+            and inserted(n) and "merge" in getattr(n.target, "__name__", "")]
+    assert len(kept) == len(merges) - (full.schedule.blocks[-1].merged > 0) and not _calls(pruned.gm, unmerge)
+    assert _linear_rows(pruned.gm, g)[-4:] == [1, 1, 1, 2]
+    torch.testing.assert_close(g.run(pruned.gm), g.run(full.gm), rtol=1e-5, atol=1e-5)
+    # the schedule prices the last block at one row after its keys and values: qkv on every token entering it
+    last, block = pruned.schedule.blocks[-1], pruned.match.blocks[-1]
+    n, d = last.tokens_in, 16
+    assert (block.lin_qkv, block.lin_attn, block.lin_mlp) == (3 * d * d, 4 * d * d, 4 * d * d)
+    assert last.macs == n * 3 * d * d + 2 * n * d + (d * d + 4 * d * d) == block.rows_macs(n, 1)
+    assert block.rows_macs(n, n) == block.macs(n, n)
+    assert full.schedule.macs - pruned.schedule.macs == full.schedule.blocks[-1].macs - last.macs > 0
+
+
+def test_a_last_block_the_shape_walk_refuses_keeps_its_rows_and_the_merges_before_it():
+    g, gm = vit_graph(depth=2, mlp_extra=_mean_over_tokens)
+    said = []
+    res = rewrite(prepare(gm, g.inputs), g.inputs, mergepass.load_recipe("tome", merge={"r": 3}), warn=said.append,
+                  prune=True)
+    assert [b.kind for b in res.schedule.blocks] == ["global", "off"]
+    assert any("all rows computed because" in n for n in res.notes) and len(_calls(res.gm, unmerge)) == 1
+    assert _linear_rows(res.gm, g)[-4:] == [17, 17, 17, 2]  # block 1 on all tokens, unmerged again before it

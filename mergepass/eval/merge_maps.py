@@ -21,7 +21,7 @@ def _merge_fns() -> set:
 
 def source_maps(model: torch.nn.Module, image: torch.Tensor, recipe: Any = "tome", **overrides):
     """(schedule, [source map after each merging block: LongTensor [B, N0]]) for ``image``."""
-    r = load(recipe, **overrides)
+    r = load(recipe, **overrides).replace(lower={"prune_rows": False})  # the last block's merge is a map too
     gm, ex = capture_graphs(model, image)[0]
     res = merge_stage(gm, ex, r, warn=False)
     if not res.merged:

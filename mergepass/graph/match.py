@@ -38,10 +38,16 @@ class Block:
     lin_attn: int = 0             # multiply-adds per token in linears before the merge point
     lin_mlp: int = 0              # ... and after it (the MLP)
     attn_dim: int = 0             # heads * head_dim (attention cost is 2 * N^2 * attn_dim)
+    lin_qkv: int = 0              # multiply-adds per token in the linears feeding attention (part of lin_attn)
 
     def macs(self, n_in: int, n_out: int) -> int:
         """Multiply-adds per image when ``n_in`` tokens enter and ``n_out`` leave (:func:`.cost.block_macs`)."""
         return cost.block_macs(self.lin_attn, self.attn_dim, self.lin_mlp, n_in, n_out)
+
+    def rows_macs(self, n_in: int, rows: int) -> int:
+        """Multiply-adds per image when ``n_in`` tokens enter and only ``rows`` are computed after the keys and
+        values (:func:`.cost.rows_macs`)."""
+        return cost.rows_macs(self.lin_qkv, self.lin_attn, self.attn_dim, self.lin_mlp, n_in, rows)
 
 
 @dataclass
@@ -242,8 +248,9 @@ def _match_block(gm: fx.GraphModule, g: nx.DiGraph, attns: list, core, kind, key
         return (f"{where}: the token count is symbolic (dynamic image size); a static schedule "
                 "needs a fixed token count")
     name = (module_path(x_out) or module_path(core)).rsplit(".attn", 1)[0].rsplit(".mlp", 1)[0]
-    lin_attn, lin_mlp, attn_dim = cost.block_costs(gm, nodes, mid_down, ks, kt, s_in[0])
-    return Block(0, name, x_in, core, kind, keys, kt, x_mid, x_out, nodes, lin_attn, lin_mlp, attn_dim)
+    lin_attn, lin_mlp, attn_dim, lin_qkv = cost.block_costs(gm, nodes, mid_down, ks, kt, s_in[0],
+                                                            nx.ancestors(g, core))
+    return Block(0, name, x_in, core, kind, keys, kt, x_mid, x_out, nodes, lin_attn, lin_mlp, attn_dim, lin_qkv)
 
 
 def find_blocks(gm: fx.GraphModule) -> MatchResult:

@@ -13,7 +13,7 @@ from ..graph.match import NO_ATTENTION, MatchResult, find_blocks
 from ..schedule import Schedule, make_schedule
 from . import passes
 from .capture import copy_graph_module
-from .passes import RewriteError, fix_token_literals, insert_merges
+from .passes import RewriteError, fix_token_literals, insert_merges, prune_unread_rows
 from .passes.insert_merges import Inserted
 
 if TYPE_CHECKING:
@@ -50,9 +50,63 @@ def _no_blocks(base: fx.GraphModule, match: MatchResult, notes: list[str], say) 
     return RewriteResult(base, None, match, notes + [msg])
 
 
+def _tail(graph: fx.Graph, block) -> set:
+    """The last block's nodes and every node after its input: where pruning rows changes token counts."""
+    seen, out = False, set()
+    for n in graph.nodes:
+        seen = seen or n is block.x_in
+        if seen and n.op != "output":
+            out.add(n)
+    return out
+
+
+def _prune(work: fx.GraphModule, match: MatchResult, example_inputs: Sequence, allowed: set, source_of: dict,
+           prefix: int) -> int:
+    """Prune the last block's unread rows (:func:`~.passes.prune_unread_rows`) and walk the shapes; the rows kept,
+    0 where the outputs read more (``work`` unchanged). Raises RewriteError from the walk."""
+    last = match.blocks[-1]
+    rows = passes.run(prune_unread_rows, work, last, prefix)
+    allowed = allowed | (_tail(work.graph, last) if rows else set())
+    passes.run(fix_token_literals, work, example_inputs, allowed, source_of, match.tokens, prefix)
+    return rows
+
+
+def _rows_note(match: MatchResult, rows: int) -> list[str]:
+    return [f"{match.blocks[-1].name}: computes {rows} token row(s) after attention, the only ones the outputs "
+            "read"] if rows else []
+
+
+def _price_rows(sched: Schedule, match: MatchResult, rows: int) -> None:
+    """Give the schedule's last block the MACs of computing ``rows`` rows after its keys and values."""
+    last = sched.blocks[-1] if sched.blocks else None
+    if not rows or last is None or last.index != len(match.blocks) - 1:
+        return
+    macs = match.blocks[-1].rows_macs(last.tokens_in, rows)
+    sched.macs += macs - last.macs
+    last.macs = macs
+    last.note = "; ".join(filter(None, [last.note, f"{rows} row(s) after attention (all the outputs read)"]))
+
+
+def prune_rows(base: fx.GraphModule, example_inputs: Sequence, sched: Optional[Schedule] = None) -> RewriteResult:
+    """``base`` (a :func:`~.capture.prepare`-d graph) with its last block on the rows its outputs read, where it can
+    prove those are protected tokens; else ``base`` as it is. For graphs without merges; ``sched``: their schedule,
+    whose last block is priced at the rows kept."""
+    work = copy_graph_module(base)
+    match = find_blocks(work)
+    if not match.ok:
+        return RewriteResult(base, None, match)
+    try:
+        rows = _prune(work, match, example_inputs, set(), {}, match.prefix)
+    except RewriteError as e:
+        return RewriteResult(base, None, match, [f"{match.blocks[-1].name}: all rows computed because {e}"])
+    if sched is not None:
+        _price_rows(sched, match, rows)
+    return RewriteResult(work if rows else base, None, match, _rows_note(match, rows))
+
+
 def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "MergeSpec", *, schedule: Optional[Schedule] = None,
             notes: Sequence[str] = (), model: str = "", warn: Union[bool, Callable[[str], None]] = True,
-            fused: bool = False) -> RewriteResult:
+            fused: bool = False, prune: bool = False) -> RewriteResult:
     """Insert the recipe's merges into a copy of ``base`` (a :func:`~.capture.prepare`-d graph).
 
     Never raises for graphs it cannot handle: those come back unchanged with a
@@ -60,10 +114,12 @@ def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "MergeSpec",
     block after it: the rewrite starts again on a fresh copy with fewer blocks (at most once per block).
     ``schedule``: the full schedule when the caller already computed it. ``fused``: merges call the fused
     CPU kernel (:mod:`mergepass.merge.fused`). ``warn``: whether to warn, or the function that does (the
-    backend's says each thing once)."""
+    backend's says each thing once). ``prune``: the last block computes only the rows the outputs read, where
+    those are protected tokens (:func:`~.passes.prune_unread_rows`); where its shape walk fails, all of them."""
     notes = list(notes)
     say = warn if callable(warn) else (lambda m: warnings.warn(m, MergepassWarning, stacklevel=3)) if warn else None
     limit: Optional[int] = None
+    said = False
     while limit is None or limit > 0:  # each failed attempt lowers the limit: at most one per block
         work = copy_graph_module(base)
         match = find_blocks(work)
@@ -71,16 +127,28 @@ def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "MergeSpec",
             return _no_blocks(base, match, notes, say)
         sched = schedule if (schedule is not None and limit is None) else make_schedule(match, recipe, limit, model)
         sched.notes.extend(n for n in notes if n not in sched.notes)
-        if say and limit is None:
+        if say and limit is None and not said:
+            said = True
             for note in sched.adjusted:
                 say(f"mergepass: {note}")
         if not sched.merging:
-            return RewriteResult(base, sched, match, notes)
+            pruned = prune_rows(base, example_inputs, sched) if prune else RewriteResult(base, None, match)
+            return RewriteResult(pruned.gm, sched, match, notes + pruned.notes)
         inserted = passes.run(insert_merges, work, match, sched, fused=fused)
         try:
-            passes.run(fix_token_literals, work, example_inputs, inserted.allowed(match), inserted.source_of(match),
-                       match.tokens, sched.prefix)
+            if prune:
+                rows = _prune(work, match, example_inputs, inserted.allowed(match), inserted.source_of(match),
+                              sched.prefix)
+                notes.extend(_rows_note(match, rows))
+                _price_rows(sched, match, rows)
+            else:
+                passes.run(fix_token_literals, work, example_inputs, inserted.allowed(match),
+                           inserted.source_of(match), match.tokens, sched.prefix)
         except RewriteError as e:
+            if prune and e.node in _tail(work.graph, match.blocks[-1]):
+                prune = False  # the merges stay: only the rows are all computed again
+                notes.append(f"{match.blocks[-1].name}: all rows computed because {e}")
+                continue
             k = _blame(match, inserted, e)
             limit = min(k, inserted.region - 1, limit - 1 if limit is not None else k)
             note = f"{match.blocks[k].name}: not merged because {e}"

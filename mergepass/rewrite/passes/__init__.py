@@ -3,7 +3,7 @@ and every caller runs them through :func:`run`, which refuses any other function
 
 * prepare (:func:`mergepass.rewrite.capture.prepare`): dynamo's graph in the form matching expects;
 * merge (:func:`mergepass.rewrite.merges.rewrite`), after matching and scheduling: on a fresh copy again for
-  each block that falls back;
+  each block that falls back (``prune_unread_rows`` also where nothing merges);
 * attention ops (:func:`mergepass.pipeline.attention_stage`), as ``lower.attention_kernel`` asks;
 * int8 (:mod:`mergepass.quantize.pt2e`): ``int8_attention`` before ``torch.export`` (its fusion then runs
   inside inductor), the last two on the exported graph.
@@ -19,13 +19,14 @@ from .explicit_conv_padding import explicit_conv_padding
 from .fix_token_literals import RewriteError, fix_token_literals
 from .fold_scalars import fold_scalars
 from .insert_merges import insert_merges
+from .prune_unread_rows import prune_unread_rows
 from .int8_attention import decompose_attention
 from .replace_attention import replace_attention
 from .strip_noops import strip_noops
 
 ORDER: tuple[Callable[..., Any], ...] = (
     strip_noops, fold_scalars, expand_mha,    # prepare
-    insert_merges, fix_token_literals,        # merge
+    insert_merges, prune_unread_rows, fix_token_literals,  # merge
     replace_attention,                        # attention ops
     decompose_attention,                      # int8, before export
     explicit_conv_padding, affine_batch_norms,  # int8, on the exported graph
@@ -61,5 +62,5 @@ def watch(seen: Callable[[str], None]) -> Iterator[None]:
 
 
 __all__ = ["ORDER", "NAMES", "run", "watch", "name", "strip_noops", "fold_scalars", "expand_mha", "insert_merges",
-           "fix_token_literals", "RewriteError", "replace_attention", "decompose_attention", "explicit_conv_padding",
+           "prune_unread_rows", "fix_token_literals", "RewriteError", "replace_attention", "decompose_attention", "explicit_conv_padding",
            "affine_batch_norms"]
