@@ -46,9 +46,9 @@ def _eager(spec: str) -> str:
 
 
 def sweep(model, images, contenders, batch=8, calib_images=64, limit=None, rounds=5, log=print,
-          eager_fp32=False, crop_pct=0.875):
+          eager_fp32=False, crop_pct=0.875, outputs="tokens"):
     """Quality (and, unless ``eager_fp32`` runs FP32 recipes uncompiled, in-process speed) per contender."""
-    es = eval_set(model, images, calib_images, batch, limit, preprocess=dict(crop_pct=crop_pct))
+    es = eval_set(model, images, calib_images, batch, limit, preprocess=dict(crop_pct=crop_pct), outputs=outputs)
     rows = []
     for spec in contenders:
         untimed = eager_fp32 and "int8" not in spec and "quantize.enabled=true" not in spec
@@ -160,6 +160,9 @@ def main(argv=None) -> int:
                    help="run FP32 recipes uncompiled (same math, no compile time); time them with speed.py")
     p.add_argument("--speed-json", default=None,
                    help="take speedups from a quiet benchmarks/speed.py run (batch 8) instead of in-sweep timing")
+    p.add_argument("--outputs", choices=("tokens", "pooled"), default="tokens",
+                   help="tokens: forward_features (class token and patch metrics); pooled: the model's own forward, "
+                        "the graph speed.py times (its last block may compute the class token alone; no patch metric)")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore", UserWarning)
     t0 = time.time()
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
     else:
         model = load_model(args.model, args.checkpoint)
         rows, skipped = sweep(model, args.images, args.contenders, limit=args.limit, rounds=args.rounds,
-                              eager_fp32=args.eager_fp32)
+                              eager_fp32=args.eager_fp32, outputs=args.outputs)
     if args.speed_json:
         speed = {r["contender"]: r for res in json.loads(Path(args.speed_json).read_text())
                  if res["batch"] == 8 for r in res["rows"]}

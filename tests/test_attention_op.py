@@ -45,6 +45,21 @@ def test_op_matches_sdpa_and_the_plain_reference(kind, shape, bias):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_op_takes_fewer_queries_than_keys(kind, rows):
+    """The last block on the rows its outputs read (rewrite/passes/prune_unread_rows.py): queries are the first
+    rows of the projection, keys and values all of them."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 97, 32).unbind(0)
+    q = q[:, :, :rows]
+    mask = torch.rand(2, 1, 1, 97).log()
+    out = attention.attention(kind, q, k, v, mask)
+    want = F.scaled_dot_product_attention(q, k, v, mask)
+    assert out.shape == (2, 4, rows, 32) and _cos(out, want) >= MIN_COSINE[kind]
+    torch.testing.assert_close(out, REFERENCE[kind](q, k, v, mask), **TOLERANCE[kind])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_op_takes_a_scale_a_broadcast_mask_and_bf16_inputs(kind):
     q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
     mask = torch.randn(9, 9)

@@ -237,3 +237,19 @@ def test_a_spec_can_skip_dynamos_guards_on_the_modules(monkeypatch):
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="guards must be one of"):
         evaluate.compile_spec(m, "tome:guards=none")
+
+
+def test_a_backbone_is_scored_on_its_tokens_or_on_its_pooled_output(tmp_path):
+    """outputs="pooled" scores the graph speed.py times: the model's own forward, whose last block may compute the
+    class token alone; its class-token metrics equal those from the token features."""
+    folder = _folder(tmp_path, n=8, size=64)
+    m = tiny_vit(depth=2, num_classes=0)
+    tokens = evaluate.eval_set(m, str(folder), calib_images=0, batch=4, img_size=64)
+    pooled = evaluate.eval_set(m, str(folder), calib_images=0, batch=4, img_size=64, outputs="pooled")
+    assert tokens.ref.dim() == 3 and pooled.ref.dim() == 2
+    torch.testing.assert_close(pooled.ref, tokens.ref[:, 0])
+    row, _, be = evaluate.evaluate_spec(pooled, "none:lower.target=eager")
+    assert row["cls_cos_mean"] == pytest.approx(1.0, abs=1e-5) and "patch_cos_mean" not in row
+    assert any("computes 1 token row" in n for r in be.results for n in r.rewrite.notes)
+    with pytest.raises(ValueError, match="outputs"):
+        evaluate.eval_set(m, str(folder), outputs="logits")

@@ -113,12 +113,17 @@ class EvalSet:
 
 
 def eval_set(model: torch.nn.Module, images: str, calib_images: int = 64, batch: int = 8, limit: Optional[int] = None,
-             img_size: int = 224, preprocess: Optional[dict] = None) -> EvalSet:
+             img_size: int = 224, preprocess: Optional[dict] = None, outputs: str = "tokens") -> EvalSet:
     """Load ``images``; the first ``calib_images`` calibrate (and tune), the rest are evaluated.
 
-    ``preprocess``: overrides for :func:`mergepass.eval.data.data_config` (mean, std, crop_pct)."""
+    ``preprocess``: overrides for :func:`mergepass.eval.data.data_config` (mean, std, crop_pct). ``outputs``: what a
+    backbone is compiled to return: "tokens" (``forward_features``: class token and patch metrics) or "pooled" (its
+    own forward, the pooled class token: the graph ``benchmarks/speed.py`` times, where the last block may compute
+    that row alone)."""
+    if outputs not in ("tokens", "pooled"):
+        raise ValueError(f"outputs must be 'tokens' or 'pooled', got {outputs!r}")
     backbone = getattr(model, "num_classes", 1) == 0 and hasattr(model, "forward_features")
-    target = Features(model).eval() if backbone else model
+    target = Features(model).eval() if backbone and outputs == "tokens" else model
     x, labels, skipped = data_mod.load_images(images, **data_mod.data_config(model, img_size, **(preprocess or {})))
     if len(x) <= calib_images + batch:
         calib_images = 0  # tiny folders: calibrate on the evaluation images

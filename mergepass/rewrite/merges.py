@@ -84,7 +84,8 @@ def _price_rows(sched: Schedule, match: MatchResult, rows: int) -> None:
     macs = match.blocks[-1].rows_macs(last.tokens_in, rows)
     sched.macs += macs - last.macs
     last.macs = macs
-    last.note = "; ".join(filter(None, [last.note, f"{rows} row(s) after attention (all the outputs read)"]))
+    what = f"{rows} row(s) after attention, all the outputs read" + ("; its merge dropped" if last.merged else "")
+    last.note = "; ".join(filter(None, [last.note, what]))
 
 
 def prune_rows(base: fx.GraphModule, example_inputs: Sequence, sched: Optional[Schedule] = None) -> RewriteResult:

@@ -97,6 +97,9 @@ def _add(graph: fx.Graph, before: fx.Node, x: fx.Node, fn, op: str, target, args
 
 def _slice_rows(graph: fx.Graph, x: fx.Node, p: int, dim: int, before: fx.Node) -> fx.Node:
     """``x`` sliced to its first ``p`` entries along ``dim`` (negative: from the end), inserted before ``before``."""
+    rank = len(shape(x) or ())
+    if dim < 0 and rank:  # every axis before the token axis spelled out: the shape walk sees a prefix selection
+        dim += rank
     idx = (Ellipsis, slice(None, p)) + (slice(None),) * (-dim - 1) if dim < 0 else (slice(None),) * dim + (slice(None, p),)
     return _add(graph, before, x, lambda t: t[idx], "call_function", operator.getitem, (idx,))
 
