@@ -59,17 +59,10 @@ def fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def on_fake(value, fn):
-    """``fn(value)`` for a fake tensor ``value`` of dynamo's, run in the fake mode that made it (torch 2.14.1:
-    ``FakeTensor.fake_mode``), so that symbolic sizes stay symbolic; None where that cannot run."""
-    mode = getattr(value, "fake_mode", None)
-    if mode is None:
-        return None
-    try:
-        with mode:
-            return fn(value)
-    except Exception:  # noqa: BLE001 - a value a later pass reads only when it exists
-        return None
+def fake_mode_of(value):
+    """The fake mode that made dynamo's fake tensor ``value`` (torch 2.14.1: ``FakeTensor.fake_mode``), in which ops on
+    it keep their symbolic sizes; None for any other value."""
+    return getattr(value, "fake_mode", None) if isinstance(value, torch.Tensor) else None
 
 
 def module_state_input(source) -> Optional[bool]:

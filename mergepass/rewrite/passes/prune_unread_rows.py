@@ -89,9 +89,13 @@ def _add(graph: fx.Graph, before: fx.Node, x: fx.Node, fn, op: str, target, args
     with graph.inserting_before(before):
         out = graph.create_node(op, target, (x,) + args)
     mark_inserted(out)
-    value = compat.on_fake(traced_value(x), fn)
-    if value is not None:
-        record_traced_value(out, value)
+    value, mode = traced_value(x), compat.fake_mode_of(traced_value(x))
+    if mode is not None:
+        try:
+            with mode:
+                record_traced_value(out, fn(value))
+        except Exception:  # noqa: BLE001 - a value later passes read only where it exists
+            pass
     return out
 
 
