@@ -7,7 +7,9 @@ Gemm (the attention matmuls too), run by ``InferenceSession`` on the CPU with to
 
 ``ort_int8_tome`` (``ort_int8_tome:r=12``): the same, on the model with ToMe patched in. The ONNX graph
 is mergepass's merged FP32 graph with its plain tensor merge ops (what a user gets by patching ToMe
-into the model before export: bipartite matching, size-weighted merge, proportional attention).
+into the model before export: bipartite matching, size-weighted merge, proportional attention), and with
+the last block on the class token alone where mergepass prunes it (``lower.prune_rows``): the strongest
+form of the peer. ``ov_int8_tome:merge.r=16,lower.prune_rows=false`` is ToMe as patched in by hand.
 
 ``ov_int8``: OpenVINO with NNCF's post-training int8 (``nncf.quantize``, transformer model type,
 calibrated on the same batches), compiled for the CPU with OpenVINO's defaults (bf16 for what is not
