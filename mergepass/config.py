@@ -37,6 +37,12 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"recipe field {name!r} must be one of {choices}, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """ValueError naming recipe field ``name`` when ``value`` is not true or false."""
+    if not isinstance(value, bool):
+        raise ValueError(f"recipe field {name!r} must be true or false, got {value!r}")
+
+
 def finite_number(v: Any) -> bool:
     """An int or float that is neither NaN nor infinite (NaN passes every ``<`` check unnoticed)."""
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .config import check_choice, finite_number
+from .config import check_bool, check_choice, finite_number
 from .lower import LOWERINGS
 
 ATTENTION_KERNELS = ("auto", "sdpa", "bf16", "int8")
@@ -48,8 +48,7 @@ class Lower:
     def validate(self) -> None:
         check_choice("lower.target", self.target, LOWERINGS)
         check_choice("lower.attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
-        if not isinstance(self.prune_rows, bool):
-            raise ValueError(f"recipe field 'lower.prune_rows' must be true or false, got {self.prune_rows!r}")
+        check_bool("lower.prune_rows", self.prune_rows)
         tol = self.attention_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
             raise ValueError(f"recipe field 'lower.attention_tolerance' must be a number in [0, 1], got {tol!r}")

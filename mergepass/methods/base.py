@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Protocol, Union
 
-from ..config import Config, check_choice, did_you_mean, finite_number, unknown_field  # noqa: F401  (re-exported)
+from ..config import Config, check_bool, check_choice, did_you_mean, finite_number, unknown_field  # noqa: F401  (re-exported)
 
 
 if TYPE_CHECKING:
@@ -77,8 +77,7 @@ class MethodConfig(Config):
         if config_of(self.method) is not type(self):
             raise ValueError(f"recipe field 'merge' must be a {config_of(self.method).__name__} for method "
                              f"{self.method!r}, got {type(self).__name__}")
-        if not isinstance(self.prop_attn, bool):
-            raise ValueError(f"recipe field 'merge.prop_attn' must be true or false, got {self.prop_attn!r}")
+        check_bool("merge.prop_attn", self.prop_attn)
         check_choice("merge.kernel", self.kernel, MERGE_KERNELS)
         super().__post_init__()
 
