@@ -60,12 +60,13 @@ def _tail(graph: fx.Graph, block) -> set:
     return out
 
 
-def _prune(work: fx.GraphModule, match: MatchResult, example_inputs: Sequence, allowed: set, source_of: dict,
-           prefix: int) -> int:
-    """Prune the last block's unread rows (:func:`~.passes.prune_unread_rows`) and walk the shapes; the rows kept,
-    0 where the outputs read more (``work`` unchanged). Raises RewriteError from the walk."""
+def _walk(work: fx.GraphModule, match: MatchResult, example_inputs: Sequence, allowed: set, source_of: dict,
+          prefix: int, prune: bool) -> int:
+    """With ``prune``, prune the last block's unread rows (:func:`~.passes.prune_unread_rows`); then walk the shapes
+    (``allowed``: the nodes whose token count may change). The rows kept, 0 where none were pruned. Raises
+    RewriteError from the walk."""
     last = match.blocks[-1]
-    rows = passes.run(prune_unread_rows, work, last, prefix)
+    rows = passes.run(prune_unread_rows, work, last, prefix) if prune else 0
     allowed = allowed | (_tail(work.graph, last) if rows else set())
     passes.run(fix_token_literals, work, example_inputs, allowed, source_of, match.tokens, prefix)
     return rows
@@ -88,16 +89,21 @@ def _price_rows(sched: Schedule, match: MatchResult, rows: int) -> None:
     last.note = "; ".join(filter(None, [last.note, what]))
 
 
-def prune_rows(base: fx.GraphModule, example_inputs: Sequence, sched: Optional[Schedule] = None) -> RewriteResult:
+def prune_rows(base: fx.GraphModule, example_inputs: Sequence) -> RewriteResult:
     """``base`` (a :func:`~.capture.prepare`-d graph) with its last block on the rows its outputs read, where it can
-    prove those are protected tokens; else ``base`` as it is. For graphs without merges; ``sched``: their schedule,
-    whose last block is priced at the rows kept."""
+    prove those are protected tokens; else ``base`` as it is. For graphs without merges."""
     work = copy_graph_module(base)
-    match = find_blocks(work)
+    return _pruned(base, work, find_blocks(work), example_inputs, None)
+
+
+def _pruned(base: fx.GraphModule, work: fx.GraphModule, match: MatchResult, example_inputs: Sequence,
+            sched: Optional[Schedule]) -> RewriteResult:
+    """:func:`prune_rows` on ``work``, a fresh copy of ``base`` that ``match`` was found in; ``sched``: the schedule
+    (without merges) whose last block is priced at the rows kept."""
     if not match.ok:
         return RewriteResult(base, None, match)
     try:
-        rows = _prune(work, match, example_inputs, set(), {}, match.prefix)
+        rows = _walk(work, match, example_inputs, set(), {}, match.prefix, prune=True)
     except RewriteError as e:
         return RewriteResult(base, None, match, [f"{match.blocks[-1].name}: all rows computed because {e}"])
     if sched is not None:
@@ -133,18 +139,14 @@ def rewrite(base: fx.GraphModule, example_inputs: Sequence, recipe: "MergeSpec",
             for note in sched.adjusted:
                 say(f"mergepass: {note}")
         if not sched.merging:
-            pruned = prune_rows(base, example_inputs, sched) if prune else RewriteResult(base, None, match)
+            pruned = _pruned(base, work, match, example_inputs, sched) if prune else RewriteResult(base, None, match)
             return RewriteResult(pruned.gm, sched, match, notes + pruned.notes)
         inserted = passes.run(insert_merges, work, match, sched, fused=fused)
         try:
-            if prune:
-                rows = _prune(work, match, example_inputs, inserted.allowed(match), inserted.source_of(match),
-                              sched.prefix)
-                notes.extend(_rows_note(match, rows))
-                _price_rows(sched, match, rows)
-            else:
-                passes.run(fix_token_literals, work, example_inputs, inserted.allowed(match),
-                           inserted.source_of(match), match.tokens, sched.prefix)
+            rows = _walk(work, match, example_inputs, inserted.allowed(match), inserted.source_of(match),
+                         sched.prefix, prune)
+            notes.extend(_rows_note(match, rows))
+            _price_rows(sched, match, rows)
         except RewriteError as e:
             if prune and e.node in _tail(work.graph, match.blocks[-1]):
                 prune = False  # the merges stay: only the rows are all computed again

@@ -89,7 +89,8 @@ def _add(graph: fx.Graph, before: fx.Node, x: fx.Node, fn, op: str, target, args
     with graph.inserting_before(before):
         out = graph.create_node(op, target, (x,) + args)
     mark_inserted(out)
-    value, mode = traced_value(x), compat.fake_mode_of(traced_value(x))
+    value = traced_value(x)
+    mode = compat.fake_mode_of(value)
     if mode is not None:
         try:
             with mode:
