@@ -41,7 +41,7 @@ def merge_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *,
     base = prepare(gm, example_inputs)
     prune = recipe.lower.prune_rows
     if not recipe.merges:  # only rows to prune
-        return prune_rows(base, example_inputs)
+        return prune_rows(base, example_inputs) if prune else RewriteResult(base, None, None)
     if recipe.merge.method != "auto":
         return rewrite(base, example_inputs, recipe, model=model, warn=warn, fused=fused, prune=prune)
     match = find_blocks(copy_graph_module(base))
