@@ -355,3 +355,12 @@ def test_a_last_block_the_shape_walk_refuses_keeps_its_rows_and_the_merges_befor
     assert [b.kind for b in res.schedule.blocks] == ["global", "off"]
     assert any("all rows computed because" in n for n in res.notes) and len(_calls(res.gm, unmerge)) == 1
     assert _linear_rows(res.gm, g)[-4:] == [17, 17, 17, 2]  # block 1 on all tokens, unmerged again before it
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_the_merge_stage_prunes_a_recipe_without_merges_only_when_asked(prune):
+    from mergepass.pipeline import merge_stage
+    g, gm = vit_graph(depth=2)
+    res = merge_stage(gm, g.inputs, mergepass.load_recipe("none", lower={"prune_rows": prune}), warn=False)
+    assert (_linear_rows(res.gm, g)[-5:] == [17, 1, 1, 1, 2]) is prune  # the last qkv, proj, fc1, fc2; the head
+    assert any("computes 1 token row" in n for n in res.notes) is prune
