@@ -52,6 +52,30 @@ def test_demo_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "speedup over eager FP32" in res.stdout and "CLS cosine mean" in res.stdout
     assert "blocks.1" in res.stdout
+    assert "calibration on 4 inputs, fidelity on 4 held-out others" in res.stdout
+    assert "fidelity vs uncompressed FP32 on 4 inputs" in res.stdout
+
+
+@pytest.mark.parametrize("n, batch, evals, calib, held", [
+    (128, 8, 64, 64, 64),   # the default: 64 calibrate, the 64 after them are evaluated
+    (100, 8, 64, 32, 64),   # calibration gets the full batches left before the evaluated ones
+    (8, 4, 8, 4, 4),        # too few for both: one batch each
+    (12, 4, 5, 8, 4),       # evaluated: whole batches
+    (7, 4, 8, 4, 0),        # one batch only: nothing to hold out, said so
+])
+def test_demo_calibrates_on_inputs_it_does_not_evaluate(n, batch, evals, calib, held):
+    from mergepass.cli.demo import held_out
+    x = torch.arange(n, dtype=torch.float32).view(n, 1)
+    cal, ev, said = held_out(x, batch, evals)
+    assert all(len(b) == batch for b in cal + ev)
+    seen_cal = {int(v) for b in cal for v in b}
+    seen_ev = {int(v) for b in ev for v in b}
+    assert len(seen_cal) == calib
+    if held:
+        assert len(seen_ev) == held and not seen_cal & seen_ev and max(seen_cal) < min(seen_ev)
+        assert f"calibration on {calib} inputs, fidelity on {held} held-out others" == said
+    else:
+        assert seen_ev == seen_cal and "same" in said and "too few" in said
 
 
 def _images(tmp_path):

@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", default=None)
     p.add_argument("--batch", type=batch, default=8)
     p.add_argument("--eval-images", type=positive, default=64, help="images for the fidelity numbers")
+    p.add_argument("--calib-images", type=positive, default=64,
+                   help="images int8 calibrates on, read before the evaluated ones and not evaluated")
     p.add_argument("--rounds", type=positive, default=5)
     p.add_argument("--img-size", type=positive, default=224)
     p.add_argument("--depth", type=positive, default=None, help="build a shallower model (smoke tests)")
@@ -62,18 +64,18 @@ def _run(args) -> int:
     images = args.images or (str(IMAGES) if IMAGES.exists() else None)
     if images:
         cfg = data.data_config(model, args.img_size, crop_pct=0.875 if "dinov2" in args.model else None)
-        x_all, _, skipped = data.load_images(images, limit=max(args.eval_images, 2 * args.batch), **cfg)
+        x_all, _, skipped = data.load_images(images, limit=args.calib_images + max(args.eval_images, args.batch), **cfg)
         src = f"{len(x_all)} images from {images}" + (f" ({skipped} unreadable skipped)" if skipped else "")
         if len(x_all) < args.batch:  # a static-shape compile needs one full batch
             raise ValueError(f"--images {images} has {len(x_all)} readable image{'s' if len(x_all) > 1 else ''}, "
                              f"fewer than one --batch of {args.batch}: pass --batch {len(x_all)} or more images")
     else:
-        x_all = torch.randn(max(args.eval_images, 2 * args.batch), 3, args.img_size, args.img_size)
+        x_all = torch.randn(args.calib_images + max(args.eval_images, args.batch), 3, args.img_size, args.img_size)
         src = "random inputs"
     weights = args.checkpoint or "random init"
     print(f"model {args.model} ({weights}), recipe {recipe}, batch {args.batch}, {src}", flush=True)
-    batches = data.batches(x_all, args.batch)
-    calib = batches[-2:] if len(batches) > 2 else batches
+    calib, batches, split = held_out(x_all, args.batch, args.eval_images)
+    print(split, flush=True)
 
     be = backend(recipe, calibration=calib, model_name=args.model)
     compiled = torch.compile(model, backend=be, dynamic=False)
@@ -99,6 +101,19 @@ def _run(args) -> int:
         print("note: this CPU has no int8 dot-product instructions (VNNI/AMX), so int8 GEMMs gain only "
               "~2x over FP32 here (benchmarks/gemm_peak.py); expect larger speedups on CPUs with them")
     return 0
+
+
+def held_out(x: torch.Tensor, batch: int, eval_images: int) -> tuple[list, list, str]:
+    """(calibration batches, evaluated batches, a line saying which): the last ``eval_images`` inputs (at least
+    one batch) are evaluated and those before them calibrate, so that the fidelity is on inputs int8 never saw.
+    With fewer than two batches there is nothing to hold out: both use the same inputs, and the line says so."""
+    n_eval = max(batch, min(eval_images, len(x) - batch) // batch * batch)
+    if len(x) < n_eval + batch:
+        both = data.batches(x, batch)
+        return both, both, (f"calibration and fidelity on the same {len(both) * batch} inputs (too few for a "
+                            "held-out split)")
+    calib, evals = data.batches(x[:len(x) - n_eval], batch), data.batches(x[len(x) - n_eval:], batch)
+    return calib, evals, f"calibration on {len(calib) * batch} inputs, fidelity on {len(evals) * batch} held-out others"
 
 
 if __name__ == "__main__":
