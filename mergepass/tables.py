@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 
 from .config import check_bool, check_choice, finite_number
 from .lower import LOWERINGS
+from .stages import verbose
 
 ATTENTION_KERNELS = ("auto", "sdpa", "bf16", "int8")
 
@@ -44,11 +45,22 @@ class Lower:
     attention_tolerance: float = 5e-4  # ... this per-call error (1 - cosine against FP32 SDPA)
     prune_rows: bool = True            # the last block computes only the token rows the outputs read, where those
                                        # are protected tokens (a class token): exact
+    autotune: bool = False             # inductor times its C++ GEMM template against oneDNN for every GEMM shape
+                                       # and keeps the faster (max_autotune): compiles take about twice as long
+
+    def inductor_options(self) -> dict:
+        """Inductor settings this table asks for (of the graphs inductor compiles). Inductor's table of timings
+        per GEMM is printed only with ``MERGEPASS_VERBOSE``."""
+        if not self.autotune:
+            return {}
+        quiet = {} if verbose() else {"autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        return {"max_autotune": True, **quiet}
 
     def validate(self) -> None:
         check_choice("lower.target", self.target, LOWERINGS)
         check_choice("lower.attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         check_bool("lower.prune_rows", self.prune_rows)
+        check_bool("lower.autotune", self.autotune)
         tol = self.attention_tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
             raise ValueError(f"recipe field 'lower.attention_tolerance' must be a number in [0, 1], got {tol!r}")

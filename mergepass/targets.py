@@ -40,14 +40,19 @@ class Work:
         q = self.quantized
         return {"recipe": self.recipe.name, "warnings": self.said, "quantized": None if q is None else q.describe()}
 
+    def inductor_options(self) -> dict:
+        """Inductor settings for this graph only: the engine's (int8) and the recipe's ``[lower]``."""
+        return {**(self.quantized.inductor_config if self.quantized is not None else {}),
+                **self.recipe.lower.inductor_options()}
+
     def module(self) -> tuple[Any, tuple, dict]:
         """(module of the user's inputs, its example inputs, compile options) for a package."""
         q = self.quantized
         if q is None:
             lifted = Lifted(self.graph, self.example_inputs, self.inputs).eval()
-            return lifted, lifted.user_inputs(self.example_inputs), {}
+            return lifted, lifted.user_inputs(self.example_inputs), dict(inductor_config_overrides=self.inductor_options())
         return q.module, q.inputs, dict(freezing=q.freezing, autocast=q.autocast, output_dtypes=self.out_dtypes,
-                                        inductor_config_overrides=q.inductor_config)
+                                        inductor_config_overrides=self.inductor_options())
 
 
 @dataclass
@@ -94,9 +99,10 @@ class JitTarget:
         q = work.quantized
         with stage(f"{self.how}: compile"):
             if q is None:
-                return Lowered(compile_graph(work.graph, work.example_inputs, self.how))
+                return Lowered(compile_graph(work.graph, work.example_inputs, self.how,
+                                             inductor_config_overrides=work.inductor_options()))
             compiled = compile_graph(q.module, q.inputs, self.how, freezing=q.freezing, trace_context=q.trace_context,
-                                     autocast=q.autocast, inductor_config_overrides=q.inductor_config)
+                                     autocast=q.autocast, inductor_config_overrides=work.inductor_options())
         if q.autocast is not None:  # a package casts inside itself; a JIT graph returns autocast's dtypes
             compiled = cast_after(compiled, work.out_dtypes)
         return Lowered(of_user_inputs(compiled, work.inputs), quantized=q)

@@ -259,3 +259,11 @@ def test_an_engine_registered_after_a_quantize_was_built_resolves(monkeypatch):
     assert before.to_dict()["late"] == {"depth": 3}
     assert before == Quantize(enabled=True, engines=(PT2EConfig(rest="fp32"),))  # built after: equal
     assert before.updated({"late": {"depth": 5}}).options("late") == LateConfig(depth=5)
+
+
+@pytest.mark.parametrize("table, field", [("merge", "prop_attn"), ("lower", "prune_rows"), ("lower", "autotune")])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_a_true_or_false_field_refuses_anything_else_by_name(table, field, value):
+    with pytest.raises(ValueError, match=rf"recipe field '{table}\.{field}' must be true or false, got {value!r}"):
+        mergepass.load_recipe("tome", **{table: {field: value}})
+    assert getattr(getattr(mergepass.load_recipe("tome", **{table: {field: False}}), table), field) is False

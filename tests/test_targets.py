@@ -1,5 +1,6 @@
 """Lowering targets: the inductor JIT and the AOTInductor package, reached through one ``lower_stage``."""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,28 @@ def test_a_declined_graph_is_lowered_unchanged_through_lower_stage(graph, monkey
                                    out_dtypes=output_dtypes(gm), warn=pytest.fail)
     assert lowered.run is gm and lowered.quantized is None
     assert seen == [("lower_stage", "mergepass.pipeline", JitTarget)]
+
+
+def test_lower_autotune_reaches_inductor_for_both_targets_and_only_when_asked(graph, monkeypatch):
+    from torch._inductor import config as inductor_config
+    _, gm, ex, _ = graph
+    seen = []
+    monkeypatch.setattr(targets, "compile_graph", lambda *a, **k: seen.append(k["inductor_config_overrides"]) or gm)
+
+    def write(*a, **k):
+        seen.append(k["inductor_config_overrides"])
+        raise RuntimeError("stop before compiling")
+    monkeypatch.setattr(mergepass.artifact, "write", write)
+    for autotune in (False, True):
+        work = Work(gm, ex, Inputs(gm, ex), mergepass.load_recipe("none", lower={"autotune": autotune}),
+                    output_dtypes(gm))
+        JitTarget().build(work)
+        with pytest.raises(RuntimeError, match="stop before compiling"):
+            PackageTarget(cached=False, path=Path("unused.pt2")).build(work)
+    assert seen[0] == seen[1] == {}
+    assert seen[2] == seen[3] and seen[2]["max_autotune"] is True
+    # inductor knows every setting (a renamed one would fail every compile that asks for it)
+    with inductor_config.patch(seen[2]):
+        assert inductor_config.max_autotune and inductor_config.autotune_num_choices_displayed == 0
+    monkeypatch.setenv("MERGEPASS_VERBOSE", "1")  # inductor's per-GEMM timings are shown
+    assert mergepass.load_recipe("none", lower={"autotune": True}).lower.inductor_options() == {"max_autotune": True}
