@@ -190,3 +190,15 @@ def test_the_delayed_recipe_keeps_the_first_block_dense_and_names_a_depth_it_doe
     assert sched.macs / sched.base_macs <= 0.62
     with pytest.raises(ValueError, match="lists 12 values but the model has 3 blocks"):
         mergepass.plan(tiny_vit(depth=3), x, "soft_delayed_int8")
+
+
+@pytest.mark.parametrize("prefix,offset", [(1, 0), (5, 1)])
+def test_soft_fused_kernel_on_bf16_tokens_matches_the_reference_ops(prefix, offset):
+    """A bf16 graph: the kernel's similarity runs on bf16 unit rows, as the reference ops' bf16 matmul does."""
+    require_fused_merge()
+    x, metric, size = (t.to(torch.bfloat16) for t in _tokens(prefix=prefix, seed=5))
+    xo, so, src = fused_soft_merge(x, metric, size, None, r=9, prefix=prefix, k=1, compare="tokens", offset=offset)
+    ref = soft_merge(x, metric, size, None, r=9, prefix=prefix, k=1, compare="tokens", offset=offset)
+    assert xo.dtype == torch.bfloat16 and torch.equal(src, ref[2])
+    torch.testing.assert_close(xo, ref[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(so, ref[1])

@@ -56,6 +56,23 @@ void normalize_rows(const float* metric, const int64_t* pos, int64_t count, int6
   }
 }
 
+// The same unit rows from a bf16 metric, rounded to bf16 (what normalize_rows on its float copy, then a cast,
+// gives, without the two copies): `tmp` holds one row in float.
+void normalize_rows(const at::BFloat16* metric, const int64_t* pos, int64_t count, int64_t d, at::BFloat16* out,
+                    float* tmp) {
+  for (int64_t i = 0; i < count; ++i) {
+    at::BFloat16* dst = out + i * d;
+    if (pos[i] < 0) {
+      std::fill(dst, dst + d, at::BFloat16(0.f));
+      continue;
+    }
+    const at::BFloat16* row = metric + pos[i] * d;
+    for (int64_t k = 0; k < d; ++k) tmp[k] = static_cast<float>(row[k]);
+    const float inv = 1.f / std::max(std::sqrt(dot(tmp, tmp, d)), 1e-12f);
+    for (int64_t k = 0; k < d; ++k) dst[k] = at::BFloat16(tmp[k] * inv);
+  }
+}
+
 template <typename T>
 struct Batch {  // one batch element's inputs and outputs
   const T* x;
@@ -229,7 +246,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
       TORCH_CHECK(size_.min().item<double>() > 0, "bipartite_merge: every token size must be > 0");
   }
   const auto x = x_.contiguous();
-  const auto metric = metric_.to(at::kFloat).contiguous();
+  // nearest compares wide tokens (the block's own, not 64-channel keys): in a bf16 graph the similarity runs in
+  // bf16 as the reference ops' does, a third of the fp32 matmul's time, on unit rows made from the bf16 metric
+  // directly; the A-to-A dots then read the same bf16-rounded unit rows
+  const bool wide_bf16 = nearest && metric_.scalar_type() == at::kBFloat16;
+  const auto metric = wide_bf16 ? metric_.contiguous() : metric_.to(at::kFloat).contiguous();
   const auto size = size_.to(x.scalar_type()).contiguous();
   const auto source = source_.to(at::kLong).contiguous();
   const int64_t bsz = x.size(0);
@@ -276,25 +297,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
   auto na = at::empty({bsz * s.groups, s.ma, s.d}, metric.options());
   auto nb = at::empty({bsz * s.groups, s.mb, s.d}, metric.options());
   at::parallel_for(0, bsz, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> tmp(wide_bf16 ? s.d : 0);
     for (int64_t b = b0; b < b1; ++b) {
-      const float* mp = metric.data_ptr<float>() + b * s.n * s.d;
-      normalize_rows(mp, a_pos.data_ptr<int64_t>() + b * s.groups * s.ma, s.groups * s.ma, s.d,
-                     na.data_ptr<float>() + b * s.groups * s.ma * s.d);
-      normalize_rows(mp, b_pos.data_ptr<int64_t>() + b * s.groups * s.mb, s.groups * s.mb, s.d,
-                     nb.data_ptr<float>() + b * s.groups * s.mb * s.d);
+      const int64_t* ap = a_pos.data_ptr<int64_t>() + b * s.groups * s.ma;
+      const int64_t* bp = b_pos.data_ptr<int64_t>() + b * s.groups * s.mb;
+      if (wide_bf16) {
+        const at::BFloat16* mp = metric.data_ptr<at::BFloat16>() + b * s.n * s.d;
+        normalize_rows(mp, ap, s.groups * s.ma, s.d, na.data_ptr<at::BFloat16>() + b * s.groups * s.ma * s.d,
+                       tmp.data());
+        normalize_rows(mp, bp, s.groups * s.mb, s.d, nb.data_ptr<at::BFloat16>() + b * s.groups * s.mb * s.d,
+                       tmp.data());
+      } else {
+        const float* mp = metric.data_ptr<float>() + b * s.n * s.d;
+        normalize_rows(mp, ap, s.groups * s.ma, s.d, na.data_ptr<float>() + b * s.groups * s.ma * s.d);
+        normalize_rows(mp, bp, s.groups * s.mb, s.d, nb.data_ptr<float>() + b * s.groups * s.mb * s.d);
+      }
     }
   });
-  at::Tensor scores;
-  if (nearest && metric_.scalar_type() == at::kBFloat16) {
-    // nearest compares wide tokens (the block's own, not 64-channel keys): in a bf16 graph the similarity
-    // runs in bf16 as the reference ops' does, a third of the fp32 matmul's time; the A-to-A dots then read
-    // the same bf16-rounded unit rows
-    const auto na16 = na.to(at::kBFloat16), nb16 = nb.to(at::kBFloat16);
-    scores = at::bmm(na16, nb16.transpose(1, 2)).to(at::kFloat).contiguous();
-    na = na16.to(at::kFloat).contiguous();
-  } else {
-    scores = at::bmm(na, nb.transpose(1, 2)).contiguous();
+  at::Tensor scores = at::bmm(na, nb.transpose(1, 2));
+  if (wide_bf16) {
+    scores = scores.to(at::kFloat);
+    na = na.to(at::kFloat);
   }
+  scores = scores.contiguous();
+  na = na.contiguous();
 
   auto xo = at::empty({bsz, s.n_out, s.c}, x.options());
   auto so = at::empty({bsz, s.n_out, 1}, x.options());
