@@ -15,6 +15,8 @@ blocks in order:
   PPT (Wu et al., 2023, arXiv 2310.01812) prunes; the kept tokens' sizes are unchanged
 * ``+protect=N`` on tome/soft: the N tokens with the highest class-token attention neither leave nor
   absorb (class-attention protection)
+* ``+compare=keys`` on soft: the nearest kept token by the head-mean keys (ToMe's metric) instead of the
+  post-attention tokens (the ``compare`` field of method ``soft``)
 * ``+lam=F`` on soft: each A token's best similarity is lowered by F times its class-token attention
   (normalised to mean 1), so attended tokens leave later
 * ``dense:0*N``: N blocks unmerged
@@ -130,7 +132,7 @@ def reduce(op, r, opts, x, keys, probs, size, source=None):
             return soft_merge(x, fake, size, source, r=r, prefix=PREFIX, k=1, compare="tokens", protect=protect)
         if "lam" in opts:
             return (*soft_biased(x, size, r, float(opts["lam"]) * cls / cls.mean(1, keepdim=True)), None)
-        return soft_merge(x, metric, size, source, r=r, prefix=PREFIX, k=1, compare="tokens")
+        return soft_merge(x, metric, size, source, r=r, prefix=PREFIX, k=1, compare=opts.get("compare", "tokens"))
     if op == "prune":
         return (*prune(x, size, r, cls), None)
     raise ValueError(f"unknown op {op!r}")
