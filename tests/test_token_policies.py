@@ -224,3 +224,17 @@ def test_class_only_last_block_is_exact_for_the_class_token(model):
     tokens = model.patch_embed.num_patches + 1
     assert (tp.macs_ratio(model, tp.parse("tome:3*2,clsonly:0*1", 3), tokens)
             < tp.macs_ratio(model, tp.parse("tome:3*2,prune:20*1", 3), tokens))
+
+
+def test_soft_compares_by_keys_only_when_asked():
+    from mergepass.methods.soft import soft_merge
+    g = torch.Generator().manual_seed(2)
+    x, keys = torch.randn(2, 17, 12, generator=g), torch.randn(2, 3, 17, 4, generator=g)
+    probs, size = torch.rand(2, 3, 17, 17, generator=g), torch.ones(2, 17, 1)
+    for compare in ("tokens", "keys"):
+        opts = {"compare": compare} if compare == "keys" else {}
+        got = tp.reduce("soft", 4, opts, x, keys, probs, size)
+        want = soft_merge(x, keys.mean(1), size, None, r=4, prefix=tp.PREFIX, k=1, compare=compare)
+        assert all(torch.equal(a, b) for a, b in zip(got[:2], want[:2])), compare
+    assert not torch.equal(tp.reduce("soft", 4, {"compare": "keys"}, x, keys, probs, size)[0],
+                           tp.reduce("soft", 4, {}, x, keys, probs, size)[0])
