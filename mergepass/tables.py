@@ -46,7 +46,7 @@ class Lower:
     prune_rows: bool = True            # the last block computes only the token rows the outputs read, where those
                                        # are protected tokens (a class token): exact
     autotune: bool = False             # inductor times its C++ GEMM template against oneDNN for every GEMM shape
-                                       # and keeps the faster (max_autotune): compiles take about twice as long
+                                       # and keeps the faster (max_autotune): first compiles take 3-7x as long
 
     def inductor_options(self) -> dict:
         """Inductor settings this table asks for (of the graphs inductor compiles). Inductor's table of timings
