@@ -314,13 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
       }
     }
   });
-  at::Tensor scores = at::bmm(na, nb.transpose(1, 2));
-  if (wide_bf16) {
-    scores = scores.to(at::kFloat);
-    na = na.to(at::kFloat);
-  }
-  scores = scores.contiguous();
-  na = na.contiguous();
+  at::Tensor scores = at::bmm(na, nb.transpose(1, 2)).to(at::kFloat).contiguous();
+  if (wide_bf16) na = na.to(at::kFloat);  // made contiguous above; the cast keeps it so
 
   auto xo = at::empty({bsz, s.n_out, s.c}, x.options());
   auto so = at::empty({bsz, s.n_out, 1}, x.options());
