@@ -165,10 +165,12 @@ def align_cpu_constants(model, path: str) -> bool:
     from ``std::malloc``, which glibc aligns to 16 bytes, so every weight starts at 16 mod 64. oneDNN's AMX int8
     GEMMs read weights there about 1.2x slower (DINOv2 ViT-S/14 int8, batch 8, AMX Xeon: 81 ms against 65 ms).
     A second runner over the package's shared library reads the constants
-    (``torch._C._aoti.AOTIModelContainerRunnerCpu.extract_constants_map``); copies in torch's 64-byte-aligned
+    (``torch._C._aoti.AOTIModelContainerRunnerCpu.extract_constants_map``, keyed by original FQN, while the update
+    is keyed by constant name: ``get_constant_names_to_original_fqns``); copies in torch's 64-byte-aligned
     memory replace them as user-managed buffers (``AOTIModelPackageLoader.update_constant_buffer``), which
     ``model`` keeps alive. The first block stays allocated. Best effort: should any step fail, the package runs
     as loaded, which is correct, only slower."""
+    import collections
     import tempfile
     import zipfile
     loader = getattr(model, "loader", None)
@@ -180,7 +182,14 @@ def align_cpu_constants(model, path: str) -> bool:
             if len(libs) != 1:
                 return False
             runner = torch._C._aoti.AOTIModelContainerRunnerCpu(z.extract(libs[0], d), 1)
-            constants = {k: v.clone() for k, v in runner.extract_constants_map(False).items()}
+            # extracted by original FQN ("module.c5"), updated by constant name ("module_c5"); an FQN that
+            # several constants share (int8 packages: "x_scale" of every quantized input) extracts only one of
+            # them, so those stay as loaded
+            fqns = runner.get_constant_names_to_original_fqns()
+            shared = {f for f, n in collections.Counter(fqns.values()).items() if n > 1}
+            name_of = {fqn: name for name, fqn in fqns.items() if fqn not in shared}
+            constants = {name_of[k]: v.clone() for k, v in runner.extract_constants_map(False).items()
+                         if k in name_of}
             del runner
         if not constants:
             return False

@@ -142,7 +142,9 @@ def test_attention_choice_times_every_runnable_kernel_on_the_graphs_shape():
     shape = (2, 3, 17, 64)
     d = attention.choose(shape, shape, shape, (2, 1, 1, 17), timer=_timer(fake, calls))
     runnable = ["sdpa"] + [k for k in attention.KINDS if attention.unavailable(k) is None]
-    assert calls == [sorted(runnable)]
+    # with SDPA alone (no AVX-512 ops here) there is nothing to compare: nothing is timed, and it says so
+    assert calls == ([sorted(runnable)] if len(runnable) > 1 else [])
+    assert d.measured == (len(runnable) > 1)
     assert d.choice == min(runnable, key=fake.get)
     for k in attention.KINDS:
         if attention.unavailable(k) is not None:
