@@ -6,7 +6,8 @@
 
 Backbones (no head): CLS-feature cosine (mean, p5, min), mean-pooled patch cosine, and
 nearest-neighbour agreement. Classifiers: top-1 accuracy (labels) and top-1 agreement.
-Calibration images come from the start of the folder and are not evaluated.
+Calibration images come from the start of the folder and are not evaluated (``--split tune`` scores them
+instead: choose settings there, report on the rest).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=["int8", "tome", "tome_int8", "dfe_lgtm", "dfe_lgtm_int8"])
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many images")
     p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--split", choices=("report", "tune"), default="report",
+                   help="report: score the images after the calibration ones; tune: score the calibration images "
+                        "themselves (to choose settings on)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json", default=None)
     p.add_argument("--crop-pct", type=float, default=None, help="override timm's crop_pct (0.875 = 256->224)")
@@ -56,7 +60,8 @@ def main(argv=None) -> int:
         rows = evaluate_recipes(args.model, args.checkpoint, args.images, args.recipes, img_size=args.img_size,
                                 limit=args.limit, calib_images=args.calib_images, batch=args.batch,
                                 log=lambda s: print(s, flush=True),
-                                preprocess=dict(crop_pct=args.crop_pct, mean=args.mean, std=args.std))
+                                preprocess=dict(crop_pct=args.crop_pct, mean=args.mean, std=args.std),
+                                split=args.split)
     print(format_rows(rows))
     print(f"({time.time() - t0:.0f} s)")
     if args.json:

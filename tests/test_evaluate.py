@@ -254,3 +254,15 @@ def test_a_backbone_is_scored_on_its_tokens_or_on_its_pooled_output(tmp_path):
     assert any("computes 1 token row" in n for r in be.results for n in r.rewrite.notes)
     with pytest.raises(ValueError, match="outputs"):
         evaluate.eval_set(m, str(folder), outputs="logits")
+
+
+def test_the_tune_split_scores_the_calibration_images_and_the_report_split_the_rest(tmp_path):
+    folder = _folder(tmp_path, n=16, size=64)
+    m = tiny_vit(depth=1, num_classes=0)
+    report = evaluate.eval_set(m, str(folder), calib_images=8, batch=4, img_size=64)
+    tune = evaluate.eval_set(m, str(folder), calib_images=8, batch=4, img_size=64, split="tune")
+    assert torch.equal(torch.cat(tune.evals), torch.cat(tune.calib)) and len(tune.ref) == 8
+    assert not any(torch.equal(a, b) for a in report.evals for b in report.calib)
+    torch.testing.assert_close(torch.cat(report.calib), torch.cat(tune.calib))
+    with pytest.raises(ValueError, match="split"):
+        evaluate.eval_set(m, str(folder), split="held-out")

@@ -84,17 +84,39 @@ def test_int8_kernels_present_with_merges(tome_int8):
     assert "bipartite_merge" in code if kernel == "fused" else ("scatter" in code and kernel == "reference")
 
 
-@pytest.mark.parametrize("vnni,quant_max,observer", [(True, 255, "MinMaxObserver"), (False, 127, "HistogramObserver")])
-def test_activation_range_follows_the_cpus_int8_instructions(monkeypatch, vnni, quant_max, observer):
-    """Pre-VNNI x86 (AVX2) saturates u8*s8 pair sums at 16 bits: activations must use 7 bits there, and
-    ``observer = "auto"`` then clips with the histogram; 8-bit activations keep the min/max range."""
+@pytest.mark.parametrize("vnni,seven_bits,act_max,w_range,observer", [
+    (True, "activations", 255, (-128, 127), "MinMaxObserver"), (True, "weights", 255, (-128, 127), "MinMaxObserver"),
+    (False, "activations", 127, (-128, 127), "HistogramObserver"), (False, "weights", 255, (-63, 63), "MinMaxObserver")])
+def test_seven_bit_operand_follows_the_cpus_int8_instructions(monkeypatch, vnni, seven_bits, act_max, w_range, observer):
+    """Pre-VNNI x86 (AVX2) saturates u8*s8 pair sums at 16 bits: one operand must keep 7 bits there
+    (``quantize.pt2e.seven_bits``); 7-bit activations take the histogram under ``observer = "auto"``, 8-bit ones
+    the min/max range. With int8 dot products both operands have 8 bits, whatever the field says."""
     from mergepass.quantize import pt2e
     monkeypatch.setattr(pt2e, "cpu_has_vnni", lambda: vnni)
     for dynamic in (False, True):
-        act = pt2e.make_quantizer(dynamic).global_config.input_activation
-        assert (act.quant_min, act.quant_max) == (0, quant_max)
-    static = pt2e.make_quantizer(False).global_config.input_activation.observer_or_fake_quant_ctr
+        cfg = pt2e.make_quantizer(dynamic, seven_bits=seven_bits).global_config
+        assert (cfg.input_activation.quant_min, cfg.input_activation.quant_max) == (0, act_max)
+        assert (cfg.weight.quant_min, cfg.weight.quant_max) == w_range
+    static = pt2e.make_quantizer(False, seven_bits=seven_bits).global_config.input_activation.observer_or_fake_quant_ctr
     assert static.p.func.__name__ == observer
+    auto = pt2e.make_quantizer(False).global_config
+    chosen = pt2e.make_quantizer(False, seven_bits=pt2e.SEVEN_BIT_DEFAULT).global_config
+    assert (auto.input_activation.quant_max, auto.weight.quant_min) == (chosen.input_activation.quant_max,
+                                                                        chosen.weight.quant_min)
+
+
+@pytest.mark.skipif(__import__("mergepass.quantize.pt2e", fromlist=["x"]).cpu_has_vnni(),
+                    reason="the 16-bit saturation 7 bits avoid exists only on CPUs without int8 dot products")
+@pytest.mark.parametrize("seven_bits", ["activations", "weights"])
+def test_seven_bit_int8_does_not_saturate_without_vnni(seven_bits):
+    """On this CPU oneDNN's int8 GEMMs sum u8*s8 pairs in 16 bits: with either operand at 7 bits the int8 graph
+    stays as close to FP32 as int8 does elsewhere (8-bit activations and weights fell to 0.970 here)."""
+    m, x = tiny_vit(depth=DEPTH), torch.randn(4, 3, 64, 64)
+    be = mergepass.backend("int8", calibration=_calib(), quantize={"pt2e": {"seven_bits": seven_bits}})
+    out, code = _run(m, x, be)
+    assert len(INT8_GEMM.findall(code)) >= LINEARS
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(out, m(x)).min() > 0.995
 
 
 @pytest.mark.parametrize("flags,isa,vnni", [({"avx2", "avx512_vnni", "amx_int8"}, "AMX", True),
@@ -165,6 +187,8 @@ def test_quantize_fields_are_validated():
         mergepass.load_recipe("int8", quantize={"mode": "weird"})
     with pytest.raises(ValueError, match="quantize.pt2e.observer"):
         mergepass.load_recipe("int8", quantize={"pt2e": {"observer": "percentile"}})
+    with pytest.raises(ValueError, match="quantize.pt2e.seven_bits.*'both'"):
+        mergepass.load_recipe("int8", quantize={"pt2e": {"seven_bits": "both"}})
     with pytest.raises(ValueError, match="unknown recipe field 'quantize.scale'"):
         mergepass.load_recipe({"method": "none", "quantize": {"scale": 1}})
 

@@ -113,8 +113,10 @@ class EvalSet:
 
 
 def eval_set(model: torch.nn.Module, images: str, calib_images: int = 64, batch: int = 8, limit: Optional[int] = None,
-             img_size: int = 224, preprocess: Optional[dict] = None, outputs: str = "tokens") -> EvalSet:
-    """Load ``images``; the first ``calib_images`` calibrate (and tune), the rest are evaluated.
+             img_size: int = 224, preprocess: Optional[dict] = None, outputs: str = "tokens",
+             split: str = "report") -> EvalSet:
+    """Load ``images``; the first ``calib_images`` calibrate (and tune), the rest are evaluated (``split="tune"``:
+    the calibration images themselves, to choose settings on without looking at the reported ones).
 
     ``preprocess``: overrides for :func:`mergepass.eval.data.data_config` (mean, std, crop_pct). ``outputs``: what a
     backbone is compiled to return: "tokens" (``forward_features``: class token and patch metrics) or "pooled" (its
@@ -122,13 +124,16 @@ def eval_set(model: torch.nn.Module, images: str, calib_images: int = 64, batch:
     that row alone)."""
     if outputs not in ("tokens", "pooled"):
         raise ValueError(f"outputs must be 'tokens' or 'pooled', got {outputs!r}")
+    if split not in ("report", "tune"):
+        raise ValueError(f"split must be 'report' or 'tune', got {split!r}")
     backbone = getattr(model, "num_classes", 1) == 0 and hasattr(model, "forward_features")
     target = Features(model).eval() if backbone and outputs == "tokens" else model
     x, labels, skipped = data_mod.load_images(images, **data_mod.data_config(model, img_size, **(preprocess or {})))
     if len(x) <= calib_images + batch:
         calib_images = 0  # tiny folders: calibrate on the evaluation images
     calib = data_mod.batches(x[:calib_images], batch) if calib_images else data_mod.batches(x, batch)
-    x, labels = x[calib_images:], labels[calib_images:]
+    x, labels = (x[:calib_images], labels[:calib_images]) if split == "tune" and calib_images else \
+        (x[calib_images:], labels[calib_images:])
     if limit:
         x, labels = x[:limit], labels[:limit]
     evals = data_mod.batches(x, batch)
@@ -157,10 +162,11 @@ def evaluate_spec(es: EvalSet, spec: str, compiled_as: Optional[str] = None):
 def evaluate_recipes(model_name: str, checkpoint: Optional[str], images: str, recipes: Sequence[str],
                      img_size: int = 224, limit: Optional[int] = None, calib_images: int = 64, batch: int = 8,
                      log: Callable = print, model: Optional[torch.nn.Module] = None,
-                     preprocess: Optional[dict] = None) -> list[dict]:
-    """Compile each recipe, run it over the held-out images, compare with eager FP32. One row per recipe."""
+                     preprocess: Optional[dict] = None, split: str = "report") -> list[dict]:
+    """Compile each recipe, run it over the held-out images (``split="tune"``: the calibration images), compare
+    with eager FP32. One row per recipe."""
     model = model if model is not None else load_model(model_name, checkpoint, img_size)
-    es = eval_set(model, images, calib_images, batch, limit, img_size, preprocess)
+    es = eval_set(model, images, calib_images, batch, limit, img_size, preprocess, split=split)
     log(f"{model_name}: {es.images} images evaluated ({es.skipped} unreadable skipped), "
         f"{len(es.calib) * batch} for calibration, {'backbone' if es.backbone else 'classifier'} metrics")
     rows = []
