@@ -8,7 +8,7 @@
 attention (a Subgraph named after scaled_dot_product_attention, or MHA/SDPA/MatMul/Softmax nodes) ->
 attention; the rest -> other kernels.
 
-Kernels are grouped as int8 GEMM (oneDNN qlinear/qconv), attention (SDPA), merge (the fused merge
+Kernels are grouped as int8 GEMM (oneDNN qlinear/qconv), attention (SDPA, mergepass's attention ops), merge (the fused merge
 kernel, inductor kernels and aten ops that gather, scatter or sort), other kernels (norms,
 quantize, adds, ...) and the Python wrapper between them. ``wall`` is the un-profiled median time
 per forward; the difference to the kernel sum is overhead the profiler does not attribute (thread
@@ -36,10 +36,11 @@ from mergepass.cpu import machine
 from mergepass.eval import models
 from mergepass.eval import peers
 from mergepass.eval.evaluate import compile_spec
+from mergepass.kernels.attention import KINDS as ATTENTION_KINDS
 from mergepass.recipe import parse_spec
 
 GROUPS = ("int8 GEMM", "attention", "merge", "other kernels", "wrapper")
-ATTENTION_OPS = ("mergepass::bf16_attention", "mergepass::int8_attention")
+ATTENTION_OPS = tuple(f"mergepass::{kind}_attention" for kind in ATTENTION_KINDS)
 OV_ATTENTION = ("ScaledDotProductAttention", "MHA", "MatMul", "Softmax", "SDPA")
 
 

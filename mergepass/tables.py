@@ -7,7 +7,7 @@ from .config import check_bool, check_choice, finite_number
 from .lower import LOWERINGS
 from .stages import verbose
 
-ATTENTION_KERNELS = ("auto", "sdpa", "bf16", "int8")
+ATTENTION_KERNELS = ("auto", "sdpa", "bf16", "int8", "int16")
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ class Lower:
     """The ``[lower]`` table: the compiler, and which attention op the compiled graph runs."""
 
     target: str = "inductor"           # inductor | tensorrt | eager
-    attention_kernel: str = "auto"     # bf16 | int8: mergepass's attention ops (AVX512-BF16 | AVX-512 VNNI, dynamic
-                                       # scales); sdpa: torch's; auto: SDPA in floating-point graphs, and in int8
-                                       # graphs the fastest of the three as timed on this CPU, within
+    attention_kernel: str = "auto"     # bf16 | int8 | int16: mergepass's attention ops (AVX512-BF16 | AVX-512 VNNI
+                                       # | AVX2, dynamic scales); sdpa: torch's; auto: SDPA in floating-point graphs,
+                                       # and in int8 graphs the fastest that runs here, as timed on this CPU, within
     attention_tolerance: float = 5e-4  # ... this per-call error (1 - cosine against FP32 SDPA)
     prune_rows: bool = True            # the last block computes only the token rows the outputs read, where those
                                        # are protected tokens (a class token): exact

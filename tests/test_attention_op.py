@@ -1,4 +1,4 @@
-"""mergepass's attention ops (mergepass/kernels/attention.py, bf16 and int8): numerics against SDPA and
+"""mergepass's attention ops (mergepass/kernels/attention.py, bf16, int8 and int16): numerics against SDPA and
 plain references, the pass that inserts them, the recipe field that picks them, and their declines."""
 import operator
 
@@ -12,14 +12,16 @@ from mergepass.rewrite.passes import replace_attention
 from helpers import attention_skip, rel_err, tiny_vit
 from fxgraphs import GraphBuilder
 
-needs_op = pytest.mark.skipif(attention_skip("bf16") is not None, reason=str(attention_skip("bf16")))
+# the pass and the compile tests run on whichever op this CPU runs (int16 needs only AVX2)
+RUNNABLE = next((k for k in attention.KINDS if attention_skip(k) is None), None)
+needs_op = pytest.mark.skipif(RUNNABLE is None, reason=str(attention_skip(attention.KINDS[-1])))
 KINDS = [pytest.param(k, marks=pytest.mark.skipif(attention_skip(k) is not None, reason=str(attention_skip(k))))
          for k in attention.KINDS]
-REFERENCE = {"bf16": attention.reference, "int8": attention.int8_reference}
+REFERENCE = {"bf16": attention.reference, "int8": attention.int8_reference, "int16": attention.int16_reference}
 # the plain references compute exp exactly; the kernels' polynomial may round a bf16 probability, or a u8
 # one by a unit, the other way
-TOLERANCE = {"bf16": dict(rtol=2e-3, atol=5e-3), "int8": dict(rtol=1e-2, atol=3e-2)}
-MIN_COSINE = {"bf16": 0.9999, "int8": 0.999}  # per call on Gaussian q, k, v (near-uniform attention: hardest)
+TOLERANCE = {"bf16": dict(rtol=2e-3, atol=5e-3), "int8": dict(rtol=1e-2, atol=3e-2), "int16": dict(rtol=2e-3, atol=2e-3)}
+MIN_COSINE = {"bf16": 0.9999, "int8": 0.999, "int16": 0.99999}  # per call on Gaussian q, k, v (near-uniform attention: hardest)
 
 
 def _cos(a, b):
@@ -128,6 +130,39 @@ def test_op_rejects_what_it_cannot_compute(kind, args, match):
         attention.op(kind)(q, k, v, mask[0] if mask else None, 0.5)
 
 
+needs_int16 = pytest.mark.skipif(attention_skip("int16") is not None, reason=str(attention_skip("int16")))
+
+
+@needs_int16
+@pytest.mark.parametrize("d,n", [(256, 600), (64, 1370), (8, 3)])
+def test_int16_sums_stay_in_int32_at_their_largest(d, n):
+    """Every q row and centred k row at its full int16 range (keys +-1, half of each sign, queries 1), so that q kᵀ
+    sums reach m(d)² d; half the probabilities at their full range times v at its own: int32 sums that wrap
+    would give garbage."""
+    k = torch.ones(1, 2, n, d)
+    k[:, :, 1::2] = -1
+    q = torch.ones(1, 2, n, d) * 3
+    v = -k[..., :1].expand(1, 2, n, 16).clone()
+    v[:, 1] *= -1
+    out = attention.attention("int16", q, k, v)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+    assert _cos(out, want) >= MIN_COSINE["int16"]
+    torch.testing.assert_close(out, attention.int16_reference(q, k, v), **TOLERANCE["int16"])
+    m = attention.int16_magnitude(d)
+    assert m * m * d <= 2**31 - 1 < (m + 1) ** 2 * d or m == 32767
+    mp, mv = attention.int16_pv_magnitudes(n + n % 2)
+    assert mp * mv * (n + n % 2) <= 2**31 - 1 and mp > mv
+
+
+@pytest.mark.parametrize("kind", attention.KINDS)
+def test_a_cpu_without_the_instructions_is_told_which_it_lacks(monkeypatch, kind):
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"sse4_2"}))
+    lacks = {"bf16": "AVX512-BF16", "int8": "AVX-512 VNNI", "int16": "AVX2"}[kind]
+    assert f"no {lacks}" in attention.missing_instructions(kind)
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni", "avx512_bf16"}))
+    assert attention.missing_instructions(kind) is None
+
+
 # -- the pass ----------------------------------------------------------------------------------------
 
 def _attention_graph():
@@ -152,8 +187,8 @@ def _attention_graph():
 def test_pass_replaces_exactly_the_attentions_the_op_computes():
     g, gm = _attention_graph()
     ref = g.run(gm)
-    assert replace_attention(gm, "bf16") == 3
-    ops = [n for n in gm.graph.nodes if n.target is attention.op("bf16")]
+    assert replace_attention(gm, RUNNABLE) == 3
+    ops = [n for n in gm.graph.nodes if n.target is attention.op(RUNNABLE)]
     assert [n.args[4] for n in ops] == [8 ** -0.5, 8 ** -0.5, 0.2]
     kept = [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
     assert len(kept) == 3 and all("example_value" in n.meta for n in ops)
@@ -174,14 +209,14 @@ def test_inductor_keeps_the_op_opaque_and_the_model_close(model_and_input):
     from torch._inductor.utils import run_and_get_code
     m, x = model_and_input
     torch._dynamo.reset()
-    be = mergepass.backend("tome", merge={"r": 3}, lower={"attention_kernel": "bf16"})
+    be = mergepass.backend("tome", merge={"r": 3}, lower={"attention_kernel": RUNNABLE})
     with torch.no_grad():
         out, code = run_and_get_code(torch.compile(m, backend=be, dynamic=False), x)
         ref = torch.compile(m, backend=mergepass.backend("tome", merge={"r": 3},
                                                          lower={"target": "eager", "attention_kernel": "sdpa"}),
                             dynamic=False)(x)
     code = "\n".join(code)
-    assert be.results[-1].attention_ops == 2 and code.count("mergepass.bf16_attention") >= 2
+    assert be.results[-1].attention_ops == 2 and code.count(f"mergepass.{RUNNABLE}_attention") >= 2
     assert "scaled_dot_product" not in code  # not fused back into SDPA
     assert _cos(out, ref) >= 0.9999
 

@@ -146,7 +146,7 @@ def test_breakdown_attributes_kernels_to_groups():
         assert row["kernel sum"] == pytest.approx(sum(row[g] for g in breakdown.GROUPS))
     assert "ratio tome_int8:merge.r=3,lower.prune_rows=false" in breakdown.format_table(rows, "t")
     # mergepass's attention ops count as attention, not as merges; OpenVINO's node types map to the same groups
-    assert breakdown.group("mergepass::int8_attention") == "attention" == breakdown.group("mergepass::bf16_attention")
+    assert {breakdown.group(f"mergepass::{kind}_attention") for kind in ("bf16", "int8", "int16")} == {"attention"}
     assert breakdown.group("mergepass::bipartite_merge") == "merge"
     nodes = [("FullyConnectedQuantizedLegacy", "brgemm_avx512_i8", "blocks.0.attn.qkv/aten::linear/MatMul"),
              ("FullyConnected", "jit_bf16", "head"), ("MVN", "jit_avx512_bf16", "blocks.0.norm1/aten::layer_norm/MVN"),

@@ -6,6 +6,9 @@ attention and its bf16 variant is no faster (its GEMMs need AMX):
 - ``torch.ops.mergepass.int8_attention``: u8 x s8 dot products (AVX-512 VNNI) with dynamic scales (k and
   v centred on their means over the keys; per query row and per key row for q kᵀ; probabilities as u8 of
   the row max, normalised by their unrounded sum, and per-channel v scales for p v), fp32 softmax.
+- ``torch.ops.mergepass.int16_attention``: int16 pair dot products (AVX2 ``vpmaddwd``, exact int32 sums)
+  with the int8 op's dynamic scales and centring, each operand as wide as its int32 sums allow (about 12
+  bits at ViT sizes); for CPUs without AVX-512, where the other two cannot run.
 
 Which is faster depends on the core, not only on its instructions: :func:`choose` times them on the
 machine that runs them. The ops are opaque to inductor (custom ops with a fake implementation), so inductor cannot fuse them back into
@@ -27,8 +30,8 @@ from ..decide import Candidate, Decision, decide
 from .build import build_extension, source_digest
 
 _SRC = Path(__file__).with_name("csrc") / "attention.cpp"
-KINDS = ("bf16", "int8")
-_NEEDS = {"bf16": ("avx512_bf16", "AVX512-BF16"), "int8": ("avx512_vnni", "AVX-512 VNNI")}
+KINDS = ("bf16", "int8", "int16")
+_NEEDS = {"bf16": ("avx512_bf16", "AVX512-BF16"), "int8": ("avx512_vnni", "AVX-512 VNNI"), "int16": ("avx2", "AVX2")}
 
 _LIB = torch.library.Library("mergepass", "FRAGMENT")
 for _kind in KINDS:
@@ -109,6 +112,10 @@ def int8_attention(q, k, v, bias=None, scale=None) -> torch.Tensor:
     return attention("int8", q, k, v, bias, scale)
 
 
+def int16_attention(q, k, v, bias=None, scale=None) -> torch.Tensor:
+    return attention("int16", q, k, v, bias, scale)
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
               scale: Optional[float] = None) -> torch.Tensor:
     """What the kernel computes, written plainly: q, k, v and the probabilities rounded to bf16, every
@@ -143,5 +150,43 @@ def int8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
     return ((e.round() @ fake_quant(vf - vm, -2)) / e.sum(-1, keepdim=True) + vm).to(q.dtype)
 
 
-__all__ = ["KINDS", "attention", "bf16_attention", "int8_attention", "reference", "int8_reference", "unavailable",
+def int16_magnitude(n: int) -> int:
+    """The largest m (at most 32767) with m * m * n <= 2**31 - 1: the int16 operand range whose n products
+    sum in int32 without overflow."""
+    return min(32767, math.isqrt((2**31 - 1) // max(n, 2)))
+
+
+def int16_pv_magnitudes(n: int) -> tuple[int, int]:
+    """(probabilities, v) magnitudes for p v over n keys: mp * mv * n <= 2**31 - 1, with mp about 8 times mv
+    (probabilities lose more to rounding: their small values are many)."""
+    n = max(n, 2)
+    mp = min(32767, math.isqrt(8 * ((2**31 - 1) // n)))
+    return mp, min(32767, (2**31 - 1) // (mp * n))
+
+
+def int16_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """What the int16 kernel computes, written plainly: k and v centred on their means over the keys; q and k
+    rows symmetric in +-m(d) (:func:`int16_magnitude` of the even-rounded count), v channels in +-mv;
+    probabilities as round(mp * 2^(s - max)) (:func:`int16_pv_magnitudes`), normalised by the sum of the
+    unrounded values."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mqk = int16_magnitude(2 * ((q.shape[-1] + 1) // 2))
+    mp, mv = int16_pv_magnitudes(2 * ((k.shape[-2] + 1) // 2))
+
+    def fake_quant(t, dim, m):
+        sc = t.abs().amax(dim, keepdim=True) / m
+        sc = torch.where(sc > 0, sc, torch.ones_like(sc))
+        return (t / sc).round().clamp(-m, m) * sc
+    qf, kf, vf = q.float(), k.float(), v.float()
+    vm = vf.mean(-2, keepdim=True)
+    s = fake_quant(qf, -1, mqk) @ fake_quant(kf - kf.mean(-2, keepdim=True), -1, mqk).transpose(-2, -1) * scale
+    if bias is not None:
+        s = s + bias.float()
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    return (((e * mp).round() / mp @ fake_quant(vf - vm, -2, mv)) / e.sum(-1, keepdim=True) + vm).to(q.dtype)
+
+
+__all__ = ["KINDS", "attention", "bf16_attention", "int8_attention", "int16_attention", "reference", "int8_reference",
+           "int16_reference", "int16_magnitude", "int16_pv_magnitudes", "unavailable",
            "choose", "op"]

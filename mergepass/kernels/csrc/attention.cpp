@@ -1,12 +1,15 @@
 // Attention for x86 CPUs without AMX: softmax(scale * q kᵀ + bias) v in one pass per (batch, head).
 //
 // torch's CPU flash attention runs fp32 micro-GEMMs here; its bf16 variant goes through cpublas, which
-// without AMX is no faster. Two kernels; mergepass/kernels/attention.py times both against SDPA on the
-// machine that runs them and keeps the faster (which one wins depends on the core, not only on its ISA):
+// without AMX is no faster. Three kernels; mergepass/kernels/attention.py times those the CPU can run
+// against SDPA on the machine that runs them and keeps the fastest (which one wins depends on the core,
+// not only on its ISA):
 //   bf16_attention: bf16 dot products (vdpbf16ps, fp32 accumulation) for q kᵀ and p v.
 //   int8_attention: u8 x s8 dot products (vpdpbusd) with dynamic scales: k and v centred on their means
 //     over the keys, per query row and per key row scales for q kᵀ, probabilities as u8 (0..255 of the
 //     row max) normalised by their unrounded sum, per-channel v scales for p v. Reads fp32 or bf16.
+//   int16_attention (AVX2): the same scheme with int16 pair dot products (vpmaddwd), for CPUs without
+//     AVX-512; a head holding inf or NaN is computed exactly instead.
 // Both pack k and v of one head once, then walk the queries MR rows at a time: a row block of scores,
 // its fp32 softmax (vectorised exp), and its share of the output.
 // the narrow headers, not <ATen/ATen.h>: a first-use build takes seconds less
@@ -31,6 +34,10 @@
 #endif
 #if defined(MERGEPASS_AVX512) && defined(__AVX512VNNI__)
 #define MERGEPASS_INT8_ATTENTION 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MERGEPASS_INT16_ATTENTION 1
 #endif
 
 // The dot-product micro-kernels keep their MR x NB accumulators in registers only when every loop over
@@ -720,6 +727,404 @@ void attend_head(const T* q, int64_t qs, const T* k, int64_t ks, const T* v, int
 #endif  // MERGEPASS_INT8_ATTENTION
 
 // ---------------------------------------------------------------------------------------------------
+#ifdef MERGEPASS_INT16_ATTENTION
+namespace i16 {
+
+// AVX2 has no int8 dot product that sums 8-bit pairs without 16-bit saturation, but vpmaddwd sums int16
+// pairs into int32 exactly: twice the multiply-adds of an fp32 FMA per instruction. Operands get as many
+// bits as the int32 sums allow (q kᵀ over d, p v over the keys), 11-13 bits at ViT sizes, so the op keeps
+// SDPA's numerics far more closely than int8 does.
+constexpr int MR = 4;  // query rows per block
+constexpr int W = 8;   // int32 / fp32 lanes per ymm
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float LOG2E = 1.44269504088896341f;
+
+// The largest m (at most 32767) with m * m * n <= INT32_MAX: n products of int16 operands within +-m sum
+// in int32 without overflow, vpmaddwd's pair sums included.
+inline int32_t magnitude(int64_t n) {
+  n = std::max<int64_t>(n, 2);
+  int64_t m = std::min<int64_t>(32767, static_cast<int64_t>(std::sqrt(2147483647.0 / static_cast<double>(n))));
+  while (m * m * n > 2147483647) --m;  // sqrt may round up
+  return static_cast<int32_t>(m);
+}
+
+// The probabilities' magnitude for p v over n keys: of the product the int32 sums allow (mp * mv * n <= INT32_MAX),
+// about 8 / 9 of the bits go to p, which loses more to rounding than v does (its small values are many)
+inline int32_t p_magnitude(int64_t n) {
+  n = std::max<int64_t>(n, 2);
+  const int64_t product = 2147483647 / n;
+  int64_t m = std::min<int64_t>(32767, static_cast<int64_t>(std::sqrt(8.0 * static_cast<double>(product))));
+  while (m * m > 8 * product) --m;  // sqrt may round up
+  return static_cast<int32_t>(m);
+}
+
+inline bool finite(float x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
+inline float hmax(__m256 v) {
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_max_ss(a, _mm_movehdup_ps(a)));
+}
+inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+}
+// lanes [0, n) set (n clamped to [0, 8])
+inline __m256i valid(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(std::max<int64_t>(n, 0), W))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 2^t for t <= 0 (softmax in base 2 after the row max is subtracted): t below -126 gives 0. The
+// polynomial of exp2_16; 2^n written into the exponent bits (AVX2 has no vscalefps).
+inline __m256 exp2_8(__m256 t) {
+  const __m256 lo = _mm256_set1_ps(-126.f);
+  const __m256 tiny = _mm256_cmp_ps(t, lo, _CMP_LT_OQ);
+  t = _mm256_max_ps(t, lo);
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.326697064e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.675459936e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550742522e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402212173e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469440e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.000000119e+0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+inline uint32_t pair(int16_t lo, int16_t hi) {
+  return static_cast<uint32_t>(static_cast<uint16_t>(lo)) | (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16);
+}
+inline int16_t to16(float x, float inv, int32_t m) {
+  const float r = std::nearbyint(x * inv);
+  return static_cast<int16_t>(std::max<float>(-m, std::min<float>(m, r)));
+}
+
+// Symmetric int16 (within +-m) of n floats minus centre (or as they are), written to out[0, width) (zero
+// padded); returns the scale (max |x| / m; 1 for an all-zero row), NaN for a row holding NaN or inf.
+inline float quantize_row(const float* x, int64_t n, const float* centre, int32_t m, int16_t* out, int64_t width) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  auto at = [&](int64_t i) { return centre ? _mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(centre + i)) : _mm256_loadu_ps(x + i); };
+  auto one = [&](int64_t i) { return x[i] - (centre ? centre[i] : 0.f); };
+  __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const __m256 a = _mm256_and_ps(at(i), abs_mask);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_NLE_UQ));
+    vmax = _mm256_max_ps(vmax, a);
+  }
+  float amax = hmax(vmax);
+  bool spoilt = _mm256_movemask_ps(bad) != 0;
+  for (int64_t t = i; t < n; ++t) {
+    const float a = std::fabs(one(t));
+    spoilt |= !finite(a);
+    amax = std::max(amax, a);
+  }
+  if (spoilt) return std::numeric_limits<float>::quiet_NaN();
+  const float sc = amax > 0.f ? amax / static_cast<float>(m) : 1.f;
+  const float inv = 1.f / sc;
+  const __m256i hi = _mm256_set1_epi32(m), lo = _mm256_set1_epi32(-m);
+  for (i = 0; i + W <= n; i += W) {
+    __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(at(i), _mm256_set1_ps(inv)));  // nearest even, as nearbyint
+    r = _mm256_max_epi32(_mm256_min_epi32(r, hi), lo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+  for (; i < n; ++i) out[i] = to16(one(i), inv, m);
+  for (; i < width; ++i) out[i] = 0;
+  return sc;
+}
+
+// The mean over n rows of x (row stride xs) of each of the first `width` channels, into out (padded to 8; 0 past width)
+inline void channel_means(const float* x, int64_t xs, int64_t n, int64_t width, float* out) {
+  const __m256 inv = _mm256_set1_ps(1.f / static_cast<float>(n));
+  for (int64_t c = 0; c < width; c += 2 * W) {  // two blocks at once: two independent add chains
+    const __m256i m0 = valid(width - c), m1 = valid(width - c - W);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      a0 = _mm256_add_ps(a0, _mm256_maskload_ps(x + j * xs + c, m0));
+      a1 = _mm256_add_ps(a1, _mm256_maskload_ps(x + j * xs + c + W, m1));
+    }
+    _mm256_storeu_ps(out + c, _mm256_mul_ps(a0, inv));
+    if (c + W < width) _mm256_storeu_ps(out + c + W, _mm256_mul_ps(a1, inv));
+  }
+}
+
+struct Shape {
+  int64_t nq, nk, d, dv;
+  int64_t d2, nkb, nk2, dvb, stride;  // d pairs, key blocks of 8, key pairs, dv blocks of 8, score row length
+  int32_t mqk, mp, mv;               // operand magnitudes: q and k; probabilities; v
+  explicit Shape(const Dims& s)
+      : nq(s.nq), nk(s.nk), d(s.d), dv(s.dv), d2((s.d + 1) / 2), nkb((s.nk + W - 1) / W), nk2((s.nk + 1) / 2),
+        dvb((s.dv + W - 1) / W), stride(nkb * W), mqk(magnitude(d2 * 2)), mp(p_magnitude(nk2 * 2)),
+        mv(static_cast<int32_t>(std::min<int64_t>(32767, 2147483647 / (int64_t{mp} * nk2 * 2)))) {}
+};
+
+// One head's operands, and scratch: one per thread, reused from head to head (no allocation, no page faults)
+struct Head {
+  std::vector<uint32_t> qq, kq, vq;  // qq[row][d pair]; kq[key block][d pair][8 keys]; vq[key pair][dv block][8 dims]
+  std::vector<float> qscale, kscale, vscale, vmean;
+  std::vector<int16_t> row;
+  std::vector<float> kmean, vinv, vmax, sc;  // sc: MR rows of logits
+  std::vector<uint32_t> pp;                  // MR rows of int16 probability pairs
+};
+
+// Quantizes one head; false when q, k or v holds inf or NaN (the head is then computed exactly).
+bool pack_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs, float scale,
+               const Shape& s, Head& h) {
+  const int64_t rows = (s.nq + MR - 1) / MR * MR;
+  std::vector<int16_t>& row = h.row;
+  row.assign(std::max(s.d2 * 2, s.nk2 * 2) + W, 0);
+  h.qq.assign(rows * s.d2, 0u);
+  h.qscale.assign(rows, 0.f);
+  for (int64_t i = 0; i < s.nq; ++i) {
+    const float sc = quantize_row(q + i * qs, s.d, nullptr, s.mqk, row.data(), s.d2 * 2);
+    if (std::isnan(sc)) return false;
+    h.qscale[i] = sc * scale * LOG2E;
+    std::memcpy(h.qq.data() + i * s.d2, row.data(), s.d2 * sizeof(uint32_t));  // int16 pairs, low first
+  }
+  // k centred on its mean over the keys: softmax ignores q . mean(k), and centred rows quantize finer
+  std::vector<float>& kmean = h.kmean;
+  std::vector<float>& vmean = h.vmean;
+  kmean.assign((s.d + W - 1) / W * W, 0.f);
+  vmean.assign(s.dvb * W, 0.f);
+  channel_means(k, ks, s.nk, s.d, kmean.data());
+  channel_means(v, vs, s.nk, s.dv, vmean.data());
+  for (int64_t c = 0; c < s.d; ++c)
+    if (!finite(kmean[c])) return false;
+  for (int64_t c = 0; c < s.dv; ++c)
+    if (!finite(vmean[c])) return false;
+  h.kq.assign(s.nkb * s.d2 * W, 0u);
+  h.kscale.assign(s.nkb * W, 0.f);
+  for (int64_t j = 0; j < s.nk; ++j) {
+    h.kscale[j] = quantize_row(k + j * ks, s.d, kmean.data(), s.mqk, row.data(), s.d2 * 2);
+    if (std::isnan(h.kscale[j])) return false;
+    uint32_t* dst = h.kq.data() + (j / W) * s.d2 * W + j % W;
+    for (int64_t t = 0; t < s.d2; ++t) dst[t * W] = pair(row[2 * t], row[2 * t + 1]);
+  }
+  // v centred too (its mean is added back to every output row), one scale per channel over the keys: with the
+  // normaliser taken from the unrounded probabilities, what rounds away is given the mean of v
+  h.vscale.assign(s.dvb * W, 1.f);
+  std::vector<float>& inv = h.vinv;
+  std::vector<float>& vmax = h.vmax;
+  inv.assign(s.dvb * W, 0.f);
+  vmax.assign(s.dvb * W, 0.f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  auto centred = [&](int64_t j, int64_t c0) {  // v[j][c0, c0 + 8) - mean, lanes past dv 0
+    return _mm256_sub_ps(_mm256_maskload_ps(v + j * vs + c0, valid(s.dv - c0)), _mm256_loadu_ps(vmean.data() + c0));
+  };
+  for (int64_t j = 0; j < s.nk; ++j)
+    for (int64_t db = 0; db < s.dvb; ++db) {
+      float* mx = vmax.data() + db * W;
+      _mm256_storeu_ps(mx, _mm256_max_ps(_mm256_loadu_ps(mx), _mm256_and_ps(centred(j, db * W), abs_mask)));
+    }
+  for (int64_t c = 0; c < s.dv; ++c) {
+    h.vscale[c] = vmax[c] > 0.f ? vmax[c] / static_cast<float>(s.mv) : 1.f;
+    inv[c] = 1.f / h.vscale[c];
+  }
+  h.vq.assign(s.nk2 * s.dvb * W, 0u);
+  const __m256i hi = _mm256_set1_epi32(s.mv), lo = _mm256_set1_epi32(-s.mv), low16 = _mm256_set1_epi32(0xFFFF);
+  auto q16 = [&](int64_t j, int64_t c0) {
+    const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(centred(j, c0), _mm256_loadu_ps(inv.data() + c0)));
+    return _mm256_max_epi32(_mm256_min_epi32(r, hi), lo);
+  };
+  for (int64_t u = 0; u < s.nk2; ++u)
+    for (int64_t db = 0; db < s.dvb; ++db) {
+      const __m256i a = q16(2 * u, db * W);
+      const __m256i b = 2 * u + 1 < s.nk ? q16(2 * u + 1, db * W) : _mm256_setzero_si256();
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(h.vq.data() + (u * s.dvb + db) * W),
+                          _mm256_or_si256(_mm256_and_si256(a, low16), _mm256_slli_epi32(b, 16)));
+    }
+  return true;
+}
+
+// x, held in a register: otherwise GCC folds each load into every vpmaddwd that reads it, and the loads (one per
+// row and block) rather than the multiplies bound the dot products
+inline __m256i in_register(__m256i x) {
+#if defined(__GNUC__)
+  asm("" : "+x"(x));
+#endif
+  return x;
+}
+
+// acc + a . b over int16 pairs (vpmaddwd, exact in int32)
+inline __m256i madd(__m256i acc, __m256i a, __m256i b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+
+// The base-2 logits of MR query rows (from row i0) against NB key blocks from jb, bias added, keys past nk at -inf
+template <int NB>
+MERGEPASS_DOT_KERNEL void logits_blocks(const Head& h, const Shape& s, int64_t i0, const float* const* brows, int64_t jb,
+                                        float* sc, __m256* vmax) {
+  __m256i acc[MR][NB];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < NB; ++c) acc[r][c] = _mm256_setzero_si256();
+  const uint32_t* qp = h.qq.data() + i0 * s.d2;
+  const uint32_t* k0 = h.kq.data() + jb * s.d2 * W;
+  for (int64_t t = 0; t < s.d2; ++t) {
+    __m256i b[NB];
+#pragma GCC unroll 16
+    for (int c = 0; c < NB; ++c) b[c] = in_register(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k0 + (c * s.d2 + t) * W)));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256i a = _mm256_set1_epi32(static_cast<int>(qp[r * s.d2 + t]));
+#pragma GCC unroll 16
+      for (int c = 0; c < NB; ++c) acc[r][c] = madd(acc[r][c], a, b[c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < NB; ++c) {
+    const int64_t j = (jb + c) * W;
+    const __m256i m = valid(s.nk - j);
+    const __m256 ksc = _mm256_loadu_ps(h.kscale.data() + j);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      __m256 x = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][c]), ksc), _mm256_set1_ps(h.qscale[i0 + r]));
+      if (brows[r]) x = _mm256_fmadd_ps(_mm256_maskload_ps(brows[r] + j, m), _mm256_set1_ps(LOG2E), x);
+      x = _mm256_blendv_ps(_mm256_set1_ps(NEG_INF), x, _mm256_castsi256_ps(m));
+      _mm256_storeu_ps(sc + r * s.stride + j, x);
+      vmax[r] = _mm256_max_ps(vmax[r], x);
+    }
+  }
+}
+
+// out rows = (p16 . v16) * v scale * inv + mean(v) for DB dv blocks from db0 (inv: 1 / (the unrounded sum * mp))
+template <int DB>
+MERGEPASS_DOT_KERNEL void pv_block(const uint32_t* pp, const Head& h, const Shape& s, int64_t db0, const float* inv,
+                                   float* out, int64_t os, int rows) {
+  __m256i acc[MR][DB];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < DB; ++c) acc[r][c] = _mm256_setzero_si256();
+  for (int64_t u = 0; u < s.nk2; ++u) {
+    __m256i b[DB];
+#pragma GCC unroll 16
+    for (int c = 0; c < DB; ++c)
+      b[c] = in_register(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h.vq.data() + (u * s.dvb + db0 + c) * W)));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m256i a = _mm256_set1_epi32(static_cast<int>(pp[r * s.nk2 + u]));
+#pragma GCC unroll 16
+      for (int c = 0; c < DB; ++c) acc[r][c] = madd(acc[r][c], a, b[c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r >= rows) break;  // r bounded by MR, not rows: the accumulators stay in registers
+#pragma GCC unroll 16
+    for (int c = 0; c < DB; ++c) {
+      const int64_t c0 = (db0 + c) * W;
+      const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(h.vscale.data() + c0), _mm256_set1_ps(inv[r]));
+      // a row with no finite logit (normaliser 0) stays 0
+      const __m256 vm = inv[r] != 0.f ? _mm256_loadu_ps(h.vmean.data() + c0) : _mm256_setzero_ps();
+      const __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][c]), sc, vm);
+      if (s.dv - c0 >= W)
+        _mm256_storeu_ps(out + r * os + c0, y);
+      else
+        _mm256_maskstore_ps(out + r * os + c0, valid(s.dv - c0), y);
+    }
+  }
+}
+
+// softmax(scale * q kᵀ + bias) v written out in double: for a head whose q, k, v or bias holds inf or NaN,
+// which then reach exactly the outputs the formula sends them to (a row with no finite logit gives 0, as above)
+void exact_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs,
+                const float* bias, int64_t bi, float scale, const Dims& s, float* out, int64_t os) {
+  std::vector<double> e(s.nk), acc(s.dv);
+  for (int64_t i = 0; i < s.nq; ++i) {
+    bool nan = false;
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < s.nk; ++j) {
+      double x = 0.0;
+      for (int64_t c = 0; c < s.d; ++c) x += static_cast<double>(q[i * qs + c]) * k[j * ks + c];
+      x = x * scale + (bias ? bias[i * bi + j] : 0.f);
+      nan |= std::isnan(x);
+      if (!std::isnan(x)) mx = std::max(mx, x);
+      e[j] = x;
+    }
+    float* o = out + i * os;
+    if (nan || mx == std::numeric_limits<double>::infinity()) {
+      std::fill(o, o + s.dv, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    if (mx == -std::numeric_limits<double>::infinity()) {
+      std::fill(o, o + s.dv, 0.f);
+      continue;
+    }
+    double sum = 0.0;
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t j = 0; j < s.nk; ++j) {
+      const double p = std::exp(e[j] - mx);
+      sum += p;
+      if (p != 0.0)
+        for (int64_t c = 0; c < s.dv; ++c) acc[c] += p * v[j * vs + c];
+    }
+    for (int64_t c = 0; c < s.dv; ++c) o[c] = static_cast<float>(acc[c] / sum);
+  }
+}
+
+// true when the bias rows of this head hold NaN or +inf (-inf masks a key, and is computed as usual)
+bool bias_spoilt(const float* bias, int64_t bi, const Dims& s) {
+  if (!bias) return false;
+  for (int64_t i = 0; i < (bi ? s.nq : 1); ++i)
+    for (int64_t j = 0; j < s.nk; ++j) {
+      const float b = bias[i * bi + j];
+      if (std::isnan(b) || b == std::numeric_limits<float>::infinity()) return true;
+    }
+  return false;
+}
+
+void attend_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs,
+                 const float* bias, int64_t bi, float scale, const Dims& dims, float* out, int64_t os) {
+  const Shape s(dims);
+  Head h;
+  if (bias_spoilt(bias, bi, dims) || !pack_head(q, qs, k, ks, v, vs, scale, s, h))
+    return exact_head(q, qs, k, ks, v, vs, bias, bi, scale, dims, out, os);
+  std::vector<float>& sc = h.sc;
+  std::vector<uint32_t>& pp = h.pp;
+  sc.assign(MR * s.stride, 0.f);
+  pp.assign(MR * s.nk2 + W, 0u);
+  const float mp = static_cast<float>(s.mp);
+  for (int64_t i0 = 0; i0 < s.nq; i0 += MR) {
+    const int rows = static_cast<int>(std::min<int64_t>(MR, s.nq - i0));
+    const float* brows[MR];
+    for (int r = 0; r < MR; ++r) brows[r] = bias && r < rows ? bias + (i0 + r) * bi : nullptr;
+    __m256 vmax[MR];
+    for (int r = 0; r < MR; ++r) vmax[r] = _mm256_set1_ps(NEG_INF);
+    in_chunks<2>(s.nkb, [&](auto n, int64_t jb) { logits_blocks<decltype(n)::value>(h, s, i0, brows, jb, sc.data(), vmax); });
+    float inv[MR];
+    for (int r = 0; r < MR; ++r) {
+      const float m = hmax(vmax[r]);
+      const __m256 vm = _mm256_set1_ps(m == NEG_INF ? 0.f : m);
+      const float* row = sc.data() + r * s.stride;
+      int16_t* prow = reinterpret_cast<int16_t*>(pp.data() + r * s.nk2);
+      __m256 vsum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < s.stride; j += W) {
+        const __m256 e = exp2_8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vm));
+        vsum = _mm256_add_ps(vsum, e);
+        const __m256i p = _mm256_cvtps_epi32(_mm256_mul_ps(e, _mm256_set1_ps(mp)));
+        const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        const int64_t n = std::min<int64_t>(W, s.nk2 * 2 - j);  // the row holds nk2 pairs: write no further
+        if (n == W)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(prow + j), p16);
+        else if (n > 0) {
+          alignas(16) int16_t tmp[W];
+          _mm_store_si128(reinterpret_cast<__m128i*>(tmp), p16);
+          std::memcpy(prow + j, tmp, n * sizeof(int16_t));
+        }
+      }
+      const float sum = hsum(vsum);
+      inv[r] = r < rows && sum > 0.f ? 1.f / (sum * mp) : 0.f;
+    }
+    in_chunks<2>(s.dvb, [&](auto n, int64_t db) { pv_block<decltype(n)::value>(pp.data(), h, s, db, inv, out + i0 * os, os, rows); });
+  }
+}
+
+}  // namespace i16
+#endif  // MERGEPASS_INT16_ATTENTION
+
+// ---------------------------------------------------------------------------------------------------
 template <typename T>
 using HeadFn = void (*)(const T*, int64_t, const T*, int64_t, const T*, int64_t, const float*, int64_t, float,
                         const Dims&, T*, int64_t);
@@ -792,9 +1197,19 @@ at::Tensor int8_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 #endif
 }
 
+at::Tensor int16_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const c10::optional<at::Tensor>& bias, double scale) {
+#ifdef MERGEPASS_INT16_ATTENTION
+  return run<float>("int16_attention", &i16::attend_head, q, k, v, bias, scale, at::kFloat);
+#else
+  TORCH_CHECK(false, "int16_attention: this build has no AVX2 and FMA (the CPU lacks the instructions)");
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mergepass, CPU, m) {
   m.impl("bf16_attention", &bf16_attention);
   m.impl("int8_attention", &int8_attention);
+  m.impl("int16_attention", &int16_attention);
 }
