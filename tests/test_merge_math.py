@@ -413,3 +413,15 @@ def test_fused_kernel_partnerless_row_with_padding_first_b_slot():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root,
                          env=env)
     assert res.returncode == 0 and "ok" in res.stdout, (res.returncode, res.stderr[-2000:])
+
+
+def test_checkerboard_adjacency_traces_as_one_constant():
+    """A compiled ToMato graph holds the grid's adjacency as one constant: written edge by edge it traced to hundreds
+    of ops (242 on a 6 x 6 grid), which inductor turned into one huge kernel that took longer to generate than the
+    rest of the model."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(lambda x: x & checkerboard((6, 6))[2])(torch.ones(18, 18, dtype=torch.bool))
+    assert len([n for n in gm.graph.nodes if n.op == "call_function"]) <= 3, gm.code
+    a_ids, b_ids, adj = checkerboard((3, 4))
+    want = [[abs(a // 4 - b // 4) + abs(a % 4 - b % 4) == 1 for b in b_ids] for a in a_ids]
+    assert adj.tolist() == want

@@ -182,13 +182,15 @@ def checkerboard(grid: tuple[int, int]) -> tuple[list[int], list[int], torch.Ten
     a_ids = [i for i in range(h * w) if (i // w + i % w) % 2 == 0]
     b_ids = [i for i in range(h * w) if (i // w + i % w) % 2 == 1]
     b_pos = {t: j for j, t in enumerate(b_ids)}
-    adj = torch.zeros(len(a_ids), len(b_ids), dtype=torch.bool)
+    adj = [[False] * len(b_ids) for _ in a_ids]
     for i, t in enumerate(a_ids):
         y, x = divmod(t, w)
         for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
             if 0 <= yy < h and 0 <= xx < w:
-                adj[i, b_pos[yy * w + xx]] = True
-    return a_ids, b_ids, adj
+                adj[i][b_pos[yy * w + xx]] = True
+    # one tensor from Python data: in a compiled graph one constant, where a write per edge became a kernel of
+    # hundreds of comparisons that took inductor longer to generate than the rest of the model
+    return a_ids, b_ids, torch.tensor(adj, dtype=torch.bool).reshape(len(a_ids), len(b_ids))
 
 
 SIMILARITIES = ("softmax", "cosine")  # ToMato's: the paper's (default in recipes), ToMe's key cosine
