@@ -156,6 +156,21 @@ def test_breakdown_attributes_kernels_to_groups():
                                                        "other kernels"]
 
 
+def test_attention_real_records_every_attention_call_and_scores_rows():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import attention_real
+    m = tiny_vit(depth=2).eval()
+    calls = attention_real.record(m, [torch.randn(2, 3, 64, 64)] * 3)
+    assert len(calls) == 6 and all(t.dim() == 4 for t in calls[0])
+    q, k, v = calls[0]
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    err = attention_real.row_errors(want.float(), want)
+    assert err.shape == (q.shape[0] * q.shape[1] * q.shape[2],) and err.max() < 1e-6
+    assert attention_real.row_errors(torch.zeros_like(want) + 1, want).max() > 0.01
+
+
 def test_zero_cost_bound_sees_tomes_token_counts():
     import sys
     from pathlib import Path
