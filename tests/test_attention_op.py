@@ -159,8 +159,11 @@ def test_a_cpu_without_the_instructions_is_told_which_it_lacks(monkeypatch, kind
     monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"sse4_2"}))
     lacks = {"bf16": "AVX512-BF16", "int8": "AVX-512 VNNI", "int16": "AVX2"}[kind]
     assert f"no {lacks}" in attention.missing_instructions(kind)
-    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx2", "avx512_vnni", "avx512_bf16"}))
+    monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512_vnni", "avx512_bf16"}))
     assert attention.missing_instructions(kind) is None
+    if kind == "int16":  # the kernel is built only with both
+        monkeypatch.setattr(attention, "cpu_flags", lambda: frozenset({"avx2"}))
+        assert "no AVX2 and FMA" in attention.missing_instructions(kind)
 
 
 # -- the pass ----------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from .build import build_extension, source_digest
 
 _SRC = Path(__file__).with_name("csrc") / "attention.cpp"
 KINDS = ("bf16", "int8", "int16")
-_NEEDS = {"bf16": ("avx512_bf16", "AVX512-BF16"), "int8": ("avx512_vnni", "AVX-512 VNNI"), "int16": ("avx2", "AVX2")}
+_NEEDS = {"bf16": (("avx512_bf16",), "AVX512-BF16"), "int8": (("avx512_vnni",), "AVX-512 VNNI"),
+          "int16": (("avx2", "fma"), "AVX2 and FMA")}
 
 _LIB = torch.library.Library("mergepass", "FRAGMENT")
 for _kind in KINDS:
@@ -56,8 +57,10 @@ def _build() -> Optional[str]:
 
 def missing_instructions(kind: str = "bf16") -> Optional[str]:
     """Why this CPU cannot run the ``kind`` op (it lacks the instructions), else None."""
-    flag, name = _NEEDS[kind]
-    return None if flag in cpu_flags() else f"the CPU has no {name} (int8 ISA: {int8_isa()}, bf16: {bf16_isa()})"
+    flags, name = _NEEDS[kind]
+    if set(flags) <= cpu_flags():
+        return None
+    return f"the CPU has no {name} (int8 ISA: {int8_isa()}, bf16: {bf16_isa()})"
 
 
 @functools.cache
