@@ -749,7 +749,7 @@ inline int32_t magnitude(int64_t n) {
 }
 
 // The probabilities' magnitude for p v over n keys: of the product the int32 sums allow (mp * mv * n <= INT32_MAX),
-// about 8 / 9 of the bits go to p, which loses more to rounding than v does (its small values are many)
+// p gets about 8 times the range of v: it loses more to rounding than v does (its small values are many)
 inline int32_t p_magnitude(int64_t n) {
   n = std::max<int64_t>(n, 2);
   const int64_t product = 2147483647 / n;
