@@ -732,7 +732,7 @@ namespace i16 {
 
 // AVX2 has no int8 dot product that sums 8-bit pairs without 16-bit saturation, but vpmaddwd sums int16
 // pairs into int32 exactly: twice the multiply-adds of an fp32 FMA per instruction. Operands get as many
-// bits as the int32 sums allow (q kᵀ over d, p v over the keys), 11-13 bits at ViT sizes, so the op keeps
+// bits as the int32 sums allow (q kᵀ over d, p v over the keys), 10-13 bits at ViT sizes, so the op keeps
 // SDPA's numerics far more closely than int8 does.
 constexpr int MR = 4;  // query rows per block
 constexpr int W = 8;   // int32 / fp32 lanes per ymm
@@ -860,21 +860,16 @@ struct Shape {
         mv(static_cast<int32_t>(std::min<int64_t>(32767, 2147483647 / (int64_t{mp} * nk2 * 2)))) {}
 };
 
-// One head's operands, and scratch: one per thread, reused from head to head (no allocation, no page faults)
 struct Head {
   std::vector<uint32_t> qq, kq, vq;  // qq[row][d pair]; kq[key block][d pair][8 keys]; vq[key pair][dv block][8 dims]
   std::vector<float> qscale, kscale, vscale, vmean;
-  std::vector<int16_t> row;
-  std::vector<float> kmean, vinv, vmax, sc;  // sc: MR rows of logits
-  std::vector<uint32_t> pp;                  // MR rows of int16 probability pairs
 };
 
 // Quantizes one head; false when q, k or v holds inf or NaN (the head is then computed exactly).
 bool pack_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs, float scale,
                const Shape& s, Head& h) {
   const int64_t rows = (s.nq + MR - 1) / MR * MR;
-  std::vector<int16_t>& row = h.row;
-  row.assign(std::max(s.d2 * 2, s.nk2 * 2) + W, 0);
+  std::vector<int16_t> row(std::max(s.d2 * 2, s.nk2 * 2) + W);
   h.qq.assign(rows * s.d2, 0u);
   h.qscale.assign(rows, 0.f);
   for (int64_t i = 0; i < s.nq; ++i) {
@@ -884,9 +879,8 @@ bool pack_head(const float* q, int64_t qs, const float* k, int64_t ks, const flo
     std::memcpy(h.qq.data() + i * s.d2, row.data(), s.d2 * sizeof(uint32_t));  // int16 pairs, low first
   }
   // k centred on its mean over the keys: softmax ignores q . mean(k), and centred rows quantize finer
-  std::vector<float>& kmean = h.kmean;
+  std::vector<float> kmean((s.d + W - 1) / W * W, 0.f);
   std::vector<float>& vmean = h.vmean;
-  kmean.assign((s.d + W - 1) / W * W, 0.f);
   vmean.assign(s.dvb * W, 0.f);
   channel_means(k, ks, s.nk, s.d, kmean.data());
   channel_means(v, vs, s.nk, s.dv, vmean.data());
@@ -905,10 +899,7 @@ bool pack_head(const float* q, int64_t qs, const float* k, int64_t ks, const flo
   // v centred too (its mean is added back to every output row), one scale per channel over the keys: with the
   // normaliser taken from the unrounded probabilities, what rounds away is given the mean of v
   h.vscale.assign(s.dvb * W, 1.f);
-  std::vector<float>& inv = h.vinv;
-  std::vector<float>& vmax = h.vmax;
-  inv.assign(s.dvb * W, 0.f);
-  vmax.assign(s.dvb * W, 0.f);
+  std::vector<float> inv(s.dvb * W, 0.f), vmax(s.dvb * W, 0.f);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   auto centred = [&](int64_t j, int64_t c0) {  // v[j][c0, c0 + 8) - mean, lanes past dv 0
     return _mm256_sub_ps(_mm256_maskload_ps(v + j * vs + c0, valid(s.dv - c0)), _mm256_loadu_ps(vmean.data() + c0));
@@ -1081,10 +1072,8 @@ void attend_head(const float* q, int64_t qs, const float* k, int64_t ks, const f
   Head h;
   if (bias_spoilt(bias, bi, dims) || !pack_head(q, qs, k, ks, v, vs, scale, s, h))
     return exact_head(q, qs, k, ks, v, vs, bias, bi, scale, dims, out, os);
-  std::vector<float>& sc = h.sc;
-  std::vector<uint32_t>& pp = h.pp;
-  sc.assign(MR * s.stride, 0.f);
-  pp.assign(MR * s.nk2 + W, 0u);
+  std::vector<float> sc(MR * s.stride);
+  std::vector<uint32_t> pp(MR * s.nk2 + W);
   const float mp = static_cast<float>(s.mp);
   for (int64_t i0 = 0; i0 < s.nq; i0 += MR) {
     const int rows = static_cast<int>(std::min<int64_t>(MR, s.nq - i0));
