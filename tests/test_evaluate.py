@@ -162,7 +162,9 @@ def test_attention_real_records_every_attention_call_and_scores_rows():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import attention_real
     m = tiny_vit(depth=2).eval()
-    calls = attention_real.record(m, [torch.randn(2, 3, 64, 64)] * 3)
+    with attention_real.recording() as calls, torch.no_grad():
+        for x in [torch.randn(2, 3, 64, 64)] * 3:
+            m(x)
     assert len(calls) == 6 and all(t.dim() == 4 for t in calls[0])
     q, k, v = calls[0]
     want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
