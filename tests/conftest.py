@@ -20,6 +20,22 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile_cache: int8 compiles go through the compile cache, as by default "
+                                       "(mergepass.cache); elsewhere MERGEPASS_CACHE=0")
+
+
+@pytest.fixture(autouse=True)
+def _compile_cache(request, monkeypatch):
+    """The compile cache is on (its default) only in the tests about it, marked ``compile_cache``. Elsewhere an int8
+    compile is one in-process JIT compile, whose kernels inductor's own cache shares across tests; a cache miss
+    would build a whole AOTInductor package instead (test_cache.py, test_artifacts.py, the demo)."""
+    if request.node.get_closest_marker("compile_cache"):
+        monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("MERGEPASS_CACHE", "0")
+
+
 @pytest.fixture(scope="session")
 def planner():
     """``planner(depth, img_size, batch=1)``: a :class:`mergepass.pipeline.Planner` over ``tiny_vit`` with that

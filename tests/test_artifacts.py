@@ -201,9 +201,9 @@ def test_load_verifies_the_package_and_refuses_inputs_it_cannot_serve(tmp_path, 
 
 
 @pytest.mark.xdist_group("tome_package")
+@pytest.mark.compile_cache
 def test_a_second_export_of_the_same_graph_comes_from_the_compile_cache(tmp_path, tome_package, monkeypatch):
     m, path, cache_dir = tome_package
-    monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
     monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(shutil.copytree(cache_dir, tmp_path / "cache")))
     first = mergepass.export(m, torch.randn(2, 3, 64, 64), "tome", path=tmp_path / "first.pt2", merge={"r": 3})
 

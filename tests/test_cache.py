@@ -15,6 +15,8 @@ from reference import reference_forward
 from mergepass import cache
 from mergepass.rewrite.capture import capture_graphs, prepare
 
+pytestmark = pytest.mark.compile_cache
+
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
@@ -22,7 +24,6 @@ def cache_dir(tmp_path, monkeypatch):
     shared decisions are read by other workers' compiles mid-test."""
     monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("MERGEPASS_DECISIONS_DIR", str(tmp_path / "decisions"))
-    monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
     return tmp_path / "cache"
 
 
@@ -119,6 +120,7 @@ def test_a_cache_folder_others_can_write_or_another_user_owns_is_not_used(cache_
     with pytest.warns(mergepass.MergepassWarning, match=f"not usable \\(it is owned by user id {uid}, not by this"):
         assert not cache.serves(x)
     monkeypatch.undo()
+    monkeypatch.delenv("MERGEPASS_CACHE", raising=False)  # whatever the environment says, as the marker does
     monkeypatch.setenv("MERGEPASS_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("MERGEPASS_CACHE_MAX_BYTES", "lots")
     with pytest.warns(mergepass.MergepassWarning, match="MERGEPASS_CACHE_MAX_BYTES must be a size"):

@@ -45,6 +45,7 @@ def test_plan_impossible_target(capsys):
     assert res.returncode == 2 and "impossible schedule" in res.stderr
 
 
+@pytest.mark.compile_cache  # the demo as the Quickstart runs it
 def test_demo_smoke(tmp_path):
     res = _run("mergepass.demo", "--model", "vit_tiny_patch16_224", "--depth", "2", "--img-size", "64",
                "--recipe", "tome_int8", "--batch", "4", "--eval-images", "8", "--rounds", "1", "--images",

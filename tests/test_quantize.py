@@ -43,7 +43,8 @@ def tome_int8():
     torch.manual_seed(0)
     m = tiny_vit(depth=DEPTH)
     x, calib = torch.randn(4, 3, 64, 64), _calib()
-    be = mergepass.backend("tome_int8", merge={"r": 3}, calibration=calib)
+    be = mergepass.backend("tome_int8", merge={"r": 3}, calibration=calib,
+                           cache=False)  # set up before the per-test MERGEPASS_CACHE=0 of conftest
     out, code = _run(m, x, be)
     torch._dynamo.reset()
     return m, x, calib, be, out, code
@@ -57,10 +58,10 @@ def _check_int8(m, x, be, out, code, float_recipe):
     assert 0.98 < cos < 1.0 - 1e-7, cos  # quantized (not bit-equal) yet close to the same fp32 graph
 
 
-def test_int8_kernels_present_and_a_later_compile_is_served_from_the_cache_bit_for_bit(monkeypatch):
+@pytest.mark.compile_cache
+def test_int8_kernels_present_and_a_later_compile_is_served_from_the_cache_bit_for_bit():
     """The backend's int8 graph: real int8 kernels, compiled (or taken from an earlier run's entry of the
     compile cache), then served to a later compile bit for bit."""
-    monkeypatch.delenv("MERGEPASS_CACHE", raising=False)
     m = tiny_vit(depth=DEPTH)
     x, calib = torch.randn(4, 3, 64, 64), _calib()
     be = mergepass.backend("int8", calibration=calib)
