@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mergepass
+from mergepass.quantize import pt2e
 from mergepass.quantize.pt2e import cpu_has_vnni
 from helpers import INT8_GEMM, int8_linears, run_and_get_code, tiny_vit
 
@@ -67,6 +68,8 @@ def test_int8_kernels_present_and_a_later_compile_is_served_from_the_cache_bit_f
     be = mergepass.backend("int8", calibration=calib)
     out, code = _run(m, x, be)
     _check_int8(m, x, be, out, code, "none")
+    if not cpu_has_vnni():  # the default 7-bit operand (the other one: test_seven_bit_int8_does_not_saturate...)
+        _assert_unsaturated(m, x, out)
     assert be.results[-1].package.is_file()
     torch._dynamo.reset()
     again = mergepass.backend("int8", calibration=calib)
@@ -93,7 +96,6 @@ def test_seven_bit_operand_follows_the_cpus_int8_instructions(monkeypatch, vnni,
     """Pre-VNNI x86 (AVX2) saturates u8*s8 pair sums at 16 bits: one operand must keep 7 bits there
     (``quantize.pt2e.seven_bits``); 7-bit activations take the histogram under ``observer = "auto"``, 8-bit ones
     the min/max range. With int8 dot products both operands have 8 bits, whatever the field says."""
-    from mergepass.quantize import pt2e
     monkeypatch.setattr(pt2e, "cpu_has_vnni", lambda: vnni)
     for dynamic in (False, True):
         cfg = pt2e.make_quantizer(dynamic, seven_bits=seven_bits).global_config
@@ -107,19 +109,24 @@ def test_seven_bit_operand_follows_the_cpus_int8_instructions(monkeypatch, vnni,
                                                                         chosen.weight.quant_min)
 
 
+def _assert_unsaturated(m, x, out):
+    """On a CPU without int8 dot products oneDNN's int8 GEMMs sum u8*s8 pairs in 16 bits: with either operand at 7
+    bits the int8 graph stays as close to FP32 as int8 does elsewhere (with 8-bit activations and weights this model
+    fell to 0.986 on an AMD EPYC Zen 3)."""
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(out, m(x)).min() > 0.995
+
+
 @pytest.mark.skipif(cpu_has_vnni(),
                     reason="the 16-bit saturation 7 bits avoid exists only on CPUs without int8 dot products")
-@pytest.mark.parametrize("seven_bits", ["activations", "weights"])
+@pytest.mark.parametrize("seven_bits", [s for s in ("activations", "weights") if s != pt2e.SEVEN_BIT_DEFAULT])
 def test_seven_bit_int8_does_not_saturate_without_vnni(seven_bits):
-    """On this CPU oneDNN's int8 GEMMs sum u8*s8 pairs in 16 bits: with either operand at 7 bits the int8 graph
-    stays as close to FP32 as int8 does elsewhere (with 8-bit activations and weights this model fell to 0.986 on an
-    AMD EPYC Zen 3)."""
+    """The 7-bit operand the default does not choose (the default's int8 graph: the cache test above)."""
     m, x = tiny_vit(depth=DEPTH), torch.randn(4, 3, 64, 64)
     be = mergepass.backend("int8", calibration=_calib(), quantize={"pt2e": {"seven_bits": seven_bits}})
     out, code = _run(m, x, be)
     assert len(INT8_GEMM.findall(code)) >= LINEARS
-    with torch.no_grad():
-        assert torch.nn.functional.cosine_similarity(out, m(x)).min() > 0.995
+    _assert_unsaturated(m, x, out)
 
 
 @pytest.mark.parametrize("flags,isa,vnni", [({"avx2", "avx512_vnni", "amx_int8"}, "AMX", True),
@@ -128,7 +135,6 @@ def test_seven_bit_int8_does_not_saturate_without_vnni(seven_bits):
                                              ({"avx2", "fma"}, "none", False)])
 def test_int8_isa_reads_the_cpu_flags(monkeypatch, flags, isa, vnni):
     from mergepass import cpu
-    from mergepass.quantize import pt2e
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert cpu.int8_isa() == isa and pt2e.cpu_has_vnni.__wrapped__() is vnni
 
@@ -136,7 +142,6 @@ def test_int8_isa_reads_the_cpu_flags(monkeypatch, flags, isa, vnni):
 @pytest.mark.parametrize("observer", ["minmax", "histogram"])
 def test_static_scales_follow_the_observer(monkeypatch, observer):
     """minmax quantizes the image over exactly its calibration range (with 0); histogram clips a rare outlier."""
-    from mergepass.quantize import pt2e
     monkeypatch.setattr(pt2e, "cpu_has_vnni", lambda: True)  # 8-bit activations on every CPU
     calib = _calib()
     calib[1][2, 0, 7, 7] = 40.0  # one pixel in 36,864: a range worth clipping
@@ -355,7 +360,6 @@ def test_bf16_rest_runs_around_int8_kernels_and_auto_follows_the_cpu(monkeypatch
     (read off the post-grad graph, with torch's SDPA); fast with AVX512-BF16/AMX only, so "auto" picks it only there.
     Outputs keep the model's dtype."""
     from torch._inductor import config as inductor_config
-    from mergepass.quantize import pt2e
     seen = []
 
     def record(graph):

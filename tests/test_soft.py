@@ -40,7 +40,7 @@ def test_soft_matches_reference_fullgraph(case):
 def test_soft_fused_kernel_matches_reference_fullgraph():
     """k = 1 without protection runs as the fused kernel's nearest mode; compiled, it matches the plain reference."""
     require_fused_merge()
-    m = tiny_vit(img_size=96)
+    m = tiny_vit(depth=2, img_size=96)
     x = torch.randn(2, 3, 96, 96)
     be = mergepass.backend("soft", lower="inductor", merge={"kernel": "fused", **CASES["hard_tokens"]}, cache=False)
     with torch.no_grad():
