@@ -79,10 +79,11 @@ def test_soft_op_matches_reference_and_keeps_invariants(k, tau, compare, prefix)
 
 @pytest.mark.parametrize("compare", ["tokens", "keys"])
 @pytest.mark.parametrize("prefix,offset", [(0, 0), (1, 0), (1, 1), (5, 1)])
-def test_soft_fused_kernel_matches_plain_reference(compare, prefix, offset):
+@pytest.mark.parametrize("r", [9, 10])  # 4-8 unmerged A tokens: every remainder of the kernel's blocks of 4
+def test_soft_fused_kernel_matches_plain_reference(compare, prefix, offset, r):
     require_fused_merge()
     x, metric, size = _tokens(prefix=prefix, seed=3)
-    n, r = x.shape[1], 9
+    n = x.shape[1]
     xo, so, src = fused_soft_merge(x, metric, size, None, r=r, prefix=prefix, k=1, compare=compare, offset=offset)
     ref = soft_merge(x, metric, size, None, r=r, prefix=prefix, k=1, compare=compare, offset=offset)
     assert torch.equal(src, ref[2])

@@ -42,6 +42,25 @@ float dot(const float* p, const float* q, int64_t d) {
   return acc;
 }
 
+// four dot products of one row `p` against rows `q`: four independent accumulator chains, so the loop is not
+// bound by one chain's add latency as four calls of dot() are
+void dot4(const float* p, const float* const q[4], int64_t d, float out[4]) {
+  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t k = 0; k < d; ++k) {
+    const float pk = p[k];
+    a0 += pk * q0[k];
+    a1 += pk * q1[k];
+    a2 += pk * q2[k];
+    a3 += pk * q3[k];
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+}
+
 // Unit-normalised metric rows (zeros for padding); the similarity matmul runs on them.
 void normalize_rows(const float* metric, const int64_t* pos, int64_t count, int64_t d, float* out) {
   for (int64_t i = 0; i < count; ++i) {
@@ -119,22 +138,31 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const float* na, co
 
   // where each leaving A token goes: an input row and its output row (its best B partner unless `nearest`
   // finds an unmerged A token at least as similar)
-  std::vector<int64_t> to_in(s.ma, -1), to_out(s.ma, -1), a_out(s.ma, -1);
+  std::vector<int64_t> to_in(s.ma, -1), to_out(s.ma, -1), a_out(s.ma, -1), unm;
   for (int64_t i = 0, u = 0; i < s.ma; ++i)
-    if (a_pos[i] >= 0 && !merged[i]) a_out[i] = out + u++;
+    if (a_pos[i] >= 0 && !merged[i]) {
+      a_out[i] = out + u++;
+      unm.push_back(i);
+    }
+  const int64_t n_unm = static_cast<int64_t>(unm.size());
+  std::vector<float> sims(nearest ? n_unm + 3 : 0);
   for (int64_t k = 0; k < s.r; ++k) {
     const int64_t i = order[k];
     to_in[i] = b_pos[arg[i]];
     to_out[i] = b_out[arg[i]];
     if (!nearest) continue;
+    const float* row = na + i * s.d;
+    for (int64_t u = 0; u < n_unm; u += 4) {  // a short last block repeats its last row
+      const float* q[4];
+      for (int64_t t = 0; t < 4; ++t) q[t] = na + unm[std::min(u + t, n_unm - 1)] * s.d;
+      dot4(row, q, s.d, sims.data() + u);
+    }
     float top = -INFINITY;
     int64_t pick = -1;
-    for (int64_t u = 0; u < s.ma; ++u) {
-      if (a_out[u] < 0) continue;
-      const float v = dot(na + i * s.d, na + u * s.d, s.d);
-      if (v > top) {
-        top = v;
-        pick = u;
+    for (int64_t u = 0; u < n_unm; ++u) {  // first maximum wins, in A order
+      if (sims[u] > top) {
+        top = sims[u];
+        pick = unm[u];
       }
     }
     if (pick >= 0 && top >= best[i]) {
