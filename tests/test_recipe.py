@@ -267,3 +267,15 @@ def test_a_true_or_false_field_refuses_anything_else_by_name(table, field, value
     with pytest.raises(ValueError, match=rf"recipe field '{table}\.{field}' must be true or false, got {value!r}"):
         mergepass.load_recipe("tome", **{table: {field: value}})
     assert getattr(getattr(mergepass.load_recipe("tome", **{table: {field: False}}), table), field) is False
+
+
+def test_the_benchmarks_tome_reference_has_soft_delayed_int8s_schedule_and_int8():
+    """``benchmarks/recipes/tome_delayed_int8.toml`` is timed as ToMe at ``soft_delayed_int8``'s MACs: the same
+    tokens in every block, the same quantization, only the merge method differs."""
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes" / "tome_delayed_int8.toml"
+    tome, soft = mergepass.load_recipe(path), mergepass.load_recipe("soft_delayed_int8")
+    assert (tome.merge.method, soft.merge.method) == ("tome", "soft")
+    for f in ("r", "skip", "partition", "protect", "prop_attn"):
+        assert getattr(tome.merge, f) == getattr(soft.merge, f), f
+    assert tome.quantize == soft.quantize and tome.lower == soft.lower
