@@ -17,6 +17,9 @@ blocks in order:
   absorb (class-attention protection)
 * ``+compare=keys`` on soft: the nearest kept token by the head-mean keys (ToMe's metric) instead of the
   post-attention tokens (the ``compare`` field of method ``soft``)
+* ``+by=norm`` on tome/soft with ``+protect=N``: protect the N tokens of largest residual-stream norm instead
+* ``+beta=F`` on soft: the means weight each token by size x (its class-token attention / the mean) ** F
+  (sizes still add: what proportional attention reads is unchanged)
 * ``+lam=F`` on soft: each A token's best similarity is lowered by F times its class-token attention
   (normalised to mean 1), so attended tokens leave later
 * ``dense:0*N``: N blocks unmerged
@@ -110,6 +113,27 @@ def soft_biased(x, size, r, bias_a):
             torch.cat([size[:, :PREFIX], num[..., c:]], 1))
 
 
+def soft_weighted(x, size, r, weight):
+    """``soft_merge`` at k = 1 whose means weight each token by size x ``weight`` [B, M] (sizes still add)."""
+    bsz, n, c = x.shape
+    feats = normalize(x[:, PREFIX:])
+    a, b = slice(0, None, 2), slice(1, None, 2)
+    mm = match_scores(feats[:, a] @ feats[:, b].transpose(-1, -2), r)
+    pos = torch.arange(n - PREFIX)
+    a_pos, b_pos = pos[a].expand(bsz, -1), pos[b].expand(bsz, -1)
+    kept = torch.cat([a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
+    src = a_pos.gather(1, mm.src_idx)
+    rows = unmerge
+    dest = (rows(feats, src) @ rows(feats, kept).transpose(-1, -2)).argmax(-1)
+    xm, sm, wm = x[:, PREFIX:], size[:, PREFIX:], size[:, PREFIX:] * weight[..., None]
+    w_kept, w_src = rows(wm, kept), rows(wm, src)
+    num = torch.cat([rows(xm, kept) * w_kept, w_kept, rows(sm, kept)], -1)
+    add = torch.cat([rows(xm, src) * w_src, w_src, rows(sm, src)], -1)
+    num = num.scatter_add(1, dest[..., None].expand(-1, -1, c + 2), add)
+    return (torch.cat([x[:, :PREFIX], num[..., :c] / num[..., c:c + 1]], 1),
+            torch.cat([size[:, :PREFIX], num[..., c + 1:]], 1))
+
+
 def prune(x, size, r, score):
     """Drop the ``r`` patch tokens with the lowest ``score`` [B, M]; the others keep their order and sizes."""
     keep = score.topk(score.shape[1] - r, dim=-1).indices.sort(dim=-1).values + PREFIX
@@ -122,6 +146,8 @@ def reduce(op, r, opts, x, keys, probs, size, source=None):
     metric = keys.mean(1)
     cls = probs[:, :, 0, PREFIX:].mean(1)  # [B, M]: the class token's attention over the patch tokens
     protect = int(opts.get("protect", 0))
+    if "by" in opts and opts["by"] == "norm":  # protect the tokens of largest residual-stream norm instead
+        cls = x[:, PREFIX:].norm(dim=-1)
     if op == "tome":
         if protect:
             return tome_protected(x, metric, size, r, top_k_mask(cls, protect), source)
@@ -130,6 +156,9 @@ def reduce(op, r, opts, x, keys, probs, size, source=None):
         if protect:  # soft_merge protects the largest metric norms: hand it the class attention as the metric
             fake = torch.cat([x.new_zeros(x.shape[0], PREFIX, 1), cls[..., None]], 1)
             return soft_merge(x, fake, size, source, r=r, prefix=PREFIX, k=1, compare="tokens", protect=protect)
+        if "beta" in opts:  # means weighted by size x (class attention / its mean) ** beta
+            w = (cls / cls.mean(1, keepdim=True)).clamp_min(1e-6) ** float(opts["beta"])
+            return (*soft_weighted(x, size, r, w), None)
         if "lam" in opts:
             return (*soft_biased(x, size, r, float(opts["lam"]) * cls / cls.mean(1, keepdim=True)), None)
         return soft_merge(x, metric, size, source, r=r, prefix=PREFIX, k=1, compare=opts.get("compare", "tokens"))

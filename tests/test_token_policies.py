@@ -79,6 +79,19 @@ def test_soft_protection_and_bias_keep_sizes_and_counts():
     torch.testing.assert_close(s, s_ref)
 
 
+def test_weighted_soft_means_keep_sizes_and_unit_weights_are_soft():
+    torch.manual_seed(4)
+    b, n, c, r = 2, 17, 8, 5
+    x, size = torch.randn(b, n, c), torch.rand(b, n, 1) + 0.5
+    out, s = tp.soft_weighted(x, size, r, torch.rand(b, n - 1) + 0.1)
+    assert out.shape == (b, n - r, c) and torch.allclose(s.sum(1), size.sum(1))
+    ref, s_ref, _ = tp.soft_merge(x, x, size, None, r=r, prefix=1, k=1, compare="tokens")
+    assert not torch.allclose(out, ref)  # the weights move the means
+    out, s = tp.soft_weighted(x, size, r, torch.ones(b, n - 1))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(s, s_ref)
+
+
 def test_parse_and_macs(model):
     steps = tp.parse("prune:2*1,soft+protect=3:2*2", 3)
     assert steps[0] == ("prune", 2, {}) and steps[2] == ("soft", 2, {"protect": "3"})
