@@ -203,3 +203,19 @@ def test_soft_fused_kernel_on_bf16_tokens_matches_the_reference_ops(prefix, offs
     assert xo.dtype == torch.bfloat16 and torch.equal(src, ref[2])
     torch.testing.assert_close(xo, ref[0], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(so, ref[1])
+
+
+def test_the_merge_op_benchmark_times_tome_and_soft_per_block(capsys):
+    require_fused_merge()
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import merge_op
+    assert merge_op.main(["--blocks", "2", "--rounds", "1", "--iters", "1", "--batch", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "int8 ISA" in lines[0] and lines[1].split() == ["tokens", "r", "tome", "tome_tokens", "soft"]
+    rows = [[float(v) for v in line.split()] for line in lines[2:4]]
+    assert [r[:2] for r in rows] == [list(map(float, b)) for b in merge_op.BLOCKS[:2]]
+    assert all(v > 0 for r in rows for v in r[2:])
+    total = [float(v) for v in lines[4].split()[1:]]
+    assert total == pytest.approx([a + b for a, b in zip(rows[0][2:], rows[1][2:])], abs=0.02)  # the sum row
