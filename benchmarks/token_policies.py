@@ -93,12 +93,14 @@ def tome_protected(x, metric, size, r, protect, source=None):
     return out if source is not None else out[:2]
 
 
-def soft_biased(x, size, r, bias_a):
-    """``soft_merge`` at k = 1 with ``bias_a`` [B, M] subtracted from each A token's similarities."""
+def soft_k1(x, size, r, bias_a=None, weight=None):
+    """``soft_merge`` at k = 1 with ``bias_a`` [B, M] subtracted from each A token's similarities, and means that
+    weight each token by size x ``weight`` [B, M] (sizes still add); neither given: ``soft_merge`` itself."""
     bsz, n, c = x.shape
     feats = normalize(x[:, PREFIX:])
     a, b = slice(0, None, 2), slice(1, None, 2)
-    mm = match_scores(feats[:, a] @ feats[:, b].transpose(-1, -2) - bias_a[:, a, None], r)
+    sim = feats[:, a] @ feats[:, b].transpose(-1, -2)
+    mm = match_scores(sim if bias_a is None else sim - bias_a[:, a, None], r)
     pos = torch.arange(n - PREFIX)
     a_pos, b_pos = pos[a].expand(bsz, -1), pos[b].expand(bsz, -1)
     kept = torch.cat([a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
@@ -106,26 +108,7 @@ def soft_biased(x, size, r, bias_a):
     rows = unmerge  # the rows of a [B, N, C] tensor at token indices [B, M]
     dest = (rows(feats, src) @ rows(feats, kept).transpose(-1, -2)).argmax(-1)
     xm, sm = x[:, PREFIX:], size[:, PREFIX:]
-    s_kept, s_src = rows(sm, kept), rows(sm, src)
-    num = torch.cat([rows(xm, kept) * s_kept, s_kept], -1)
-    num = num.scatter_add(1, dest[..., None].expand(-1, -1, c + 1), torch.cat([rows(xm, src) * s_src, s_src], -1))
-    return (torch.cat([x[:, :PREFIX], num[..., :c] / num[..., c:]], 1),
-            torch.cat([size[:, :PREFIX], num[..., c:]], 1))
-
-
-def soft_weighted(x, size, r, weight):
-    """``soft_merge`` at k = 1 whose means weight each token by size x ``weight`` [B, M] (sizes still add)."""
-    bsz, n, c = x.shape
-    feats = normalize(x[:, PREFIX:])
-    a, b = slice(0, None, 2), slice(1, None, 2)
-    mm = match_scores(feats[:, a] @ feats[:, b].transpose(-1, -2), r)
-    pos = torch.arange(n - PREFIX)
-    a_pos, b_pos = pos[a].expand(bsz, -1), pos[b].expand(bsz, -1)
-    kept = torch.cat([a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
-    src = a_pos.gather(1, mm.src_idx)
-    rows = unmerge
-    dest = (rows(feats, src) @ rows(feats, kept).transpose(-1, -2)).argmax(-1)
-    xm, sm, wm = x[:, PREFIX:], size[:, PREFIX:], size[:, PREFIX:] * weight[..., None]
+    wm = sm if weight is None else sm * weight[..., None]
     w_kept, w_src = rows(wm, kept), rows(wm, src)
     num = torch.cat([rows(xm, kept) * w_kept, w_kept, rows(sm, kept)], -1)
     add = torch.cat([rows(xm, src) * w_src, w_src, rows(sm, src)], -1)
@@ -158,9 +141,9 @@ def reduce(op, r, opts, x, keys, probs, size, source=None):
             return soft_merge(x, fake, size, source, r=r, prefix=PREFIX, k=1, compare="tokens", protect=protect)
         if "beta" in opts:  # means weighted by size x (class attention / its mean) ** beta
             w = (cls / cls.mean(1, keepdim=True)).clamp_min(1e-6) ** float(opts["beta"])
-            return (*soft_weighted(x, size, r, w), None)
+            return (*soft_k1(x, size, r, weight=w), None)
         if "lam" in opts:
-            return (*soft_biased(x, size, r, float(opts["lam"]) * cls / cls.mean(1, keepdim=True)), None)
+            return (*soft_k1(x, size, r, bias_a=float(opts["lam"]) * cls / cls.mean(1, keepdim=True)), None)
         return soft_merge(x, metric, size, source, r=r, prefix=PREFIX, k=1, compare=opts.get("compare", "tokens"))
     if op == "prune":
         return (*prune(x, size, r, cls), None)

@@ -71,9 +71,9 @@ def test_soft_protection_and_bias_keep_sizes_and_counts():
     b, n, c, r = 2, 17, 8, 5
     x = torch.randn(b, n, c)
     size = torch.ones(b, n, 1)
-    out, s = tp.soft_biased(x, size, r, torch.rand(b, n - 1))
+    out, s = tp.soft_k1(x, size, r, bias_a=torch.rand(b, n - 1))
     assert out.shape == (b, n - r, c) and torch.allclose(s.sum(1), size.sum(1))
-    out, s = tp.soft_biased(x, size, r, torch.zeros(b, n - 1))
+    out, s = tp.soft_k1(x, size, r, bias_a=torch.zeros(b, n - 1))
     ref, s_ref, _ = tp.soft_merge(x, x, size, None, r=r, prefix=1, k=1, compare="tokens")
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(s, s_ref)
@@ -83,11 +83,11 @@ def test_weighted_soft_means_keep_sizes_and_unit_weights_are_soft():
     torch.manual_seed(4)
     b, n, c, r = 2, 17, 8, 5
     x, size = torch.randn(b, n, c), torch.rand(b, n, 1) + 0.5
-    out, s = tp.soft_weighted(x, size, r, torch.rand(b, n - 1) + 0.1)
+    out, s = tp.soft_k1(x, size, r, weight=torch.rand(b, n - 1) + 0.1)
     assert out.shape == (b, n - r, c) and torch.allclose(s.sum(1), size.sum(1))
     ref, s_ref, _ = tp.soft_merge(x, x, size, None, r=r, prefix=1, k=1, compare="tokens")
     assert not torch.allclose(out, ref)  # the weights move the means
-    out, s = tp.soft_weighted(x, size, r, torch.ones(b, n - 1))
+    out, s = tp.soft_k1(x, size, r, weight=torch.ones(b, n - 1))
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(s, s_ref)
 
