@@ -129,15 +129,15 @@ def reduce(op, r, opts, x, keys, probs, size, source=None):
     metric = keys.mean(1)
     cls = probs[:, :, 0, PREFIX:].mean(1)  # [B, M]: the class token's attention over the patch tokens
     protect = int(opts.get("protect", 0))
-    if "by" in opts and opts["by"] == "norm":  # protect the tokens of largest residual-stream norm instead
-        cls = x[:, PREFIX:].norm(dim=-1)
+    # which tokens protection keeps: the class token's most attended, or (+by=norm) those of largest norm
+    guard = x[:, PREFIX:].norm(dim=-1) if opts.get("by") == "norm" else cls
     if op == "tome":
         if protect:
-            return tome_protected(x, metric, size, r, top_k_mask(cls, protect), source)
+            return tome_protected(x, metric, size, r, top_k_mask(guard, protect), source)
         return global_merge(x, metric, size, source, r=r, prefix=PREFIX)
     if op == "soft":
-        if protect:  # soft_merge protects the largest metric norms: hand it the class attention as the metric
-            fake = torch.cat([x.new_zeros(x.shape[0], PREFIX, 1), cls[..., None]], 1)
+        if protect:  # soft_merge protects the largest metric norms: hand it the protection score as the metric
+            fake = torch.cat([x.new_zeros(x.shape[0], PREFIX, 1), guard[..., None]], 1)
             return soft_merge(x, fake, size, source, r=r, prefix=PREFIX, k=1, compare="tokens", protect=protect)
         if "beta" in opts:  # means weighted by size x (class attention / its mean) ** beta
             w = (cls / cls.mean(1, keepdim=True)).clamp_min(1e-6) ** float(opts["beta"])

@@ -79,6 +79,25 @@ def test_soft_protection_and_bias_keep_sizes_and_counts():
     torch.testing.assert_close(s, s_ref)
 
 
+def test_protection_by_norm_keeps_the_largest_tokens_and_leaves_the_class_attention_to_the_rest():
+    torch.manual_seed(5)
+    b, n, c, h, r = 2, 17, 8, 2, 5
+    x, keys = torch.randn(b, n, c), torch.randn(b, h, n, c)
+    x[:, [3, 9]] *= 10  # the two largest patch tokens
+    probs = torch.rand(b, h, n, n).softmax(-1)
+    size = torch.ones(b, n, 1)
+    for op in ("tome", "soft"):
+        out, s = tp.reduce(op, r, {"protect": "2", "by": "norm"}, x, keys, probs, size)[:2]
+        for i in range(b):  # each still there, alone and unchanged
+            for j in (3, 9):
+                hit = (out[i] - x[i, j]).abs().amax(-1) < 1e-6
+                assert hit.sum() == 1 and s[i, hit.nonzero()[0, 0], 0] == 1
+    # without protection the option changes nothing: the class attention still weighs the means
+    opts = {"beta": "1"}
+    torch.testing.assert_close(tp.reduce("soft", r, {**opts, "by": "norm"}, x, keys, probs, size)[0],
+                               tp.reduce("soft", r, opts, x, keys, probs, size)[0])
+
+
 def test_weighted_soft_means_keep_sizes_and_unit_weights_are_soft():
     torch.manual_seed(4)
     b, n, c, r = 2, 17, 8, 5
