@@ -6,7 +6,9 @@ Per merging block of ``soft_delayed_int8``'s schedule on DINOv2 ViT-S/14 at 224 
 random inputs: ``tome`` (``fused_global_merge``, 64-channel keys: what ``tome_int8`` runs), ``tome_tokens`` (the same
 matching on the 384-channel tokens) and ``soft`` (``fused_nearest_merge`` on the tokens: soft merging at k = 1, which
 also finds each leaving token's nearest kept token). ``soft`` minus ``tome_tokens`` is the nearest step; ``tome_tokens``
-minus ``tome`` the wider similarity. The last row sums the blocks: merge time per forward. Prints the CPU line.
+minus ``tome`` the wider similarity. ``tome_screen`` and ``soft_screen`` are ``tome`` and ``soft`` with the pairs screened
+by a bf16 matmul (``screen=True``: the same matches; what ``merge similarity`` chooses where it measures faster). The last
+row sums the blocks: merge time per forward. Prints the CPU line.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ def time_block(batch: int, tokens: int, r: int, width: int, heads_dim: int, roun
     kw = {"r": r, "prefix": 1}
     fns = {"tome": lambda: fused_global_merge(x, keys, None, None, **kw),
            "tome_tokens": lambda: fused_global_merge(x, x, None, None, **kw),
-           "soft": lambda: fused_nearest_merge(x, x, None, None, **kw)}
+           "soft": lambda: fused_nearest_merge(x, x, None, None, **kw),
+           "tome_screen": lambda: fused_global_merge(x, keys, None, None, screen=True, **kw),
+           "soft_screen": lambda: fused_nearest_merge(x, x, None, None, screen=True, **kw)}
     for fn in fns.values():  # warm-up: first-call allocation and page faults
         fn()
     per = interleaved(fns, rounds, iters)
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(f"{machine()}, {torch.get_num_threads()} threads, batch {args.batch}, {args.rounds} interleaved rounds x "
           f"{args.iters}; ms per call")
-    names = ("tome", "tome_tokens", "soft")
+    names = ("tome", "tome_tokens", "soft", "tome_screen", "soft_screen")
     print(f"{'tokens':>7}{'r':>4}" + "".join(f"{n:>13}" for n in names))
     total = dict.fromkeys(names, 0.0)
     for tokens, r in BLOCKS[:args.blocks]:

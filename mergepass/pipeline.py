@@ -173,6 +173,11 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
         result = RewriteResult(gm, None, None)
     if result.schedule is not None:
         recipe = recipe.with_merge(result.schedule.merge)
+    screens = []
+    if result.schedule is not None and result.schedule.merging:  # changes only fused merge calls
+        from .merge.fused import choose_screen
+        with stage("merge similarity: measure or read the kept decisions"):
+            screens = passes.run(passes.screen_merges, result.gm, choose_screen)
     graph, ops, decision = result.gm, 0, None
     if kernels:
         own = _pt2e_config(recipe, example_inputs)
@@ -182,8 +187,8 @@ def graph_stages(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe, *
             from .quantize.pt2e import rest_decision
             rest = rest_decision(own.rest) if own is not None else None
             result.schedule.kernels += [d.line() for d in (decision, rest) if d is not None]
-    if merge_decision is not None and result.schedule is not None:
-        result.schedule.kernels.insert(0, merge_decision.line())
+    if result.schedule is not None:
+        result.schedule.kernels[:0] = [d.line() for d in ([merge_decision] if merge_decision else []) + screens]
     return Staged(result, recipe, graph, ops, decision, merge_kernel)
 
 

@@ -425,3 +425,64 @@ def test_checkerboard_adjacency_traces_as_one_constant():
     a_ids, b_ids, adj = checkerboard((3, 4))
     want = [[abs(a // 4 - b // 4) + abs(a % 4 - b % 4) == 1 for b in b_ids] for a in a_ids]
     assert adj.tolist() == want
+
+
+def _close_calls(b, n, d, seed):
+    """Tokens in a few tight clusters: many pairs within bf16's rounding of each other's similarity."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(b, 4, d, generator=g)
+    return centres[:, torch.randint(0, 4, (n,), generator=g)] + 0.03 * torch.randn(b, n, d, generator=g)
+
+
+def _screened_cases(d):
+    x = torch.randn(2, 1 + 14 * 14, 12)
+    k = _close_calls(2, 1 + 14 * 14, d, seed=d)
+    kn = k.clone()
+    kn[:, 3] = float("nan")  # a partnerless A token
+    grid = dict(grid=(14, 14))
+    return [(fused.fused_global_merge, x, k, dict(r=40)), (fused.fused_global_merge, x, kn, dict(r=90)),
+            (fused.fused_global_merge, x, k, dict(r=30, protect=20)),
+            (fused.fused_nearest_merge, x, k, dict(r=40)), (fused.fused_nearest_merge, x, kn, dict(r=60, offset=1)),
+            (fused.fused_window_merge, x, k, dict(r=6, windows=(3, 3), **grid)),  # windows padded with -1
+            (fused.fused_adjacent_merge, x, k, dict(r=40, **grid))]
+
+
+@pytest.mark.parametrize("d", [8, 64, 384, 1000])
+def test_screened_similarity_finds_the_same_partners_bit_for_bit(d):
+    """``screen``: a bf16 matmul only picks the candidate pairs and fp32 scores them again, so every merge method's
+    kernel call gives the same tokens, sizes and source maps as without it, NaN rows and padding included, on
+    tokens where a plain bf16 similarity would pick other partners."""
+    require_fused_merge()
+    for fn, x, k, kw in _screened_cases(d):
+        plain = fn(x, k, None, None, prefix=1, **kw)
+        screened = fn(x, k, None, None, prefix=1, screen=True, **kw)
+        for p, s in zip(plain, screened):
+            assert torch.equal(p, s) or torch.allclose(p, s, equal_nan=True, rtol=0, atol=0), fn.__name__
+    # the tokens are close calls: rounded to bf16, the best B partner of some A token changes
+    unit = torch.nn.functional.normalize(_close_calls(2, 1 + 14 * 14, d, seed=d)[:, 1:], dim=-1)
+    a, b = unit[:, ::2], unit[:, 1::2]
+    exact = (a @ b.transpose(1, 2)).argmax(-1)
+    rounded = (a.bfloat16() @ b.bfloat16().transpose(1, 2)).float().argmax(-1)
+    assert not torch.equal(exact, rounded)
+
+
+def test_the_screen_is_chosen_by_measurement_per_width_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEPASS_DECISIONS_DIR", str(tmp_path))
+    require_fused_merge()
+    calls = []
+
+    def timer(ms):
+        return lambda fns: calls.append(sorted(fns)) or {n: ms[n] / 1e3 for n in fns}
+
+    assert fused.choose_screen(64, timer=timer({"fp32": 1.0, "bf16": 0.5})).choice == "bf16"
+    assert fused.choose_screen(384, timer=timer({"fp32": 0.5, "bf16": 1.0})).choice == "fp32"
+    assert calls == [["bf16", "fp32"]] * 2
+    again = fused.choose_screen(64, timer=timer({"fp32": 0.1, "bf16": 9.0}))  # kept: not timed again
+    assert again.choice == "bf16" and again.reused and len(calls) == 2
+    assert "merge similarity: bf16" in again.line()
+
+
+def test_without_the_kernel_the_screen_is_a_default_not_a_measurement(monkeypatch):
+    monkeypatch.setattr(fused, "kernel_error", lambda: "no compiler")
+    d = fused.choose_screen(64, timer=lambda fns: pytest.fail("nothing can be timed"), keep=False)
+    assert d.choice == "fp32" and not d.measured and "no compiler" in d.line()

@@ -364,3 +364,35 @@ def test_the_merge_stage_prunes_a_recipe_without_merges_only_when_asked(prune):
     res = merge_stage(gm, g.inputs, mergepass.load_recipe("none", lower={"prune_rows": prune}), warn=False)
     assert (_linear_rows(res.gm, g)[-5:] == [17, 1, 1, 1, 2]) is prune  # the last qkv, proj, fc1, fc2; the head
     assert any("computes 1 token row" in n for n in res.notes) is prune
+
+
+# -- screen_merges -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe,width", [("tome", 8), ("soft", 16)])  # ToMe's head-mean keys; soft's tokens
+def test_screen_merges_screens_exactly_the_widths_measured_faster_and_changes_no_output(recipe, width):
+    from helpers import require_fused_merge
+    from mergepass.decide import Decision
+    from mergepass.rewrite.passes import screen_merges
+    require_fused_merge()
+    g, gm = vit_graph(depth=3, dim=16, heads=2)
+    runs = {}
+    for choice in ("fp32", "bf16"):
+        work = copy_graph_module(gm)
+        match = find_blocks(work)
+        sched = make_schedule(match, mergepass.load_recipe(recipe, merge={"r": 3}))
+        out = insert_merges(work, match, sched, fused=True)
+        fix_token_literals(work, g.inputs, out.allowed(match), out.source_of(match), match.tokens, match.prefix)
+        asked = []
+        decisions = screen_merges(work, lambda w: asked.append(w) or Decision("merge similarity", choice))
+        assert asked == [width] and [d.choice for d in decisions] == [choice]  # one question per width
+        assert [n.kwargs.get("screen", False) for n in out.merges] == [choice == "bf16"] * 3
+        runs[choice] = g.run(work)
+    assert torch.equal(runs["fp32"], runs["bf16"])
+
+
+def test_screen_merges_leaves_the_reference_ops_alone():
+    from mergepass.rewrite.passes import screen_merges
+    g, gm, work, match, sched = _scheduled()
+    out = insert_merges(work, match, sched)
+    assert screen_merges(work, lambda w: pytest.fail("no fused merge to ask about")) == []
+    assert all("screen" not in n.kwargs for n in out.merges)

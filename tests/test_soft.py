@@ -213,7 +213,8 @@ def test_the_merge_op_benchmark_times_tome_and_soft_per_block(capsys):
     import merge_op
     assert merge_op.main(["--blocks", "2", "--rounds", "1", "--iters", "1", "--batch", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert "int8 ISA" in lines[0] and lines[1].split() == ["tokens", "r", "tome", "tome_tokens", "soft"]
+    assert "int8 ISA" in lines[0] and lines[1].split() == ["tokens", "r", "tome", "tome_tokens", "soft", "tome_screen",
+                                                          "soft_screen"]
     rows = [[float(v) for v in line.split()] for line in lines[2:4]]
     assert [r[:2] for r in rows] == [list(map(float, b)) for b in merge_op.BLOCKS[:2]]
     assert all(v > 0 for r in rows for v in r[2:])

@@ -48,6 +48,7 @@ _STATE = "mergepass_state"
 _TRACED = "example_value"  # dynamo's fake value of a node
 _EXPORTED = "val"  # torch.export's (and aten graphs' after it)
 _MODULE_STACK = "nn_module_stack"
+_WIDTH = "mergepass_width"
 _SOURCE_FN = "source_fn_stack"
 _GRAPHARG = "grapharg"  # dynamo's record of a placeholder while it compiles (torch 2.14.1)
 _ROOT = re.compile(r"^[LG]\[[^\]]+\]\.?")  # dynamo's root of a module path: L['self'], G['model'], ...
@@ -162,6 +163,19 @@ def shape(node) -> Optional[tuple[int, ...]]:
     if isinstance(v, torch.Tensor):
         return tuple(hint_int(d) if isinstance(d, torch.SymInt) else int(d) for d in v.shape)
     return None
+
+
+def set_width(node: fx.Node, width: int) -> None:
+    """Record the last dimension of an inserted node's value (it has no traced value: the shape walk would read one)."""
+    node.meta[_WIDTH] = width
+
+
+def width(node) -> Optional[int]:
+    """A node's last dimension: the one :func:`set_width` recorded, else its traced shape's; None when unknown."""
+    if isinstance(node, fx.Node) and _WIDTH in node.meta:
+        return node.meta[_WIDTH]
+    s = shape(node)
+    return s[-1] if s else None
 
 
 def symbolic_dims(node) -> list[int]:

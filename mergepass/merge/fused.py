@@ -33,11 +33,11 @@ _SRC = Path(__file__).with_name("csrc") / "bipartite_merge.cpp"
 
 _LIB = torch.library.Library("mergepass", "DEF")
 _LIB.define("bipartite_merge(Tensor x, Tensor metric, Tensor size, Tensor source, Tensor a_pos, Tensor b_pos, "
-            "Tensor? allowed, int r, int prefix, bool nearest=False) -> (Tensor, Tensor, Tensor)")
+            "Tensor? allowed, int r, int prefix, bool nearest=False, bool screen=False) -> (Tensor, Tensor, Tensor)")
 
 
 @torch.library.register_fake("mergepass::bipartite_merge")
-def _shapes(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest=False):
+def _shapes(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest=False, screen=False):
     b, n, c = x.shape
     n_out = n - r * a_pos.shape[-2]
     return x.new_empty(b, n_out, c), x.new_empty(b, n_out, 1), source.new_empty(source.shape, dtype=torch.long)
@@ -49,9 +49,10 @@ def kernel_error() -> Optional[str]:
     return build_extension("mergepass_kernels", [_SRC])
 
 
-def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest=False):
+def _call(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest=False, screen=False):
     size, source = init_state(x, size, source)
-    return torch.ops.mergepass.bipartite_merge(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest)
+    return torch.ops.mergepass.bipartite_merge(x, metric, size, source, a_pos, b_pos, allowed, r, prefix, nearest,
+                                               screen)
 
 
 def _halves(x: torch.Tensor, prefix: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,25 +62,27 @@ def _halves(x: torch.Tensor, prefix: int, offset: int) -> tuple[torch.Tensor, to
 
 
 def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                       source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, protect: int = 0):
-    """:func:`~mergepass.merge.global_merge` (ToMe) as one kernel."""
+                       source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, protect: int = 0,
+                       screen: bool = False):
+    """:func:`~mergepass.merge.global_merge` (ToMe) as one kernel. ``screen``: pairs screened by a bf16 matmul
+    (the same matches; :func:`choose_screen` says where it is faster)."""
     allowed = None
     if protect:  # protected tokens neither propose (empty rows) nor accept (empty columns) a merge
         free = ~largest_norms(metric[:, prefix:], protect)
         allowed = free[:, offset::2, None] & free[:, None, 1 - offset::2]
-    return _call(x, metric, size, source, *_halves(x, prefix, offset), allowed, r, prefix)
+    return _call(x, metric, size, source, *_halves(x, prefix, offset), allowed, r, prefix, False, screen)
 
 
 def fused_nearest_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                        source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0):
+                        source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, screen: bool = False):
     """ToMe's choice of the ``r`` leaving tokens by ``metric``, each of them joining its most similar kept token
     (unmerged A or B) instead of its B partner: soft merging's ``k = 1`` as one kernel."""
-    return _call(x, metric, size, source, *_halves(x, prefix, offset), None, r, prefix, True)
+    return _call(x, metric, size, source, *_halves(x, prefix, offset), None, r, prefix, True, screen)
 
 
 def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                          source: Optional[torch.Tensor], *, r: int, prefix: int, grid: tuple[int, int],
-                         similarity: str = "cosine"):
+                         similarity: str = "cosine", screen: bool = False):
     """:func:`~mergepass.merge.adjacent_merge` (ToMato, checkerboard sets, 4-neighbours) as one kernel.
 
     Only for ``similarity="cosine"``: the kernel scores pairs by the cosine of the metric it is given,
@@ -94,22 +97,22 @@ def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[t
     dev = x.device
     a_pos = torch.tensor(a_ids, device=dev)[None, None] + prefix
     b_pos = torch.tensor(b_ids, device=dev)[None, None] + prefix
-    return _call(x, metric, size, source, a_pos, b_pos, adj.to(dev), r, prefix)
+    return _call(x, metric, size, source, a_pos, b_pos, adj.to(dev), r, prefix, False, screen)
 
 
 def fused_window_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                        source: Optional[torch.Tensor], *, r: int, prefix: int,
-                       grid: tuple[int, int], windows: tuple[int, int]):
+                       grid: tuple[int, int], windows: tuple[int, int], screen: bool = False):
     """:func:`~mergepass.merge.window_merge` (LGTM, ``r`` merges in each window) as one kernel; the
     windows are formed from the tracked token locations exactly as there, padding marked -1."""
     size, source = init_state(x, size, source)
     b, n, _ = x.shape
     perm, per, _ = window_perm(source, n, prefix, grid, windows)
     tok = torch.where(perm < n - prefix, perm + prefix, -1).reshape(b, windows[0] * windows[1], per)
-    return _call(x, metric, size, source, tok[..., ::2], tok[..., 1::2], None, r, prefix)
+    return _call(x, metric, size, source, tok[..., ::2], tok[..., 1::2], None, r, prefix, False, screen)
 
 
-__all__ = ["kernel_error", "fused_global_merge", "fused_nearest_merge", "fused_adjacent_merge", "fused_window_merge"]
+__all__ = ["kernel_error", "choose", "choose_screen", "fused_global_merge", "fused_nearest_merge", "fused_adjacent_merge", "fused_window_merge"]
 
 
 # ViT-S/14 at 224 px, batch 8, ToMe r=16 in its first block: one shape for every model, so that this CPU is
@@ -144,3 +147,21 @@ def choose(timer=None, keep: bool = True) -> Decision:
                           else "reference", timer=timer, keep=keep)
     finally:
         compiled.clear()
+
+
+def choose_screen(width: int, timer=None, keep: bool = True) -> Decision:
+    """Whether the kernel screens pairs with a bf16 matmul (``"bf16"``) or scores them all in fp32 (``"fp32"``) for a
+    ``width``-channel metric on this CPU, by measurement at ``_SHAPE``'s tokens. Both give the same matches bit for bit,
+    so only time decides; the decision is kept on disk (:mod:`mergepass.decide`)."""
+    s = _SHAPE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s["batch"], s["tokens"], s["width"], generator=g)
+    metric = torch.randn(s["batch"], s["tokens"], width, generator=g)
+    kw = {"r": s["r"], "prefix": s["prefix"]}
+    why = kernel_error() or ""
+    run = {on: (lambda on=on: fused_global_merge(x, metric, None, None, screen=on, **kw)) for on in (False, True)}
+    candidates = {"fp32": Candidate(run[False]), "bf16": Candidate(None if why else run[True], why)}
+    from ..compat import outside_tracing
+    with torch.no_grad(), outside_tracing():
+        return decide("merge similarity", {**s, "metric": width, "kernels": source_digest(_SRC)}, candidates,
+                      default="fp32", timer=timer, keep=keep)

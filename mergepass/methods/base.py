@@ -118,6 +118,8 @@ class MergeOp:
     name: str
     reference: Callable
     fused: Optional[Callable] = None
+    compares: Callable[[dict], int] = lambda kwargs: 1  # which positional argument the fused kernel's similarity
+                                                        # reads, given the call's keyword arguments (1: the metric)
 
     def function(self, fused: bool) -> Callable:
         return self.fused if fused and self.fused is not None else self.reference

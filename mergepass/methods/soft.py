@@ -83,17 +83,18 @@ def soft_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tenso
 
 
 def fused_soft_merge(x, metric, size, source, *, r: int, prefix: int, k: int = 1, tau: float = 0.01,
-                     compare: str = "tokens", offset: int = 0, protect: int = 0):
+                     compare: str = "tokens", offset: int = 0, protect: int = 0, screen: bool = False):
     """:func:`soft_merge` with the fused kernel where it has one (``k = 1`` without protection: a hard merge
-    into the nearest kept token, where ``tau`` plays no part), else the reference ops."""
+    into the nearest kept token, where ``tau`` plays no part; ``screen`` as there), else the reference ops."""
     if k == 1 and not protect:
         return fused_nearest_merge(x, x if compare == "tokens" else metric, size, source, r=r, prefix=prefix,
-                                   offset=offset)
+                                   offset=offset, screen=screen)
     return soft_merge(x, metric, size, source, r=r, prefix=prefix, k=k, tau=tau, compare=compare, offset=offset,
                       protect=protect)
 
 
-register_op(MergeOp("soft", soft_merge, fused_soft_merge))
+# the fused kernel compares the tokens themselves under compare = "tokens"
+register_op(MergeOp("soft", soft_merge, fused_soft_merge, lambda kw: 0 if kw.get("compare", "tokens") == "tokens" else 1))
 
 COMPARE = ("tokens", "keys")  # not "similarity": that plan arg is ToMato's (insert_merges reads it)
 

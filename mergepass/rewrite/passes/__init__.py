@@ -3,7 +3,8 @@ and every caller runs them through :func:`run`, which refuses any other function
 
 * prepare (:func:`mergepass.rewrite.capture.prepare`): dynamo's graph in the form matching expects;
 * merge (:func:`mergepass.rewrite.merges.rewrite`), after matching and scheduling: on a fresh copy again for
-  each block that falls back (``prune_unread_rows`` also where nothing merges);
+  each block that falls back (``prune_unread_rows`` also where nothing merges); then, where merges run as the fused
+  CPU kernel, ``screen_merges`` (:func:`mergepass.pipeline.graph_stages`);
 * attention ops (:func:`mergepass.pipeline.attention_stage`), as ``lower.attention_kernel`` asks;
 * int8 (:mod:`mergepass.quantize.pt2e`): ``int8_attention`` before ``torch.export`` (its fusion then runs
   inside inductor), the last two on the exported graph.
@@ -22,11 +23,12 @@ from .insert_merges import insert_merges
 from .prune_unread_rows import prune_unread_rows
 from .int8_attention import decompose_attention
 from .replace_attention import replace_attention
+from .screen_merges import screen_merges
 from .strip_noops import strip_noops
 
 ORDER: tuple[Callable[..., Any], ...] = (
     strip_noops, fold_scalars, expand_mha,    # prepare
-    insert_merges, prune_unread_rows, fix_token_literals,  # merge
+    insert_merges, prune_unread_rows, fix_token_literals, screen_merges,  # merge
     replace_attention,                        # attention ops
     decompose_attention,                      # int8, before export
     explicit_conv_padding, affine_batch_norms,  # int8, on the exported graph
@@ -62,5 +64,5 @@ def watch(seen: Callable[[str], None]) -> Iterator[None]:
 
 
 __all__ = ["ORDER", "NAMES", "run", "watch", "name", "strip_noops", "fold_scalars", "expand_mha", "insert_merges",
-           "prune_unread_rows", "fix_token_literals", "RewriteError", "replace_attention", "decompose_attention", "explicit_conv_padding",
+           "prune_unread_rows", "fix_token_literals", "screen_merges", "RewriteError", "replace_attention", "decompose_attention", "explicit_conv_padding",
            "affine_batch_norms"]

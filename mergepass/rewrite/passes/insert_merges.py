@@ -10,7 +10,7 @@ from typing import Optional
 from torch import fx
 
 from ...graph.match import Block, MatchResult
-from ...graph.nodes import mark_inserted, set_unmerged_shape, shape
+from ...graph.nodes import mark_inserted, set_unmerged_shape, set_width, shape
 from ...merge import attn_bias, key_metric, similarity_metric, unmerge
 from ...methods import get_op
 
@@ -76,6 +76,9 @@ def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused:
         metric = block.x_mid  # ToMato's softmax similarity compares the post-attention tokens themselves
     else:
         metric = graph.call_function(key_metric, (block.keys, block.x_mid, block.keys_transposed))
+        keys = shape(block.keys)
+        if keys:  # for screen_merges: the head-mean keys are as wide as one head's
+            set_width(metric, keys[-2] if block.keys_transposed else keys[-1])
     fn = get_op(plan.kind).function(fused)
     return graph.call_function(fn, (block.x_mid, metric, size, source), dict(r=plan.r, prefix=sched.prefix, **plan.args))
 
