@@ -22,6 +22,9 @@ blocks in order:
   (sizes still add: what proportional attention reads is unchanged)
 * ``+lam=F`` on soft: each A token's best similarity is lowered by F times its class-token attention
   (normalised to mean 1), so attended tokens leave later
+* ``atc``: agglomerative merging (after ATC, Haurum et al., 2024, arXiv 2409.11923): the two most similar patch
+  tokens anywhere (post-attention tokens, cosine) merge, ``removed`` times, cluster similarities by ``+link=``
+  ``average`` (default), ``complete``, ``single`` or ``centroid``; ``+protect=N`` as for soft
 * ``dense:0*N``: N blocks unmerged
 * ``clsonly:0*1`` (last block only): the block for the class token alone, exact for the class feature
   (its query only, against every token's keys and values; its MLP only); the patch tokens' final states
@@ -117,6 +120,49 @@ def soft_k1(x, size, r, bias_a=None, weight=None):
             torch.cat([size[:, :PREFIX], num[..., c + 1:]], 1))
 
 
+def agglomerate(x, size, r, link="average", protect=None):
+    """Agglomerative merging (after ATC, Haurum et al., 2024, arXiv 2409.11923): ``r`` times, the two most similar
+    patch tokens anywhere (cosine of the post-attention tokens) become their size-weighted mean. Cluster
+    similarities follow ``link`` (Lance-Williams): ``average`` (size-weighted mean of the two, UPGMA), ``complete``
+    (the smaller), ``single`` (the larger) or ``centroid`` (the cosine of the new mean). ``protect`` [B, M]: tokens
+    that never merge. The survivors keep their order."""
+    bsz, n, c = x.shape
+    xm, sm = x[:, PREFIX:].clone(), size[:, PREFIX:, 0].clone()
+    m = n - PREFIX
+    feats = normalize(xm)
+    sim = feats @ feats.transpose(-1, -2)
+    eye = torch.eye(m, dtype=torch.bool)
+    sim = sim.masked_fill(eye, float("-inf"))
+    if protect is not None:
+        sim = sim.masked_fill(protect[:, :, None] | protect[:, None, :], float("-inf"))
+    alive = torch.ones(bsz, m, dtype=torch.bool)
+    rows = torch.arange(bsz)
+    for _ in range(r):
+        flat = sim.reshape(bsz, -1).argmax(-1)
+        i, j = flat // m, flat % m
+        si, sj = sm[rows, i], sm[rows, j]
+        xm[rows, i] = (xm[rows, i] * si[:, None] + xm[rows, j] * sj[:, None]) / (si + sj)[:, None]
+        a, b = sim[rows, i], sim[rows, j]
+        if link == "average":
+            new = (a * si[:, None] + b * sj[:, None]) / (si + sj)[:, None]
+        elif link == "complete":
+            new = torch.minimum(a, b)
+        elif link == "single":
+            new = torch.maximum(a, b)
+        else:
+            new = (normalize(xm[rows, i])[:, None] @ normalize(xm).transpose(-1, -2))[:, 0]
+        sm[rows, i] = si + sj
+        alive[rows, j] = False
+        dead = ~alive | (sim[rows, i] == float("-inf"))  # the dead and those never to pair with i (protected, itself)
+        new = new.masked_fill(dead, float("-inf"))
+        sim[rows, i], sim[rows, :, i] = new, new
+        sim[rows, j], sim[rows, :, j] = float("-inf"), float("-inf")
+    keep = alive.nonzero()[:, 1].reshape(bsz, m - r)
+    idx = keep[..., None]
+    return (torch.cat([x[:, :PREFIX], xm.gather(1, idx.expand(-1, -1, c))], 1),
+            torch.cat([size[:, :PREFIX], sm.gather(1, keep)[..., None]], 1))
+
+
 def prune(x, size, r, score):
     """Drop the ``r`` patch tokens with the lowest ``score`` [B, M]; the others keep their order and sizes."""
     keep = score.topk(score.shape[1] - r, dim=-1).indices.sort(dim=-1).values + PREFIX
@@ -147,6 +193,9 @@ def reduce(op, r, opts, x, keys, probs, size, source=None):
         return soft_merge(x, metric, size, source, r=r, prefix=PREFIX, k=1, compare=opts.get("compare", "tokens"))
     if op == "prune":
         return (*prune(x, size, r, cls), None)
+    if op == "atc":
+        guard_mask = top_k_mask(guard, protect) if protect else None
+        return (*agglomerate(x, size, r, opts.get("link", "average"), guard_mask), None)
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -270,3 +270,37 @@ def test_soft_compares_by_keys_only_when_asked():
         assert all(torch.equal(a, b) for a, b in zip(got[:2], want[:2])), compare
     assert not torch.equal(tp.reduce("soft", 4, {"compare": "keys"}, x, keys, probs, size)[0],
                            tp.reduce("soft", 4, {}, x, keys, probs, size)[0])
+
+
+def _agglomerate_plainly(x, r):
+    """Greedy average-linkage clustering of one image's patch tokens, written out: r times, merge the two clusters
+    whose members' cosines average highest; each cluster becomes its members' mean, placed at its first member."""
+    feats = torch.nn.functional.normalize(x, dim=-1)
+    cos = feats @ feats.T
+    clusters = [[i] for i in range(x.shape[0])]
+    for _ in range(r):
+        best = None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                s = cos[clusters[a]][:, clusters[b]].mean().item()
+                if best is None or s > best[0]:
+                    best = (s, a, b)
+        _, a, b = best
+        clusters[a] = sorted(clusters[a] + clusters.pop(b))
+    clusters.sort(key=min)
+    return torch.stack([x[c].mean(0) for c in clusters]), [len(c) for c in clusters]
+
+
+def test_agglomerative_merging_matches_a_plain_average_linkage_clustering():
+    torch.manual_seed(4)
+    x = torch.randn(2, 1 + 16, 8)
+    y, size = tp.agglomerate(x, torch.ones(2, 17, 1), 6)
+    assert y.shape == (2, 11, 8) and torch.equal(y[:, 0], x[:, 0])
+    for b in range(2):
+        want, sizes = _agglomerate_plainly(x[b, 1:], 6)
+        torch.testing.assert_close(y[b, 1:], want)
+        assert size[b, 1:, 0].tolist() == sizes
+    prot = torch.zeros(2, 16, dtype=torch.bool)
+    prot[:, :4] = True
+    y, size = tp.agglomerate(x, torch.ones(2, 17, 1), 6, protect=prot)
+    assert torch.equal(y[:, 1:5], x[:, 1:5]) and torch.all(size[:, 1:5] == 1) and torch.all(size.sum(1) == 17)
