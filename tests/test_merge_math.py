@@ -486,3 +486,15 @@ def test_without_the_kernel_the_screen_is_a_default_not_a_measurement(monkeypatc
     monkeypatch.setattr(fused, "kernel_error", lambda: "no compiler")
     d = fused.choose_screen(64, timer=lambda fns: pytest.fail("nothing can be timed"), keep=False)
     assert d.choice == "fp32" and not d.measured and "no compiler" in d.line()
+
+
+def test_buffers_too_large_to_keep_give_the_same_merges():
+    """Unit rows over 32 MiB are allocated per call instead of kept: the same partners, screened or not."""
+    require_fused_merge()
+    x, k = torch.randn(2, 1 + 2048, 4), _close_calls(2, 1 + 2048, 4200, seed=5)  # A rows: 2 x 1024 x 4200 floats
+    plain = fused.fused_global_merge(x, k, None, None, r=300, prefix=1)
+    screened = fused.fused_global_merge(x, k, None, None, r=300, prefix=1, screen=True)
+    small = fused.fused_global_merge(x[:, :257], k[:, :257], None, None, r=40, prefix=1)  # kept buffers, then large
+    again = fused.fused_global_merge(x, k, None, None, r=300, prefix=1)
+    assert all(torch.equal(p, q) for p, q in zip(plain, screened))
+    assert all(torch.equal(p, q) for p, q in zip(plain, again)) and small[0].shape[1] == 217

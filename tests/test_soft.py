@@ -79,7 +79,7 @@ def test_soft_op_matches_reference_and_keeps_invariants(k, tau, compare, prefix)
 
 @pytest.mark.parametrize("compare", ["tokens", "keys"])
 @pytest.mark.parametrize("prefix,offset", [(0, 0), (1, 0), (1, 1), (5, 1)])
-@pytest.mark.parametrize("r", [9, 10])  # 4-8 unmerged A tokens: every remainder of the kernel's blocks of 4
+@pytest.mark.parametrize("r", [9, 10])  # 4-8 unmerged A tokens (every remainder of the blocks of 4), r odd and even
 def test_soft_fused_kernel_matches_plain_reference(compare, prefix, offset, r):
     require_fused_merge()
     x, metric, size = _tokens(prefix=prefix, seed=3)

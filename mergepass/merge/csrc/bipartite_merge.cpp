@@ -46,23 +46,32 @@ float dot(const float* p, const float* q, int64_t d) {
   return acc;
 }
 
-// four dot products of one row `p` against rows `q`: four independent accumulator chains, so the loop is not
-// bound by one chain's add latency as four calls of dot() are
-void dot4(const float* p, const float* const q[4], int64_t d, float out[4]) {
-  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
+// eight dot products, rows p[0..1] against rows q[0..3] (out[4 a + b]): eight independent accumulator chains, and each
+// q row read once for two p rows (the nearest step is bound by reading the kept rows). Eight accumulators and six
+// loads fit AVX2's sixteen registers.
+void dot2x4(const float* const p[2], const float* const q[4], int64_t d, float out[8]) {
+  const float *p0 = p[0], *p1 = p[1], *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
   for (int64_t k = 0; k < d; ++k) {
-    const float pk = p[k];
-    a0 += pk * q0[k];
-    a1 += pk * q1[k];
-    a2 += pk * q2[k];
-    a3 += pk * q3[k];
+    const float x = p0[k], y = p1[k], u0 = q0[k], u1 = q1[k], u2 = q2[k], u3 = q3[k];
+    a0 += x * u0;
+    a1 += x * u1;
+    a2 += x * u2;
+    a3 += x * u3;
+    b0 += y * u0;
+    b1 += y * u1;
+    b2 += y * u2;
+    b3 += y * u3;
   }
   out[0] = a0;
   out[1] = a1;
   out[2] = a2;
   out[3] = a3;
+  out[4] = b0;
+  out[5] = b1;
+  out[6] = b2;
+  out[7] = b3;
 }
 
 // Unit-normalised metric rows (zeros for padding); the similarity matmul runs on them.
@@ -90,10 +99,13 @@ Scratch& scratch() {
   return *sc;
 }
 
-// `buf`'s first elements as a contiguous [groups, m, d] tensor; `buf` grows (never shrinks) to hold them
+// `buf`'s first elements as a contiguous [groups, m, d] tensor; `buf` grows (never shrinks) to hold them, up to
+// 32 MiB: a larger one is allocated for this call only, so a large model leaves no large buffer behind
 at::Tensor take(at::Tensor& buf, int64_t groups, int64_t m, int64_t d, at::ScalarType type) {
   const int64_t n = groups * m * d;
-  if (!buf.defined() || buf.numel() < n) buf = at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(type));
+  const auto options = at::TensorOptions().dtype(type);
+  if (n * static_cast<int64_t>(c10::elementSize(type)) > (int64_t{32} << 20)) return at::empty({groups, m, d}, options);
+  if (!buf.defined() || buf.numel() < n) buf = at::empty({std::max<int64_t>(n, 1)}, options);
   return buf.narrow(0, 0, n).view({groups, m, d});
 }
 
@@ -186,29 +198,42 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const float* na, co
       unm.push_back(i);
     }
   const int64_t n_unm = static_cast<int64_t>(unm.size());
-  std::vector<float> sims(nearest ? n_unm + 3 : 0);
   for (int64_t k = 0; k < s.r; ++k) {
     const int64_t i = order[k];
     to_in[i] = b_pos[arg[i]];
     to_out[i] = b_out[arg[i]];
-    if (!nearest) continue;
-    const float* row = na + i * s.d;
-    for (int64_t u = 0; u < n_unm; u += 4) {  // a short last block repeats its last row
+  }
+  // nearest: two leaving tokens at a time against four unmerged A tokens (a short block repeats its last row)
+  const int64_t stride = n_unm + 3;
+  std::vector<float> sims(nearest ? 2 * stride : 0);
+  for (int64_t k = 0; nearest && k < s.r; k += 2) {
+    const int64_t pair[2] = {order[k], order[std::min(k + 1, s.r - 1)]};
+    const float* p[2] = {na + pair[0] * s.d, na + pair[1] * s.d};
+    for (int64_t u = 0; u < n_unm; u += 4) {
       const float* q[4];
+      float out[8];
       for (int64_t t = 0; t < 4; ++t) q[t] = na + unm[std::min(u + t, n_unm - 1)] * s.d;
-      dot4(row, q, s.d, sims.data() + u);
-    }
-    float top = -INFINITY;
-    int64_t pick = -1;
-    for (int64_t u = 0; u < n_unm; ++u) {  // first maximum wins, in A order
-      if (sims[u] > top) {
-        top = sims[u];
-        pick = unm[u];
+      dot2x4(p, q, s.d, out);
+      for (int64_t t = 0; t < 4; ++t) {
+        sims[u + t] = out[t];
+        sims[stride + u + t] = out[4 + t];
       }
     }
-    if (pick >= 0 && top >= best[i]) {
-      to_in[i] = a_pos[pick];
-      to_out[i] = a_out[pick];
+    for (int64_t h = 0; h < 2 && k + h < s.r; ++h) {
+      const int64_t i = pair[h];
+      const float* row = sims.data() + h * stride;
+      float top = -INFINITY;
+      int64_t pick = -1;
+      for (int64_t u = 0; u < n_unm; ++u) {  // first maximum wins, in A order
+        if (row[u] > top) {
+          top = row[u];
+          pick = unm[u];
+        }
+      }
+      if (pick >= 0 && top >= best[i]) {
+        to_in[i] = a_pos[pick];
+        to_out[i] = a_out[pick];
+      }
     }
   }
 
