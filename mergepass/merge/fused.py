@@ -76,7 +76,8 @@ def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[tor
 def fused_nearest_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                         source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, screen: bool = False):
     """ToMe's choice of the ``r`` leaving tokens by ``metric``, each of them joining its most similar kept token
-    (unmerged A or B) instead of its B partner: soft merging's ``k = 1`` as one kernel."""
+    (unmerged A or B) instead of its B partner: soft merging's ``k = 1`` as one kernel. ``screen``: as
+    :func:`fused_global_merge`'s."""
     return _call(x, metric, size, source, *_halves(x, prefix, offset), None, r, prefix, True, screen)
 
 
@@ -112,7 +113,8 @@ def fused_window_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[tor
     return _call(x, metric, size, source, tok[..., ::2], tok[..., 1::2], None, r, prefix, False, screen)
 
 
-__all__ = ["kernel_error", "choose", "choose_screen", "fused_global_merge", "fused_nearest_merge", "fused_adjacent_merge", "fused_window_merge"]
+__all__ = ["kernel_error", "choose", "choose_screen", "fused_global_merge", "fused_nearest_merge", "fused_adjacent_merge",
+           "fused_window_merge"]
 
 
 # ViT-S/14 at 224 px, batch 8, ToMe r=16 in its first block: one shape for every model, so that this CPU is
