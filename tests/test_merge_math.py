@@ -498,3 +498,23 @@ def test_buffers_too_large_to_keep_give_the_same_merges():
     again = fused.fused_global_merge(x, k, None, None, r=300, prefix=1)
     assert all(torch.equal(p, q) for p, q in zip(plain, screened))
     assert all(torch.equal(p, q) for p, q in zip(plain, again)) and small[0].shape[1] == 217
+
+
+@pytest.mark.parametrize("mask", [None, "float", "bool"])
+def test_class_attention_is_the_class_tokens_softmax_row_averaged_over_heads(mask):
+    from mergepass.merge import class_attention, class_logits
+    torch.manual_seed(6)
+    q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    m = {None: None, "float": torch.randn(2, 1, 1, 7), "bool": torch.rand(2, 3, 7, 7) > 0.3}[mask]
+    if mask == "bool":
+        m[..., 0] = True  # every row attends somewhere
+    logits = q @ k.transpose(-2, -1) / 2.0  # 1/sqrt(4)
+    if m is not None:
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m
+    want = logits.softmax(-1)[:, :, 0].mean(1)
+    x = torch.zeros(2, 7, 5)
+    got = class_attention(class_logits(q, k, m), x)
+    torch.testing.assert_close(got[..., 0], want)
+    folded = class_attention(class_logits(q.reshape(6, 7, 4), k.reshape(6, 7, 4),
+                                          None if m is None else m.expand(2, 3, -1, -1).reshape(6, -1, 7)), x)
+    torch.testing.assert_close(folded, got)

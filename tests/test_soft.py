@@ -100,12 +100,33 @@ def test_soft_fused_kernel_matches_plain_reference(compare, prefix, offset, r):
         assert not torch.equal(global_merge(x, x, size, None, r=r, prefix=prefix, offset=offset)[2], src)
 
 
-def test_soft_fused_kernel_keeps_the_reference_for_shares_and_protection():
+def test_soft_fused_kernel_keeps_the_reference_for_shares():
     x, metric, size = _tokens(prefix=1)
-    for kw in (dict(k=3, tau=0.05), dict(k=1, protect=4)):
-        a = fused_soft_merge(x, metric, size, None, r=6, prefix=1, **kw)
-        b = soft_merge(x, metric, size, None, r=6, prefix=1, **kw)
-        assert all(torch.equal(p, q) for p, q in zip(a, b))
+    a = fused_soft_merge(x, metric, size, None, r=6, prefix=1, k=3, tau=0.05)
+    b = soft_merge(x, metric, size, None, r=6, prefix=1, k=3, tau=0.05)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("compare", ["tokens", "keys"])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("r,protect", [(6, 4), (9, 10), (10, 1)])
+def test_soft_fused_kernel_protects_the_tokens_the_reference_protects(compare, offset, r, protect):
+    """k = 1 with protection runs the kernel: the same merges as the reference ops, and the protected tokens (largest
+    metric norms) neither leave nor absorb."""
+    require_fused_merge()
+    from mergepass.merge.ops import largest_norms
+    x, metric, size = _tokens(prefix=1, seed=3)
+    kw = dict(r=r, prefix=1, k=1, compare=compare, offset=offset, protect=protect)
+    xo, so, src = fused_soft_merge(x, metric, size, None, **kw)
+    ref = soft_merge(x, metric, size, None, **kw)
+    assert torch.equal(src, ref[2])
+    torch.testing.assert_close(xo, ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(so, ref[1], rtol=1e-5, atol=1e-5)
+    guarded = largest_norms(metric[:, 1:], protect)
+    for b in range(x.shape[0]):
+        for t in (guarded[b].nonzero()[:, 0] + 1).tolist():
+            j = int(src[b, t])
+            assert (src[b] == j).sum() == 1 and torch.allclose(so[b, j], size[b, t]) and torch.equal(xo[b, j], x[b, t])
 
 
 def test_soft_shares_spread_and_sharpen_with_tau():
@@ -220,3 +241,41 @@ def test_the_merge_op_benchmark_times_tome_and_soft_per_block(capsys):
     assert all(v > 0 for r in rows for v in r[2:])
     total = [float(v) for v in lines[4].split()[1:]]
     assert total == pytest.approx([a + b for a, b in zip(rows[0][2:], rows[1][2:])], abs=0.02)  # the sum row
+
+
+def test_class_attention_protection_compiles_to_the_eager_policy():
+    """``protect_by = "class_attention"``: the compiled model computes what benchmarks/token_policies.py's eager forward
+    does (there the class token's attention comes from its own attention probabilities), and it protects other tokens
+    than key norms do."""
+    import sys
+    from pathlib import Path
+    timm = pytest.importorskip("timm")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import token_policies as tp
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=70, depth=4, num_classes=0).eval()
+    for blk in m.blocks:  # LayerScale's 1e-5 would hide every merge: give the blocks their full weight
+        blk.ls1.gamma.data.fill_(1.0)
+        blk.ls2.gamma.data.fill_(1.0)
+    x = torch.randn(2, 3, 70, 70)
+    outs = {}
+    for by in ("class_attention", "keys"):
+        merge = {"r": 3, "protect": 4, "protect_by": by, "protect_from": 2}
+        be = mergepass.backend("soft", lower="eager", merge=merge, cache=False)
+        with torch.no_grad():
+            outs[by] = torch.compile(m, backend=be, dynamic=False, fullgraph=True)(x)
+    assert [b.merged for b in be.schedule.blocks] == [3, 3, 3, 3]
+    with torch.no_grad():
+        ref = tp.cls_features(m, x, tp.parse("soft:3*2,soft+protect=4:3*2", 4))
+        plain = m(x)
+    assert rel_err(outs["class_attention"], ref) <= 1e-4
+    assert rel_err(outs["keys"], ref) > 1e-3 and rel_err(plain, ref) > 1e-3
+
+
+def test_class_attention_protection_needs_the_tokens_compared():
+    with pytest.raises(ValueError, match="protect_by.*compare = 'tokens'"):
+        mergepass.load_recipe("soft", merge={"protect_by": "class_attention", "compare": "keys"})
+    with pytest.raises(ValueError, match="protect_by"):
+        mergepass.load_recipe("soft", merge={"protect_by": "attention"})
+    with pytest.raises(ValueError, match="protect_from"):
+        mergepass.load_recipe("soft", merge={"protect_from": -1})

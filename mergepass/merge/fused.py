@@ -74,11 +74,16 @@ def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[tor
 
 
 def fused_nearest_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-                        source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, screen: bool = False):
+                        source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0,
+                        protect: Optional[torch.Tensor] = None, screen: bool = False):
     """ToMe's choice of the ``r`` leaving tokens by ``metric``, each of them joining its most similar kept token
-    (unmerged A or B) instead of its B partner: soft merging's ``k = 1`` as one kernel. ``screen``: as
-    :func:`fused_global_merge`'s."""
-    return _call(x, metric, size, source, *_halves(x, prefix, offset), None, r, prefix, True, screen)
+    (unmerged A or B) instead of its B partner: soft merging's ``k = 1`` as one kernel. ``protect`` [B, M]: patch
+    tokens that neither leave nor absorb. ``screen``: as :func:`fused_global_merge`'s."""
+    allowed = None
+    if protect is not None:
+        free = ~protect
+        allowed = free[:, offset::2, None] & free[:, None, 1 - offset::2]
+    return _call(x, metric, size, source, *_halves(x, prefix, offset), allowed, r, prefix, True, screen)
 
 
 def fused_adjacent_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],

@@ -46,6 +46,25 @@ def key_metric(keys: torch.Tensor, x: torch.Tensor, transposed: bool = False) ->
     return keys.reshape(x.shape[0], -1, n, d).mean(1)
 
 
+def class_logits(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                 scale: Optional[float] = None) -> torch.Tensor:
+    """The class token's attention logits over every token, [.., 1, N], as SDPA forms them from ``q`` and ``k``
+    ([.., N, D]), its ``mask`` (additive, or boolean: True attends) and ``scale`` (None: 1/sqrt(D))."""
+    logits = (q[..., :1, :] @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is None:
+        return logits
+    row = mask[..., :1, :]
+    return logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row
+
+
+def class_attention(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """How much the class token (token 0) attends to each token, mean over heads, [B, N, 1], from attention logits
+    [B, H, R, N] or with heads folded into the batch [B*H, R, N] (its row 0 is read). A protection score: its norm
+    orders the tokens as the class token reads them. ``x``: the block's tokens [B, N, C], for the batch size."""
+    p = logits[..., 0, :].float().softmax(-1)
+    return p.reshape(x.shape[0], -1, p.shape[-1]).mean(1)[..., None]
+
+
 def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Give every original token the value of the token that holds it (restores N0 tokens)."""
     return x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))

@@ -15,7 +15,7 @@ proportional attention reads them as before. ``k = 1`` is a hard merge into the 
 token. Similarity is the cosine of the block's post-attention tokens (``compare = "tokens"``, the
 tensor that is averaged) or of ToMe's head-mean keys (``"keys"``). ``W``'s ``k`` nonzeros per leaving
 token are applied as a gather and a scatter-add over ``r * k`` rows: cheaper than the dense matmul, with
-the same static shape; ``k = 1`` without protection runs as the fused merge kernel's ``nearest`` mode.
+the same static shape; ``k = 1`` runs as the fused merge kernel's ``nearest`` mode.
 The source map (unmerge, positions) follows each leaving token's largest share.
 """
 from __future__ import annotations
@@ -84,11 +84,12 @@ def soft_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tenso
 
 def fused_soft_merge(x, metric, size, source, *, r: int, prefix: int, k: int = 1, tau: float = 0.01,
                      compare: str = "tokens", offset: int = 0, protect: int = 0, screen: bool = False):
-    """:func:`soft_merge` with the fused kernel where it has one (``k = 1`` without protection: a hard merge
-    into the nearest kept token, where ``tau`` plays no part; ``screen`` as there), else the reference ops."""
-    if k == 1 and not protect:
+    """:func:`soft_merge` with the fused kernel where it has one (``k = 1``: a hard merge into the nearest kept
+    token, where ``tau`` plays no part; ``screen`` as there), else the reference ops."""
+    if k == 1:
+        guard = largest_norms(metric[:, prefix:], protect) if protect else None  # as soft_merge's protection
         return fused_nearest_merge(x, x if compare == "tokens" else metric, size, source, r=r, prefix=prefix,
-                                   offset=offset, screen=screen)
+                                   offset=offset, protect=guard, screen=screen)
     return soft_merge(x, metric, size, source, r=r, prefix=prefix, k=k, tau=tau, compare=compare, offset=offset,
                       protect=protect)
 
@@ -97,6 +98,7 @@ def fused_soft_merge(x, metric, size, source, *, r: int, prefix: int, k: int = 1
 register_op(MergeOp("soft", soft_merge, fused_soft_merge, lambda kw: 0 if kw.get("compare", "tokens") == "tokens" else 1))
 
 COMPARE = ("tokens", "keys")  # not "similarity": that plan arg is ToMato's (insert_merges reads it)
+PROTECT_BY = ("keys", "class_attention")
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,18 @@ class SoftConfig(ToMeConfig):
     k: int = 1                  # kept tokens each leaving token is shared among (1: a hard merge into the nearest)
     tau: float = 0.01           # softmax temperature on the cosine similarity (small: the nearest takes most)
     compare: str = "tokens"     # what the cosine compares: "tokens" (post-attention, what is averaged) | "keys"
+    protect_by: str = "keys"    # which tokens `protect` keeps: the largest key norms | the class token's most attended
+                                # (its attention in the block, mean over heads; needs compare = "tokens")
+    protect_from: int = 0       # the first block that protects (earlier merging blocks protect none)
 
     def validate(self) -> None:
         super().validate()
+        check_choice("protect_by", self.protect_by, PROTECT_BY)
+        if self.protect_by == "class_attention" and self.compare != "tokens":
+            raise ValueError("recipe field 'protect_by' is 'class_attention', which needs compare = 'tokens' (the "
+                             f"metric argument then carries the class attention), got compare = {self.compare!r}")
+        if isinstance(self.protect_from, bool) or not isinstance(self.protect_from, int) or self.protect_from < 0:
+            raise ValueError(f"recipe field 'protect_from' must be an integer >= 0, got {self.protect_from!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"recipe field 'k' must be an integer >= 1, got {self.k!r}")
         if not finite_number(self.tau) or self.tau <= 0:
@@ -121,14 +132,16 @@ class Soft(ToMe):
 
     name = "soft"
     config = SoftConfig
-    fields = ("r", "skip", "partition", "protect", "k", "tau", "compare")
+    fields = ("r", "skip", "partition", "protect", "k", "tau", "compare", "protect_by", "protect_from")
     auto_rank = None
 
     def decide(self, cfg, block, tokens, match, state):
-        m = global_step(block, tokens, match.prefix, cfg.r, cfg.skip, partition_offset(cfg, match),
-                        protect_count(cfg.protect, match))
+        protect = protect_count(cfg.protect, match) if block.index >= cfg.protect_from else 0
+        m = global_step(block, tokens, match.prefix, cfg.r, cfg.skip, partition_offset(cfg, match), protect)
         if m is None:
             return None
+        if m.args.get("protect") and cfg.protect_by == "class_attention":
+            m.args["protect_by"] = "class_attention"  # insert_merges hands the merge the class attention as metric
         # a leaving token can be shared among at most the kept tokens free to absorb it
         free = tokens - match.prefix - m.r - m.args.get("protect", 0)
         m.op, m.label = "soft", "soft"

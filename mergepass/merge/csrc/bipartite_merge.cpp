@@ -8,7 +8,7 @@
 // and a B set given by token positions (-1: padding, never matched). In every group the r A tokens
 // with the most similar B partner (cosine of the metric rows) merge into that partner.
 // With `nearest` (one group, soft merging's k = 1), each of those r joins its most similar kept token
-// instead, an unmerged A token or a B token.
+// instead, an unmerged A token or a B token; there an A token with no permitted partner (protected) absorbs nothing.
 // A pair is permitted unless `allowed` forbids it, the B slot is padding or the similarity is NaN. An A token
 // with no permitted partner ranks below every A token with one; when it is still among the r that leave
 // (shapes are static), it is dropped: it joins no average, and its source entries point at the group's
@@ -197,7 +197,11 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const float* na, co
       a_out[i] = out + u++;
       unm.push_back(i);
     }
-  const int64_t n_unm = static_cast<int64_t>(unm.size());
+  // the kept A tokens a leaving token may join: with `allowed` (protection), only those with a permitted partner
+  std::vector<int64_t> hosts;
+  for (int64_t i : unm)
+    if (allowed == nullptr || best[i] > -INFINITY) hosts.push_back(i);
+  const int64_t n_unm = static_cast<int64_t>(hosts.size());
   for (int64_t k = 0; k < s.r; ++k) {
     const int64_t i = order[k];
     to_in[i] = b_pos[arg[i]];
@@ -212,7 +216,7 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const float* na, co
     for (int64_t u = 0; u < n_unm; u += 4) {
       const float* q[4];
       float out[8];
-      for (int64_t t = 0; t < 4; ++t) q[t] = na + unm[std::min(u + t, n_unm - 1)] * s.d;
+      for (int64_t t = 0; t < 4; ++t) q[t] = na + hosts[std::min(u + t, n_unm - 1)] * s.d;
       dot2x4(p, q, s.d, out);
       for (int64_t t = 0; t < 4; ++t) {
         sims[u + t] = out[t];
@@ -227,7 +231,7 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const float* na, co
       for (int64_t u = 0; u < n_unm; ++u) {  // first maximum wins, in A order
         if (row[u] > top) {
           top = row[u];
-          pick = unm[u];
+          pick = hosts[u];
         }
       }
       if (pick >= 0 && top >= best[i]) {
@@ -362,8 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge(
   TORCH_CHECK(!allowed.defined() || (allowed.dim() == 2 && allowed.size(0) == s.ma && allowed.size(1) == s.mb) ||
                   (allowed.dim() == 3 && allowed.size(0) == bsz && allowed.size(1) == s.ma && allowed.size(2) == s.mb),
               "bipartite_merge: allowed must be [Ma, Mb] or [B, Ma, Mb], got ", allowed.sizes());
-  TORCH_CHECK(!nearest || (!allowed.defined() && s.groups == 1),
-              "bipartite_merge: nearest takes one group and no allowed mask");
+  TORCH_CHECK(!nearest || s.groups == 1, "bipartite_merge: nearest takes one group");
   const int64_t allowed_stride = allowed.defined() && allowed.dim() == 3 ? s.ma * s.mb : 0;
   // every mergeable token must sit in exactly one set, and every group must have r A tokens to merge
   for (int64_t bg = 0; bg < bsz * s.groups; ++bg) {

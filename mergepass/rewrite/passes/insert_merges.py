@@ -11,7 +11,7 @@ from torch import fx
 
 from ...graph.match import Block, MatchResult
 from ...graph.nodes import mark_inserted, set_unmerged_shape, set_width, shape
-from ...merge import attn_bias, key_metric, similarity_metric, unmerge
+from ...merge import attn_bias, class_attention, class_logits, key_metric, similarity_metric, unmerge
 from ...methods import get_op
 
 
@@ -71,8 +71,24 @@ def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node, tokens: in
     return set(graph.nodes) - before  # later passes treat the bias as part of the block
 
 
+def _class_attention(graph: fx.Graph, block: Block) -> fx.Node:
+    """The class token's attention in ``block`` (its own logits: proportional attention's bias included), [B, N, 1]."""
+    core = block.attn
+    if block.attn_kind == "sdpa":
+        def arg(i, name):
+            return core.args[i] if len(core.args) > i else core.kwargs.get(name)
+        logits = graph.call_function(class_logits, (arg(0, "query"), arg(1, "key"), arg(3, "attn_mask"),
+                                                    arg(6, "scale")))
+    else:
+        logits = core.args[0]  # the softmax's input
+    return graph.call_function(class_attention, (logits, block.x_mid))
+
+
 def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused: bool):
-    if "similarity" in plan.args and similarity_metric(plan.args["similarity"]) == "tokens":
+    args = {k: v for k, v in plan.args.items() if k != "protect_by"}
+    if plan.args.get("protect_by") == "class_attention":  # the metric only chooses protected tokens (soft merging)
+        metric = _class_attention(graph, block)
+    elif "similarity" in plan.args and similarity_metric(plan.args["similarity"]) == "tokens":
         metric = block.x_mid  # ToMato's softmax similarity compares the post-attention tokens themselves
     else:
         metric = graph.call_function(key_metric, (block.keys, block.x_mid, block.keys_transposed))
@@ -80,7 +96,7 @@ def _merge_call(graph: fx.Graph, block: Block, plan, sched, size, source, fused:
         if keys:  # for screen_merges: the head-mean keys are as wide as one head's
             set_width(metric, keys[-2] if block.keys_transposed else keys[-1])
     fn = get_op(plan.kind).function(fused)
-    return graph.call_function(fn, (block.x_mid, metric, size, source), dict(r=plan.r, prefix=sched.prefix, **plan.args))
+    return graph.call_function(fn, (block.x_mid, metric, size, source), dict(r=plan.r, prefix=sched.prefix, **args))
 
 
 def insert_merges(gm: fx.GraphModule, match: MatchResult, sched, fused: bool = False) -> Inserted:
