@@ -61,15 +61,19 @@ def _halves(x: torch.Tensor, prefix: int, offset: int) -> tuple[torch.Tensor, to
     return pos[None, None, offset::2], pos[None, None, 1 - offset::2]
 
 
+def _free_pairs(protected: torch.Tensor, offset: int) -> torch.Tensor:
+    """[B, Ma, Mb] ``allowed`` for ToMe's halves where ``protected`` [B, M] patch tokens neither propose (empty rows)
+    nor accept (empty columns) a merge."""
+    free = ~protected
+    return free[:, offset::2, None] & free[:, None, 1 - offset::2]
+
+
 def fused_global_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
                        source: Optional[torch.Tensor], *, r: int, prefix: int, offset: int = 0, protect: int = 0,
                        screen: bool = False):
     """:func:`~mergepass.merge.global_merge` (ToMe) as one kernel. ``screen``: pairs screened by a bf16 matmul
     (the same matches; :func:`choose_screen` says where it is faster)."""
-    allowed = None
-    if protect:  # protected tokens neither propose (empty rows) nor accept (empty columns) a merge
-        free = ~largest_norms(metric[:, prefix:], protect)
-        allowed = free[:, offset::2, None] & free[:, None, 1 - offset::2]
+    allowed = _free_pairs(largest_norms(metric[:, prefix:], protect), offset) if protect else None
     return _call(x, metric, size, source, *_halves(x, prefix, offset), allowed, r, prefix, False, screen)
 
 
@@ -79,10 +83,7 @@ def fused_nearest_merge(x: torch.Tensor, metric: torch.Tensor, size: Optional[to
     """ToMe's choice of the ``r`` leaving tokens by ``metric``, each of them joining its most similar kept token
     (unmerged A or B) instead of its B partner: soft merging's ``k = 1`` as one kernel. ``protect`` [B, M]: patch
     tokens that neither leave nor absorb. ``screen``: as :func:`fused_global_merge`'s."""
-    allowed = None
-    if protect is not None:
-        free = ~protect
-        allowed = free[:, offset::2, None] & free[:, None, 1 - offset::2]
+    allowed = None if protect is None else _free_pairs(protect, offset)
     return _call(x, metric, size, source, *_halves(x, prefix, offset), allowed, r, prefix, True, screen)
 
 

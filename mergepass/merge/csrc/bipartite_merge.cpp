@@ -126,6 +126,11 @@ void normalize_rows(const at::BFloat16* metric, const int64_t* pos, int64_t coun
   }
 }
 
+// Whether A token i may merge into B slot j: a real B token that `allowed` (when given) permits.
+inline bool permitted(const int64_t* b_pos, const bool* allowed, const Shape& s, int64_t i, int64_t j) {
+  return b_pos[j] >= 0 && (allowed == nullptr || allowed[i * s.mb + j]);
+}
+
 // Exact similarities for the candidates of each A row: the permitted pairs within `margin` of the row's largest
 // screened similarity are scored again by dot() on the fp32 unit rows. `margin` is twice the screen's rounding
 // bound, so the exact maximum is always among them and every pair left unscored stays below it.
@@ -134,14 +139,13 @@ void rescore(float* scores, const float* na, const float* nb, const int64_t* a_p
   for (int64_t i = 0; i < s.ma; ++i) {
     if (a_pos[i] < 0) continue;
     float* row = scores + i * s.mb;
-    auto permitted = [&](int64_t j) { return b_pos[j] >= 0 && (allowed == nullptr || allowed[i * s.mb + j]); };
     float top = -INFINITY;
     for (int64_t j = 0; j < s.mb; ++j)
-      if (permitted(j) && row[j] > top) top = row[j];
+      if (permitted(b_pos, allowed, s, i, j) && row[j] > top) top = row[j];
     if (!(top > -INFINITY)) continue;
     const float floor = top - margin;
     for (int64_t j = 0; j < s.mb; ++j)
-      if (permitted(j) && row[j] >= floor) row[j] = dot(na + i * s.d, nb + j * s.d, s.d);
+      if (permitted(b_pos, allowed, s, i, j) && row[j] >= floor) row[j] = dot(na + i * s.d, nb + j * s.d, s.d);
   }
 }
 
@@ -172,8 +176,7 @@ int64_t merge_group(const Batch<T>& io, const float* scores, const float* na, co
     if (a_pos[i] < 0) continue;
     const float* row = scores + i * s.mb;
     for (int64_t j = 0; j < s.mb; ++j) {  // first maximum wins, as torch.max; NaN never does
-      const bool ok = b_pos[j] >= 0 && (allowed == nullptr || allowed[i * s.mb + j]);
-      if (ok && row[j] > best[i]) {
+      if (permitted(b_pos, allowed, s, i, j) && row[j] > best[i]) {
         best[i] = row[j];
         arg[i] = j;
       }

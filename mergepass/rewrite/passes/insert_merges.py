@@ -46,16 +46,21 @@ def _unmerged_shape(bias: fx.Node, like: fx.Node, tokens: int) -> None:
         set_unmerged_shape(bias, (s[0], 1, 1, tokens) if len(s) == 4 else (s[0], 1, tokens))
 
 
+def _sdpa_arg(core: fx.Node, i: int, name: str):
+    """Argument ``i`` (keyword ``name``) of an SDPA call, positional or not; None where it is not given."""
+    return core.args[i] if len(core.args) > i else core.kwargs.get(name)
+
+
 def _add_attention_bias(graph: fx.Graph, block: Block, size: fx.Node, tokens: int) -> set:
     """Add log(size) to the block's attention logits; returns the nodes added."""
     core = block.attn
     before = set(graph.nodes)
     with graph.inserting_before(core):
         if block.attn_kind == "sdpa":
-            q = core.args[0] if core.args else core.kwargs["query"]
+            q = _sdpa_arg(core, 0, "query")
             bias = graph.call_function(attn_bias, (size, q))
             _unmerged_shape(bias, q, tokens)
-            mask = core.args[3] if len(core.args) > 3 else core.kwargs.get("attn_mask")
+            mask = _sdpa_arg(core, 3, "attn_mask")
             if mask is not None:
                 bias = graph.call_function(operator.add, (mask, bias))
             if len(core.args) > 3:
@@ -75,10 +80,8 @@ def _class_attention(graph: fx.Graph, block: Block) -> fx.Node:
     """The class token's attention in ``block`` (its own logits: proportional attention's bias included), [B, N, 1]."""
     core = block.attn
     if block.attn_kind == "sdpa":
-        def arg(i, name):
-            return core.args[i] if len(core.args) > i else core.kwargs.get(name)
-        logits = graph.call_function(class_logits, (arg(0, "query"), arg(1, "key"), arg(3, "attn_mask"),
-                                                    arg(6, "scale")))
+        logits = graph.call_function(class_logits, tuple(_sdpa_arg(core, i, name) for i, name in
+                                                         ((0, "query"), (1, "key"), (3, "attn_mask"), (6, "scale"))))
     else:
         logits = core.args[0]  # the softmax's input
     return graph.call_function(class_attention, (logits, block.x_mid))
