@@ -4,10 +4,29 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+
+def _worker_threads():
+    """Each pytest-xdist worker computes on its share of the cores, and so do the processes it starts: with every
+    worker on all of them, OpenMP threads wait for cores the other worker holds, and on 2 cores the suite took a
+    third longer (AMD Zen 5, 2026-12-07). Kernels on several threads are tested on purpose (``helpers.threads``).
+    A thread count the caller set in ``OMP_NUM_THREADS`` is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+    return int(os.environ["OMP_NUM_THREADS"])
+
+
+_THREADS = _worker_threads()
+import torch  # noqa: E402  (after OMP_NUM_THREADS is set)
+
+if _THREADS is not None:
+    torch.set_num_threads(_THREADS)  # in case torch was imported, and its thread count read, before this file
 
 from helpers import tiny_vit  # noqa: E402
 

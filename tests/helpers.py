@@ -1,5 +1,6 @@
 """What the tests share besides fixtures (those are in conftest.py): shared data, model builders,
-compile and CLI runners, and the rule for when a test of a C++ kernel may skip."""
+compile and CLI runners, thread counts, and the rule for when a test of a C++ kernel may skip."""
+import contextlib
 import os
 import re
 import shutil
@@ -99,3 +100,15 @@ def attention_skip(kind: str) -> Optional[str]:
     if attention.unavailable(kind) and no_compiler():
         return f"{kind} attention op not built: {no_compiler()}"
     return None
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block: each pytest-xdist worker runs on its share of the
+    cores (conftest.py), and the kernels' work split across threads is tested here on purpose."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import mergepass
 from mergepass.kernels import attention
 from mergepass.rewrite.passes import replace_attention
-from helpers import attention_skip, rel_err, tiny_vit
+from helpers import attention_skip, rel_err, threads, tiny_vit
 from fxgraphs import GraphBuilder
 
 # the pass and the compile tests run on whichever op this CPU runs (int16 needs only AVX2)
@@ -44,6 +44,19 @@ def test_op_matches_sdpa_and_the_plain_reference(kind, shape, bias):
     assert out.shape == want.shape and out.dtype == torch.float32
     assert _cos(out, want) >= MIN_COSINE[kind]
     torch.testing.assert_close(out, REFERENCE[kind](q, k, v, mask), **TOLERANCE[kind])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_op_computes_the_same_on_one_thread_and_on_several(kind):
+    """The op splits batches, heads and blocks of query rows across threads: the same output on 1, 2 and 3."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 197, 64) * 2 for _ in range(3))
+    mask = torch.rand(3, 1, 1, 197).log()
+    outs = []
+    for n in (1, 2, 3):
+        with threads(n):
+            outs.append(attention.attention(kind, q, k, v, mask))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -11,7 +11,7 @@ import torch
 
 from mergepass.merge import adjacent_merge, checkerboard, global_merge, unmerge, window_merge
 from mergepass.merge import fused
-from helpers import require_fused_merge
+from helpers import require_fused_merge, threads
 from reference import merge_tokens_adjacent, merge_tokens_adjacent_paper, merge_tokens_global, merge_tokens_windows
 
 
@@ -486,6 +486,21 @@ def test_without_the_kernel_the_screen_is_a_default_not_a_measurement(monkeypatc
     monkeypatch.setattr(fused, "kernel_error", lambda: "no compiler")
     d = fused.choose_screen(64, timer=lambda fns: pytest.fail("nothing can be timed"), keep=False)
     assert d.choice == "fp32" and not d.measured and "no compiler" in d.line()
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_the_kernel_merges_the_same_on_one_thread_and_on_several(screen):
+    """The kernel splits batches, windows and rows across threads, each with its own scratch buffers: on 1, 2 and 3
+    threads every merge method gives the same tokens, sizes and source maps, bit for bit."""
+    require_fused_merge()
+    for fn, x, k, kw in _screened_cases(64):
+        x, k = x.repeat(3, 1, 1), k.repeat(3, 1, 1)  # more batch rows than threads
+        outs = []
+        for n in (1, 2, 3):
+            with threads(n):
+                outs.append(fn(x, k, None, None, prefix=1, screen=screen, **kw))
+        for out in outs[1:]:
+            assert all(torch.allclose(p, q, equal_nan=True, rtol=0, atol=0) for p, q in zip(outs[0], out)), fn.__name__
 
 
 def test_buffers_too_large_to_keep_give_the_same_merges():
