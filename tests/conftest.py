@@ -18,8 +18,9 @@ def _worker_threads():
     if workers < 2 or "OMP_NUM_THREADS" in os.environ:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
-    return int(os.environ["OMP_NUM_THREADS"])
+    threads = max(1, cores // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
 
 
 _THREADS = _worker_threads()

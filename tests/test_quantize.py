@@ -346,6 +346,7 @@ def test_cpp_wrapper_lowering_keeps_int8_kernels_and_fused_merges(tome_int8):
         be = mergepass.backend("tome_int8", merge={"r": 3}, calibration=calib, cache=False)
         out_cpp, code = _run(m, x, be)
     assert "qlinear_pointwise" in code and "bipartite_merge" in code and "inductor_entry_impl" in code
+
     def chosen(b):  # the kernel decisions a compile printed, whether timed then or read back
         return [line.replace("; kept decision", "") for line in b.schedule.kernels]
     assert chosen(be) == chosen(py) and chosen(be)

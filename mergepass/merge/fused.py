@@ -128,15 +128,28 @@ __all__ = ["kernel_error", "choose", "choose_screen", "fused_global_merge", "fus
 _SHAPE = {"batch": 8, "tokens": 257, "width": 384, "metric": 384, "r": 16, "prefix": 1}
 
 
+def _sample(width: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Tokens and a ``width``-channel metric at ``_SHAPE``, and the merge's keyword arguments: what is timed."""
+    s = _SHAPE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(s["batch"], s["tokens"], s["width"], generator=g)
+    metric = torch.randn(s["batch"], s["tokens"], width, generator=g)
+    return x, metric, {"r": s["r"], "prefix": s["prefix"]}
+
+
+def _decide(question: str, facts: dict, candidates: dict, default: str, timer, keep: bool) -> Decision:
+    """:func:`~mergepass.decide.decide`, keyed by ``_SHAPE``, ``facts`` and this kernel's source, outside any trace."""
+    from ..compat import outside_tracing
+    with torch.no_grad(), outside_tracing():
+        return decide(question, {**_SHAPE, **facts, "kernels": source_digest(_SRC)}, candidates, default=default,
+                      timer=timer, keep=keep)
+
+
 def choose(timer=None, keep: bool = True) -> Decision:
     """``merge.kernel = "auto"`` on this CPU, by measurement: this kernel against the reference ops compiled by
     inductor, at one representative shape (``_SHAPE``). The decision is kept on disk (:mod:`mergepass.decide`)."""
     from .ops import global_merge
-    s = _SHAPE
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(s["batch"], s["tokens"], s["width"], generator=g)
-    metric = torch.randn(s["batch"], s["tokens"], s["metric"], generator=g)
-    kw = {"r": s["r"], "prefix": s["prefix"]}
+    x, metric, kw = _sample(_SHAPE["metric"])
     why = kernel_error() or ""
     candidates = {"fused": Candidate(None if why else lambda: fused_global_merge(x, metric, None, None, **kw), why)}
     compiled = []
@@ -149,10 +162,7 @@ def choose(timer=None, keep: bool = True) -> Decision:
 
     candidates["reference"] = Candidate(reference)
     try:
-        from ..compat import outside_tracing
-        with torch.no_grad(), outside_tracing():
-            return decide("merge kernel", {**s, "kernels": source_digest(_SRC)}, candidates, default="fused" if not why
-                          else "reference", timer=timer, keep=keep)
+        return _decide("merge kernel", {}, candidates, "fused" if not why else "reference", timer, keep)
     finally:
         compiled.clear()
 
@@ -161,15 +171,8 @@ def choose_screen(width: int, timer=None, keep: bool = True) -> Decision:
     """Whether the kernel screens pairs with a bf16 matmul (``"bf16"``) or scores them all in fp32 (``"fp32"``) for a
     ``width``-channel metric on this CPU, by measurement at ``_SHAPE``'s tokens. Both give the same matches bit for bit,
     so only time decides; the decision is kept on disk (:mod:`mergepass.decide`)."""
-    s = _SHAPE
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(s["batch"], s["tokens"], s["width"], generator=g)
-    metric = torch.randn(s["batch"], s["tokens"], width, generator=g)
-    kw = {"r": s["r"], "prefix": s["prefix"]}
+    x, metric, kw = _sample(width)
     why = kernel_error() or ""
     run = {on: (lambda on=on: fused_global_merge(x, metric, None, None, screen=on, **kw)) for on in (False, True)}
     candidates = {"fp32": Candidate(run[False]), "bf16": Candidate(None if why else run[True], why)}
-    from ..compat import outside_tracing
-    with torch.no_grad(), outside_tracing():
-        return decide("merge similarity", {**s, "metric": width, "kernels": source_digest(_SRC)}, candidates,
-                      default="fp32", timer=timer, keep=keep)
+    return _decide("merge similarity", {"metric": width}, candidates, "fp32", timer, keep)

@@ -16,6 +16,7 @@ def screen_merges(gm: fx.GraphModule, choose: Callable[[int], Decision]) -> list
     Returns the decisions, in the order first asked."""
     ops = {op.fused: op for op in all_ops() if op.fused is not None}
     decisions: dict[int, Decision] = {}
+    changed = False
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in ops:
             continue
@@ -26,5 +27,7 @@ def screen_merges(gm: fx.GraphModule, choose: Callable[[int], Decision]) -> list
             decisions[w] = choose(w)
         if decisions[w].choice == "bf16":
             node.kwargs = {**node.kwargs, "screen": True}
-    gm.recompile()
+            changed = True
+    if changed:
+        gm.recompile()
     return list(decisions.values())
