@@ -22,6 +22,10 @@ blocks in order:
   (sizes still add: what proportional attention reads is unchanged)
 * ``+lam=F`` on soft: each A token's best similarity is lowered by F times its class-token attention
   (normalised to mean 1), so attended tokens leave later
+* ``+cost=cos|ward|hcos``, ``+metric=x|c|n``, ``+match=all`` on soft (``soft_cost``): what the pairs cost (1 -
+  cosine; Ward's n_i n_j / (n_i + n_j) x squared distance; that weight x (1 - cosine)), in which space (the
+  tokens; each centred and scaled as LayerNorm without its affine; the block's norm2 output) and, with
+  ``match=all``, no A/B split: who leaves is chosen greedily over every pair (``greedy_pairs``)
 * ``atc``: agglomerative merging (after ATC, Haurum et al., 2024, arXiv 2409.11923): the two most similar patch
   tokens anywhere (post-attention tokens, cosine) merge, ``removed`` times, cluster similarities by ``+link=``
   ``average`` (default), ``complete``, ``single`` or ``centroid``; ``+protect=N`` as for soft
@@ -29,7 +33,9 @@ blocks in order:
 * ``clsonly:0*1`` (last block only): the block for the class token alone, exact for the class feature
   (its query only, against every token's keys and values; its MLP only); the patch tokens' final states
   are not computed, so this fits a model whose output is the class token (the script computes every
-  query and keeps the class token's; MACs count that one only)
+  query and keeps the class token's; MACs count that one only). ``+detail=F``: the class token attends to every
+  original token instead, each its merged token plus F x its own deviation from its group's mean in the stream
+  before the first merge (the source map's groups); MACs do not count the extra keys and values
 * ``+pa=F`` on dense/tome/soft/prune: F x log size in the block's attention logits (1: ToMe's proportional
   attention; above 1 weights merged tokens more, against the loss of averaging keys: the sum of exp(q k_i)
   over a group exceeds size x exp(q mean k))
@@ -120,6 +126,72 @@ def soft_k1(x, size, r, bias_a=None, weight=None):
             torch.cat([size[:, :PREFIX], num[..., c + 1:]], 1))
 
 
+COSTS = ("cos", "ward", "hcos")
+
+
+def greedy_pairs(cost, r):
+    """Who leaves without a bipartite split: tokens in order of their cheapest partner's cost (``cost`` [B, M, M]),
+    each leaving unless it is already some leaver's partner or its partner has left, until ``r`` have left.
+    (kept [B, M - r] in token order, leaving [B, r])."""
+    bsz, m, _ = cost.shape
+    cost = cost.masked_fill(torch.eye(m, dtype=torch.bool), float("inf"))
+    best, part = cost.min(-1)
+    order = best.argsort(-1)
+    leave = torch.zeros(bsz, m, dtype=torch.bool)
+    held = torch.zeros(bsz, m, dtype=torch.bool)
+    count = torch.zeros(bsz, dtype=torch.long)
+    b = torch.arange(bsz)
+    for t in range(m):
+        i = order[:, t]
+        d = part[b, i]
+        ok = ~held[b, i] & ~leave[b, d] & (count < r) & torch.isfinite(best[b, i])
+        leave[b, i] |= ok
+        held[b, d] |= ok
+        count += ok.long()
+    assert bool((count == r).all()), "greedy_pairs: fewer than r tokens could leave"
+    return (~leave).nonzero()[:, 1].reshape(bsz, m - r), leave.nonzero()[:, 1].reshape(bsz, r)
+
+
+def soft_cost(x, size, r, feats, cost="cos", protect=None, full=False):
+    """``soft_merge`` at k = 1 scored by a cost of the features ``feats`` [B, M, C'] (patch tokens): ``cos``
+    (1 - cosine, soft's own), ``ward`` (Ward's increase of the within-group sum of squares, n_i n_j / (n_i + n_j)
+    x |f_i - f_j|^2) or ``hcos`` (n_i n_j / (n_i + n_j) x (1 - cosine)). The r A tokens with the cheapest best B
+    partner leave, each into its cheapest kept token; ``protect`` [B, M]: tokens that neither leave nor absorb.
+    ``full``: no A/B split; who leaves is chosen greedily over every pair (``greedy_pairs``)."""
+    bsz, n, c = x.shape
+    sm = size[:, PREFIX:]
+
+    def pair_cost(i, j):  # [B, I, J]
+        fi, fj = rows(feats, i), rows(feats, j)
+        if cost == "ward":
+            d = (fi.square().sum(-1)[..., None] + fj.square().sum(-1)[:, None] - 2 * fi @ fj.transpose(-1, -2))
+        else:
+            d = 1 - normalize(fi) @ normalize(fj).transpose(-1, -2)
+        if cost != "cos":
+            ni, nj = rows(sm, i), rows(sm, j).transpose(-1, -2)
+            d = d * ni * nj / (ni + nj)
+        if protect is not None:
+            d = d.masked_fill(rows(protect[..., None], i) | rows(protect[..., None], j).transpose(-1, -2),
+                              float("inf"))
+        return d
+
+    rows = unmerge  # the rows of a [B, N, C] tensor at token indices [B, M]
+    pos = torch.arange(n - PREFIX)
+    if full:
+        kept, src = greedy_pairs(pair_cost(pos.expand(bsz, -1), pos.expand(bsz, -1)), r)
+    else:
+        a_pos, b_pos = pos[0::2].expand(bsz, -1), pos[1::2].expand(bsz, -1)
+        mm = match_scores(-pair_cost(a_pos, b_pos), r)
+        kept = torch.cat([a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
+        src = a_pos.gather(1, mm.src_idx)
+    dest = (-pair_cost(src, kept)).argmax(-1)
+    xm = x[:, PREFIX:]
+    s_kept, s_src = rows(sm, kept), rows(sm, src)
+    num = torch.cat([rows(xm, kept) * s_kept, s_kept], -1)
+    num = num.scatter_add(1, dest[..., None].expand(-1, -1, c + 1), torch.cat([rows(xm, src) * s_src, s_src], -1))
+    return torch.cat([x[:, :PREFIX], num[..., :c] / num[..., c:]], 1), torch.cat([size[:, :PREFIX], num[..., c:]], 1)
+
+
 def agglomerate(x, size, r, link="average", protect=None):
     """Agglomerative merging (after ATC, Haurum et al., 2024, arXiv 2409.11923): ``r`` times, the two most similar
     patch tokens anywhere (cosine of the post-attention tokens) become their size-weighted mean. Cluster
@@ -170,7 +242,7 @@ def prune(x, size, r, score):
     return x.gather(1, keep.expand(-1, -1, x.shape[-1])), size.gather(1, keep)
 
 
-def reduce(op, r, opts, x, keys, probs, size, source=None):
+def reduce(op, r, opts, x, keys, probs, size, source=None, blk=None):
     """(tokens, sizes, source map: None unless ``source`` is given; tome and soft only)."""
     metric = keys.mean(1)
     cls = probs[:, :, 0, PREFIX:].mean(1)  # [B, M]: the class token's attention over the patch tokens
@@ -182,6 +254,14 @@ def reduce(op, r, opts, x, keys, probs, size, source=None):
             return tome_protected(x, metric, size, r, top_k_mask(guard, protect), source)
         return global_merge(x, metric, size, source, r=r, prefix=PREFIX)
     if op == "soft":
+        if "cost" in opts or "metric" in opts or "match" in opts:  # soft_cost: another cost or feature space
+            xm = x[:, PREFIX:]
+            space, cost = opts.get("metric", "x"), opts.get("cost", "cos")
+            if space not in ("x", "c", "n") or cost not in COSTS:
+                raise ValueError(f"soft: +metric= takes x, c or n and +cost= one of {COSTS}, got {space!r}, {cost!r}")
+            feats = {"x": xm, "c": F.layer_norm(xm, xm.shape[-1:]), "n": blk.norm2(xm) if blk else None}[space]
+            guard_mask = top_k_mask(guard, protect) if protect else None
+            return (*soft_cost(x, size, r, feats, cost, guard_mask, opts.get("match") == "all"), None)
         if protect:  # soft_merge protects the largest metric norms: hand it the protection score as the metric
             fake = torch.cat([x.new_zeros(x.shape[0], PREFIX, 1), guard[..., None]], 1)
             return soft_merge(x, fake, size, source, r=r, prefix=PREFIX, k=1, compare="tokens", protect=protect)
@@ -247,7 +327,7 @@ def traced_block(blk, x, size, step, index=0, source=None):
         return (*class_only_block(blk, x, size), None)
     x, k, probs = attention(blk, x, size, float(opts.get("pa", 1.0)))
     if op != "dense" and r > 0:
-        x, size, source = reduce(op, r, opts, x, k, probs, size, source)
+        x, size, source = reduce(op, r, opts, x, k, probs, size, source, blk)
     return x + blk.ls2(blk.mlp(blk.norm2(x))), size, source
 
 
@@ -367,7 +447,33 @@ def correct(x, corr):
     return x + torch.cat([corr[0].expand(PREFIX, -1), corr[1].expand(x.shape[1] - PREFIX, -1)])
 
 
+def reinject(x, x0, source, alpha):
+    """Every original token [B, N0, C] rebuilt from the merged tokens ``x`` [B, N, C]: the token that holds it
+    (``source`` [B, N0]) plus ``alpha`` x its own deviation, in ``x0`` [B, N0, C], from its group's mean."""
+    bsz, n0, c = x0.shape
+    sums = x0.new_zeros(bsz, x.shape[1], c + 1).scatter_add_(
+        1, source[..., None].expand(-1, -1, c + 1), torch.cat([x0, x0.new_ones(bsz, n0, 1)], -1))
+    return unmerge(x, source) + alpha * (x0 - unmerge(sums[..., :c] / sums[..., c:].clamp_min(1), source))
+
+
+def detail_features(model, img, steps, alpha):
+    """``cls_features`` whose last block (class token only) reads every original token, rebuilt by ``reinject``
+    from the stream before the first merge."""
+    x, size = embed(model, img)
+    x0, source = None, None
+    for i, (blk, step) in enumerate(zip(model.blocks[:-1], steps[:-1])):
+        if x0 is None and step[0] != "dense":
+            x0, source = x, torch.arange(x.shape[1]).expand(x.shape[0], -1)
+        x, size, source = traced_block(blk, x, size, step, i, source)
+    if source is not None:
+        x, size = reinject(x, x0, source, alpha), torch.ones_like(x0[..., :1])
+    x, _ = class_only_block(model.blocks[-1], x, size)
+    return model.norm(x)[:, 0]
+
+
 def cls_features(model, img, steps, corrections=None):
+    if steps[-1][0] == "clsonly" and "detail" in steps[-1][2]:
+        return detail_features(model, img, steps, float(steps[-1][2]["detail"]))
     x, size = embed(model, img)
     for i, (blk, step) in enumerate(zip(model.blocks, steps)):
         x, size = run_block(blk, x, size, step, i)

@@ -262,10 +262,16 @@ def test_auto_keeps_sdpa_in_float_graphs_and_measures_in_int8_graphs():
     assert "CPU" in wanted("int8", False, False, False, False)[1]
 
 
-@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512_vnni"}, {"avx2", "avx512_vnni", "avx512_bf16"},
-                                   {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}])
-@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
-def test_fp32_recipes_at_r0_reproduce_the_model_on_every_cpu(monkeypatch, vendor, flags):
+_FLAGS = [{"avx2"}, {"avx2", "avx512_vnni"}, {"avx2", "avx512_vnni", "avx512_bf16"},
+          {"avx2", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"}]
+_AT_ZERO = [("tome", {"r": 0}), ("dfe", {"r": 0}), ("dfe_lgtm", {"r": 0, "transition": 0}), ("tomato", {"budget": 0.0})]
+
+
+# each CPU one recipe, each recipe on two CPUs (one per vendor): every pair would compile 32 times for the same check
+@pytest.mark.parametrize("vendor, flags, recipe, zero", [
+    (vendor, flags, *_AT_ZERO[(i + j) % len(_AT_ZERO)])
+    for j, vendor in enumerate(["AuthenticAMD", "GenuineIntel"]) for i, flags in enumerate(_FLAGS)])
+def test_fp32_recipes_at_r0_reproduce_the_model_on_every_cpu(monkeypatch, vendor, flags, recipe, zero):
     """r=0 is the original model under attention_kernel = "auto", whatever the CPU says it has."""
     from mergepass import cpu
     monkeypatch.setattr(cpu, "_cpuinfo", lambda key: {"vendor_id": vendor, "flags": " ".join(sorted(flags))}.get(key, ""))
@@ -275,13 +281,10 @@ def test_fp32_recipes_at_r0_reproduce_the_model_on_every_cpu(monkeypatch, vendor
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = m(x)
-        for recipe, zero in (("tome", {"r": 0}), ("dfe", {"r": 0}), ("dfe_lgtm", {"r": 0, "transition": 0}),
-                             ("tomato", {"budget": 0.0})):
-            torch._dynamo.reset()
-            be = mergepass.backend(recipe, lower="eager", merge={"kernel": "reference", **zero})  # nothing merges at r=0
-            out = torch.compile(m, backend=be, dynamic=False)(x)
-            assert be.results[-1].attention_ops == 0, recipe
-            assert rel_err(out, want) <= 1e-5, recipe
+        be = mergepass.backend(recipe, lower="eager", merge={"kernel": "reference", **zero})  # nothing merges at r=0
+        out = torch.compile(m, backend=be, dynamic=False)(x)
+    assert be.results[-1].attention_ops == 0
+    assert rel_err(out, want) <= 1e-5
 
 
 def test_a_cpu_without_the_op_declines_auto_and_refuses_bf16(monkeypatch, model_and_input, tmp_path):

@@ -304,3 +304,81 @@ def test_agglomerative_merging_matches_a_plain_average_linkage_clustering():
     prot[:, :4] = True
     y, size = tp.agglomerate(x, torch.ones(2, 17, 1), 6, protect=prot)
     assert torch.equal(y[:, 1:5], x[:, 1:5]) and torch.all(size[:, 1:5] == 1) and torch.all(size.sum(1) == 17)
+
+
+def _soft_cost_plainly(x, size, r, cost):
+    """One image's soft merge by a pair cost, written out: every even patch token (A) finds its cheapest odd one
+    (B); the r A tokens with the cheapest partners leave, each into its cheapest kept token; kept tokens become
+    size-weighted means. Returns (tokens, sizes) in soft's order: the A tokens left, then the B tokens."""
+    feats, n = x[1:], size[1:, 0]
+
+    def c(i, j):
+        if cost == "ward":
+            return (n[i] * n[j] / (n[i] + n[j]) * (feats[i] - feats[j]).square().sum()).item()
+        return 1 - torch.nn.functional.cosine_similarity(feats[i], feats[j], dim=0).item()
+
+    a, b = list(range(0, len(feats), 2)), list(range(1, len(feats), 2))
+    best = {i: min(c(i, j) for j in b) for i in a}
+    leave = sorted(a, key=lambda i: best[i])[:r]
+    kept = [i for i in a if i not in leave] + b
+    groups = {j: [j] for j in kept}
+    for s in leave:
+        groups[min(kept, key=lambda j: c(s, j))].append(s)
+    tok = [x[0]] + [sum(feats[i] * n[i] for i in groups[j]) / sum(n[i] for i in groups[j]) for j in kept]
+    return torch.stack(tok), [1.0] + [sum(n[i] for i in groups[j]).item() for j in kept]
+
+
+@pytest.mark.parametrize("cost", ["cos", "ward"])
+def test_soft_cost_matches_a_plain_merge_and_cosine_is_soft_merge(cost):
+    from mergepass.methods.soft import soft_merge
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1 + 14, 6, generator=g)
+    size = torch.randint(1, 4, (2, 15, 1), generator=g).float()
+    y, s = tp.soft_cost(x, size, 4, x[:, 1:], cost)
+    for i in range(2):
+        want, sizes = _soft_cost_plainly(x[i], size[i], 4, cost)
+        torch.testing.assert_close(y[i], want)
+        assert s[i, :, 0].tolist() == sizes
+    if cost == "cos":  # soft merging's own choice
+        ref = soft_merge(x, x, size, None, r=4, prefix=tp.PREFIX, k=1, compare="tokens")
+        torch.testing.assert_close(y, ref[0]) and torch.testing.assert_close(s, ref[1])
+    with pytest.raises(ValueError, match=r"\+cost="):
+        tp.reduce("soft", 4, {"cost": "l2"}, x, torch.randn(2, 3, 15, 4), torch.rand(2, 3, 15, 15), size)
+
+
+def test_greedy_pairs_never_lets_a_partner_leave():
+    g = torch.Generator().manual_seed(6)
+    cost = torch.rand(3, 12, 12, generator=g)
+    cost = cost + cost.transpose(1, 2)
+    kept, leave = tp.greedy_pairs(cost, 5)
+    for b in range(3):
+        c = cost[b].clone().fill_diagonal_(float("inf"))
+        part = c.argmin(1)
+        out, held = [], set()
+        for i in c.min(1).values.argsort().tolist():  # written out: cheapest first, partners stay
+            if len(out) < 5 and i not in held and int(part[i]) not in out:
+                out.append(i)
+                held.add(int(part[i]))
+        assert sorted(out) == sorted(leave[b].tolist())
+        assert not set(part[leave[b]].tolist()) & set(leave[b].tolist())
+        assert sorted(kept[b].tolist() + leave[b].tolist()) == list(range(12))
+
+
+def test_detail_reinjection_rebuilds_each_token_and_at_zero_is_the_class_only_block(model):
+    g = torch.Generator().manual_seed(7)
+    x, x0 = torch.randn(2, 4, 3, generator=g), torch.randn(2, 9, 3, generator=g)
+    source = torch.tensor([[0, 1, 1, 2, 3, 3, 3, 2, 1], [0, 3, 2, 1, 1, 1, 2, 3, 3]])
+    got = tp.reinject(x, x0, source, 0.5)
+    for b in range(2):
+        for i in range(9):
+            group = [j for j in range(9) if source[b, j] == source[b, i]]
+            want = x[b, source[b, i]] + 0.5 * (x0[b, i] - x0[b, group].mean(0))
+            torch.testing.assert_close(got[b, i], want)
+    img = _images()
+    with torch.no_grad():
+        a = tp.cls_features(model, img, tp.parse("dense:0*1,soft:3*1,clsonly:0*1", 3))
+        b = tp.cls_features(model, img, tp.parse("dense:0*1,soft:3*1,clsonly+detail=0:0*1", 3))
+        d = tp.cls_features(model, img, tp.parse("dense:0*2,clsonly+detail=1:0*1", 3))
+        e = tp.cls_features(model, img, tp.parse("dense:0*2,clsonly:0*1", 3))
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d, e, atol=1e-5, rtol=1e-5)  # nothing merged: nothing to reinject
