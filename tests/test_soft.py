@@ -200,18 +200,27 @@ def test_soft_recipes_name_the_method():
     assert mergepass.load_recipe("soft_int8").quantize.enabled
 
 
-def test_the_delayed_recipe_keeps_the_first_block_dense_and_names_a_depth_it_does_not_fit():
+@pytest.mark.parametrize("name", ["soft_delayed_int8", "soft_delayed_protect_int8"])
+def test_the_delayed_recipes_keep_the_first_block_dense_and_name_a_depth_they_do_not_fit(name):
     """``soft_delayed_int8``: the first block dense, then 18, 18 and 19 tokens per block, at MACs <= 0.62 of a
-    12-block ViT at 257 tokens; a model of another depth is told what the recipe lists."""
-    recipe = mergepass.load_recipe("soft_delayed_int8")
+    12-block ViT at 257 tokens; a model of another depth is told what the recipe lists. ``soft_delayed_protect_int8``:
+    the same schedule, the 48 tokens the class token attends to most protected from block 4 on."""
+    recipe = mergepass.load_recipe(name)
     assert recipe.merge.method == "soft" and recipe.quantize.enabled
     x = torch.randn(1, 3, 64, 64)
     sched = mergepass.plan(tiny_vit(depth=12, img_size=64, patch_size=4), x, recipe.replace(quantize={"enabled": False}))
     assert sched.tokens == 257
     assert [b.tokens_in - b.tokens_out for b in sched.blocks] == [0, 18, 18] + [19] * 9
     assert sched.macs / sched.base_macs <= 0.62
+    protected = [b.index for b in sched.blocks if b.args.get("protect")]
+    if name == "soft_delayed_protect_int8":
+        assert protected == list(range(4, 12))
+        assert sched.blocks[4].args["protect"] == 48  # later, fewer: as many as leave room for the merge
+        assert all(0 < b.args["protect"] <= 48 and b.args["protect_by"] == "class_attention" for b in sched.blocks[4:])
+    else:
+        assert protected == []
     with pytest.raises(ValueError, match="lists 12 values but the model has 3 blocks"):
-        mergepass.plan(tiny_vit(depth=3), x, "soft_delayed_int8")
+        mergepass.plan(tiny_vit(depth=3), x, name)
 
 
 @pytest.mark.parametrize("prefix,offset", [(1, 0), (5, 1)])
