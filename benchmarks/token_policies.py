@@ -17,6 +17,8 @@ blocks in order:
   absorb (class-attention protection)
 * ``+compare=keys`` on soft: the nearest kept token by the head-mean keys (ToMe's metric) instead of the
   post-attention tokens (the ``compare`` field of method ``soft``)
+* ``+yield=1`` with ``+protect=N``: protection yields to ``removed`` as the pipeline's does (at most half the patch
+  tokens minus ``removed`` are protected), so that late blocks of a strong schedule keep tokens free to merge
 * ``+by=norm`` on tome/soft with ``+protect=N``: protect the N tokens of largest residual-stream norm instead
 * ``+beta=F`` on soft: the means weight each token by size x (its class-token attention / the mean) ** F
   (sizes still add: what proportional attention reads is unchanged)
@@ -247,6 +249,8 @@ def reduce(op, r, opts, x, keys, probs, size, source=None, blk=None):
     metric = keys.mean(1)
     cls = probs[:, :, 0, PREFIX:].mean(1)  # [B, M]: the class token's attention over the patch tokens
     protect = int(opts.get("protect", 0))
+    if "yield" in opts:  # protection yields to r as the pipeline's does (global_step): take r, keep half free
+        protect = min(protect, max((x.shape[1] - PREFIX) // 2 - r, 0))
     # which tokens protection keeps: the class token's most attended, or (+by=norm) those of largest norm
     guard = x[:, PREFIX:].norm(dim=-1) if opts.get("by") == "norm" else cls
     if op == "tome":

@@ -382,3 +382,15 @@ def test_detail_reinjection_rebuilds_each_token_and_at_zero_is_the_class_only_bl
         e = tp.cls_features(model, img, tp.parse("dense:0*2,clsonly:0*1", 3))
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(d, e, atol=1e-5, rtol=1e-5)  # nothing merged: nothing to reinject
+
+
+def test_protection_yields_to_r_as_the_pipeline_does():
+    g = torch.Generator().manual_seed(8)
+    x, keys = torch.randn(2, 17, 12, generator=g), torch.randn(2, 3, 17, 4, generator=g)
+    probs, size = torch.rand(2, 3, 17, 17, generator=g), torch.ones(2, 17, 1)
+    got = tp.reduce("soft", 6, {"protect": "48", "yield": "1"}, x, keys, probs, size)
+    want = tp.reduce("soft", 6, {"protect": "2"}, x, keys, probs, size)  # 16 patch tokens: 16 // 2 - 6 = 2
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
+    assert not torch.equal(got[0], tp.reduce("soft", 6, {}, x, keys, probs, size)[0])
+    with pytest.raises(RuntimeError):  # 48 of 16 tokens cannot be protected without yielding
+        tp.reduce("soft", 6, {"protect": "48"}, x, keys, probs, size)
