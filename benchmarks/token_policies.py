@@ -19,6 +19,8 @@ blocks in order:
   post-attention tokens (the ``compare`` field of method ``soft``)
 * ``+yield=1`` with ``+protect=N``: protection yields to ``removed`` as the pipeline's does (at most half the patch
   tokens minus ``removed`` are protected), so that late blocks of a strong schedule keep tokens free to merge
+* ``+acc=F`` with ``+protect=N``: protection reads the class token's attention accumulated over the blocks, each
+  original token's score decaying by F a block (``accumulated_features``; 0: this block's attention)
 * ``+by=norm`` on tome/soft with ``+protect=N``: protect the N tokens of largest residual-stream norm instead
 * ``+beta=F`` on soft: the means weight each token by size x (its class-token attention / the mean) ** F
   (sizes still add: what proportional attention reads is unchanged)
@@ -252,7 +254,7 @@ def reduce(op, r, opts, x, keys, probs, size, source=None, blk=None):
     if "yield" in opts:  # protection yields to r as the pipeline's does (global_step): take r, keep half free
         protect = min(protect, max((x.shape[1] - PREFIX) // 2 - r, 0))
     # which tokens protection keeps: the class token's most attended, or (+by=norm) those of largest norm
-    guard = x[:, PREFIX:].norm(dim=-1) if opts.get("by") == "norm" else cls
+    guard = x[:, PREFIX:].norm(dim=-1) if opts.get("by") == "norm" else opts.get("_guard", cls)
     if op == "tome":
         if protect:
             return tome_protected(x, metric, size, r, top_k_mask(guard, protect), source)
@@ -475,7 +477,35 @@ def detail_features(model, img, steps, alpha):
     return model.norm(x)[:, 0]
 
 
+def accumulated_features(model, img, steps, decay):
+    """``cls_features`` where protection reads the class token's attention accumulated over the blocks: each
+    original token keeps ``decay`` x its score plus its share (attention / size of the token holding it) of this
+    block's class attention, and a token's score is the sum over the originals it holds (``decay`` 0: this block's
+    class attention). Steps: dense, tome, soft and a last clsonly."""
+    x, size = embed(model, img)
+    bsz, n0, _ = x.shape
+    source = torch.arange(n0).expand(bsz, -1)
+    score = x.new_zeros(bsz, n0)
+    for blk, (op, r, opts) in zip(model.blocks, steps):
+        if op == "clsonly":
+            x, size = class_only_block(blk, x, size)
+            break
+        if op not in ("dense", "tome", "soft"):
+            raise ValueError(f"+acc: dense, tome, soft and clsonly steps only, got {op!r}")
+        x, k, probs = attention(blk, x, size, float(opts.get("pa", 1.0)))
+        share = probs[:, :, 0].mean(1) / size[..., 0]        # [B, N]: per original token of each current one
+        score = decay * score + share.gather(1, source)
+        held = score.new_zeros(bsz, x.shape[1]).scatter_add_(1, source, score)[:, PREFIX:]
+        if op != "dense" and r > 0:
+            x, size, source = reduce(op, r, {**opts, "_guard": held}, x, k, probs, size, source, blk)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    return model.norm(x)[:, 0]
+
+
 def cls_features(model, img, steps, corrections=None):
+    acc = [float(o["acc"]) for _, _, o in steps if "acc" in o]
+    if acc:
+        return accumulated_features(model, img, steps, acc[0])
     if steps[-1][0] == "clsonly" and "detail" in steps[-1][2]:
         return detail_features(model, img, steps, float(steps[-1][2]["detail"]))
     x, size = embed(model, img)
