@@ -189,11 +189,11 @@ def soft_cost(x, size, r, feats, cost="cos", protect=None, full=False):
         kept = torch.cat([a_pos.gather(1, mm.unm_idx), b_pos], dim=1)
         src = a_pos.gather(1, mm.src_idx)
     dest = (-pair_cost(src, kept)).argmax(-1)
-    xm = x[:, PREFIX:]
-    s_kept, s_src = rows(sm, kept), rows(sm, src)
-    num = torch.cat([rows(xm, kept) * s_kept, s_kept], -1)
-    num = num.scatter_add(1, dest[..., None].expand(-1, -1, c + 1), torch.cat([rows(xm, src) * s_src, s_src], -1))
-    return torch.cat([x[:, :PREFIX], num[..., :c] / num[..., c:]], 1), torch.cat([size[:, :PREFIX], num[..., c:]], 1)
+    m = kept.shape[1]  # groups in output order: each kept token's, which its leaving tokens join
+    group = torch.empty(bsz, n - PREFIX, dtype=torch.long).scatter(1, kept, torch.arange(m).expand(bsz, -1))
+    group = group.scatter(1, src, dest)
+    means, sizes = group_mean(x[:, PREFIX:], sm, group, m)
+    return torch.cat([x[:, :PREFIX], means], 1), torch.cat([size[:, :PREFIX], sizes], 1)
 
 
 def agglomerate(x, size, r, link="average", protect=None):
@@ -246,15 +246,16 @@ def prune(x, size, r, score):
     return x.gather(1, keep.expand(-1, -1, x.shape[-1])), size.gather(1, keep)
 
 
-def reduce(op, r, opts, x, keys, probs, size, source=None, blk=None):
-    """(tokens, sizes, source map: None unless ``source`` is given; tome and soft only)."""
+def reduce(op, r, opts, x, keys, probs, size, source=None, blk=None, attended=None):
+    """(tokens, sizes, source map: None unless ``source`` is given; tome and soft only). ``attended`` [B, M]: what
+    class-attention protection ranks the patch tokens by, in place of this block's class attention."""
     metric = keys.mean(1)
     cls = probs[:, :, 0, PREFIX:].mean(1)  # [B, M]: the class token's attention over the patch tokens
     protect = int(opts.get("protect", 0))
     if "yield" in opts:  # protection yields to r as the pipeline's does (global_step): take r, keep half free
         protect = min(protect, max((x.shape[1] - PREFIX) // 2 - r, 0))
     # which tokens protection keeps: the class token's most attended, or (+by=norm) those of largest norm
-    guard = x[:, PREFIX:].norm(dim=-1) if opts.get("by") == "norm" else opts.get("_guard", cls)
+    guard = x[:, PREFIX:].norm(dim=-1) if opts.get("by") == "norm" else cls if attended is None else attended
     if op == "tome":
         if protect:
             return tome_protected(x, metric, size, r, top_k_mask(guard, protect), source)
@@ -265,7 +266,7 @@ def reduce(op, r, opts, x, keys, probs, size, source=None, blk=None):
             space, cost = opts.get("metric", "x"), opts.get("cost", "cos")
             if space not in ("x", "c", "n") or cost not in COSTS:
                 raise ValueError(f"soft: +metric= takes x, c or n and +cost= one of {COSTS}, got {space!r}, {cost!r}")
-            feats = {"x": xm, "c": F.layer_norm(xm, xm.shape[-1:]), "n": blk.norm2(xm) if blk else None}[space]
+            feats = xm if space == "x" else F.layer_norm(xm, xm.shape[-1:]) if space == "c" else blk.norm2(xm)
             guard_mask = top_k_mask(guard, protect) if protect else None
             return (*soft_cost(x, size, r, feats, cost, guard_mask, opts.get("match") == "all"), None)
         if protect:  # soft_merge protects the largest metric norms: hand it the protection score as the metric
@@ -456,10 +457,8 @@ def correct(x, corr):
 def reinject(x, x0, source, alpha):
     """Every original token [B, N0, C] rebuilt from the merged tokens ``x`` [B, N, C]: the token that holds it
     (``source`` [B, N0]) plus ``alpha`` x its own deviation, in ``x0`` [B, N0, C], from its group's mean."""
-    bsz, n0, c = x0.shape
-    sums = x0.new_zeros(bsz, x.shape[1], c + 1).scatter_add_(
-        1, source[..., None].expand(-1, -1, c + 1), torch.cat([x0, x0.new_ones(bsz, n0, 1)], -1))
-    return unmerge(x, source) + alpha * (x0 - unmerge(sums[..., :c] / sums[..., c:].clamp_min(1), source))
+    means, _ = group_mean(x0, torch.ones_like(x0[..., :1]), source, x.shape[1])  # a group no original is in: unread
+    return unmerge(x, source) + alpha * (x0 - unmerge(means, source))
 
 
 def detail_features(model, img, steps, alpha):
@@ -497,7 +496,7 @@ def accumulated_features(model, img, steps, decay):
         score = decay * score + share.gather(1, source)
         held = score.new_zeros(bsz, x.shape[1]).scatter_add_(1, source, score)[:, PREFIX:]
         if op != "dense" and r > 0:
-            x, size, source = reduce(op, r, {**opts, "_guard": held}, x, k, probs, size, source, blk)
+            x, size, source = reduce(op, r, opts, x, k, probs, size, source, blk, attended=held)
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
     return model.norm(x)[:, 0]
 

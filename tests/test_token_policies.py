@@ -396,8 +396,13 @@ def test_protection_yields_to_r_as_the_pipeline_does():
         tp.reduce("soft", 6, {"protect": "48"}, x, keys, probs, size)
 
 
-def test_accumulated_class_attention_at_zero_decay_is_this_blocks():
-    x, model_ = _images(), _model3()
+def test_accumulated_class_attention_at_zero_decay_is_this_blocks(model):
+    model_ = copy.deepcopy(model)  # its layer scales raised so that the blocks' updates (and their choices) matter
+    with torch.no_grad():
+        for blk in model_.blocks:
+            blk.ls1.gamma.fill_(1.0)
+            blk.ls2.gamma.fill_(1.0)
+    x = _images()
     with torch.no_grad():
         now = tp.cls_features(model_, x, tp.parse("dense:0*1,soft+protect=4:3*2", 3))
         acc0 = tp.cls_features(model_, x, tp.parse("dense:0*1,soft+protect=4+acc=0:3*2", 3))
@@ -406,14 +411,3 @@ def test_accumulated_class_attention_at_zero_decay_is_this_blocks():
     assert not torch.equal(acc1, acc0)
     with pytest.raises(ValueError, match=r"\+acc: dense, tome, soft"):
         tp.cls_features(model_, x, tp.parse("dense:0*1,prune:3*1,soft+protect=4+acc=1:3*1", 3))
-
-
-def _model3():
-    """The module's model, its layer scales raised so that the blocks' updates (and their choices) matter."""
-    torch.manual_seed(0)
-    m = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=70, depth=3, num_classes=0).eval()
-    with torch.no_grad():
-        for blk in m.blocks:
-            blk.ls1.gamma.fill_(1.0)
-            blk.ls2.gamma.fill_(1.0)
-    return m
