@@ -20,6 +20,7 @@ from .decide import Decision
 from .errors import MergepassWarning, briefly, replay
 from .graph.lift import Inputs
 from .graph.match import find_blocks, summarize
+from .methods import get_method, get_op, method_names
 from .quantize import Quantized, fit_to_graph, quantize, read_calibration
 from .recipe import Recipe, load
 from .rewrite import passes
@@ -92,6 +93,12 @@ def attention_stage(gm: fx.GraphModule, example_inputs: Sequence, recipe: Recipe
     return work, passes.run(replace_attention, work, kind), decision
 
 
+def _kernel_op(method: str):
+    """The merge op whose kernels ``merge.kernel = "auto"`` times for ``method`` (ToMe's for recipe ``auto``, whose
+    method is chosen later)."""
+    return get_op(get_method(method).kernel_op if method in method_names() else "global")
+
+
 def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, Optional[Decision]]:
     """Whether merges run as the fused CPU kernel (:mod:`mergepass.merge.fused`) in this graph, and the
     measurement behind ``merge.kernel = "auto"``."""
@@ -113,7 +120,7 @@ def merge_kernel_stage(recipe: Recipe, example_inputs: Sequence) -> tuple[bool, 
                               "ops (same results, slower)", MergepassWarning, stacklevel=3)
         elif recipe.merge.kernel == "auto":
             with stage("merge kernel: measure or read the kept decision"):
-                decision = fused.choose()
+                decision = fused.choose(op=_kernel_op(recipe.merge.method))
             return decision.choice == "fused", decision
     if why is not None and recipe.merge.kernel == "fused":
         raise RuntimeError(f"recipe field 'merge.kernel' is 'fused' but the fused merge kernel is unavailable: "

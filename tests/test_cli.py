@@ -48,9 +48,9 @@ def test_plan_impossible_target(capsys):
 @pytest.mark.compile_cache  # the demo as the Quickstart runs it
 def test_demo_smoke(tmp_path):
     res = _run("mergepass.demo", "--model", "vit_tiny_patch16_224", "--depth", "2", "--img-size", "64",
-               "--recipe", "tome_int8", "--batch", "4", "--eval-images", "8", "--rounds", "1", "--images",
-               str(_images(tmp_path)))
+               "--batch", "4", "--eval-images", "8", "--rounds", "1", "--images", str(_images(tmp_path)))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "recipe soft_delayed_protect_int8" in res.stdout and "quantize=int8-static" in res.stdout  # the headline
     assert "speedup over eager FP32" in res.stdout and "CLS cosine mean" in res.stdout
     assert "blocks.1" in res.stdout
     assert "calibration on 4 inputs, fidelity on 4 held-out others" in res.stdout

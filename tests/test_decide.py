@@ -3,6 +3,7 @@ reused without timing, timed again on another CPU or version, never a candidate 
 import pytest
 import torch
 
+import mergepass
 from mergepass import cpu, decide
 from mergepass.decide import Candidate
 from mergepass.kernels import attention
@@ -166,3 +167,29 @@ def test_candidates_tied_within_timing_noise_keep_the_more_faithful():
     apart = decide.decide("q", {"n": 2}, cands, default="exact", reference=lambda: EXACT, budget=1.0,
                           timer=_timer({"exact": 1.10, "close": 1.5, "noisy": 1.0, "broken": 1.5}, []))
     assert apart.choice == "noisy" and "noisy" not in apart.declined
+
+
+def test_the_merge_kernel_is_chosen_per_merge_op_and_the_pipeline_asks_for_its_methods(monkeypatch):
+    """ToMe's global merge and soft merging's nearest merge are timed as two questions, each kept; an op without a
+    fused kernel is never timed; the compile asks about the op its recipe's method merges with."""
+    from mergepass import pipeline
+    from mergepass.merge import fused
+    from mergepass.methods import MergeOp, get_op
+    from helpers import require_fused_merge
+    require_fused_merge()
+    calls = []
+    glob = fused.choose(op=get_op("global"), timer=_timer({"fused": 2.0, "reference": 1.0}, calls))
+    soft = fused.choose(op=get_op("soft"), timer=_timer({"fused": 1.0, "reference": 2.5}, calls))
+    assert (glob.choice, soft.choice) == ("reference", "fused") and calls == [["fused", "reference"]] * 2
+    again = fused.choose(op=get_op("soft"), timer=lambda fns: pytest.fail("timed again"))
+    assert again.reused and again.choice == "fused" and fused.choose().choice == "reference"  # default: global
+    bare = MergeOp("bare", get_op("global").reference)
+    none = fused.choose(op=bare, timer=lambda fns: pytest.fail("nothing to compare"))
+    assert none.choice == "reference" and not none.measured and "no fused kernel" in none.line()
+    assert soft.line().startswith("merge kernel (soft merge): fused")
+    asked, real = [], fused.choose
+    monkeypatch.setattr(fused, "choose", lambda op=None, **kw: asked.append(op.name) or real(op=op, **kw))
+    for recipe in ("soft_delayed_protect_int8", "tome", "dfe_lgtm", "auto"):
+        on, d = pipeline.merge_kernel_stage(mergepass.load_recipe(recipe), (torch.randn(1, 3, 8, 8),))
+        assert on == (d.choice == "fused")
+    assert asked == ["soft", "global", "global", "global"]

@@ -276,6 +276,6 @@ def test_the_benchmarks_tome_reference_has_soft_delayed_int8s_schedule_and_int8(
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "recipes" / "tome_delayed_int8.toml"
     tome, soft = mergepass.load_recipe(path), mergepass.load_recipe("soft_delayed_int8")
     assert (tome.merge.method, soft.merge.method) == ("tome", "soft")
-    for f in ("r", "skip", "partition", "protect", "prop_attn"):
+    for f in ("r", "macs_ratio", "skip", "partition", "protect", "prop_attn"):
         assert getattr(tome.merge, f) == getattr(soft.merge, f), f
     assert tome.quantize == soft.quantize and tome.lower == soft.lower

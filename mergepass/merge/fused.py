@@ -145,24 +145,28 @@ def _decide(question: str, facts: dict, candidates: dict, default: str, timer, k
                       timer=timer, keep=keep)
 
 
-def choose(timer=None, keep: bool = True) -> Decision:
+def choose(timer=None, keep: bool = True, op=None) -> Decision:
     """``merge.kernel = "auto"`` on this CPU, by measurement: this kernel against the reference ops compiled by
-    inductor, at one representative shape (``_SHAPE``). The decision is kept on disk (:mod:`mergepass.decide`)."""
+    inductor, at one representative shape (``_SHAPE``). ``op``: the merge op to time (a registered
+    :class:`~mergepass.methods.base.MergeOp` whose functions take ``r`` and ``prefix`` alone, such as ``soft``);
+    ToMe's ``global`` merge by default. Each op is decided once, kept on disk (:mod:`mergepass.decide`)."""
     from .ops import global_merge
+    name, fast, ref = (op.name, op.fused, op.reference) if op is not None else ("global", fused_global_merge,
+                                                                                 global_merge)
     x, metric, kw = _sample(_SHAPE["metric"])
-    why = kernel_error() or ""
-    candidates = {"fused": Candidate(None if why else lambda: fused_global_merge(x, metric, None, None, **kw), why)}
+    why = kernel_error() or ("" if fast is not None else f"the {name} merge has no fused kernel")
+    candidates = {"fused": Candidate(None if why else lambda: fast(x, metric, None, None, **kw), why)}
     compiled = []
 
     def reference():  # compiled on first call: only when a measurement is made
         if not compiled:
-            compiled.append(torch.compile(lambda x, m: global_merge(x, m, None, None, **kw), dynamic=False,
-                                          fullgraph=True))
+            compiled.append(torch.compile(lambda x, m: ref(x, m, None, None, **kw), dynamic=False, fullgraph=True))
         return compiled[0](x, metric)
 
     candidates["reference"] = Candidate(reference)
     try:
-        return _decide("merge kernel", {}, candidates, "fused" if not why else "reference", timer, keep)
+        return _decide(f"merge kernel ({name} merge)", {"op": name}, candidates, "fused" if not why else "reference",
+                       timer, keep)
     finally:
         compiled.clear()
 

@@ -171,6 +171,7 @@ class MergeMethod:
     auto_rank: ClassVar[Optional[int]] = None     # order among recipe 'auto' candidates; None: not one
     per_block_r: ClassVar[bool] = False           # takes one r per block (what mergepass.search tunes)
     search_keeps: ClassVar[tuple[str, ...]] = ()  # fields a per-block search keeps as asked (they follow r)
+    kernel_op: ClassVar[str] = "global"           # the merge op that merge.kernel = "auto" times for this method
 
     def resolve(self, cfg: MethodConfig, match: "MatchResult", limit: int) -> MethodConfig:
         """``cfg`` with its ``"auto"`` fields made concrete for ``match``."""

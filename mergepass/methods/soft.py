@@ -134,6 +134,7 @@ class Soft(ToMe):
     config = SoftConfig
     fields = ("r", "skip", "partition", "protect", "k", "tau", "compare", "protect_by", "protect_from")
     auto_rank = None
+    kernel_op = "soft"
 
     def decide(self, cfg, block, tokens, match, state):
         protect = protect_count(cfg.protect, match) if block.index >= cfg.protect_from else 0

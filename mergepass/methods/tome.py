@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from ..config import check_choice
+from ..config import check_choice, finite_number
 from ..merge import global_merge
 from ..merge.fused import fused_global_merge
 from .base import (AUTO, Merge, MergeMethod, MergeOp, MethodConfig, check_int_or_auto, check_r, closest,
@@ -34,6 +34,8 @@ class ToMeConfig(MethodConfig):
     protect: Union[int, float] = 0     # the mergeable tokens with the largest key norms never merge,
                                        # this many per block (int) or this fraction of the patch tokens (float < 1)
     match_tome_r: int = 0              # r = "auto": the ToMe r whose MACs to match
+    macs_ratio: float = 0.0            # r = "auto" instead: the least merging, spread evenly over the blocks from
+                                       # skip on, whose MACs are at most this fraction of the unmerged model's
 
     def validate(self) -> None:
         check_r(self.r)
@@ -44,8 +46,12 @@ class ToMeConfig(MethodConfig):
             raise ValueError("recipe field 'protect' must be an integer >= 0 (tokens) or a fraction in [0, 1) of the "
                              f"patch tokens, got {p!r}")
         check_match_tome_r(self)
-        if self.r == AUTO and self.match_tome_r <= 0:
-            raise ValueError("recipe field 'r' is 'auto' but 'match_tome_r' is not set (> 0)")
+        m = self.macs_ratio
+        if isinstance(m, bool) or not finite_number(m) or not 0.0 <= m <= 1.0:
+            raise ValueError(f"recipe field 'macs_ratio' must be a number in [0, 1], got {m!r}")
+        if self.r == AUTO and (self.match_tome_r > 0) == (m > 0):
+            raise ValueError("recipe field 'r' is 'auto', which needs one of 'match_tome_r' (> 0) and 'macs_ratio' "
+                             f"(> 0), got match_tome_r = {self.match_tome_r!r} and macs_ratio = {m!r}")
 
 
 def inflected(r: int, inflect: float, depth: int) -> tuple[int, ...]:
@@ -93,11 +99,39 @@ def tome_macs(match, r: int, limit: int) -> int:
     return total_macs(match, TOME.plan_blocks(ToMeConfig(r=r), match, limit))
 
 
+def even_r(total: int, first: int, depth: int) -> tuple[int, ...]:
+    """``total`` tokens to merge spread as evenly as integers allow over blocks ``first`` to ``depth - 1``, the
+    later blocks taking the remainder (blocks before ``first`` merge none)."""
+    q, extra = divmod(total, depth - first)
+    return (0,) * first + (q,) * (depth - first - extra) + (q + 1,) * extra
+
+
+def budget_r(method, cfg, match, limit) -> tuple[int, ...]:
+    """The :func:`even_r` schedule with the fewest tokens merged whose MACs under ``method`` are at most
+    ``cfg.macs_ratio`` of the unmerged model's (every row computed); the most merging where none is."""
+    depth, first = len(match.blocks), min(cfg.skip, len(match.blocks))
+    if first >= depth:
+        return (0,) * depth
+
+    def macs(total: int) -> int:
+        return total_macs(match, method.plan_blocks(cfg.replace(r=even_r(total, first, depth)), match, limit))
+
+    most = (match.tokens - match.prefix) * (depth - first)
+    goal = max(cfg.macs_ratio * match.dense_macs(), macs(most))  # out of reach: the least merging at the floor
+    lo, hi = 0, most  # MACs never rise as the total grows
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if macs(mid) <= goal else (mid + 1, hi)
+    return even_r(lo, first, depth)
+
+
 def auto_r(method, cfg, match, limit):
-    """``cfg`` with ``r = "auto"`` resolved: the r whose schedule under ``method`` comes closest to ToMe
-    r=``match_tome_r``'s MACs."""
+    """``cfg`` with ``r = "auto"`` resolved: with ``macs_ratio``, :func:`budget_r`; else the r whose schedule under
+    ``method`` comes closest to ToMe r=``match_tome_r``'s MACs."""
     if cfg.r != AUTO:
         return cfg
+    if getattr(cfg, "macs_ratio", 0):
+        return cfg.replace(r=budget_r(method, cfg, match, limit))
     goal = tome_macs(match, cfg.match_tome_r, limit)
     r = closest(range((match.tokens - match.prefix) // 2 + 1),
                 lambda x: total_macs(match, method.plan_blocks(cfg.replace(r=x), match, limit)), goal)
@@ -132,6 +166,11 @@ class ToMe(MergeMethod):
         out = super().notes(asked, cfg, match, plans)
         if asked.r not in (0, AUTO) and cfg.skip >= len(match.blocks):
             out.append(f"skip={asked.skip} leaves all {len(match.blocks)} blocks dense: nothing merges")
+        if asked.r == AUTO and asked.macs_ratio:
+            ratio = total_macs(match, plans) / match.dense_macs()
+            if ratio > asked.macs_ratio:
+                out.append(f"macs_ratio={asked.macs_ratio} is out of reach: {ratio:.3f} at the most merging (every row "
+                           "computed)")
         return out
 
     def candidate(self, r):
