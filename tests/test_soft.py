@@ -229,7 +229,7 @@ def test_the_delayed_recipes_give_the_measured_schedule(name):
         assert protected == []
 
 
-@pytest.mark.parametrize("depth", [6, 24])
+@pytest.mark.parametrize("depth", [6, 16])
 def test_a_macs_ratio_spreads_the_least_merging_in_budget_evenly_at_any_depth(depth):
     """``r = "auto"`` with ``macs_ratio`` (the delayed recipes' schedule): even after the dense block, later blocks
     taking the remainder, within the budget, and one token fewer would not be."""
