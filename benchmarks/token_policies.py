@@ -19,6 +19,9 @@ blocks in order:
   post-attention tokens (the ``compare`` field of method ``soft``)
 * ``+yield=1`` with ``+protect=N``: protection yields to ``removed`` as the pipeline's does (at most half the patch
   tokens minus ``removed`` are protected), so that late blocks of a strong schedule keep tokens free to merge
+* ``+order=pos`` on tome/soft: after the merge the patch tokens are sorted by the first original token each holds
+  (``in_position_order``), so that the next block's alternate A/B split follows the image, not the merge's output
+  order ([unmerged A, B]), in which one token more or fewer shifts the split of every later token
 * ``+acc=F`` with ``+protect=N``: protection reads the class token's attention accumulated over the blocks, each
   original token's score decaying by F a block (``accumulated_features``; 0: this block's attention)
 * ``+by=norm`` on tome/soft with ``+protect=N``: protect the N tokens of largest residual-stream norm instead
@@ -476,6 +479,31 @@ def detail_features(model, img, steps, alpha):
     return model.norm(x)[:, 0]
 
 
+def in_position_order(x, size, source):
+    """The patch tokens sorted by the first original token each holds (the prefix stays first), with the source map
+    [B, N0] following them: a merge's output order ([unmerged A, B]) no longer decides the next block's A/B split."""
+    bsz, n, _ = x.shape
+    n0 = source.shape[1]
+    first = source.new_full((bsz, n), n0).scatter_reduce(1, source, torch.arange(n0).expand(bsz, -1), "amin")
+    order = torch.cat([torch.arange(PREFIX).expand(bsz, -1), PREFIX + first[:, PREFIX:].argsort(1)], 1)
+    return (x.gather(1, order[..., None].expand_as(x)), size.gather(1, order[..., None].expand_as(size)),
+            order.argsort(1).gather(1, source))
+
+
+def ordered_features(model, img, steps):
+    """``cls_features`` in which every merge step with ``+order=pos`` leaves its tokens in position order
+    (``in_position_order``)."""
+    x, size = embed(model, img)
+    source = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+    for i, (blk, step) in enumerate(zip(model.blocks, steps)):
+        x, size, source = traced_block(blk, x, size, step, i, source)
+        if source is None:  # the class token alone (clsonly): the last step
+            break
+        if step[2].get("order") == "pos" and step[0] != "dense":
+            x, size, source = in_position_order(x, size, source)
+    return model.norm(x)[:, 0]
+
+
 def accumulated_features(model, img, steps, decay):
     """``cls_features`` where protection reads the class token's attention accumulated over the blocks: each
     original token keeps ``decay`` x its score plus its share (attention / size of the token holding it) of this
@@ -507,6 +535,8 @@ def cls_features(model, img, steps, corrections=None):
         return accumulated_features(model, img, steps, acc[0])
     if steps[-1][0] == "clsonly" and "detail" in steps[-1][2]:
         return detail_features(model, img, steps, float(steps[-1][2]["detail"]))
+    if any(o.get("order") == "pos" for _, _, o in steps):
+        return ordered_features(model, img, steps)
     x, size = embed(model, img)
     for i, (blk, step) in enumerate(zip(model.blocks, steps)):
         x, size = run_block(blk, x, size, step, i)

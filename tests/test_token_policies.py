@@ -411,3 +411,25 @@ def test_accumulated_class_attention_at_zero_decay_is_this_blocks(model):
     assert not torch.equal(acc1, acc0)
     with pytest.raises(ValueError, match=r"\+acc: dense, tome, soft"):
         tp.cls_features(model_, x, tp.parse("dense:0*1,prune:3*1,soft+protect=4+acc=1:3*1", 3))
+
+
+def test_position_order_sorts_by_the_first_token_held_and_keeps_what_each_original_reads(model):
+    """``+order=pos``: the patch tokens come out sorted by the first original token each holds, the class token first,
+    and every original token still reads the same merged token; with nothing merged the order is the identity."""
+    torch.manual_seed(3)
+    x, size = torch.randn(2, 5, 4), torch.tensor([1.0, 2, 1, 3, 1])[None, :, None].expand(2, -1, -1)
+    source = torch.tensor([[0, 3, 2, 3, 1, 4, 1, 3], [0, 1, 1, 2, 3, 4, 3, 2]])  # original -> merged token
+    xo, so, src = tp.in_position_order(x, size, source)
+    first = [[min(i for i, s in enumerate(row) if s == t) for t in range(5)] for row in src.tolist()]
+    assert all(f == sorted(f) for f in first)
+    torch.testing.assert_close(tp.unmerge(xo, src), tp.unmerge(x, source))
+    torch.testing.assert_close(so.sum(1), size.sum(1))
+    ident = torch.arange(5).expand(2, -1)
+    same = tp.in_position_order(x, size, ident)
+    assert torch.equal(same[0], x) and torch.equal(same[2], ident)
+    # attention and MLP do not read the order: sorting after the last merge leaves the class token as it was
+    img = _images()
+    with torch.no_grad():
+        a = tp.cls_features(model, img, tp.parse("dense:0*1,soft:4*1,soft+order=pos:4*1", 3))
+        b = tp.cls_features(model, img, tp.parse("dense:0*1,soft:4*1,soft:4*1", 3))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
