@@ -47,7 +47,7 @@ class ToMeConfig(MethodConfig):
                              f"patch tokens, got {p!r}")
         check_match_tome_r(self)
         m = self.macs_ratio
-        if isinstance(m, bool) or not finite_number(m) or not 0.0 <= m <= 1.0:
+        if not finite_number(m) or not 0.0 <= m <= 1.0:  # finite_number refuses bools too
             raise ValueError(f"recipe field 'macs_ratio' must be a number in [0, 1], got {m!r}")
         if self.r == AUTO and (self.match_tome_r > 0) == (m > 0):
             raise ValueError("recipe field 'r' is 'auto', which needs one of 'match_tome_r' (> 0) and 'macs_ratio' "
