@@ -5,6 +5,7 @@ and with ToMe patched in) and say which hold.
     python benchmarks/targets.py                        # ViT-B/16: speed.py at batch 8 and 1
     python benchmarks/targets.py --model vit_small_patch14_dinov2
     python benchmarks/targets.py --from-json docs/results/speed_vit_b16_zen3_2026-11-23.json
+    python benchmarks/targets.py --pareto-json docs/results/pareto_prune_zen5_2026-12-06.json
 
 Timing runs ``benchmarks/speed.py`` with the contenders the floors name, all in one process, and
 reads its JSON; ``--from-json`` reads earlier speed.py outputs instead (each file checked on its own:
@@ -12,6 +13,10 @@ ratios never mix runs). A floor that names two contenders holds when either does
 contenders a run did not time is "not measured". The floors assume a CPU with int8 dot products
 (VNNI or AMX), and those over the earlier int8 one also AVX512-BF16 or AMX (AMX for int8 attention with
 the stock torchao wheel): see ``gemm_peak.py``.
+
+Speed counts beside fidelity: ``--pareto-json`` reads ``pareto.py`` outputs (real weights, held-out images) and checks
+the frontier floors, such as "at mean CLS cosine >= 0.990, the fastest mergepass point is >= 1.3x the fastest OpenVINO
+point". Only rows timed the same way are compared (all by the ``--speed-json`` run pareto.py was given, when any was).
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ OPENVINO = tuple(Floor(b, c, over, ratio) for b in (8, 1) for c, over, ratio in 
     (("int8",), "ov_int8", 1.05),
     (("tome_int8:merge.r=16",), "ov_int8", 1.6),
     (("tome_int8:merge.r=16",), "ov_int8_tome:merge.r=16", 1.25),
-    (("tome_int8:merge.r=8",), "ov_int8_tome:merge.r=8", 1.25)))
+    (("tome_int8:merge.r=8",), "ov_int8_tome:merge.r=8", 1.25),
+    (("tome_int8:merge.r=12",), "ov_int8_tome:merge.r=12", 1.25)))
 
 FLOORS_BY_MODEL = {
     "vit_base_patch16_224": (
@@ -68,6 +74,45 @@ FLOORS_BY_MODEL = {
 FLOORS = FLOORS_BY_MODEL["vit_base_patch16_224"]
 
 
+@dataclass(frozen=True)
+class Frontier:
+    """Among the contenders at mean CLS cosine >= ``mean``, the fastest mergepass one over the fastest peer engine's
+    (contenders named ``peer*``)."""
+    mean: float
+    ratio: float
+    peer: str = "ov_"
+
+    def describe(self) -> str:
+        return f"at mean CLS cosine >= {self.mean:.3f}: fastest mergepass >= {self.ratio}x fastest {self.peer}*"
+
+
+FRONTIERS = (Frontier(0.990, 1.3),)  # against OpenVINO + NNCF, alone or with ToMe, at any r
+PEERS = ("ov_", "ort_")  # contenders run by another engine: never counted as mergepass points
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """The pareto.py rows timed alike: those speed.py timed, when any were (their speedups share one run), else all."""
+    by_speed = [r for r in rows if r.get("timed_by") == "speed.py"]
+    return by_speed or rows
+
+
+def check_frontier(rows: list[dict], frontiers=FRONTIERS) -> list[dict]:
+    """One row per frontier floor: its two fastest points (contender, speedup over eager, mean) and their ratio."""
+    rows = [r for r in comparable(rows) if r.get("speedup") and r.get("cls_cos_mean") is not None]
+    out = []
+    for f in frontiers:
+        ok = [r for r in rows if r["cls_cos_mean"] >= f.mean]
+        ours = [r for r in ok if not r["contender"].startswith(PEERS)]
+        peers = [r for r in ok if r["contender"].startswith(f.peer)]
+        best = max(ours, key=lambda r: r["speedup"], default=None)
+        peer = max(peers, key=lambda r: r["speedup"], default=None)
+        value = best["speedup"] / peer["speedup"] if best and peer else None
+        status = "not measured" if value is None else ("met" if value >= f.ratio else "NOT MET")
+        out.append(dict(floor=f.describe(), best=best and best["contender"], peer=peer and peer["contender"],
+                        ratio=value, status=status))
+    return out
+
+
 def medians(results: list[dict]) -> dict[tuple[int, str], float]:
     """(batch, contender) -> median ms, from speed.py's JSON (a list of {batch, rows})."""
     return {(r["batch"], row["contender"]): row["median_ms"] for r in results for row in r["rows"]}
@@ -87,11 +132,15 @@ def check(ms: dict[tuple[int, str], float], floors=FLOORS) -> list[dict]:
 
 
 def format_check(rows: list[dict]) -> str:
-    lines = [f"{'floor':<58}{'measured':>24}  status"]
-    for r in rows:
-        # rounded down, so that a ratio just under its floor never prints as the floor itself
-        got = f"{math.floor(r['ratio'] * 100) / 100:.2f}x ({r['best']})" if r["ratio"] is not None else "-"
-        lines.append(f"{r['floor']:<58}{got:>24}  {r['status']}")
+    def got(r):  # rounded down, so that a ratio just under its floor never prints as the floor itself
+        if r["ratio"] is None:
+            return "-"
+        who = f"{r['best']} / {r['peer']}" if r.get("peer") else r["best"]
+        return f"{math.floor(r['ratio'] * 100) / 100:.2f}x ({who})"
+    width, shown = max(len(r["floor"]) for r in rows) + 2, [got(r) for r in rows]
+    middle = max(len("measured"), *map(len, shown)) + 2
+    lines = [f"{'floor':<{width}}{'measured':<{middle}}status"]
+    lines += [f"{r['floor']:<{width}}{g:<{middle}}{r['status']}" for r, g in zip(rows, shown)]
     return "\n".join(lines)
 
 
@@ -102,7 +151,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--json", default=None, help="keep the timing run's speed.py JSON here")
+    p.add_argument("--pareto-json", nargs="+", default=None,
+                   help="pareto.py outputs (fidelity and speed) to check the frontier floors on; times nothing")
     a = p.parse_args(argv)
+    if a.pareto_json:
+        for f in a.pareto_json:
+            print(f"{f}\n{format_check(check_frontier(json.loads(Path(f).read_text())))}\n")
+        if not a.from_json:
+            return 0
     files = a.from_json
     if files is None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -232,6 +232,32 @@ def test_targets_check_best_contender_per_floor_and_missing_runs():
     assert over_int8["status"] == "NOT MET" and "1.99x" in targets.format_check([over_int8])
 
 
+def test_targets_frontier_compares_the_fastest_points_above_the_fidelity_line():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import targets
+
+    def row(contender, speedup, mean, timed_by="speed.py"):
+        return dict(contender=contender, speedup=speedup, cls_cos_mean=mean, timed_by=timed_by)
+    rows = [row("ov_int8", 6.0, 0.997), row("ov_int8_tome:merge.r=12", 6.5, 0.991),
+            row("ov_int8_tome:merge.r=16", 7.0, 0.986),  # faster, but under the line
+            row("ort_int8_tome:merge.r=8", 9.0, 0.995),  # another engine: neither ours nor OpenVINO's
+            row("tome_int8:merge.r=16", 9.5, 0.989), row("soft_delayed_protect_int8", 8.6, 0.992),
+            row("tome_int8:merge.r=12", 8.0, 0.994)]
+    (res,) = targets.check_frontier(rows)
+    assert (res["best"], res["peer"]) == ("soft_delayed_protect_int8", "ov_int8_tome:merge.r=12")
+    assert res["ratio"] == pytest.approx(8.6 / 6.5) and res["status"] == "met"
+    assert "1.32x (soft_delayed_protect_int8 / ov_int8_tome:merge.r=12)" in targets.format_check([res])
+    rows[5]["cls_cos_mean"] = 0.9899  # the headline falls under the line: r=12 is the fastest point left
+    (res,) = targets.check_frontier(rows)
+    assert res["best"] == "tome_int8:merge.r=12" and res["status"] == "NOT MET"
+    # rows timed in-sweep are not compared with speed.py's when any row has speed.py's timing
+    rows.append(row("int8", 99.0, 0.998, timed_by=None))
+    assert targets.check_frontier(rows)[0]["best"] == "tome_int8:merge.r=12"
+    assert targets.check_frontier([r for r in rows if r["contender"].startswith("ov_")])[0]["status"] == "not measured"
+
+
 def test_a_spec_can_skip_dynamos_guards_on_the_modules(monkeypatch):
     """``guards=skip-modules`` hands dynamo torch's module-skipping guard filter and changes no output; another value
     is an error naming the choices."""
