@@ -90,6 +90,11 @@ FRONTIERS = (Frontier(0.990, 1.3),)  # against OpenVINO + NNCF, alone or with To
 PEERS = ("ov_", "ort_")  # contenders run by another engine: never counted as mergepass points
 
 
+def status(value, floor: float) -> str:
+    """How a measured ratio (None: not measured) stands against its floor."""
+    return "not measured" if value is None else ("met" if value >= floor else "NOT MET")
+
+
 def comparable(rows: list[dict]) -> list[dict]:
     """The pareto.py rows timed alike: those speed.py timed, when any were (their speedups share one run), else all."""
     by_speed = [r for r in rows if r.get("timed_by") == "speed.py"]
@@ -97,7 +102,7 @@ def comparable(rows: list[dict]) -> list[dict]:
 
 
 def check_frontier(rows: list[dict], frontiers=FRONTIERS) -> list[dict]:
-    """One row per frontier floor: its two fastest points (contender, speedup over eager, mean) and their ratio."""
+    """One row per frontier floor: the fastest mergepass and peer contenders above its line, and their ratio."""
     rows = [r for r in comparable(rows) if r.get("speedup") and r.get("cls_cos_mean") is not None]
     out = []
     for f in frontiers:
@@ -107,9 +112,8 @@ def check_frontier(rows: list[dict], frontiers=FRONTIERS) -> list[dict]:
         best = max(ours, key=lambda r: r["speedup"], default=None)
         peer = max(peers, key=lambda r: r["speedup"], default=None)
         value = best["speedup"] / peer["speedup"] if best and peer else None
-        status = "not measured" if value is None else ("met" if value >= f.ratio else "NOT MET")
         out.append(dict(floor=f.describe(), best=best and best["contender"], peer=peer and peer["contender"],
-                        ratio=value, status=status))
+                        ratio=value, status=status(value, f.ratio)))
     return out
 
 
@@ -126,8 +130,7 @@ def check(ms: dict[tuple[int, str], float], floors=FLOORS) -> list[dict]:
         ratios = {c: base / ms[(f.batch, c)] for c in f.contenders if base and (f.batch, c) in ms}
         best = max(ratios, key=ratios.get) if ratios else None
         value = ratios[best] if best else None
-        status = "not measured" if value is None else ("met" if value >= f.ratio else "NOT MET")
-        out.append(dict(floor=f.describe(), best=best, ratio=value, status=status))
+        out.append(dict(floor=f.describe(), best=best, ratio=value, status=status(value, f.ratio)))
     return out
 
 
