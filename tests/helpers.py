@@ -97,7 +97,8 @@ def attention_skip(kind: str) -> Optional[str]:
     from mergepass.kernels import attention
     if attention.missing_instructions(kind):
         return f"{kind} attention op: {attention.missing_instructions(kind)}"
-    if attention.unavailable(kind) and no_compiler():
+    # the compiler first: this runs at collection, where building the op keeps every other xdist worker waiting
+    if no_compiler() and attention.unavailable(kind):
         return f"{kind} attention op not built: {no_compiler()}"
     return None
 
