@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from mergepass.eval import models
-    from mergepass.cpu import machine
+    from mergepass.cpu import bf16_isa, int8_isa, machine
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = {"num_classes": 0} if (args.checkpoint and "dinov2" in args.model) else {}
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
                                    f"{args.rounds} interleaved rounds x {args.iters} iters, {machine()}")
         print(table, flush=True)
         tables.append(table)
-        results.append(dict(model=args.model, batch=bsz, rows=rows))
+        results.append(dict(model=args.model, batch=bsz, rows=rows,  # the CPU: which floors apply (targets.py)
+                            cpu=dict(machine=machine(), int8_isa=int8_isa(), bf16_isa=bf16_isa())))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,11 @@ and with ToMe patched in) and say which hold.
 
 Timing runs ``benchmarks/speed.py`` with the contenders the floors name, all in one process, and
 reads its JSON; ``--from-json`` reads earlier speed.py outputs instead (each file checked on its own:
-ratios never mix runs). A floor that names two contenders holds when either does; a floor whose
-contenders a run did not time is "not measured". The floors assume a CPU with int8 dot products
-(VNNI or AMX), and those over the earlier int8 one also AVX512-BF16 or AMX (AMX for int8 attention with
-the stock torchao wheel): see ``gemm_peak.py``.
+ratios never mix runs). A floor that names two contenders holds when either does, and a contender counts under
+any spelling of its recipe (``tome_int8`` is ``tome_int8:merge.r=16``); a floor whose contenders a run did not
+time is "not measured". The floors over eager and over int8 assume int8 dot products (VNNI or AMX), and those over
+the earlier int8 also AVX512-BF16 or AMX (see ``gemm_peak.py``): on a CPU that speed.py recorded without them
+they "do not apply". The floors over a peer engine apply on every CPU.
 
 Speed counts beside fidelity: ``--pareto-json`` reads ``pareto.py`` outputs (real weights, held-out images) and checks
 the frontier floors, such as "at mean CLS cosine >= 0.990, the fastest mergepass point is >= 1.3x the fastest OpenVINO
@@ -21,6 +22,7 @@ point". Only rows timed the same way are compared (all by the ``--speed-json`` r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -34,15 +36,41 @@ INT8 = ("int8", "int8:quantize.pt2e.attention=int8")  # defaults, and with the o
 BASELINE_INT8 = "int8:quantize.pt2e.rest=fp32,quantize.pt2e.attention=float"
 
 
+INT8_DOT = ("AMX", "AVX-512 VNNI", "AVX-VNNI")  # mergepass.cpu.int8_isa() names of int8 dot-product instructions
+BF16 = ("AMX-BF16", "AVX512-BF16")             # mergepass.cpu.bf16_isa() names of native bf16 arithmetic
+
+
+@dataclass(frozen=True)
+class Need:
+    """A CPU feature a floor was set for: one of ``names`` in the ``key`` field of speed.py's ``cpu`` record."""
+    key: str
+    names: tuple[str, ...]
+    says: str
+    label: str  # as mergepass.cpu.machine() names it
+
+    def missing(self, cpu: dict) -> str | None:
+        got = cpu.get(self.key)
+        return None if got is None or got in self.names else f"needs {self.says} ({self.label}: {got})"
+
+
+VNNI_OR_AMX = Need("int8_isa", INT8_DOT, "VNNI or AMX", "int8 ISA")
+NATIVE_BF16 = Need("bf16_isa", BF16, "AVX512-BF16 or AMX", "bf16")
+
+
 @dataclass(frozen=True)
 class Floor:
     batch: int
     contenders: tuple[str, ...]  # the floor holds if any of them reaches it
     over: str
     ratio: float
+    needs: tuple[Need, ...] = ()  # on a CPU without these the floor does not apply (a ratio over a peer always does)
 
     def describe(self) -> str:
         return f"batch {self.batch}: {' or '.join(self.contenders)} >= {self.ratio}x over {self.over}"
+
+    def not_for(self, cpu: dict) -> str | None:
+        """Why the floor does not apply on the CPU speed.py recorded (None: it applies, or the CPU is unknown)."""
+        return next(filter(None, (n.missing(cpu) for n in self.needs)), None)
 
 
 # against OpenVINO + NNCF int8 (what a CPU user picks instead), alone and with ToMe patched in at the same r
@@ -55,18 +83,18 @@ OPENVINO = tuple(Floor(b, c, over, ratio) for b in (8, 1) for c, over, ratio in 
 
 FLOORS_BY_MODEL = {
     "vit_base_patch16_224": (
-        Floor(8, ("int8",), "eager", 3.5),
-        Floor(8, MERGED, "eager", 7.0),
-        Floor(8, MERGED, "int8", 2.0),
-        Floor(1, MERGED, "eager", 5.0),
-        Floor(1, MERGED, "int8", 2.0),
-        Floor(8, INT8, BASELINE_INT8, 1.35),        # needs AVX512-BF16 or AMX
+        Floor(8, ("int8",), "eager", 3.5, (VNNI_OR_AMX,)),
+        Floor(8, MERGED, "eager", 7.0, (VNNI_OR_AMX,)),
+        Floor(8, MERGED, "int8", 2.0, (VNNI_OR_AMX,)),
+        Floor(1, MERGED, "eager", 5.0, (VNNI_OR_AMX,)),
+        Floor(1, MERGED, "int8", 2.0, (VNNI_OR_AMX,)),
+        Floor(8, INT8, BASELINE_INT8, 1.35, (VNNI_OR_AMX, NATIVE_BF16)),
         Floor(8, ("int8",), "ort_int8", 1.0),       # at least as fast as ONNX Runtime's int8
         *OPENVINO,
     ),
     "vit_small_patch14_dinov2": (
-        Floor(8, INT8, BASELINE_INT8, 1.7),         # needs AVX512-BF16 or AMX
-        Floor(8, MERGED, "int8", 1.6),
+        Floor(8, INT8, BASELINE_INT8, 1.7, (VNNI_OR_AMX, NATIVE_BF16)),
+        Floor(8, MERGED, "int8", 1.6, (VNNI_OR_AMX,)),
         Floor(8, ("int8",), "ort_int8", 1.0),
         *OPENVINO,
     ),
@@ -90,9 +118,36 @@ FRONTIERS = (Frontier(0.990, 1.3),)  # against OpenVINO + NNCF, alone or with To
 PEERS = ("ov_", "ort_")  # contenders run by another engine: never counted as mergepass points
 
 
-def status(value, floor: float) -> str:
-    """How a measured ratio (None: not measured) stands against its floor."""
+def status(value, floor: float, not_for: str | None = None) -> str:
+    """How a measured ratio (None: not measured) stands against its floor, on a CPU it applies to."""
+    if not_for:
+        return f"does not apply: {not_for}"
     return "not measured" if value is None else ("met" if value >= floor else "NOT MET")
+
+
+@functools.cache
+def _recipe(spec: str):
+    """The recipe a contender spec runs; None for what is not a mergepass recipe (eager, the peers) or no longer loads
+    (then only its spelling counts)."""
+    import warnings
+    from mergepass.recipe import available, load, parse_spec
+    try:
+        name, overrides = parse_spec(spec)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an old run's spec in the flat layout
+            return load(name, **overrides) if name in available() else None
+    except (ValueError, TypeError):
+        return None
+
+
+def timed(ms: dict[tuple[int, str], float], batch: int, spec: str) -> float | None:
+    """``spec``'s median at ``batch``: timed under that name, or under another spelling of the same recipe
+    (a floor's ``tome_int8`` is the run's ``tome_int8:merge.r=16``)."""
+    if (batch, spec) in ms:
+        return ms[(batch, spec)]
+    want = _recipe(spec)
+    same = [m for (b, c), m in ms.items() if b == batch and want is not None and _recipe(c) == want]
+    return same[0] if same else None
 
 
 def comparable(rows: list[dict]) -> list[dict]:
@@ -122,15 +177,18 @@ def medians(results: list[dict]) -> dict[tuple[int, str], float]:
     return {(r["batch"], row["contender"]): row["median_ms"] for r in results for row in r["rows"]}
 
 
-def check(ms: dict[tuple[int, str], float], floors=FLOORS) -> list[dict]:
-    """One row per floor: the best measured ratio among its contenders (None if not measured)."""
+def check(ms: dict[tuple[int, str], float], floors=FLOORS, cpu: dict | None = None) -> list[dict]:
+    """One row per floor: the best measured ratio among its contenders (None if not measured); ``cpu``, speed.py's
+    record of the CPU, says which floors apply."""
     out = []
     for f in floors:
-        base = ms.get((f.batch, f.over))
-        ratios = {c: base / ms[(f.batch, c)] for c in f.contenders if base and (f.batch, c) in ms}
+        base = timed(ms, f.batch, f.over)
+        times = {c: timed(ms, f.batch, c) for c in f.contenders}
+        ratios = {c: base / t for c, t in times.items() if base and t}
         best = max(ratios, key=ratios.get) if ratios else None
         value = ratios[best] if best else None
-        out.append(dict(floor=f.describe(), best=best, ratio=value, status=status(value, f.ratio)))
+        out.append(dict(floor=f.describe(), best=best, ratio=value,
+                        status=status(value, f.ratio, f.not_for(cpu or {}))))
     return out
 
 
@@ -177,7 +235,8 @@ def main(argv=None) -> int:
     for f in files:
         results = json.loads(Path(f).read_text())
         floors = FLOORS_BY_MODEL.get(results[0].get("model", a.model), FLOORS)
-        print(f"{f}\n{format_check(check(medians(results), floors))}\n")
+        cpu = results[0].get("cpu", {})
+        print(f"{f}\n{cpu.get('machine', 'CPU: not recorded')}\n{format_check(check(medians(results), floors, cpu))}\n")
     return 0
 
 

@@ -232,6 +232,31 @@ def test_targets_check_best_contender_per_floor_and_missing_runs():
     assert over_int8["status"] == "NOT MET" and "1.99x" in targets.format_check([over_int8])
 
 
+def test_targets_count_any_spelling_of_a_recipe_and_say_which_floors_a_cpu_is_outside():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import targets
+    floors = (targets.Floor(8, ("tome_int8",), "eager", 7.0, (targets.VNNI_OR_AMX,)),
+              targets.Floor(8, ("int8",), "int8:quantize.pt2e.rest=fp32", 1.3,
+                            (targets.VNNI_OR_AMX, targets.NATIVE_BF16)),
+              targets.Floor(8, ("tome_int8:merge.r=16",), "ov_int8_tome:merge.r=16", 1.25))
+    ms = {(8, "eager"): 800.0, (8, "tome_int8:merge.r=12"): 200.0, (8, "int8:quantize.pt2e.rest=fp32"): 390.0,
+          (8, "int8"): 300.0, (8, "ov_int8_tome:merge.r=16"): 150.0}
+    # r=12 is another recipe than tome_int8's own r=16
+    assert [r["status"] for r in targets.check(ms, floors)] == ["not measured", "met", "not measured"]
+    ms[(8, "tome_int8:merge.r=16")] = 100.0  # tome_int8's own r, spelled out
+    rows = targets.check(ms, floors)
+    assert [r["ratio"] for r in rows] == [8.0, 1.3, 1.5] and [r["status"] for r in rows] == ["met"] * 3
+    # on a CPU without int8 dot products the floors set for them do not apply; the one over a peer still does
+    rows = targets.check(ms, floors, dict(int8_isa="none", bf16_isa="none"))
+    assert rows[0]["status"] == rows[1]["status"] == "does not apply: needs VNNI or AMX (int8 ISA: none)"
+    assert rows[2]["status"] == "met"
+    rows = targets.check(ms, floors, dict(int8_isa="AVX-512 VNNI", bf16_isa="none"))
+    assert rows[0]["status"] == "met" and rows[1]["status"] == "does not apply: needs AVX512-BF16 or AMX (bf16: none)"
+    assert [r["status"] for r in targets.check(ms, floors, dict(int8_isa="AMX", bf16_isa="AMX-BF16"))] == ["met"] * 3
+
+
 def test_targets_frontier_compares_the_fastest_points_above_the_fidelity_line():
     import sys
     from pathlib import Path
