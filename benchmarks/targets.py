@@ -30,14 +30,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergepass.cpu import BF16_ISAS, INT8_ISAS
+
 MERGED = ("dfe_lgtm_int8", "tome_int8")
 INT8 = ("int8", "int8:quantize.pt2e.attention=int8")  # defaults, and with the opt-in int8 attention (AMX)
 # int8 as it was before bf16 around the GEMMs and int8 attention: old and new in one run
 BASELINE_INT8 = "int8:quantize.pt2e.rest=fp32,quantize.pt2e.attention=float"
-
-
-INT8_DOT = ("AMX", "AVX-512 VNNI", "AVX-VNNI")  # mergepass.cpu.int8_isa() names of int8 dot-product instructions
-BF16 = ("AMX-BF16", "AVX512-BF16")             # mergepass.cpu.bf16_isa() names of native bf16 arithmetic
 
 
 @dataclass(frozen=True)
@@ -53,8 +51,8 @@ class Need:
         return None if got is None or got in self.names else f"needs {self.says} ({self.label}: {got})"
 
 
-VNNI_OR_AMX = Need("int8_isa", INT8_DOT, "VNNI or AMX", "int8 ISA")
-NATIVE_BF16 = Need("bf16_isa", BF16, "AVX512-BF16 or AMX", "bf16")
+VNNI_OR_AMX = Need("int8_isa", tuple(name for _, name in INT8_ISAS), "VNNI or AMX", "int8 ISA")
+NATIVE_BF16 = Need("bf16_isa", tuple(name for _, name in BF16_ISAS), "AVX512-BF16 or AMX", "bf16")
 
 
 @dataclass(frozen=True)
@@ -146,8 +144,9 @@ def timed(ms: dict[tuple[int, str], float], batch: int, spec: str) -> float | No
     if (batch, spec) in ms:
         return ms[(batch, spec)]
     want = _recipe(spec)
-    same = [m for (b, c), m in ms.items() if b == batch and want is not None and _recipe(c) == want]
-    return same[0] if same else None
+    if want is None:
+        return None
+    return next((m for (b, c), m in ms.items() if b == batch and _recipe(c) == want), None)
 
 
 def comparable(rows: list[dict]) -> list[dict]:

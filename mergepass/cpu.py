@@ -30,28 +30,28 @@ def cpu_id() -> str:
     return " ".join([platform.machine(), platform.processor(), *sorted(cpu_flags())])
 
 
-def int8_isa() -> str:
-    """The CPU's fastest int8 dot-product instructions: 'AMX', 'AVX-512 VNNI', 'AVX-VNNI', or 'none'
-    (int8 GEMMs then gain only ~2x over FP32, see benchmarks/gemm_peak.py); '?' without /proc/cpuinfo."""
+# (flag, name), fastest first: what int8_isa() and bf16_isa() report, and what a recorded figure is checked against
+INT8_ISAS = (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"))
+BF16_ISAS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+
+
+def _fastest(isas: tuple[tuple[str, str], ...]) -> str:
     flags = cpu_flags()
     if not flags:
         return "?"
-    for flag, name in (("amx_int8", "AMX"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI")):
-        if flag in flags:
-            return name
-    return "none"
+    return next((name for flag, name in isas if flag in flags), "none")
+
+
+def int8_isa() -> str:
+    """The CPU's fastest int8 dot-product instructions: 'AMX', 'AVX-512 VNNI', 'AVX-VNNI', or 'none'
+    (int8 GEMMs then gain only ~2x over FP32, see benchmarks/gemm_peak.py); '?' without /proc/cpuinfo."""
+    return _fastest(INT8_ISAS)
 
 
 def bf16_isa() -> str:
     """The CPU's bf16 arithmetic: 'AMX-BF16', 'AVX512-BF16', or 'none' (bf16 is then emulated and slow);
     '?' without /proc/cpuinfo."""
-    flags = cpu_flags()
-    if not flags:
-        return "?"
-    for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")):
-        if flag in flags:
-            return name
-    return "none"
+    return _fastest(BF16_ISAS)
 
 
 def vendor() -> str:

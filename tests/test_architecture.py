@@ -11,7 +11,7 @@ import torch
 
 import mergepass
 from mergepass.methods import base
-from helpers import rel_err, tiny_vit
+from helpers import benchmark, rel_err, tiny_vit
 from reference import _assemble, reference_forward
 
 PKG = Path(mergepass.__file__).parent
@@ -331,8 +331,7 @@ def test_one_graph_passes_the_backend_without_callbacks(recipe):
     """Following one graph through ``Backend.__call__`` (``benchmarks/walk.py``), no module calls back into one
     still waiting lower on the stack: every return to a module already left ends a call into a helper. As in
     walk.py, the kernel decisions are kept first (timing calls the candidates it is handed)."""
-    sys.path.insert(0, str(PKG.parent / "benchmarks"))
-    import walk
+    walk = benchmark("walk")
     from mergepass.rewrite.capture import capture_graphs
 
     torch.manual_seed(1)

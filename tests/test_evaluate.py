@@ -6,7 +6,7 @@ import torch
 
 import mergepass
 from mergepass.eval import data, evaluate
-from helpers import tiny_vit
+from helpers import benchmark, tiny_vit
 
 
 def _folder(tmp_path, n=6, corrupt=1, size=40):
@@ -77,10 +77,7 @@ def test_evaluate_recipes_on_a_folder(tmp_path):
 
 
 def test_pareto_sweep_writes_table_and_plot(tmp_path):
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import pareto
+    pareto = benchmark("pareto")
     (tmp_path / "imgs").mkdir()
     folder = _folder(tmp_path / "imgs", n=8, size=64)
     m = tiny_vit(depth=2, img_size=224, num_classes=0)
@@ -126,10 +123,7 @@ def test_auto_schedule_with_images_and_quality_floor():
 
 
 def test_breakdown_attributes_kernels_to_groups():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import breakdown
+    breakdown = benchmark("breakdown")
     from torch._inductor import config as inductor_config
     m = tiny_vit(depth=1)
     x = torch.randn(2, 3, 64, 64)
@@ -157,10 +151,7 @@ def test_breakdown_attributes_kernels_to_groups():
 
 
 def test_attention_real_records_every_attention_call_and_scores_rows():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import attention_real
+    attention_real = benchmark("attention_real")
     m = tiny_vit(depth=2).eval()
     with attention_real.recording() as calls, torch.no_grad():
         for x in [torch.randn(2, 3, 64, 64)] * 3:
@@ -174,10 +165,7 @@ def test_attention_real_records_every_attention_call_and_scores_rows():
 
 
 def test_zero_cost_bound_sees_tomes_token_counts():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import zero_cost_bound
+    zero_cost_bound = benchmark("zero_cost_bound")
     m = tiny_vit(depth=3)
     x = torch.randn(2, 3, 64, 64)
     seen = []
@@ -191,10 +179,7 @@ def test_zero_cost_bound_sees_tomes_token_counts():
 
 
 def test_gemm_peak_times_onednns_int8_linear():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gemm_peak
+    gemm_peak = benchmark("gemm_peak")
     x = torch.randint(0, 128, (24, 64), dtype=torch.uint8)
     w = torch.randint(-127, 128, (40, 64), dtype=torch.int8)
     out = gemm_peak._int8(24, 64, 40, x, w)()
@@ -209,10 +194,7 @@ def test_gemm_peak_times_onednns_int8_linear():
 
 
 def test_targets_check_best_contender_per_floor_and_missing_runs():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import targets
+    targets = benchmark("targets")
     results = [dict(batch=8, rows=[dict(contender="eager", median_ms=800.0), dict(contender="int8", median_ms=200.0),
                                    dict(contender="tome_int8", median_ms=120.0),
                                    dict(contender="dfe_lgtm_int8", median_ms=100.0)]),
@@ -233,10 +215,7 @@ def test_targets_check_best_contender_per_floor_and_missing_runs():
 
 
 def test_targets_count_any_spelling_of_a_recipe_and_say_which_floors_a_cpu_is_outside():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import targets
+    targets = benchmark("targets")
     floors = (targets.Floor(8, ("tome_int8",), "eager", 7.0, (targets.VNNI_OR_AMX,)),
               targets.Floor(8, ("int8",), "int8:quantize.pt2e.rest=fp32", 1.3,
                             (targets.VNNI_OR_AMX, targets.NATIVE_BF16)),
@@ -258,10 +237,7 @@ def test_targets_count_any_spelling_of_a_recipe_and_say_which_floors_a_cpu_is_ou
 
 
 def test_targets_frontier_compares_the_fastest_points_above_the_fidelity_line():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import targets
+    targets = benchmark("targets")
 
     def row(contender, speedup, mean, timed_by="speed.py"):
         return dict(contender=contender, speedup=speedup, cls_cos_mean=mean, timed_by=timed_by)

@@ -7,7 +7,7 @@ import torch
 
 import mergepass
 from mergepass.methods.soft import fused_soft_merge, soft_merge
-from helpers import rel_err, require_fused_merge, tiny_vit
+from helpers import benchmark, rel_err, require_fused_merge, tiny_vit
 from reference import merge_tokens_soft, reference_forward
 
 
@@ -271,10 +271,7 @@ def test_soft_fused_kernel_on_bf16_tokens_matches_the_reference_ops(prefix, offs
 
 def test_the_merge_op_benchmark_times_tome_and_soft_per_block(capsys):
     require_fused_merge()
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import merge_op
+    merge_op = benchmark("merge_op")
     assert merge_op.main(["--blocks", "2", "--rounds", "1", "--iters", "1", "--batch", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "int8 ISA" in lines[0] and lines[1].split() == ["tokens", "r", "tome", "tome_tokens", "soft", "tome_screen",
@@ -290,11 +287,8 @@ def test_class_attention_protection_compiles_to_the_eager_policy():
     """``protect_by = "class_attention"``: the compiled model computes what benchmarks/token_policies.py's eager forward
     does (there the class token's attention comes from its own attention probabilities), and it protects other tokens
     than key norms do."""
-    import sys
-    from pathlib import Path
     timm = pytest.importorskip("timm")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import token_policies as tp
+    tp = benchmark("token_policies")
     torch.manual_seed(0)
     m = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=70, depth=4, num_classes=0).eval()
     for blk in m.blocks:  # LayerScale's 1e-5 would hide every merge: give the blocks their full weight

@@ -1,13 +1,12 @@
 """benchmarks/token_policies.py: its block-by-block forward against timm's and mergepass's, and its steps' invariants."""
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import token_policies as tp  # noqa: E402
+from helpers import benchmark
+
+tp = benchmark("token_policies")
 
 timm = pytest.importorskip("timm")
 
